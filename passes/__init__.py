@@ -1,0 +1,1 @@
+"""Graph passes of sq-onnx, importable as ``sq_onnx.passes``. One concern per module."""

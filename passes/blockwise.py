@@ -1,0 +1,77 @@
+"""Vectorised block-wise weight quantization in MatMulNBits' storage layout (ORT contrib op spec)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BlockQuantized:
+    """A [K, N] weight quantized along K in blocks, laid out for ``com.microsoft::MatMulNBits``.
+
+    packed: uint8 [N, n_blocks, block_size * bits / 8]; scales: float32 [N, n_blocks];
+    zero_points: uint8 [N, n_blocks] (unpacked; None when symmetric, meaning 2^(bits-1)).
+    """
+
+    packed: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    q: np.ndarray
+    k: int
+    bits: int
+    block_size: int
+
+    def packed_zero_points(self) -> np.ndarray | None:
+        """Zero points packed like the weights: 4-bit pairs per byte along the blocks, low nibble first."""
+        if self.zero_points is None:
+            return None
+        zp = self.zero_points
+        if self.bits == 8:
+            return zp.reshape(-1).copy()
+        if zp.shape[1] % 2:
+            zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=1)
+        return (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
+
+    def dequantize(self) -> np.ndarray:
+        """Back to a float32 [K, N] array, as the kernel sees it."""
+        zp = self.zero_points if self.zero_points is not None else np.uint8(1 << (self.bits - 1))
+        zp = np.asarray(zp, np.float32)
+        if zp.ndim:
+            zp = zp[..., None]
+        deq = (self.q.astype(np.float32) - zp) * self.scales[..., None]
+        return deq.reshape(deq.shape[0], -1)[:, : self.k].T
+
+
+def quantize_blockwise(w_kn: np.ndarray, bits: int, block_size: int, symmetric: bool) -> BlockQuantized:
+    """Round-to-nearest block quantization of a [K, N] weight (blocks run along K, per output column).
+
+    Asymmetric: the block's range (extended to include 0) maps onto [0, 2^bits − 1] with a zero point.
+    Symmetric: the element of largest magnitude maps to −2^(bits−1) (ORT's convention), zero point implicit.
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    k, n = w_kn.shape
+    n_blocks = -(-k // block_size)
+    wt = np.zeros((n, n_blocks * block_size), np.float32)
+    wt[:, :k] = w_kn.T
+    blocks = wt.reshape(n, n_blocks, block_size)
+    qmax = (1 << bits) - 1
+    if symmetric:
+        idx = np.abs(blocks).argmax(axis=-1)[..., None]
+        signed_max = np.take_along_axis(blocks, idx, axis=-1)[..., 0]
+        scales = signed_max / -float(1 << (bits - 1))
+        scales = np.where(scales == 0, 1.0, scales).astype(np.float32)
+        mid = 1 << (bits - 1)
+        q = np.clip(np.rint(blocks / scales[..., None]) + mid, 0, qmax).astype(np.uint8)
+        zero_points = None
+    else:
+        lo = np.minimum(blocks.min(axis=-1), 0.0)
+        hi = np.maximum(blocks.max(axis=-1), 0.0)
+        scales = ((hi - lo) / qmax).astype(np.float32)
+        scales = np.where(scales == 0, 1.0, scales).astype(np.float32)
+        zero_points = np.clip(np.rint(-lo / scales), 0, qmax).astype(np.uint8)
+        q = np.clip(np.rint(blocks / scales[..., None]) + zero_points[..., None], 0, qmax).astype(np.uint8)
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else q.copy()
+    return BlockQuantized(packed, scales, zero_points, q, k, bits, block_size)

@@ -1,0 +1,51 @@
+"""Small helpers for adding constants and nodes through onnx_ir without name clashes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from sq_onnx.passes.linears import Linear
+
+
+def unique_name(graph: ir.Graph, base: str) -> str:
+    """A value name not yet used by an initializer in ``graph``."""
+    taken = graph.initializers
+    if base not in taken:
+        return base
+    i = 1
+    while f"{base}_{i}" in taken:
+        i += 1
+    return f"{base}_{i}"
+
+
+def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a new initializer and return its value."""
+    name = unique_name(graph, base)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
+    value.type = ir.TensorType(value.const_value.dtype)
+    graph.register_initializer(value)
+    return value
+
+
+def set_weight(graph: ir.Graph, linear: Linear, w_kn: np.ndarray, suffix: str) -> None:
+    """Give ``linear`` a new, unshared constant weight (given as [K, N]); old constants are left for DCE."""
+    node = linear.node
+    value = add_initializer(graph, f"{linear.weight_name or node.name}.{suffix}", np.ascontiguousarray(w_kn))
+    node.replace_input_with(1, value)
+    if node.op_type in ("Gemm", "FusedMatMul"):
+        node.attributes["transB"] = ir.AttrInt64("transB", 0)
+        node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
+
+
+def replace_node(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], new_output: ir.Value) -> None:
+    """Put ``new_nodes`` where ``old`` was; ``new_output`` takes over old's single output (name, users)."""
+    ir.convenience.replace_nodes_and_values(
+        graph, old, [old], new_nodes, [old.outputs[0]], [new_output]
+    )
+
+
+def ensure_opset(model: ir.Model, domain: str, version: int) -> None:
+    """Declare ``domain`` in the model's opset imports if it is not there yet."""
+    if domain not in model.opset_imports:
+        model.opset_imports[domain] = version

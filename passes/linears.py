@@ -1,0 +1,173 @@
+"""Find linear layers: MatMul / Gemm nodes whose weight is a constant 2-D tensor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant content (initializer or Constant node), else None."""
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def is_constant(value: ir.Value | None) -> bool:
+    if value is None:
+        return False
+    if value.const_value is not None:
+        return True
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Constant" and producer.domain == ""
+
+
+def _attr_int(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else int(attr.value)
+
+
+def _attr_float(node: ir.Node, name: str, default: float) -> float:
+    attr = node.attributes.get(name)
+    return default if attr is None else float(attr.value)
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A MatMul/Gemm/FusedMatMul ``Y = X @ W (+ bias)`` with a constant weight.
+
+    ``source`` is the constant tensor holding the weight; ``transposed`` says it is stored as
+    [N, K] (Gemm transB=1, or behind a Transpose node) rather than MatMul's [K, N].
+    """
+
+    node: ir.Node
+    source: ir.Value
+    transposed: bool
+
+    @property
+    def name(self) -> str:
+        return self.node.name or ""
+
+    @property
+    def input(self) -> ir.Value:
+        return self.node.inputs[0]
+
+    @property
+    def weight_name(self) -> str:
+        return self.source.name or ""
+
+    @property
+    def bias(self) -> ir.Value | None:
+        if self.node.op_type == "Gemm" and len(self.node.inputs) > 2:
+            return self.node.inputs[2]
+        return None
+
+    def weight_kn(self) -> np.ndarray:
+        """The effective weight as a [K, N] array (Gemm's alpha folded in)."""
+        w = constant_array(self.source)
+        assert w is not None
+        w = w.T if self.transposed else w
+        if self.node.op_type in ("Gemm", "FusedMatMul"):
+            alpha = _attr_float(self.node, "alpha", 1.0)
+            if alpha != 1.0:
+                w = w * np.asarray(alpha, dtype=w.dtype)
+        return w
+
+    def bias_array(self) -> np.ndarray | None:
+        """The effective bias (Gemm's beta folded in), as a 1-D [N] array, or None."""
+        bias = self.bias
+        if bias is None:
+            return None
+        b = constant_array(bias)
+        if b is None:
+            return None
+        beta = _attr_float(self.node, "beta", 1.0)
+        b = b * np.asarray(beta, dtype=b.dtype) if beta != 1.0 else b
+        n = self.shape[1]
+        return np.broadcast_to(b.reshape(-1) if b.size == n else b, (n,)).copy() if b.size in (1, n) else None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(K, N) of the effective weight."""
+        dims = tuple(int(d) for d in self.source.shape)  # type: ignore[union-attr]
+        return (dims[1], dims[0]) if self.transposed else (dims[0], dims[1])
+
+
+def _weight_source(value: ir.Value) -> tuple[ir.Value, bool] | None:
+    """Return (constant source, transposed) for a weight input, following one Transpose."""
+    if is_constant(value):
+        return (value, False) if _rank(value) == 2 else None
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Transpose" and producer.domain == "":
+        perm = producer.attributes.get("perm")
+        src = producer.inputs[0]
+        if is_constant(src) and _rank(src) == 2 and (perm is None or list(perm.value) == [1, 0]):
+            return (src, True)
+    return None
+
+
+def _rank(value: ir.Value) -> int | None:
+    if value.shape is not None:
+        return len(value.shape)
+    arr = constant_array(value)
+    return None if arr is None else arr.ndim
+
+
+def _ensure_shape(value: ir.Value) -> None:
+    if value.shape is None:
+        arr = constant_array(value)
+        if arr is not None:
+            value.shape = ir.Shape(arr.shape)
+
+
+def as_linear(node: ir.Node) -> Linear | None:
+    """Interpret ``node`` as a linear layer with a constant weight, or return None."""
+    fused = node.domain == "com.microsoft" and node.op_type == "FusedMatMul"
+    if not fused and (node.domain != "" or node.op_type not in ("MatMul", "Gemm")):
+        return None
+    if len(node.inputs) < 2:
+        return None
+    if node.inputs[0] is None or node.inputs[1] is None or is_constant(node.inputs[0]):
+        return None
+    found = _weight_source(node.inputs[1])
+    if found is None:
+        return None
+    source, transposed = found
+    _ensure_shape(source)
+    if node.op_type == "Gemm":
+        if _attr_int(node, "transA", 0):
+            return None
+        if _attr_int(node, "transB", 0):
+            transposed = not transposed
+        if len(node.inputs) > 2 and node.inputs[2] is not None and not is_constant(node.inputs[2]):
+            return None
+    if fused:
+        if any(_attr_int(node, a, 0) for a in ("transA", "transBatchA", "transBatchB")):
+            return None
+        if _attr_int(node, "transB", 0):
+            transposed = not transposed
+    return Linear(node=node, source=source, transposed=transposed)
+
+
+def find_linears(graph: ir.Graph) -> list[Linear]:
+    """All linear layers of the main graph, in graph order."""
+    return [lin for node in graph for lin in [as_linear(node)] if lin is not None]
+
+
+def is_lm_head(linear: Linear, graph: ir.Graph) -> bool:
+    """The projection to the vocabulary: its output is a graph output, or its weight is tied to a Gather."""
+    if linear.node.outputs[0].is_graph_output():
+        return True
+    src = linear.source
+    candidates = [src]
+    producer = linear.node.inputs[1].producer()
+    if producer is not None and producer.op_type == "Transpose":
+        candidates.append(producer.inputs[0])
+    for value in candidates:
+        for user, index in value.uses():
+            if user.op_type == "Gather" and index == 0:
+                return True
+    return False

@@ -1,0 +1,63 @@
+"""Weight-only quantization: every selected linear -> ``com.microsoft::MatMulNBits`` (runs on stock ORT).
+
+Precondition: ``linears`` were found on this graph (after any smoothing). Gemm biases are kept as the
+op's bias input. Returns the names of the replaced nodes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from sq_onnx.passes.blockwise import quantize_blockwise
+from sq_onnx.passes.graph_edit import add_initializer, replace_node
+from sq_onnx.passes.linears import Linear
+
+MS = "com.microsoft"
+
+
+def _float_dtype(linear: Linear) -> np.dtype:
+    dtype = linear.input.dtype
+    if dtype == ir.DataType.FLOAT16:
+        return np.dtype(np.float16)
+    return np.dtype(np.float32)
+
+
+def replace_with_matmulnbits(
+    graph: ir.Graph, linear: Linear, bits: int, block_size: int, symmetric: bool, accuracy_level: int
+) -> ir.Node:
+    """Swap one linear for a MatMulNBits node computing the same Y from quantized weights."""
+    w = linear.weight_kn().astype(np.float32)
+    k, n = w.shape
+    bq = quantize_blockwise(w, bits, block_size, symmetric)
+    dtype = _float_dtype(linear)
+    base = linear.weight_name or linear.name
+    inputs: list[ir.Value | None] = [
+        linear.input,
+        add_initializer(graph, f"{base}.q{bits}", bq.packed),
+        add_initializer(graph, f"{base}.scales", bq.scales.astype(dtype)),
+    ]
+    zp = bq.packed_zero_points()
+    inputs.append(add_initializer(graph, f"{base}.zero_points", zp) if zp is not None else None)
+    bias = linear.bias_array()
+    if bias is not None:
+        inputs += [None, add_initializer(graph, f"{base}.bias", bias.astype(dtype))]
+    while inputs and inputs[-1] is None:
+        inputs.pop()
+    old = linear.node
+    node = ir.Node(
+        MS,
+        "MatMulNBits",
+        inputs,
+        attributes=[
+            ir.AttrInt64("K", k),
+            ir.AttrInt64("N", n),
+            ir.AttrInt64("bits", bits),
+            ir.AttrInt64("block_size", block_size),
+            ir.AttrInt64("accuracy_level", accuracy_level),
+        ],
+        name=old.name,
+    )
+    replace_node(graph, old, [node], node.outputs[0])
+    return node
+

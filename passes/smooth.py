@@ -1,0 +1,83 @@
+"""SmoothQuant's exact rewrite: divide a group's tensor by s (in γ/β), multiply its weights' rows by s.
+
+Precondition: groups come from ``passes.analyze`` on this graph, and ``act_absmax`` holds the calibrated
+per-channel abs-max of each group's tensor (keyed by tensor name). The float function is unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from sq_onnx.passes.analyze import SmoothGroup
+from sq_onnx.passes.graph_edit import add_initializer, set_weight
+from sq_onnx.passes.linears import constant_array
+
+MIN_SCALE = 1e-5
+
+
+def weight_row_absmax(group: SmoothGroup) -> np.ndarray:
+    """max_i |W_i[j, :]| over every consumer: one shared scale must suit all of them."""
+    rows = [np.abs(c.weight_kn().astype(np.float32)).max(axis=1) for c in group.consumers]
+    return np.max(np.stack(rows), axis=0)
+
+
+def smoothing_scales(act_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float) -> np.ndarray:
+    """s_j = max|X_j|^α / max|W_j|^(1−α); 1 for dead or non-finite channels, clamped away from 0."""
+    act = np.asarray(act_absmax, dtype=np.float64)
+    w = np.asarray(w_absmax, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        s = np.power(act, alpha) / np.power(w, 1.0 - alpha)
+    bad = ~np.isfinite(s) | (act <= 0) | (w <= 0)
+    s = np.where(bad, 1.0, s)
+    return np.maximum(s, MIN_SCALE).astype(np.float32)
+
+
+@dataclass
+class SmoothedGroup:
+    name: str
+    kind: str
+    consumers: list[str]
+    scale_min: float
+    scale_max: float
+    act_absmax_before: float
+    act_absmax_after: float
+
+
+def apply_smoothing(graph: ir.Graph, group: SmoothGroup, scales: np.ndarray) -> None:
+    """Fold 1/s into the producer's constants and s into every consumer's weight rows (new initializers)."""
+    s = scales.astype(np.float64)
+    for node, index in group.fold_into:
+        old = constant_array(node.inputs[index])
+        assert old is not None
+        new = (old.astype(np.float64) / s.reshape((1,) * (old.ndim - 1) + (-1,))).astype(old.dtype)
+        base = f"{node.inputs[index].name or node.name}.smoothed"
+        node.replace_input_with(index, add_initializer(graph, base, new))
+    for linear in group.consumers:
+        w = linear.weight_kn()
+        set_weight(graph, linear, (w.astype(np.float64) * s[:, None]).astype(w.dtype), "smoothed")
+
+
+def smooth_groups(
+    graph: ir.Graph, groups: list[SmoothGroup], act_absmax: dict[str, np.ndarray], alpha: float
+) -> list[SmoothedGroup]:
+    """Smooth every group with calibration statistics; return what was done per group."""
+    done = []
+    for group in groups:
+        act = act_absmax[group.name]
+        s = smoothing_scales(act, weight_row_absmax(group), alpha)
+        apply_smoothing(graph, group, s)
+        done.append(
+            SmoothedGroup(
+                name=group.name,
+                kind=group.kind,
+                consumers=[c.name for c in group.consumers],
+                scale_min=float(s.min()),
+                scale_max=float(s.max()),
+                act_absmax_before=float(act.max()),
+                act_absmax_after=float((act / s).max()),
+            )
+        )
+    return done

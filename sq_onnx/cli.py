@@ -1,0 +1,159 @@
+"""The ``sq-onnx`` command. User errors print one sentence and exit 2; never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from sq_onnx.errors import SqOnnxError
+from sq_onnx.recipe import ACT_MODES, LM_HEAD_MODES, SCHEMES, Recipe
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad flags as one sentence with exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"sq-onnx: error: {message}.", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR)
+
+
+def _alpha(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid alpha {text!r} (a number between 0 and 1)") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"alpha must be between 0 and 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sq-onnx", description="SmoothQuant / SmoothQuant+ for ONNX LLMs.")
+    from sq_onnx import __version__
+
+    parser.add_argument("--version", action="version", version=f"sq-onnx {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("convert", help="smooth and quantize a model (W4 by default)")
+    c.add_argument("model", help="input .onnx model (never modified)")
+    c.add_argument("-o", "--output", required=True, help="output .onnx path")
+    c.add_argument("--scheme", choices=SCHEMES, default="w4", help="w4 (SmoothQuant+, default), w8a8 (SmoothQuant), smooth (float only)")
+    c.add_argument("--alpha", type=_alpha, default=None, help="migration strength 0..1 (default 0.5)")
+    c.add_argument("--no-smooth", action="store_true", help="quantize without smoothing (baseline)")
+    c.add_argument("--block-size", type=int, default=128, help="W4 block size along K (default 128)")
+    c.add_argument("--symmetric", action="store_true", help="W4 symmetric blocks (no zero points)")
+    c.add_argument("--accuracy-level", type=int, default=0, help="MatMulNBits accuracy_level (default 0)")
+    c.add_argument("--lm-head", choices=LM_HEAD_MODES, default="8", help="bits for the vocabulary projection (default 8)")
+    c.add_argument("--act", choices=ACT_MODES, default="per-token", help="W8A8 activation quantization (default per-token)")
+    c.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="keep matching node/weight names in float (repeatable)")
+    c.add_argument("--calib", default=None, help="calibration data: .txt, .jsonl or .npz (default: built-in text)")
+    c.add_argument("--tokenizer", default=None, help="folder with tokenizer.json (default: beside the model)")
+    c.add_argument("--samples", type=int, default=16, help="calibration samples (default 16)")
+    c.add_argument("--seq-len", type=int, default=256, help="tokens per text sample (default 256)")
+    c.add_argument("--verify-samples", type=int, default=2, help="held-out samples for verification (default 2)")
+    c.add_argument("--external-data", action="store_true", help="always write weights to OUTPUT.data")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.add_argument("--quiet", action="store_true", help="no progress or summary")
+
+    i = sub.add_parser("inspect", help="show smoothing groups and what would be quantized")
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true")
+    return parser
+
+
+def _recipe(args: argparse.Namespace) -> Recipe:
+    return Recipe(
+        scheme=args.scheme,
+        alpha=args.alpha,
+        smooth=not args.no_smooth,
+        block_size=args.block_size,
+        symmetric=args.symmetric,
+        accuracy_level=args.accuracy_level,
+        lm_head=args.lm_head,
+        act=args.act,
+        exclude=tuple(args.exclude),
+        samples=args.samples,
+        seq_len=args.seq_len,
+        verify_samples=args.verify_samples,
+        external_data=args.external_data,
+    )
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    console = Console()
+    alpha = "off" if result["alpha"] is None else f"{result['alpha']:.2f}"
+    console.print(
+        f"[bold green]wrote[/] {result['output']}  scheme={result['scheme']} alpha={alpha}  "
+        f"{len(result['smoothed_groups'])} groups smoothed, {len(result['quantized_matmuls'])} linears quantized, "
+        f"{result['output_bytes'] / 1e6:.1f} MB (from {result['input_bytes'] / 1e6:.1f} MB) in {result['seconds']:.1f}s, "
+        f"peak RSS {result['peak_rss_mb']:.0f} MB"
+    )
+    for skip in result["skipped"]:
+        console.print(f"  not smoothed: {skip['tensor']} -> {', '.join(skip['consumers'])}: {skip['reason']}")
+    check = result.get("smoothing_check")
+    if check:
+        console.print(f"  smoothing check: relative error {check['relative_error']:.2e} (equivalent: {check['equivalent']})")
+    v = result.get("verify")
+    if v:
+        top1 = "n/a" if v["top1_agreement"] is None else f"{100 * v['top1_agreement']:.1f}%"
+        held = "held-out" if result["calibration"]["held_out"] else "calibration (too few samples to hold any out)"
+        console.print(
+            f"  verify on {v['samples']} {held} sample(s): relative error {v['relative_error']:.4f}, "
+            f"cosine {v['cosine']:.5f}, top-1 agreement {top1}"
+        )
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from sq_onnx.pipeline import convert
+
+    recipe = _recipe(args)
+    result = convert(
+        args.model,
+        args.output,
+        recipe,
+        calibration=args.calib,
+        tokenizer=args.tokenizer,
+        overwrite=args.overwrite,
+        show_progress=not (args.quiet or args.json) and sys.stderr.isatty(),
+    ).to_dict()
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif not args.quiet:
+        _print_summary(result)
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from sq_onnx.inspect_model import inspect_model, render_inspection
+
+    info = inspect_model(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        render_inspection(info)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"convert": _cmd_convert, "inspect": _cmd_inspect}
+    try:
+        return handlers[args.command](args)
+    except SqOnnxError as exc:
+        print(f"sq-onnx: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("sq-onnx: interrupted; no output was written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""Describe a model's graph inputs and derive the ones calibration data usually lacks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from sq_onnx.errors import CalibrationError
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    dims: tuple[int | str | None, ...]
+
+    @property
+    def is_past_kv(self) -> bool:
+        return self.name.startswith("past_key_values") or self.name.startswith("past.")
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    """The graph inputs that are not initializers."""
+    specs = []
+    for value in model.graph.inputs:
+        if value.is_initializer():
+            continue
+        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        dims: tuple[int | str | None, ...] = ()
+        if value.shape is not None:
+            dims = tuple(d if isinstance(d, int) else (d.value if d is not None else None) for d in value.shape)
+        specs.append(InputSpec(value.name or "", np.dtype(dtype), dims))
+    return specs
+
+
+def is_language_model(specs: list[InputSpec]) -> bool:
+    return any(s.name == "input_ids" for s in specs)
+
+
+def _past_kv_array(spec: InputSpec, batch: int) -> np.ndarray:
+    """An empty cache: batch from the sample, 0 past positions, static dims (heads, head size) kept."""
+    dims = list(spec.dims)
+    if len(dims) != 4:
+        raise CalibrationError(f"cannot derive model input {spec.name!r}: expected a 4-D key/value cache.")
+    shape = [batch, dims[1], 0, dims[3]]
+    if not all(isinstance(d, int) for d in (shape[1], shape[3])):
+        raise CalibrationError(f"cannot derive model input {spec.name!r}: its head dimensions are not static.")
+    return np.zeros(shape, dtype=spec.dtype)
+
+
+def complete_feed(feed: dict[str, np.ndarray], specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """Add attention_mask, position_ids and empty past key/values when the model wants them."""
+    out = dict(feed)
+    ids = feed.get("input_ids")
+    for spec in specs:
+        if spec.name in out:
+            continue
+        if ids is not None and spec.name == "attention_mask":
+            out[spec.name] = np.ones(ids.shape, dtype=spec.dtype)
+        elif ids is not None and spec.name == "position_ids":
+            out[spec.name] = np.broadcast_to(np.arange(ids.shape[-1], dtype=spec.dtype), ids.shape).copy()
+        elif ids is not None and spec.is_past_kv:
+            out[spec.name] = _past_kv_array(spec, ids.shape[0])
+        else:
+            raise CalibrationError(
+                f"the calibration data has no array for model input {spec.name!r} and it cannot be derived."
+            )
+    return out
+
+
+def check_feed(feed: dict[str, np.ndarray], specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """Check names, kinds of dtype and ranks against the model; cast within a kind (int32 -> int64)."""
+    by_name = {s.name: s for s in specs}
+    unknown = sorted(set(feed) - set(by_name))
+    if unknown:
+        raise CalibrationError(
+            f"calibration input(s) {', '.join(map(repr, unknown))} are not inputs of the model "
+            f"(it expects {', '.join(map(repr, by_name))})."
+        )
+    out = {}
+    for name, arr in feed.items():
+        spec = by_name[name]
+        arr = np.asarray(arr)
+        if arr.dtype.kind != spec.dtype.kind and not (arr.dtype.kind in "iu" and spec.dtype.kind in "iu"):
+            raise CalibrationError(f"calibration input {name!r} has dtype {arr.dtype}, the model expects {spec.dtype}.")
+        if spec.dims and arr.ndim != len(spec.dims):
+            raise CalibrationError(
+                f"calibration input {name!r} has {arr.ndim} dimensions per sample, the model expects {len(spec.dims)}."
+            )
+        if spec.dims:
+            for have, want in zip(arr.shape, spec.dims):
+                if isinstance(want, int) and want != have:
+                    raise CalibrationError(
+                        f"calibration input {name!r} has shape {arr.shape}, the model expects {spec.dims}."
+                    )
+        out[name] = arr.astype(spec.dtype, copy=False)
+    return out

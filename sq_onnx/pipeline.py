@@ -1,0 +1,242 @@
+"""The conversion pipeline: load -> analyze -> calibrate -> smooth -> quantize -> verify -> save."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+
+from sq_onnx.passes.analyze import analyze
+from sq_onnx.passes.graph_edit import ensure_opset
+from sq_onnx.passes.linears import find_linears
+from sq_onnx.passes.quantize_w4 import replace_with_matmulnbits
+from sq_onnx.passes.quantize_w8a8 import quantize_w8a8
+from sq_onnx.passes.smooth import smooth_groups
+from sq_onnx import __version__
+from sq_onnx.calibrate import collect_absmax, copy_model
+from sq_onnx.calibration_data import load_calibration
+from sq_onnx.errors import NothingToQuantizeError, SqOnnxError
+from sq_onnx.model_inputs import input_specs
+from sq_onnx.model_io import check_output_path, load_model, save_model
+from sq_onnx.plan import plan_linears
+from sq_onnx.progress import track
+from sq_onnx.recipe import Recipe
+from sq_onnx.verify import Agreement, compare, first_outputs
+
+# A smoothed float model must reproduce the original to float rounding.
+EQUIVALENCE_TOLERANCE = 1e-4
+
+
+@dataclass
+class ConvertResult:
+    """What ``convert`` did; ``to_dict()`` is the CLI's --json object and goes into the output metadata."""
+
+    output: str
+    scheme: str
+    alpha: float | None
+    recipe: dict[str, Any]
+    calibration: dict[str, Any]
+    smoothed_groups: list[dict[str, Any]] = field(default_factory=list)
+    quantized_matmuls: list[str] = field(default_factory=list)
+    kept_float: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    smoothing_check: dict[str, Any] | None = None
+    verify: dict[str, Any] | None = None
+    input_bytes: int = 0
+    output_bytes: int = 0
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _file_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def _materialize_input(model: Any, tmpdir: str) -> Path:
+    """Write an in-memory model (onnx_ir or ModelProto) to a temporary file so every path is file-based."""
+    if isinstance(model, ir.Model):
+        proto_model = model
+    else:
+        import onnx
+
+        if not isinstance(model, onnx.ModelProto):
+            raise SqOnnxError(f"convert() takes a path, an onnx_ir.Model or an onnx.ModelProto, not {type(model).__name__}.")
+        proto_model = ir.from_proto(model)
+    path = Path(tmpdir) / "input.onnx"
+    ir.save(proto_model, path, external_data="input.onnx.data")
+    return path
+
+
+def convert(
+    model: str | os.PathLike | Any,
+    output: str | os.PathLike,
+    recipe: Recipe | None = None,
+    calibration: Any = None,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    show_progress: bool = False,
+) -> ConvertResult:
+    """Convert ``model`` (path or in-memory model) with ``recipe`` and write ``output`` atomically.
+
+    ``calibration``: None (built-in text), a .txt/.jsonl/.npz path, a dict of arrays (first axis =
+    samples), or a list of feeds. Raises ``SqOnnxError`` subclasses for anything the user can fix.
+    """
+    recipe = recipe or Recipe()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="sq-onnx-in-") as tmpdir:
+        if isinstance(model, (str, os.PathLike)):
+            input_path: Path | None = Path(model)
+            out = check_output_path(input_path, output, overwrite)
+            src = load_model(input_path)
+        else:
+            input_path = None
+            out = check_output_path(None, output, overwrite)
+            src = load_model(_materialize_input(model, tmpdir))
+        result = _run_pipeline(src, out, recipe, calibration, input_path, tokenizer, show_progress)
+        result.input_bytes = _file_bytes(input_path) if input_path is not None else 0
+    result.seconds = round(time.perf_counter() - start, 3)
+    result.output_bytes = _file_bytes(out)
+    result.peak_rss_mb = round(_peak_rss_mb(), 1)
+    return result
+
+
+def _run_pipeline(
+    src: ir.Model,
+    out: Path,
+    recipe: Recipe,
+    calibration: Any,
+    input_path: Path | None,
+    tokenizer: str | os.PathLike | None,
+    show_progress: bool,
+) -> ConvertResult:
+    work = copy_model(src)
+    graph = work.graph
+    analysis = analyze(graph, find_linears(graph))
+    plans = plan_linears(graph, analysis.linears, recipe)
+    if recipe.scheme != "smooth" and not any(p.action != "keep" for p in plans):
+        raise NothingToQuantizeError(
+            "the model has no MatMul or Gemm with a constant weight that this recipe would quantize."
+        )
+    if recipe.scheme == "smooth" and (not recipe.smooth or not analysis.groups):
+        raise NothingToQuantizeError("the model has no norm -> MatMul group that smoothing could fold into.")
+    alpha = recipe.effective_alpha if recipe.smooth else None
+    specs = input_specs(src)
+    want = recipe.samples + recipe.verify_samples
+    feeds, origin = load_calibration(
+        calibration, specs, model_path=input_path, tokenizer_dir=tokenizer, count=want, seq_len=recipe.seq_len
+    )
+    calib_feeds, verify_feeds, held_out = _split(feeds, recipe)
+    result = ConvertResult(
+        output=str(out),
+        scheme=recipe.scheme,
+        alpha=alpha,
+        recipe=recipe.to_dict(),
+        calibration={"source": origin, "samples": len(calib_feeds), "verify_samples": len(verify_feeds), "held_out": held_out},
+        skipped=[asdict(s) for s in analysis.skipped],
+        kept_float=[{"node": p.name, "reason": p.reason} for p in plans if p.action == "keep"],
+    )
+
+    # Calibrate: per-channel abs-max of every tensor that smoothing or static activations need.
+    tensors: dict[str, int] = {}
+    if recipe.smooth:
+        tensors.update({g.name: g.channels for g in analysis.groups})
+    if recipe.scheme == "w8a8" and recipe.act == "static":
+        tensors.update({p.linear.input.name: p.linear.shape[0] for p in plans if p.action == "w8a8"})
+    stats = collect_absmax(src, tensors, calib_feeds, show_progress)
+
+    reference = first_outputs(src, verify_feeds, "original", show_progress) if verify_feeds else []
+    if recipe.smooth and analysis.groups:
+        done = smooth_groups(graph, analysis.groups, stats, alpha)  # type: ignore[arg-type]
+        result.smoothed_groups = [asdict(d) for d in done]
+        if verify_feeds:
+            check = compare(reference, first_outputs(work, verify_feeds, "smoothed", show_progress))
+            result.smoothing_check = {**check.to_dict(), "equivalent": check.relative_error < EQUIVALENCE_TOLERANCE}
+            if not result.smoothing_check["equivalent"]:
+                raise SqOnnxError(
+                    f"internal check failed: the smoothed float model differs from the original "
+                    f"(relative error {check.relative_error:.2e}); please report this model."
+                )
+
+    if recipe.scheme != "smooth":
+        result.quantized_matmuls = _quantize(work, recipe, stats, result, show_progress)
+    RemoveUnusedNodesPass()(work)
+    TopologicalSortPass()(work)
+
+    if verify_feeds:
+        agreement: Agreement = compare(reference, first_outputs(work, verify_feeds, "converted", show_progress))
+        result.verify = agreement.to_dict()
+    _record_metadata(work, recipe, result)
+    save_model(work, out, external_data=recipe.external_data)
+    return result
+
+
+def _record_metadata(work: ir.Model, recipe: Recipe, result: ConvertResult) -> None:
+    """Recipe, version, calibration summary and verification go into the output's metadata_props."""
+    work.metadata_props["sq_onnx.version"] = __version__
+    work.metadata_props["sq_onnx.recipe"] = recipe.to_json()
+    work.metadata_props["sq_onnx.calibration"] = json.dumps(result.calibration, sort_keys=True)
+    work.metadata_props["sq_onnx.verify"] = json.dumps(result.verify, sort_keys=True)
+    if result.smoothing_check is not None:
+        work.metadata_props["sq_onnx.smoothing_check"] = json.dumps(result.smoothing_check, sort_keys=True)
+
+
+def _split(feeds: list[dict[str, np.ndarray]], recipe: Recipe) -> tuple[list, list, bool]:
+    """Calibration samples first, verification samples after them (held out) when there are enough."""
+    if recipe.verify_samples == 0:
+        return feeds[: recipe.samples], [], True
+    if len(feeds) > recipe.samples:
+        return feeds[: recipe.samples], feeds[recipe.samples :], True
+    if len(feeds) >= 2:
+        n_verify = max(1, min(recipe.verify_samples, len(feeds) // 4))
+        return feeds[:-n_verify], feeds[-n_verify:], True
+    return feeds, feeds[:1], False
+
+
+def _quantize(
+    work: ir.Model, recipe: Recipe, stats: dict[str, np.ndarray], result: ConvertResult, show_progress: bool
+) -> list[str]:
+    """Quantize the (smoothed) graph according to the plan; returns the replaced node names."""
+    graph = work.graph
+    linears = find_linears(graph)
+    plans = plan_linears(graph, linears, recipe)
+    ensure_opset(work, "com.microsoft", 1)
+    done: list[str] = []
+    nbits = [p for p in plans if p.action in ("w4", "w8")]
+    for p in track(nbits, "quantizing", total=len(nbits), enabled=show_progress):
+        bits = 4 if p.action == "w4" else 8
+        replace_with_matmulnbits(graph, p.linear, bits, recipe.block_size, recipe.symmetric, recipe.accuracy_level)
+        done.append(p.name)
+    w8a8 = [p.linear for p in plans if p.action == "w8a8"]
+    if w8a8:
+        static = None
+        if recipe.act == "static":
+            static = _static_ranges(stats, result)
+        done += quantize_w8a8(graph, w8a8, work.opset_imports.get("", 18), recipe.act, static)
+    return done
+
+
+def _static_ranges(stats: dict[str, np.ndarray], result: ConvertResult) -> dict[str, float]:
+    """Per-tensor activation abs-max after smoothing: max_j(absmax_j / s_j) for smoothed tensors."""
+    smoothed = {g["name"]: g for g in result.smoothed_groups}
+    ranges = {}
+    for name, arr in stats.items():
+        ranges[name] = smoothed[name]["act_absmax_after"] if name in smoothed else float(arr.max())
+    return ranges

@@ -1,0 +1,59 @@
+"""Decide, per linear layer, what a recipe does to it. Shared by ``convert`` and ``inspect``."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from sq_onnx.passes.linears import Linear, is_lm_head
+from sq_onnx.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    linear: Linear
+    action: str  # "w4", "w8" (weight-only 8-bit), "w8a8", "keep"
+    reason: str  # why kept, or "" when quantized
+    lm_head: bool
+
+    @property
+    def name(self) -> str:
+        return self.linear.name
+
+
+def _excluded(linear: Linear, patterns: tuple[str, ...]) -> str | None:
+    for pattern in patterns:
+        if re.search(pattern, linear.name) or re.search(pattern, linear.weight_name):
+            return pattern
+    return None
+
+
+def plan_linears(graph: ir.Graph, linears: list[Linear], recipe: Recipe) -> list[LinearPlan]:
+    """One decision per linear: how the recipe's scheme, --lm-head and --exclude apply to it."""
+    plans = []
+    for lin in linears:
+        head = is_lm_head(lin, graph)
+        pattern = _excluded(lin, recipe.exclude)
+        if recipe.scheme == "smooth":
+            plans.append(LinearPlan(lin, "keep", "scheme smooth keeps float weights", head))
+        elif pattern is not None:
+            plans.append(LinearPlan(lin, "keep", f"excluded by --exclude {pattern!r}", head))
+        elif head and recipe.lm_head == "fp":
+            plans.append(LinearPlan(lin, "keep", "lm_head kept in float (--lm-head fp)", head))
+        elif head and recipe.lm_head == "4":
+            plans.append(LinearPlan(lin, "w4", "", head))
+        elif head and recipe.lm_head == "8":
+            plans.append(LinearPlan(lin, "w8" if recipe.scheme == "w4" else "w8a8", "", head))
+        else:
+            plans.append(LinearPlan(lin, "w4" if recipe.scheme == "w4" else "w8a8", "", head))
+    return plans
+
+
+ACTION_LABELS = {
+    "w4": "MatMulNBits 4-bit",
+    "w8": "MatMulNBits 8-bit",
+    "w8a8": "int8 W8A8",
+    "keep": "float",
+}

@@ -1,0 +1,93 @@
+"""Every option of a conversion in one frozen dataclass; CLI flags map 1:1 onto its fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from sq_onnx.errors import RecipeError
+
+SCHEMES = ("w4", "w8a8", "smooth")
+ACT_MODES = ("per-token", "per-tensor", "static")
+LM_HEAD_MODES = ("4", "8", "fp")
+
+# Default α per scheme. w8a8: the SmoothQuant paper's 0.5. w4: see README ("Choosing α").
+DEFAULT_ALPHA = {"w8a8": 0.5, "w4": 0.5, "smooth": 0.5}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What to do to a model. ``alpha=None`` means the scheme's default."""
+
+    scheme: str = "w4"
+    alpha: float | None = None
+    smooth: bool = True
+    block_size: int = 128
+    symmetric: bool = False
+    accuracy_level: int = 0
+    lm_head: str = "8"
+    act: str = "per-token"
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+    samples: int = 16
+    seq_len: int = 256
+    verify_samples: int = 2
+    external_data: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise RecipeError with one sentence for the first invalid field."""
+        if self.scheme not in SCHEMES:
+            raise RecipeError(f"unknown scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}.")
+        if self.alpha is not None and not (0.0 <= float(self.alpha) <= 1.0):
+            raise RecipeError(f"alpha must be between 0 and 1, got {self.alpha}.")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise RecipeError(f"block size must be a power of two >= 16, got {self.block_size}.")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise RecipeError(f"accuracy level must be 0..4, got {self.accuracy_level}.")
+        if self.lm_head not in LM_HEAD_MODES:
+            raise RecipeError(f"--lm-head must be one of {', '.join(LM_HEAD_MODES)}, got {self.lm_head!r}.")
+        if self.act not in ACT_MODES:
+            raise RecipeError(f"--act must be one of {', '.join(ACT_MODES)}, got {self.act!r}.")
+        if self.samples < 1:
+            raise RecipeError(f"samples must be at least 1, got {self.samples}.")
+        if self.seq_len < 2:
+            raise RecipeError(f"seq-len must be at least 2, got {self.seq_len}.")
+        if self.verify_samples < 0:
+            raise RecipeError(f"verify-samples must be >= 0, got {self.verify_samples}.")
+        for pattern in self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise RecipeError(f"--exclude {pattern!r} is not a valid regular expression ({exc}).") from None
+
+    @property
+    def effective_alpha(self) -> float:
+        """The α actually used: the given one or the scheme's default."""
+        return float(self.alpha) if self.alpha is not None else DEFAULT_ALPHA[self.scheme]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["exclude"] = list(self.exclude)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RecipeError(f"unknown recipe field(s): {', '.join(unknown)}.")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Recipe:
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,117 @@
+"""Tiny LLMs built by the tests themselves: transformers configs -> torch -> ONNX, with outlier channels.
+
+Outliers are injected into the norms' γ (a few channels x ``OUTLIER_GAIN``), which is how real LLMs
+get their activation outliers; smoothing must then move them into the weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+VOCAB = 256
+HIDDEN = 64
+OUTLIER_CHANNELS = (3, 17, 42)
+OUTLIER_GAIN = 40.0
+
+
+def _inject_outliers(model) -> None:
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1 and ("layernorm" in name or "layer_norm" in name or name.endswith("norm.weight")):
+                if "final" in name or name.endswith("model.norm.weight"):
+                    continue
+                param.mul_(torch.empty_like(param).uniform_(0.7, 1.3))
+                param[list(OUTLIER_CHANNELS)] *= OUTLIER_GAIN
+
+
+class _Logits:
+    """Wrap a causal LM so the export has exactly (input_ids, attention_mask) -> logits."""
+
+    def __new__(cls, model):
+        import torch
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, input_ids, attention_mask):
+                return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+        return Wrapper(model)
+
+
+def build_torch_model(arch: str = "llama", seed: int = 0, layers: int = 2):
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        )
+        model = tf.LlamaForCausalLM(cfg)
+    elif arch == "opt":
+        cfg = tf.OPTConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=128, num_hidden_layers=layers, num_attention_heads=4,
+            max_position_embeddings=512, word_embed_proj_dim=HIDDEN, do_layer_norm_before=True,
+        )
+        model = tf.OPTForCausalLM(cfg)
+    else:
+        raise ValueError(arch)
+    model.eval()
+    _inject_outliers(model)
+    return model
+
+
+def export_torch(model, path: Path, seq: int = 16) -> Path:
+    """torch.onnx (dynamo) export with dynamic batch and sequence."""
+    import torch
+
+    ids = torch.randint(0, VOCAB, (1, seq))
+    mask = torch.ones_like(ids)
+    dyn = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+    program = torch.onnx.export(
+        _Logits(model), (ids, mask), dynamo=True, input_names=["input_ids", "attention_mask"],
+        output_names=["logits"], dynamic_shapes=dyn, verbose=False,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path))
+    return path
+
+
+def fuse_for_ort(src: Path, dst: Path) -> Path:
+    """The same model after onnxscript's ORT fusions (SimplifiedLayerNormalization, Skip* norms, ...)."""
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    model = ir.load(src)
+    optimize_for_ort(model)
+    ir.save(model, dst)
+    return dst
+
+
+def write_tokenizer(folder: Path) -> Path:
+    """A small byte-level BPE tokenizer (vocab = VOCAB) trained on the built-in text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from sq_onnx.builtin_text import builtin_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([builtin_text("calibration")[:200_000]], trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / "tokenizer.json"
+    tok.save(str(out))
+    return out
+
+
+def random_ids(samples: int, seq: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB, (samples, seq), dtype=np.int64)
