@@ -157,9 +157,7 @@ def analyze(graph: ir.Graph, linears: list[Linear] | None = None) -> Analysis:
         if any(c.shape[0] != channels for c in consumers):
             result.skipped.append(Skip(value.name or "", names, "consumers disagree on the input width"))
             continue
-        foreign = [
-            u.node for u in value.uses() if id(u.node) not in linear_nodes or u.idx != 0
-        ]
+        foreign = [u.node for u in value.uses() if id(u.node) not in linear_nodes or u.idx != 0]
         if foreign:
             other = foreign[0]
             reason = f"the tensor also feeds {other.op_type} ({other.name}), which cannot absorb the scale"

@@ -40,9 +40,7 @@ def set_weight(graph: ir.Graph, linear: Linear, w_kn: np.ndarray, suffix: str) -
 
 def replace_node(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], new_output: ir.Value) -> None:
     """Put ``new_nodes`` where ``old`` was; ``new_output`` takes over old's single output (name, users)."""
-    ir.convenience.replace_nodes_and_values(
-        graph, old, [old], new_nodes, [old.outputs[0]], [new_output]
-    )
+    ir.convenience.replace_nodes_and_values(graph, old, [old], new_nodes, [old.outputs[0]], [new_output])
 
 
 def ensure_opset(model: ir.Model, domain: str, version: int) -> None:

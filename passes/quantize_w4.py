@@ -60,4 +60,3 @@ def replace_with_matmulnbits(
     )
     replace_node(graph, old, [node], node.outputs[0])
     return node
-

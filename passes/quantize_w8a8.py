@@ -59,7 +59,13 @@ def _per_token_nodes(b: _Builder, x: ir.Value) -> tuple[list[ir.Node], ir.Value,
     """Nodes computing (xq int8, scale float [..., 1]) from float32 X."""
     nodes = [b.node("Abs", [x])]
     if b.opset >= 18:
-        nodes.append(b.node("ReduceMax", [nodes[-1].outputs[0], b.const("axes_last", np.array([-1], np.int64))], keepdims=1))
+        nodes.append(
+            b.node(
+                "ReduceMax",
+                [nodes[-1].outputs[0], b.const("axes_last", np.array([-1], np.int64))],
+                keepdims=1,
+            )
+        )
     else:
         nodes.append(b.node("ReduceMax", [nodes[-1].outputs[0]], axes=[-1], keepdims=1))
     nodes.append(b.node("Max", [nodes[-1].outputs[0], b.const("eps", np.array(EPS, np.float32))]))
@@ -71,7 +77,9 @@ def _per_token_nodes(b: _Builder, x: ir.Value) -> tuple[list[ir.Node], ir.Value,
     return nodes, nodes[-1].outputs[0], scale
 
 
-def _static_nodes(b: _Builder, x: ir.Value, absmax: float, key: str) -> tuple[list[ir.Node], ir.Value, ir.Value]:
+def _static_nodes(
+    b: _Builder, x: ir.Value, absmax: float, key: str
+) -> tuple[list[ir.Node], ir.Value, ir.Value]:
     scale = b.const(f"{key}.act_scale", np.array(max(absmax, EPS) / 127.0, np.float32))
     zp = b.const("zero_int8", np.array(0, np.int8))
     node = b.node("QuantizeLinear", [x, scale, zp])
@@ -101,7 +109,15 @@ def quantize_w8a8(
                 new_nodes.append(b.node("Cast", [x], to=int(ir.DataType.FLOAT)))
                 xf = new_nodes[-1].outputs[0]
             base = linear.weight_name or linear.name
-            mm = b.node("DynamicQuantizeMatMul", [xf, add_initializer(graph, f"{base}.int8", wq), add_initializer(graph, f"{base}.w_scale", ws)], domain=MS)
+            mm = b.node(
+                "DynamicQuantizeMatMul",
+                [
+                    xf,
+                    add_initializer(graph, f"{base}.int8", wq),
+                    add_initializer(graph, f"{base}.w_scale", ws),
+                ],
+                domain=MS,
+            )
         else:
             if id(x) not in act_cache:
                 pre: list[ir.Node] = []
@@ -122,14 +138,29 @@ def quantize_w8a8(
             base = linear.weight_name or linear.name
             mm = b.node(
                 "MatMulIntegerToFloat",
-                [xq, add_initializer(graph, f"{base}.int8", wq), xs, add_initializer(graph, f"{base}.w_scale", ws)],
+                [
+                    xq,
+                    add_initializer(graph, f"{base}.int8", wq),
+                    xs,
+                    add_initializer(graph, f"{base}.w_scale", ws),
+                ],
                 domain=MS,
             )
         new_nodes.append(mm)
         mm.name = node.name
         bias = linear.bias_array()
         if bias is not None:
-            new_nodes.append(b.node("Add", [new_nodes[-1].outputs[0], add_initializer(graph, f"{linear.weight_name or linear.name}.bias", bias.astype(np.float32))]))
+            new_nodes.append(
+                b.node(
+                    "Add",
+                    [
+                        new_nodes[-1].outputs[0],
+                        add_initializer(
+                            graph, f"{linear.weight_name or linear.name}.bias", bias.astype(np.float32)
+                        ),
+                    ],
+                )
+            )
         if is_fp16:
             new_nodes.append(b.node("Cast", [new_nodes[-1].outputs[0]], to=int(ir.DataType.FLOAT16)))
         replace_node(graph, node, new_nodes, new_nodes[-1].outputs[0])

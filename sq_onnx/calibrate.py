@@ -10,8 +10,8 @@ import numpy as np
 import onnx_ir as ir
 
 from sq_onnx.errors import CalibrationError
-from sq_onnx.progress import track
 from sq_onnx.ort_session import in_memory_session
+from sq_onnx.progress import track
 
 STAT_PREFIX = "sq_onnx.absmax."
 
@@ -27,7 +27,9 @@ def add_absmax_outputs(model: ir.Model, tensors: dict[str, int]) -> dict[str, st
     out_names = {}
     for i, (name, channels) in enumerate(sorted(tensors.items())):
         x = values[name]
-        shape = ir.Value(name=f"{STAT_PREFIX}shape{i}", const_value=ir.tensor(np.array([-1, channels], np.int64)))
+        shape = ir.Value(
+            name=f"{STAT_PREFIX}shape{i}", const_value=ir.tensor(np.array([-1, channels], np.int64))
+        )
         graph.register_initializer(shape)
         abs_node = ir.Node("", "Abs", [x])
         flat = ir.Node("", "Reshape", [abs_node.outputs[0], shape])
@@ -36,7 +38,12 @@ def add_absmax_outputs(model: ir.Model, tensors: dict[str, int]) -> dict[str, st
             graph.register_initializer(axes)
             red = ir.Node("", "ReduceMax", [flat.outputs[0], axes], attributes=[ir.AttrInt64("keepdims", 0)])
         else:
-            red = ir.Node("", "ReduceMax", [flat.outputs[0]], attributes=[ir.AttrInt64s("axes", [0]), ir.AttrInt64("keepdims", 0)])
+            red = ir.Node(
+                "",
+                "ReduceMax",
+                [flat.outputs[0]],
+                attributes=[ir.AttrInt64s("axes", [0]), ir.AttrInt64("keepdims", 0)],
+            )
         cast = ir.Node("", "Cast", [red.outputs[0]], attributes=[ir.AttrInt64("to", int(ir.DataType.FLOAT))])
         out = cast.outputs[0]
         out.name = f"{STAT_PREFIX}{i}"
@@ -62,7 +69,7 @@ def collect_absmax(
         fetch = [o for _, o in order]
         for feed in track(feeds, "calibrating", total=len(feeds), enabled=show_progress):
             results = sess.run(fetch, feed)
-            for (tensor, _), arr in zip(order, results):
+            for (tensor, _), arr in zip(order, results, strict=True):
                 stats[tensor] = arr if tensor not in stats else np.maximum(stats[tensor], arr)
     for tensor, arr in stats.items():
         if not np.all(np.isfinite(arr)):
@@ -70,7 +77,6 @@ def collect_absmax(
                 f"calibration produced NaN or Inf in tensor {tensor!r}: the model overflows on this data."
             )
     return stats
-
 
 
 def copy_model(model: ir.Model) -> ir.Model:

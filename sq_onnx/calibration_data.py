@@ -73,7 +73,7 @@ def read_text_file(path: Path) -> str:
             raise CalibrationError(f"{str(path)!r} line {lineno} is not valid JSON.") from None
         text = obj.get("text") if isinstance(obj, dict) else obj
         if not isinstance(text, str):
-            raise CalibrationError(f"{str(path)!r} line {lineno} has no \"text\" string.")
+            raise CalibrationError(f'{str(path)!r} line {lineno} has no "text" string.')
         texts.append(text)
     return "\n\n".join(texts)
 
@@ -117,7 +117,9 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
     except Exception as exc:
-        raise CalibrationError(f"cannot read calibration file {str(path)!r} as .npz ({type(exc).__name__}).") from None
+        raise CalibrationError(
+            f"cannot read calibration file {str(path)!r} as .npz ({type(exc).__name__})."
+        ) from None
 
 
 def load_calibration(
@@ -146,16 +148,16 @@ def load_calibration(
                 feeds, origin = feeds_from_arrays(load_npz(path), specs)[:count], f"arrays from {path.name}"
             elif path.suffix.lower() in (".txt", ".jsonl", ".text", ".md"):
                 if not is_language_model(specs):
-                    raise CalibrationError("the model has no input_ids input, so it cannot be calibrated with text.")
+                    raise CalibrationError(
+                        "the model has no input_ids input, so it cannot be calibrated with text."
+                    )
                 text = read_text_file(path)
                 if not text.strip():
                     raise CalibrationError(f"calibration file {str(path)!r} is empty.")
                 ids = tokenize(text, find_tokenizer(model_path, tokenizer_dir))
                 feeds, origin = windows_from_ids(ids, count, seq_len), f"text from {path.name}"
             else:
-                raise CalibrationError(
-                    f"calibration file {str(path)!r} must be .txt, .jsonl or .npz."
-                )
+                raise CalibrationError(f"calibration file {str(path)!r} must be .txt, .jsonl or .npz.")
     elif isinstance(source, Mapping):
         feeds, origin = feeds_from_arrays(source, specs)[:count], "arrays (API)"
     elif isinstance(source, Sequence):

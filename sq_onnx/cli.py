@@ -41,20 +41,42 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="smooth and quantize a model (W4 by default)")
     c.add_argument("model", help="input .onnx model (never modified)")
     c.add_argument("-o", "--output", required=True, help="output .onnx path")
-    c.add_argument("--scheme", choices=SCHEMES, default="w4", help="w4 (SmoothQuant+, default), w8a8 (SmoothQuant), smooth (float only)")
+    c.add_argument(
+        "--scheme",
+        choices=SCHEMES,
+        default="w4",
+        help="w4 (SmoothQuant+, default), w8a8 (SmoothQuant), smooth (float only)",
+    )
     c.add_argument("--alpha", type=_alpha, default=None, help="migration strength 0..1 (default 0.5)")
     c.add_argument("--no-smooth", action="store_true", help="quantize without smoothing (baseline)")
     c.add_argument("--block-size", type=int, default=128, help="W4 block size along K (default 128)")
     c.add_argument("--symmetric", action="store_true", help="W4 symmetric blocks (no zero points)")
     c.add_argument("--accuracy-level", type=int, default=0, help="MatMulNBits accuracy_level (default 0)")
-    c.add_argument("--lm-head", choices=LM_HEAD_MODES, default="8", help="bits for the vocabulary projection (default 8)")
-    c.add_argument("--act", choices=ACT_MODES, default="per-token", help="W8A8 activation quantization (default per-token)")
-    c.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="keep matching node/weight names in float (repeatable)")
-    c.add_argument("--calib", default=None, help="calibration data: .txt, .jsonl or .npz (default: built-in text)")
+    c.add_argument(
+        "--lm-head", choices=LM_HEAD_MODES, default="8", help="bits for the vocabulary projection (default 8)"
+    )
+    c.add_argument(
+        "--act",
+        choices=ACT_MODES,
+        default="per-token",
+        help="W8A8 activation quantization (default per-token)",
+    )
+    c.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="keep matching node/weight names in float (repeatable)",
+    )
+    c.add_argument(
+        "--calib", default=None, help="calibration data: .txt, .jsonl or .npz (default: built-in text)"
+    )
     c.add_argument("--tokenizer", default=None, help="folder with tokenizer.json (default: beside the model)")
     c.add_argument("--samples", type=int, default=16, help="calibration samples (default 16)")
     c.add_argument("--seq-len", type=int, default=256, help="tokens per text sample (default 256)")
-    c.add_argument("--verify-samples", type=int, default=2, help="held-out samples for verification (default 2)")
+    c.add_argument(
+        "--verify-samples", type=int, default=2, help="held-out samples for verification (default 2)"
+    )
     c.add_argument("--external-data", action="store_true", help="always write weights to OUTPUT.data")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output")
     c.add_argument("--json", action="store_true", help="print one JSON object")
@@ -99,11 +121,17 @@ def _print_summary(result: dict[str, Any]) -> None:
         console.print(f"  not smoothed: {skip['tensor']} -> {', '.join(skip['consumers'])}: {skip['reason']}")
     check = result.get("smoothing_check")
     if check:
-        console.print(f"  smoothing check: relative error {check['relative_error']:.2e} (equivalent: {check['equivalent']})")
+        console.print(
+            f"  smoothing check: relative error {check['relative_error']:.2e} (equivalent: {check['equivalent']})"
+        )
     v = result.get("verify")
     if v:
         top1 = "n/a" if v["top1_agreement"] is None else f"{100 * v['top1_agreement']:.1f}%"
-        held = "held-out" if result["calibration"]["held_out"] else "calibration (too few samples to hold any out)"
+        held = (
+            "held-out"
+            if result["calibration"]["held_out"]
+            else "calibration (too few samples to hold any out)"
+        )
         console.print(
             f"  verify on {v['samples']} {held} sample(s): relative error {v['relative_error']:.4f}, "
             f"cosine {v['cosine']:.5f}, top-1 agreement {top1}"

@@ -26,7 +26,10 @@ def inspect_model(path: str | os.PathLike, recipe: Recipe | None = None) -> dict
         counts = Counter(ACTION_LABELS[p.action] for p in plans)
         schemes[scheme] = {
             "counts": dict(counts),
-            "layers": [{"node": p.name, "action": ACTION_LABELS[p.action], "reason": p.reason, "lm_head": p.lm_head} for p in plans],
+            "layers": [
+                {"node": p.name, "action": ACTION_LABELS[p.action], "reason": p.reason, "lm_head": p.lm_head}
+                for p in plans
+            ],
         }
     return {
         "model": str(path),
@@ -62,14 +65,14 @@ def render_inspection(info: dict[str, Any]) -> None:
     )
     table = Table(title="Smoothing groups (norm -> linears, one shared scale each)")
     for col in ("tensor", "kind", "channels", "consumers"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for g in info["groups"]:
         table.add_row(g["tensor"], g["kind"], str(g["channels"]), ", ".join(g["consumers"]))
     console.print(table)
     if info["skipped"]:
         table = Table(title="Not smoothable (quantized without smoothing)")
         for col in ("tensor", "consumers", "reason"):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")
         for s in info["skipped"]:
             table.add_row(s["tensor"], ", ".join(s["consumers"]), s["reason"])
         console.print(table)

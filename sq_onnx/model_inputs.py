@@ -30,7 +30,9 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
         dims: tuple[int | str | None, ...] = ()
         if value.shape is not None:
-            dims = tuple(d if isinstance(d, int) else (d.value if d is not None else None) for d in value.shape)
+            dims = tuple(
+                d if isinstance(d, int) else (d.value if d is not None else None) for d in value.shape
+            )
         specs.append(InputSpec(value.name or "", np.dtype(dtype), dims))
     return specs
 
@@ -46,7 +48,9 @@ def _past_kv_array(spec: InputSpec, batch: int) -> np.ndarray:
         raise CalibrationError(f"cannot derive model input {spec.name!r}: expected a 4-D key/value cache.")
     shape = [batch, dims[1], 0, dims[3]]
     if not all(isinstance(d, int) for d in (shape[1], shape[3])):
-        raise CalibrationError(f"cannot derive model input {spec.name!r}: its head dimensions are not static.")
+        raise CalibrationError(
+            f"cannot derive model input {spec.name!r}: its head dimensions are not static."
+        )
     return np.zeros(shape, dtype=spec.dtype)
 
 
@@ -84,13 +88,15 @@ def check_feed(feed: dict[str, np.ndarray], specs: list[InputSpec]) -> dict[str,
         spec = by_name[name]
         arr = np.asarray(arr)
         if arr.dtype.kind != spec.dtype.kind and not (arr.dtype.kind in "iu" and spec.dtype.kind in "iu"):
-            raise CalibrationError(f"calibration input {name!r} has dtype {arr.dtype}, the model expects {spec.dtype}.")
+            raise CalibrationError(
+                f"calibration input {name!r} has dtype {arr.dtype}, the model expects {spec.dtype}."
+            )
         if spec.dims and arr.ndim != len(spec.dims):
             raise CalibrationError(
                 f"calibration input {name!r} has {arr.ndim} dimensions per sample, the model expects {len(spec.dims)}."
             )
         if spec.dims:
-            for have, want in zip(arr.shape, spec.dims):
+            for have, want in zip(arr.shape, spec.dims, strict=True):
                 if isinstance(want, int) and want != have:
                     raise CalibrationError(
                         f"calibration input {name!r} has shape {arr.shape}, the model expects {spec.dims}."

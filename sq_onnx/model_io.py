@@ -56,7 +56,9 @@ def weight_bytes(model: ir.Model) -> int:
     return total
 
 
-def check_output_path(input_path: str | os.PathLike | None, output: str | os.PathLike, overwrite: bool) -> Path:
+def check_output_path(
+    input_path: str | os.PathLike | None, output: str | os.PathLike, overwrite: bool
+) -> Path:
     """Refuse writing over the input, or over an existing output unless asked to."""
     out = Path(output)
     if out.suffix.lower() != ".onnx":

@@ -44,9 +44,10 @@ def session(path: str | os.PathLike, providers: list[str] | None = None, threads
 
 @contextmanager
 def in_memory_session(model: ir.Model, threads: int | None = None) -> Iterator[object]:
-    """A CPU session for an onnx_ir model: serialized in memory, or through a temp folder when > 2 GB."""
+    """A CPU session for an onnx_ir model: serialized in memory, or through a temp folder when the model
+    is over 2 GB or still points at external data files (ORT cannot resolve those from bytes)."""
     ort = _ort()
-    if weight_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+    if weight_bytes(model) < EXTERNAL_DATA_THRESHOLD and not _has_external_tensors(model):
         data = ir.to_proto(model).SerializeToString()
         yield ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
         return
@@ -54,3 +55,7 @@ def in_memory_session(model: ir.Model, threads: int | None = None) -> Iterator[o
         path = Path(tmp) / "model.onnx"
         ir.save(model, path, external_data="model.onnx.data")
         yield ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def _has_external_tensors(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())

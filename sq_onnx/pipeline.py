@@ -15,18 +15,18 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
-from sq_onnx.passes.analyze import analyze
-from sq_onnx.passes.graph_edit import ensure_opset
-from sq_onnx.passes.linears import find_linears
-from sq_onnx.passes.quantize_w4 import replace_with_matmulnbits
-from sq_onnx.passes.quantize_w8a8 import quantize_w8a8
-from sq_onnx.passes.smooth import smooth_groups
 from sq_onnx import __version__
 from sq_onnx.calibrate import collect_absmax, copy_model
 from sq_onnx.calibration_data import load_calibration
 from sq_onnx.errors import NothingToQuantizeError, SqOnnxError
 from sq_onnx.model_inputs import input_specs
 from sq_onnx.model_io import check_output_path, load_model, save_model
+from sq_onnx.passes.analyze import analyze
+from sq_onnx.passes.graph_edit import ensure_opset
+from sq_onnx.passes.linears import find_linears
+from sq_onnx.passes.quantize_w4 import replace_with_matmulnbits
+from sq_onnx.passes.quantize_w8a8 import quantize_w8a8
+from sq_onnx.passes.smooth import smooth_groups
 from sq_onnx.plan import plan_linears
 from sq_onnx.progress import track
 from sq_onnx.recipe import Recipe
@@ -77,7 +77,9 @@ def _materialize_input(model: Any, tmpdir: str) -> Path:
         import onnx
 
         if not isinstance(model, onnx.ModelProto):
-            raise SqOnnxError(f"convert() takes a path, an onnx_ir.Model or an onnx.ModelProto, not {type(model).__name__}.")
+            raise SqOnnxError(
+                f"convert() takes a path, an onnx_ir.Model or an onnx.ModelProto, not {type(model).__name__}."
+            )
         proto_model = ir.from_proto(model)
     path = Path(tmpdir) / "input.onnx"
     ir.save(proto_model, path, external_data="input.onnx.data")
@@ -149,7 +151,12 @@ def _run_pipeline(
         scheme=recipe.scheme,
         alpha=alpha,
         recipe=recipe.to_dict(),
-        calibration={"source": origin, "samples": len(calib_feeds), "verify_samples": len(verify_feeds), "held_out": held_out},
+        calibration={
+            "source": origin,
+            "samples": len(calib_feeds),
+            "verify_samples": len(verify_feeds),
+            "held_out": held_out,
+        },
         skipped=[asdict(s) for s in analysis.skipped],
         kept_float=[{"node": p.name, "reason": p.reason} for p in plans if p.action == "keep"],
     )
@@ -168,7 +175,10 @@ def _run_pipeline(
         result.smoothed_groups = [asdict(d) for d in done]
         if verify_feeds:
             check = compare(reference, first_outputs(work, verify_feeds, "smoothed", show_progress))
-            result.smoothing_check = {**check.to_dict(), "equivalent": check.relative_error < EQUIVALENCE_TOLERANCE}
+            result.smoothing_check = {
+                **check.to_dict(),
+                "equivalent": check.relative_error < EQUIVALENCE_TOLERANCE,
+            }
             if not result.smoothing_check["equivalent"]:
                 raise SqOnnxError(
                     f"internal check failed: the smoothed float model differs from the original "
@@ -181,7 +191,9 @@ def _run_pipeline(
     TopologicalSortPass()(work)
 
     if verify_feeds:
-        agreement: Agreement = compare(reference, first_outputs(work, verify_feeds, "converted", show_progress))
+        agreement: Agreement = compare(
+            reference, first_outputs(work, verify_feeds, "converted", show_progress)
+        )
         result.verify = agreement.to_dict()
     _record_metadata(work, recipe, result)
     save_model(work, out, external_data=recipe.external_data)
@@ -222,7 +234,9 @@ def _quantize(
     nbits = [p for p in plans if p.action in ("w4", "w8")]
     for p in track(nbits, "quantizing", total=len(nbits), enabled=show_progress):
         bits = 4 if p.action == "w4" else 8
-        replace_with_matmulnbits(graph, p.linear, bits, recipe.block_size, recipe.symmetric, recipe.accuracy_level)
+        replace_with_matmulnbits(
+            graph, p.linear, bits, recipe.block_size, recipe.symmetric, recipe.accuracy_level
+        )
         done.append(p.name)
     w8a8 = [p.linear for p in plans if p.action == "w8a8"]
     if w8a8:

@@ -65,7 +65,9 @@ class Recipe:
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise RecipeError(f"--exclude {pattern!r} is not a valid regular expression ({exc}).") from None
+                raise RecipeError(
+                    f"--exclude {pattern!r} is not a valid regular expression ({exc})."
+                ) from None
 
     @property
     def effective_alpha(self) -> float:

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx_ir as ir
 
-from sq_onnx.progress import track
 from sq_onnx.ort_session import in_memory_session
+from sq_onnx.progress import track
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,9 @@ class Agreement:
         return asdict(self)
 
 
-def first_outputs(model: ir.Model, feeds: list[dict[str, np.ndarray]], label: str, show_progress: bool) -> list[np.ndarray]:
+def first_outputs(
+    model: ir.Model, feeds: list[dict[str, np.ndarray]], label: str, show_progress: bool
+) -> list[np.ndarray]:
     """Run ``model`` on every feed and keep its first output (the logits of an LLM)."""
     with in_memory_session(model) as sess:
         name = sess.get_outputs()[0].name

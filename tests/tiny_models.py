@@ -21,7 +21,9 @@ def _inject_outliers(model) -> None:
 
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.ndim == 1 and ("layernorm" in name or "layer_norm" in name or name.endswith("norm.weight")):
+            if param.ndim == 1 and (
+                "layernorm" in name or "layer_norm" in name or name.endswith("norm.weight")
+            ):
                 if "final" in name or name.endswith("model.norm.weight"):
                     continue
                 param.mul_(torch.empty_like(param).uniform_(0.7, 1.3))
@@ -52,14 +54,26 @@ def build_torch_model(arch: str = "llama", seed: int = 0, layers: int = 2):
     torch.manual_seed(seed)
     if arch == "llama":
         cfg = tf.LlamaConfig(
-            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
         )
         model = tf.LlamaForCausalLM(cfg)
     elif arch == "opt":
         cfg = tf.OPTConfig(
-            vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=128, num_hidden_layers=layers, num_attention_heads=4,
-            max_position_embeddings=512, word_embed_proj_dim=HIDDEN, do_layer_norm_before=True,
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            ffn_dim=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            word_embed_proj_dim=HIDDEN,
+            do_layer_norm_before=True,
         )
         model = tf.OPTForCausalLM(cfg)
     else:
@@ -77,8 +91,13 @@ def export_torch(model, path: Path, seq: int = 16) -> Path:
     mask = torch.ones_like(ids)
     dyn = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
     program = torch.onnx.export(
-        _Logits(model), (ids, mask), dynamo=True, input_names=["input_ids", "attention_mask"],
-        output_names=["logits"], dynamic_shapes=dyn, verbose=False,
+        _Logits(model),
+        (ids, mask),
+        dynamo=True,
+        input_names=["input_ids", "attention_mask"],
+        output_names=["logits"],
+        dynamic_shapes=dyn,
+        verbose=False,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path))
@@ -105,7 +124,9 @@ def write_tokenizer(folder: Path) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tok.train_from_iterator([builtin_text("calibration")[:200_000]], trainer)
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / "tokenizer.json"

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny exported LLMs (built once per test session) and helpers."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    """A tiny Llama (RMSNorm, GQA, SwiGLU, tied lm_head) exported with torch.onnx, tokenizer beside it."""
+    folder = tmp_path_factory.mktemp("llama")
+    tiny_models.export_torch(tiny_models.build_torch_model("llama"), folder / "model.onnx")
+    tiny_models.write_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def llama_fused(llama_dir, tmp_path_factory) -> Path:
+    """The same Llama after onnxscript's ORT fusions (SkipSimplifiedLayerNormalization, FusedMatMul)."""
+    folder = tmp_path_factory.mktemp("llama_fused")
+    tiny_models.fuse_for_ort(llama_dir / "model.onnx", folder / "model.onnx")
+    (folder / "tokenizer.json").write_bytes((llama_dir / "tokenizer.json").read_bytes())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def opt_dir(tmp_path_factory) -> Path:
+    """A tiny OPT (LayerNorm with bias, biased linears, ReLU MLP) exported with torch.onnx."""
+    folder = tmp_path_factory.mktemp("opt")
+    tiny_models.export_torch(tiny_models.build_torch_model("opt"), folder / "model.onnx")
+    tiny_models.write_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def calib_ids() -> dict[str, np.ndarray]:
+    """Token-id calibration arrays (first axis = samples)."""
+    return {"input_ids": tiny_models.random_ids(10, 32)}
+
+
+def op_types(path: Path) -> list[str]:
+    return [node.op_type for node in ir.load(path).graph]
+
+
+def run(path: Path, feed: dict[str, np.ndarray]) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, feed)[0]
+
+
+def ids_feed(seq: int = 24, seed: int = 5) -> dict[str, np.ndarray]:
+    ids = tiny_models.random_ids(1, seq, seed)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def rel_error(ref: np.ndarray, out: np.ndarray) -> float:
+    return float(np.linalg.norm(ref - out) / np.linalg.norm(ref))

@@ -1,0 +1,62 @@
+"""Block quantization matches ORT's MatMulNBits on many shapes (the packing is what ORT reads)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from sq_onnx.passes.blockwise import quantize_blockwise
+
+
+def _matmulnbits_model(k: int, n: int, bits: int, block: int, symmetric: bool, w: np.ndarray):
+    bq = quantize_blockwise(w, bits, block, symmetric)
+    tape = ir.tape.Tape()
+    x = ir.Value(name="X", shape=ir.Shape(["m", k]), type=ir.TensorType(ir.DataType.FLOAT))
+    inputs = [
+        x,
+        tape.initializer(ir.tensor(bq.packed, name="B")),
+        tape.initializer(ir.tensor(bq.scales, name="S")),
+    ]
+    zp = bq.packed_zero_points()
+    if zp is not None:
+        inputs.append(tape.initializer(ir.tensor(zp, name="Z")))
+    y = tape.op(
+        "MatMulNBits",
+        inputs,
+        {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": 0},
+        domain="com.microsoft",
+    )
+    y.name, y.type = "Y", ir.TensorType(ir.DataType.FLOAT)
+    graph = ir.Graph(
+        [x], [y], nodes=tape.nodes, initializers=tape.initializers, opset_imports={"": 18, "com.microsoft": 1}
+    )
+    return ir.Model(graph, ir_version=10), bq
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize(
+    ("k", "n", "block"), [(64, 8, 32), (100, 7, 32), (256, 33, 128), (17, 3, 16), (384, 16, 128)]
+)
+def test_matmulnbits_matches_numpy_dequantization(bits, symmetric, k, n, block):
+    rng = np.random.default_rng(k * n + bits)
+    w = rng.normal(0, 0.5, (k, n)).astype(np.float32)
+    w[rng.integers(0, k)] += 5.0  # an outlier row
+    model, bq = _matmulnbits_model(k, n, bits, block, symmetric, w)
+    x = rng.normal(0, 1, (5, k)).astype(np.float32)
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"X": x})[0]
+    deq = bq.dequantize()
+    np.testing.assert_allclose(y, x @ deq, rtol=1e-4, atol=1e-4)
+    # round-to-nearest: within half a step; symmetric clips the far side of [-2^(b-1), 2^(b-1)-1] by <= 1 step
+    step = np.repeat(np.abs(bq.scales), block, axis=1)[:, :k].T
+    bound = 1.0 if symmetric else 0.5
+    assert np.all(np.abs(deq - w) <= step * bound + 1e-5)
+
+
+def test_all_zero_block_is_exact():
+    w = np.zeros((32, 4), np.float32)
+    bq = quantize_blockwise(w, 4, 32, symmetric=False)
+    np.testing.assert_array_equal(bq.dequantize(), w)

@@ -1,0 +1,178 @@
+"""The CLI: --json output, inspect, and every user-error path (one sentence, exit 2, no traceback)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sq_onnx.cli import main
+
+from conftest import tiny_models
+
+
+def _npz(tmp_path, **arrays):
+    path = tmp_path / "c.npz"
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_convert_json(llama_dir, tmp_path, capsys):
+    calib = _npz(tmp_path, input_ids=tiny_models.random_ids(6, 32))
+    out = tmp_path / "w8.onnx"
+    code = main(
+        [
+            "convert",
+            str(llama_dir / "model.onnx"),
+            "-o",
+            str(out),
+            "--scheme",
+            "w8a8",
+            "--calib",
+            calib,
+            "--samples",
+            "4",
+            "--json",
+        ]
+    )
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    for key in (
+        "output",
+        "scheme",
+        "alpha",
+        "smoothed_groups",
+        "quantized_matmuls",
+        "skipped",
+        "verify",
+        "seconds",
+    ):
+        assert key in data
+    assert data["scheme"] == "w8a8" and data["alpha"] == 0.5 and len(data["smoothed_groups"]) == 5
+    assert all(s["reason"] for s in data["skipped"])
+
+
+def test_convert_summary_and_quiet(llama_dir, tmp_path, capsys):
+    calib = _npz(tmp_path, input_ids=tiny_models.random_ids(4, 16))
+    assert (
+        main(["convert", str(llama_dir / "model.onnx"), "-o", str(tmp_path / "a.onnx"), "--calib", calib])
+        == 0
+    )
+    assert "verify on" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "convert",
+                str(llama_dir / "model.onnx"),
+                "-o",
+                str(tmp_path / "b.onnx"),
+                "--calib",
+                calib,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out == ""
+
+
+def test_inspect(llama_fused, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["inspect", str(llama_fused / "model.onnx"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert len(info["groups"]) == 5 and info["schemes"]["w4"]["counts"]["MatMulNBits 4-bit"] == 14
+    assert main(["inspect", str(llama_fused / "model.onnx")]) == 0
+    assert "SkipSimplifiedLayerNormalization" in capsys.readouterr().out
+
+
+def _no_quant_model(tmp_path):
+    import onnx_ir as ir
+
+    x = ir.Value(name="X", shape=ir.Shape([2]), type=ir.TensorType(ir.DataType.FLOAT))
+    node = ir.Node("", "Relu", [x])
+    node.outputs[0].name = "Y"
+    node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    graph = ir.Graph([x], [node.outputs[0]], nodes=[node], opset_imports={"": 18})
+    path = tmp_path / "relu.onnx"
+    ir.save(ir.Model(graph, ir_version=10), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "directory",
+        "not_onnx",
+        "empty",
+        "nothing",
+        "bad_alpha",
+        "bad_scheme",
+        "exists",
+        "same_as_input",
+        "no_tokenizer",
+        "bad_calib_name",
+        "bad_calib_dtype",
+        "missing_calib",
+    ],
+)
+def test_user_errors_exit_2_with_one_sentence(case, llama_dir, tmp_path, capsys):
+    model = str(llama_dir / "model.onnx")
+    out = str(tmp_path / "o.onnx")
+    calib = _npz(tmp_path, input_ids=tiny_models.random_ids(3, 16))
+    args = {
+        "missing": ["convert", str(tmp_path / "nope.onnx"), "-o", out],
+        "directory": ["convert", str(tmp_path), "-o", out],
+        "not_onnx": ["convert", str(tmp_path / "junk.onnx"), "-o", out],
+        "empty": ["convert", str(tmp_path / "empty.onnx"), "-o", out],
+        "nothing": ["convert", "RELU", "-o", out],
+        "bad_alpha": ["convert", model, "-o", out, "--alpha", "1.5"],
+        "bad_scheme": ["convert", model, "-o", out, "--scheme", "w3"],
+        "exists": ["convert", model, "-o", str(tmp_path / "exists.onnx"), "--calib", calib],
+        "same_as_input": ["convert", model, "-o", model, "--overwrite"],
+        "no_tokenizer": ["convert", "COPY", "-o", out],
+        "bad_calib_name": [
+            "convert",
+            model,
+            "-o",
+            out,
+            "--calib",
+            _npz(tmp_path, tokens=np.zeros((2, 8), np.int64)),
+        ],
+        "bad_calib_dtype": [
+            "convert",
+            model,
+            "-o",
+            out,
+            "--calib",
+            _npz(tmp_path, input_ids=np.zeros((2, 8), np.float32)),
+        ],
+        "missing_calib": ["convert", model, "-o", out, "--calib", str(tmp_path / "none.txt")],
+    }[case]
+    (tmp_path / "junk.onnx").write_bytes(b"\x08\x07garbage that is not a protobuf" * 10)
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    (tmp_path / "exists.onnx").write_bytes(b"x")
+    if "RELU" in args:
+        args[args.index("RELU")] = str(_no_quant_model(tmp_path))
+    if "COPY" in args:
+        copy = tmp_path / "copy" / "model.onnx"
+        copy.parent.mkdir()
+        copy.write_bytes((llama_dir / "model.onnx").read_bytes())
+        args[args.index("COPY")] = str(copy)
+    with pytest.raises(SystemExit) if case in ("bad_alpha", "bad_scheme") else _nullcontext() as exc:
+        code = main(args)
+    if case in ("bad_alpha", "bad_scheme"):
+        code = exc.value.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("sq-onnx: error:"), err
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,170 @@
+"""End-to-end conversion of tiny exported LLMs: outputs run on stock ORT with the intended ops."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from sq_onnx import Recipe, convert
+from sq_onnx.passes.linears import find_linears
+
+from conftest import ids_feed, op_types, rel_error, run
+
+MODELS = ["llama_dir", "llama_fused", "opt_dir"]
+
+
+def _float_linears_on_constants(path) -> list[str]:
+    return [lin.name for lin in find_linears(ir.load(path).graph)]
+
+
+@pytest.mark.parametrize("fixture", MODELS)
+def test_w4_runs_with_matmulnbits_only(fixture, request, tmp_path, calib_ids):
+    folder = request.getfixturevalue(fixture)
+    out = tmp_path / "w4.onnx"
+    result = convert(folder / "model.onnx", out, Recipe(samples=4, block_size=32), calibration=calib_ids)
+    ops = op_types(out)
+    assert ops.count("MatMulNBits") == len(result.quantized_matmuls) > 0
+    assert _float_linears_on_constants(out) == []
+    model = ir.load(out)
+    head = [n for n in model.graph if n.op_type == "MatMulNBits" and n.attributes["bits"].value == 8]
+    assert len(head) == 1  # lm_head at 8 bits by default
+    feed = ids_feed()
+    assert rel_error(run(folder / "model.onnx", feed), run(out, feed)) < 0.6
+    assert result.verify["top1_agreement"] > 0.5
+
+
+@pytest.mark.parametrize("fixture", MODELS)
+def test_w8a8_runs_with_integer_ops_only(fixture, request, tmp_path, calib_ids):
+    folder = request.getfixturevalue(fixture)
+    out = tmp_path / "w8a8.onnx"
+    result = convert(folder / "model.onnx", out, Recipe(scheme="w8a8", samples=4), calibration=calib_ids)
+    ops = op_types(out)
+    assert (
+        ops.count("MatMulIntegerToFloat")
+        == len(result.quantized_matmuls)
+        == len(find_linears(ir.load(folder / "model.onnx").graph))
+    )
+    assert _float_linears_on_constants(out) == []
+    feed = ids_feed()
+    assert rel_error(run(folder / "model.onnx", feed), run(out, feed)) < 0.1
+
+
+@pytest.mark.parametrize("fixture", ["llama_dir", "opt_dir"])
+def test_smoothing_lowers_w8a8_error_on_outlier_models(fixture, request, tmp_path, calib_ids):
+    folder = request.getfixturevalue(fixture)
+    feed = ids_feed(seq=48)
+    ref = run(folder / "model.onnx", feed)
+    errors = {}
+    for smooth in (False, True):
+        out = tmp_path / f"w8a8_{smooth}.onnx"
+        convert(
+            folder / "model.onnx", out, Recipe(scheme="w8a8", smooth=smooth, samples=6), calibration=calib_ids
+        )
+        errors[smooth] = rel_error(ref, run(out, feed))
+    assert errors[True] < 0.75 * errors[False], errors
+
+
+@pytest.mark.parametrize("act", ["per-tensor", "static"])
+def test_w8a8_activation_modes(act, llama_dir, tmp_path, calib_ids):
+    out = tmp_path / f"{act}.onnx"
+    convert(llama_dir / "model.onnx", out, Recipe(scheme="w8a8", act=act, samples=4), calibration=calib_ids)
+    ops = op_types(out)
+    expected = "DynamicQuantizeMatMul" if act == "per-tensor" else "MatMulIntegerToFloat"
+    assert ops.count(expected) == 15
+    if act == "static":
+        assert "QuantizeLinear" in ops and "ReduceMax" not in ops
+    feed = ids_feed()
+    assert rel_error(run(llama_dir / "model.onnx", feed), run(out, feed)) < 0.2
+
+
+def test_w8a8_gemm_bias_is_kept(opt_dir, tmp_path, calib_ids):
+    out = tmp_path / "opt.onnx"
+    convert(opt_dir / "model.onnx", out, Recipe(scheme="w8a8", samples=4), calibration=calib_ids)
+    feed = ids_feed()
+    assert rel_error(run(opt_dir / "model.onnx", feed), run(out, feed)) < 0.05
+
+
+def test_lm_head_and_exclude_options(llama_dir, tmp_path, calib_ids):
+    out = tmp_path / "x.onnx"
+    r = Recipe(samples=4, lm_head="fp", exclude=("linear_1$",))
+    result = convert(llama_dir / "model.onnx", out, r, calibration=calib_ids)
+    kept = {k["node"] for k in result.kept_float}
+    assert len(kept) == 2 and any(k.endswith("linear_1") for k in kept)
+    assert len(result.quantized_matmuls) == 13
+    assert len(_float_linears_on_constants(out)) == 2
+
+
+def test_symmetric_w4_has_no_zero_points(llama_dir, tmp_path, calib_ids):
+    out = tmp_path / "sym.onnx"
+    convert(
+        llama_dir / "model.onnx", out, Recipe(samples=4, symmetric=True, lm_head="4"), calibration=calib_ids
+    )
+    nodes = [n for n in ir.load(out).graph if n.op_type == "MatMulNBits"]
+    assert nodes and all(len(n.inputs) == 3 for n in nodes)
+
+
+def test_metadata_records_recipe_version_calibration_and_verify(llama_dir, tmp_path, calib_ids):
+    out = tmp_path / "m.onnx"
+    recipe = Recipe(samples=4, alpha=0.6)
+    convert(llama_dir / "model.onnx", out, recipe, calibration=calib_ids)
+    meta = ir.load(out).metadata_props
+    assert Recipe.from_json(meta["sq_onnx.recipe"]) == recipe
+    assert meta["sq_onnx.version"]
+    assert json.loads(meta["sq_onnx.calibration"])["samples"] == 4
+    assert 0 < json.loads(meta["sq_onnx.verify"])["cosine"] <= 1.0 + 1e-6
+
+
+def test_text_calibration_with_tokenizer_beside_model(llama_dir, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "t.onnx"
+    result = convert(llama_dir / "model.onnx", out, Recipe(samples=3, seq_len=32), calibration=str(text))
+    assert result.calibration["source"] == "text from calib.txt"
+    assert result.calibration["samples"] == 3 and result.calibration["held_out"]
+
+
+def test_jsonl_and_default_text_calibration(llama_dir, tmp_path):
+    jl = tmp_path / "c.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": f"Line {i} of some calibration prose."}) for i in range(300)))
+    convert(llama_dir / "model.onnx", tmp_path / "a.onnx", Recipe(samples=2, seq_len=32), calibration=str(jl))
+    result = convert(llama_dir / "model.onnx", tmp_path / "b.onnx", Recipe(samples=2, seq_len=32))
+    assert result.calibration["source"].startswith("built-in text")
+
+
+def test_npz_calibration_derives_attention_mask(llama_dir, tmp_path, calib_ids):
+    npz = tmp_path / "c.npz"
+    np.savez(npz, **calib_ids)
+    result = convert(llama_dir / "model.onnx", tmp_path / "n.onnx", Recipe(samples=4), calibration=str(npz))
+    assert result.calibration["samples"] == 4
+
+
+def test_input_is_never_modified_and_output_is_refused_when_present(llama_dir, tmp_path, calib_ids):
+    from sq_onnx.errors import OutputError
+
+    src = llama_dir / "model.onnx"
+    before = src.read_bytes()
+    out = tmp_path / "o.onnx"
+    convert(src, out, Recipe(samples=2), calibration=calib_ids)
+    assert src.read_bytes() == before
+    with pytest.raises(OutputError):
+        convert(src, out, Recipe(samples=2), calibration=calib_ids)
+    convert(src, out, Recipe(samples=2), calibration=calib_ids, overwrite=True)
+    with pytest.raises(OutputError):
+        convert(src, src, Recipe(samples=2), calibration=calib_ids, overwrite=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sq-onnx-")]
+
+
+def test_external_data_output(llama_dir, tmp_path, calib_ids):
+    out = tmp_path / "ext.onnx"
+    convert(llama_dir / "model.onnx", out, Recipe(samples=2, external_data=True), calibration=calib_ids)
+    assert (tmp_path / "ext.onnx.data").stat().st_size > 0
+    run(out, ids_feed())
+
+
+def test_in_memory_model_input(llama_dir, tmp_path, calib_ids):
+    model = ir.load(llama_dir / "model.onnx")
+    result = convert(model, tmp_path / "mem.onnx", Recipe(scheme="w8a8", samples=2), calibration=calib_ids)
+    assert result.quantized_matmuls

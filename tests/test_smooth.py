@@ -1,0 +1,82 @@
+"""Smoothing is an exact rewrite: the float function is unchanged (relative error < 1e-5)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from sq_onnx import Recipe, convert
+from sq_onnx.calibrate import collect_absmax
+from sq_onnx.passes.analyze import analyze
+from sq_onnx.passes.smooth import smooth_groups, smoothing_scales
+
+import ir_graphs
+from conftest import ids_feed, rel_error, run
+
+
+def _run_model(model: ir.Model, feed):
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feed)[0]
+
+
+def test_scale_formula():
+    act = np.array([10.0, 1.0, 0.0, 4.0])
+    w = np.array([1.0, 4.0, 2.0, 0.0])
+    s = smoothing_scales(act, w, 0.5)
+    np.testing.assert_allclose(s, [np.sqrt(10.0), 0.5, 1.0, 1.0], rtol=1e-6)
+    assert np.all(smoothing_scales(np.array([1e-30]), np.array([1e10]), 0.5) >= 1e-5)
+
+
+@pytest.mark.parametrize("kind", ir_graphs.NORM_KINDS)
+@pytest.mark.parametrize("form", ["matmul", "gemm", "transposed"])
+def test_smoothing_keeps_the_function(kind, form):
+    model = ir_graphs.build_norm_graph(kind, gemm=form == "gemm", transposed_weight=form == "transposed")
+    arrays = ir_graphs.sample_inputs(model)
+    feeds = [{k: v[i] for k, v in arrays.items()} for i in range(4)]
+    before = _run_model(model, feeds[0])
+    result = analyze(model.graph)
+    stats = collect_absmax(model, {g.name: g.channels for g in result.groups}, feeds, show_progress=False)
+    group = result.groups[0]
+    assert stats[group.name].max() > 10  # the outlier channels are really there
+    done = smooth_groups(model.graph, result.groups, stats, alpha=0.5)
+    assert done[0].act_absmax_after < done[0].act_absmax_before / 3
+    after = _run_model(model, feeds[0])
+    assert rel_error(before, after) < 1e-5
+
+
+@pytest.mark.parametrize("fixture", ["llama_dir", "llama_fused", "opt_dir"])
+def test_smooth_scheme_on_exported_models(fixture, request, tmp_path, calib_ids):
+    folder = request.getfixturevalue(fixture)
+    out = tmp_path / "smooth.onnx"
+    result = convert(folder / "model.onnx", out, Recipe(scheme="smooth", samples=4), calibration=calib_ids)
+    assert result.smoothing_check["equivalent"]
+    assert len(result.smoothed_groups) == 5
+    feed = ids_feed()
+    assert rel_error(run(folder / "model.onnx", feed), run(out, feed)) < 1e-5
+
+
+def test_shared_constants_are_not_corrupted():
+    """Exporters dedup identical tensors (all-ones γ of a fresh model): a fold must not touch other users."""
+    model = ir_graphs.build_norm_graph("SimplifiedLayerNormalization")
+    gamma = model.graph.initializers["gamma"]
+    weight = model.graph.initializers["w0"]
+    for value in (gamma, weight):
+        node = ir.Node("", "Identity", [value])
+        model.graph.append(node)
+        node.outputs[0].name = f"{value.name}_copy"
+        node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        model.graph.outputs.append(node.outputs[0])
+    arrays = ir_graphs.sample_inputs(model)
+    feed = {k: v[0] for k, v in arrays.items()}
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    before = sess.run(None, feed)
+    result = analyze(model.graph)
+    stats = collect_absmax(model, {g.name: g.channels for g in result.groups}, [feed], show_progress=False)
+    smooth_groups(model.graph, result.groups, stats, alpha=0.5)
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    after = sess.run(None, feed)
+    assert rel_error(before[0], after[0]) < 1e-5
+    np.testing.assert_array_equal(before[1], after[1])
+    np.testing.assert_array_equal(before[2], after[2])
