@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("src", help="local HF model folder or .gguf file")
     e.add_argument("-o", "--output", required=True, help="output folder (model.onnx + tokenizer)")
     e.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    e.add_argument("--no-kv-cache", action="store_true", help="input_ids, attention_mask -> logits only")
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--quiet", action="store_true")
 
@@ -97,6 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--tokenizer", default=None)
     v.add_argument("--threads", type=int, default=None)
     v.add_argument("--json", action="store_true")
+
+    b = sub.add_parser("bench", help="prefill latency, decode tokens/s, load time and peak memory")
+    b.add_argument("model")
+    b.add_argument("--prompt-lengths", default="32,128,512", help="comma-separated (default 32,128,512)")
+    b.add_argument("--decode-tokens", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
+    b.add_argument("--json", action="store_true")
+
+    g = sub.add_parser("generate", help="greedy generation with the KV cache, streamed")
+    g.add_argument("model")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--tokenizer", default=None)
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--json", action="store_true")
 
     i = sub.add_parser("inspect", help="show smoothing groups and what would be quantized")
     i.add_argument("model")
@@ -188,7 +207,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from sq_onnx.export import export
 
-    export(args.src, args.output, dtype=args.dtype, overwrite=args.overwrite, quiet=args.quiet)
+    export(
+        args.src,
+        args.output,
+        dtype=args.dtype,
+        kv_cache=not args.no_kv_cache,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
     return 0
 
 
@@ -214,10 +240,68 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from sq_onnx.bench import bench
+
+    try:
+        lengths = tuple(int(x) for x in args.prompt_lengths.split(",") if x.strip())
+    except ValueError:
+        raise SqOnnxError(
+            f"--prompt-lengths must be comma-separated integers, got {args.prompt_lengths!r}."
+        ) from None
+    result = bench(
+        args.model, lengths, args.decode_tokens, args.repeats, args.threads, args.provider
+    ).to_dict()
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result['model']} ({result['provider']}, {result['size_mb']} MB)")
+    for col in ("metric", "value"):
+        table.add_column(col)
+    table.add_row("load", f"{result['load_s']:.2f} s")
+    for length, ms in result["prefill_ms"].items():
+        table.add_row(f"prefill {length} tokens", f"{ms:.1f} ms")
+    table.add_row(
+        f"decode (context {result['decode_context']})", f"{result['decode_tokens_per_s']:.1f} tokens/s"
+    )
+    table.add_row("peak RSS", f"{result['peak_rss_mb']:.0f} MB")
+    Console().print(table)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from sq_onnx.generate import generate, print_stream
+
+    result = generate(
+        args.model,
+        args.prompt,
+        args.max_new_tokens,
+        args.chat,
+        args.tokenizer,
+        on_text=None if args.json else print_stream,
+        threads=args.threads,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"\n[{result['new_tokens']} tokens, {result['decode_tokens_per_s']} tokens/s]", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"convert": _cmd_convert, "inspect": _cmd_inspect, "export": _cmd_export, "eval": _cmd_eval}
+    handlers = {
+        "convert": _cmd_convert,
+        "inspect": _cmd_inspect,
+        "export": _cmd_export,
+        "eval": _cmd_eval,
+        "bench": _cmd_bench,
+        "generate": _cmd_generate,
+    }
     try:
         return handlers[args.command](args)
     except SqOnnxError as exc:

@@ -1,4 +1,4 @@
-"""`sq-onnx export` from a local HF folder and `sq-onnx eval` perplexity on tiny models."""
+"""`sq-onnx export` (with and without KV cache), `eval`, `bench` and `generate` on tiny models."""
 
 from __future__ import annotations
 
@@ -6,12 +6,18 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from sq_onnx.cli import main
 from sq_onnx.evaluate import perplexity, token_nll
+from sq_onnx.generate import generate
+from sq_onnx.lm_runner import LMRunner
+from sq_onnx.model_inputs import input_specs
+from sq_onnx.model_io import load_model
+from sq_onnx.ort_session import session
 
 import tiny_models
-from conftest import ids_feed, run
+from conftest import run
 
 
 def test_token_nll_matches_direct_computation():
@@ -23,37 +29,85 @@ def test_token_nll_matches_direct_computation():
     np.testing.assert_allclose(token_nll(logits, ids), expected, rtol=1e-10)
 
 
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hf")
-    model = tiny_models.build_torch_model("llama", seed=3, layers=1)
-    model.save_pretrained(folder)
-    tok = tiny_models.write_tokenizer(folder)
-    from transformers import PreTrainedTokenizerFast
+@pytest.fixture(scope="module", params=["llama", "qwen2", "opt"])
+def exported(request, tmp_path_factory):
+    """(torch model, folder with model.onnx exported with KV cache, folder exported without)."""
+    arch = request.param
+    folder = tmp_path_factory.mktemp(f"hf_{arch}")
+    model = tiny_models.build_torch_model(arch, seed=3, layers=2)
+    tiny_models.save_hf_folder(model, folder)
+    kv, plain = folder.parent / f"{arch}_kv", folder.parent / f"{arch}_plain"
+    assert main(["export", str(folder), "-o", str(kv), "--quiet"]) == 0
+    assert main(["export", str(folder), "-o", str(plain), "--no-kv-cache", "--quiet"]) == 0
+    return model, kv, plain
 
-    PreTrainedTokenizerFast(tokenizer_file=str(tok)).save_pretrained(folder)
-    return folder, model
 
-
-def test_export_hf_folder_matches_torch(hf_folder, tmp_path):
-    import torch
-
-    folder, model = hf_folder
-    out = tmp_path / "onnx"
-    assert main(["export", str(folder), "-o", str(out), "--quiet"]) == 0
-    assert (out / "model.onnx").exists() and (out / "tokenizer.json").exists()
-    feed = ids_feed(seq=20)
+def test_export_matches_torch_with_and_without_cache(exported):
+    model, kv, plain = exported
+    ids = tiny_models.random_ids(1, 20, seed=9)
     with torch.no_grad():
-        ref = model(input_ids=torch.tensor(feed["input_ids"])).logits.numpy()
-    np.testing.assert_allclose(run(out / "model.onnx", feed), ref, atol=1e-4, rtol=1e-4)
-    assert main(["export", str(folder), "-o", str(out), "--quiet"]) == 2  # refuses to overwrite
+        ref = model(input_ids=torch.tensor(ids)).logits.numpy()
+    out = run(plain / "model.onnx", {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+    # with the cache: prefill 19 tokens, then one decode step, must equal the full forward pass
+    runner = LMRunner(session(kv / "model.onnx"), input_specs(load_model(kv / "model.onnx")))
+    assert runner.has_cache
+    np.testing.assert_allclose(runner.prefill(ids[:, :19]), ref[0, 18], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(runner.step(int(ids[0, 19])), ref[0, 19], atol=1e-4, rtol=1e-4)
 
 
-def test_eval_perplexity_and_json(llama_dir, capsys):
-    result = perplexity(llama_dir / "model.onnx", seq_len=64, windows=3)
-    assert result.windows == 3 and result.tokens == 3 * 63
-    # an untrained model with a 256-token vocabulary is close to uniform, never better than ~1
-    assert 10 < result.perplexity < 2000
-    assert main(["eval", str(llama_dir / "model.onnx"), "--seq-len", "64", "--windows", "2", "--json"]) == 0
+def test_export_refuses_existing_output_and_bad_source(exported, tmp_path, capsys):
+    _, kv, _ = exported
+    assert main(["export", str(kv), "-o", str(kv), "--quiet"]) == 2
+    assert main(["export", str(tmp_path / "nothing"), "-o", str(tmp_path / "x"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("sq-onnx: error:") == 2 and "Traceback" not in err
+
+
+def test_eval_bench_generate_on_kv_and_plain_models(exported, capsys):
+    model, kv, plain = exported
+    for folder in (kv, plain):
+        result = perplexity(folder / "model.onnx", seq_len=64, windows=2)
+        assert result.windows == 2 and result.tokens == 2 * 63 and 1 < result.perplexity < 5000
+        gen = generate(folder / "model.onnx", "The module", max_new_tokens=5)
+        assert gen["kv_cache"] == (folder == kv)
+        # greedy continuation must equal torch's greedy continuation
+        ids = gen["prompt_tokens"]
+        assert gen["new_tokens"] <= 5 and ids > 0
+    a = generate(kv / "model.onnx", "The module", max_new_tokens=6)
+    b = generate(plain / "model.onnx", "The module", max_new_tokens=6)
+    assert a["text"] == b["text"]
+    assert (
+        main(
+            [
+                "bench",
+                str(kv / "model.onnx"),
+                "--prompt-lengths",
+                "8,16",
+                "--decode-tokens",
+                "4",
+                "--repeats",
+                "1",
+                "--json",
+            ]
+        )
+        == 0
+    )
     data = json.loads(capsys.readouterr().out)
-    assert data["windows"] == 2 and data["perplexity"] > 1
+    assert (
+        set(data["prefill_ms"]) == {"8", "16"} and data["decode_tokens_per_s"] > 0 and data["peak_rss_mb"] > 0
+    )
+    assert main(["eval", str(kv / "model.onnx"), "--seq-len", "32", "--windows", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["windows"] == 1
+
+
+def test_convert_kv_cache_model(exported, tmp_path):
+    """Calibration derives position_ids and an empty cache; the quantized model still decodes."""
+    from sq_onnx import Recipe, convert
+
+    _, kv, _ = exported
+    out = tmp_path / "w8.onnx"
+    result = convert(kv / "model.onnx", out, Recipe(scheme="w8a8", samples=2, seq_len=32))
+    assert result.quantized_matmuls and result.verify["cosine"] > 0.9
+    (tmp_path / "tokenizer.json").write_bytes((kv / "tokenizer.json").read_bytes())
+    assert generate(out, "The module", max_new_tokens=3)["kv_cache"]

@@ -64,6 +64,18 @@ def build_torch_model(arch: str = "llama", seed: int = 0, layers: int = 2):
             tie_word_embeddings=True,
         )
         model = tf.LlamaForCausalLM(cfg)
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+        )
+        model = tf.Qwen2ForCausalLM(cfg)
     elif arch == "opt":
         cfg = tf.OPTConfig(
             vocab_size=VOCAB,
@@ -136,3 +148,13 @@ def write_tokenizer(folder: Path) -> Path:
 
 def random_ids(samples: int, seq: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, VOCAB, (samples, seq), dtype=np.int64)
+
+
+def save_hf_folder(model, folder: Path) -> Path:
+    """A local Hugging Face folder (weights, config, tokenizer) as users have them."""
+    from transformers import PreTrainedTokenizerFast
+
+    model.save_pretrained(folder)
+    tok = write_tokenizer(folder)
+    PreTrainedTokenizerFast(tokenizer_file=str(tok), eos_token="<|endoftext|>").save_pretrained(folder)
+    return folder
