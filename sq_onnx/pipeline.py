@@ -13,22 +13,16 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from sq_onnx import __version__
-from sq_onnx.calibrate import calibrate_and_reference, copy_model
+from sq_onnx.calibrate import calibrate_and_reference
 from sq_onnx.calibration_data import load_calibration
 from sq_onnx.errors import NothingToQuantizeError, SqOnnxError
 from sq_onnx.model_inputs import input_specs
 from sq_onnx.model_io import check_output_path, load_model, save_model
 from sq_onnx.passes.analyze import analyze
-from sq_onnx.passes.graph_edit import ensure_opset
-from sq_onnx.passes.linears import find_linears
-from sq_onnx.passes.quantize_w4 import replace_with_matmulnbits
-from sq_onnx.passes.quantize_w8a8 import quantize_w8a8
-from sq_onnx.passes.smooth import smooth_groups
 from sq_onnx.plan import plan_linears
-from sq_onnx.progress import track
+from sq_onnx.quantize_model import cleanup, quantize_graph, smooth_copy, static_ranges
 from sq_onnx.recipe import Recipe
 from sq_onnx.verify import Agreement, compare, first_outputs
 
@@ -129,10 +123,8 @@ def _run_pipeline(
     tokenizer: str | os.PathLike | None,
     show_progress: bool,
 ) -> ConvertResult:
-    work = copy_model(src)
-    graph = work.graph
-    analysis = analyze(graph, find_linears(graph))
-    plans = plan_linears(graph, analysis.linears, recipe)
+    analysis = analyze(src.graph)
+    plans = plan_linears(src.graph, analysis.linears, recipe)
     if recipe.scheme != "smooth" and not any(p.action != "keep" for p in plans):
         raise NothingToQuantizeError(
             "the model has no MatMul or Gemm with a constant weight that this recipe would quantize."
@@ -168,25 +160,20 @@ def _run_pipeline(
     if recipe.scheme == "w8a8" and recipe.act == "static":
         tensors.update({p.linear.input.name: p.linear.shape[0] for p in plans if p.action == "w8a8"})
     stats, reference = calibrate_and_reference(src, tensors, calib_feeds, verify_feeds, show_progress)
-    if recipe.smooth and analysis.groups:
-        done = smooth_groups(graph, analysis.groups, stats, alpha)  # type: ignore[arg-type]
-        result.smoothed_groups = [asdict(d) for d in done]
-        if verify_feeds:
-            check = compare(reference, first_outputs(work, verify_feeds, "smoothed", show_progress))
-            result.smoothing_check = {
-                **check.to_dict(),
-                "equivalent": check.relative_error < EQUIVALENCE_TOLERANCE,
-            }
-            if not result.smoothing_check["equivalent"]:
-                raise SqOnnxError(
-                    f"internal check failed: the smoothed float model differs from the original "
-                    f"(relative error {check.relative_error:.2e}); please report this model."
-                )
-
+    work, result.smoothed_groups = smooth_copy(src, stats, alpha if analysis.groups else None)
+    if result.smoothed_groups and verify_feeds:
+        check = compare(reference, first_outputs(work, verify_feeds, "smoothed", show_progress))
+        result.smoothing_check = {**check.to_dict(), "equivalent": check.relative_error < EQUIVALENCE_TOLERANCE}
+        if not result.smoothing_check["equivalent"]:
+            raise SqOnnxError(
+                f"internal check failed: the smoothed float model differs from the original "
+                f"(relative error {check.relative_error:.2e}); please report this model."
+            )
     if recipe.scheme != "smooth":
-        result.quantized_matmuls = _quantize(work, recipe, stats, result, show_progress)
-    RemoveUnusedNodesPass()(work)
-    TopologicalSortPass()(work)
+        ranges = static_ranges(stats, result.smoothed_groups) if recipe.act == "static" else None
+        result.quantized_matmuls = quantize_graph(work, recipe, ranges, show_progress)
+    else:
+        cleanup(work)
 
     if verify_feeds:
         agreement: Agreement = compare(
@@ -218,37 +205,3 @@ def _split(feeds: list[dict[str, np.ndarray]], recipe: Recipe) -> tuple[list, li
         n_verify = max(1, min(recipe.verify_samples, len(feeds) // 4))
         return feeds[:-n_verify], feeds[-n_verify:], True
     return feeds, feeds[:1], False
-
-
-def _quantize(
-    work: ir.Model, recipe: Recipe, stats: dict[str, np.ndarray], result: ConvertResult, show_progress: bool
-) -> list[str]:
-    """Quantize the (smoothed) graph according to the plan; returns the replaced node names."""
-    graph = work.graph
-    linears = find_linears(graph)
-    plans = plan_linears(graph, linears, recipe)
-    ensure_opset(work, "com.microsoft", 1)
-    done: list[str] = []
-    nbits = [p for p in plans if p.action in ("w4", "w8")]
-    for p in track(nbits, "quantizing", total=len(nbits), enabled=show_progress):
-        bits = 4 if p.action == "w4" else 8
-        replace_with_matmulnbits(
-            graph, p.linear, bits, recipe.block_size, recipe.symmetric, recipe.accuracy_level
-        )
-        done.append(p.name)
-    w8a8 = [p.linear for p in plans if p.action == "w8a8"]
-    if w8a8:
-        static = None
-        if recipe.act == "static":
-            static = _static_ranges(stats, result)
-        done += quantize_w8a8(graph, w8a8, work.opset_imports.get("", 18), recipe.act, static)
-    return done
-
-
-def _static_ranges(stats: dict[str, np.ndarray], result: ConvertResult) -> dict[str, float]:
-    """Per-tensor activation abs-max after smoothing: max_j(absmax_j / s_j) for smoothed tensors."""
-    smoothed = {g["name"]: g for g in result.smoothed_groups}
-    ranges = {}
-    for name, arr in stats.items():
-        ranges[name] = smoothed[name]["act_absmax_after"] if name in smoothed else float(arr.max())
-    return ranges

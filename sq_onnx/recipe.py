@@ -14,8 +14,9 @@ SCHEMES = ("w4", "w8a8", "smooth")
 ACT_MODES = ("per-token", "per-tensor", "static")
 LM_HEAD_MODES = ("4", "8", "fp")
 
-# Default α per scheme. w8a8: the SmoothQuant paper's 0.5. w4: see README ("Choosing α").
-DEFAULT_ALPHA = {"w8a8": 0.5, "w4": 0.5, "smooth": 0.5}
+# Default α per scheme. w8a8: the SmoothQuant paper's 0.5. w4: 0.4, the best of a sweep on SmolLM2
+# (tools/RESULTS.md, "Choosing the W4 default α").
+DEFAULT_ALPHA = {"w8a8": 0.5, "w4": 0.4, "smooth": 0.5}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,65 @@
+"""Smooth and quantize a copy of a model: the step that convert runs once and α search runs per candidate."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+
+from sq_onnx.calibrate import copy_model
+from sq_onnx.passes.analyze import analyze
+from sq_onnx.passes.graph_edit import ensure_opset
+from sq_onnx.passes.linears import find_linears
+from sq_onnx.passes.quantize_w4 import replace_with_matmulnbits
+from sq_onnx.passes.quantize_w8a8 import quantize_w8a8
+from sq_onnx.passes.smooth import smooth_groups
+from sq_onnx.plan import plan_linears
+from sq_onnx.progress import track
+from sq_onnx.recipe import Recipe
+
+
+def smooth_copy(
+    src: ir.Model, stats: dict[str, np.ndarray], alpha: float | dict[str, float] | None
+) -> tuple[ir.Model, list[dict[str, Any]]]:
+    """A copy of ``src`` with every foldable group smoothed (``alpha`` None: an unsmoothed copy)."""
+    work = copy_model(src)
+    if alpha is None:
+        return work, []
+    groups = analyze(work.graph).groups
+    done = smooth_groups(work.graph, groups, stats, alpha)
+    return work, [asdict(d) for d in done]
+
+
+def quantize_graph(
+    work: ir.Model, recipe: Recipe, static_ranges: dict[str, float] | None = None, show_progress: bool = False
+) -> list[str]:
+    """Quantize ``work`` in place according to the recipe's plan; returns the replaced node names."""
+    graph = work.graph
+    plans = plan_linears(graph, find_linears(graph), recipe)
+    ensure_opset(work, "com.microsoft", 1)
+    done: list[str] = []
+    nbits = [p for p in plans if p.action in ("w4", "w8")]
+    for p in track(nbits, "quantizing", total=len(nbits), enabled=show_progress):
+        bits = 4 if p.action == "w4" else 8
+        replace_with_matmulnbits(graph, p.linear, bits, recipe.block_size, recipe.symmetric, recipe.accuracy_level)
+        done.append(p.name)
+    w8a8 = [p.linear for p in plans if p.action == "w8a8"]
+    if w8a8:
+        done += quantize_w8a8(graph, w8a8, work.opset_imports.get("", 18), recipe.act, static_ranges)
+    cleanup(work)
+    return done
+
+
+def cleanup(work: ir.Model) -> None:
+    """Drop constants and nodes nobody uses any more, and keep the graph topologically sorted."""
+    RemoveUnusedNodesPass()(work)
+    TopologicalSortPass()(work)
+
+
+def static_ranges(stats: dict[str, np.ndarray], smoothed: list[dict[str, Any]]) -> dict[str, float]:
+    """Per-tensor activation abs-max after smoothing: max_j(absmax_j / s_j) for smoothed tensors."""
+    after = {g["name"]: g["act_absmax_after"] for g in smoothed}
+    return {name: after.get(name, float(arr.max())) for name, arr in stats.items()}
