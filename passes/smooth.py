@@ -39,6 +39,7 @@ def smoothing_scales(act_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float)
 class SmoothedGroup:
     name: str
     kind: str
+    alpha: float
     consumers: list[str]
     scale_min: float
     scale_max: float
@@ -61,18 +62,23 @@ def apply_smoothing(graph: ir.Graph, group: SmoothGroup, scales: np.ndarray) -> 
 
 
 def smooth_groups(
-    graph: ir.Graph, groups: list[SmoothGroup], act_absmax: dict[str, np.ndarray], alpha: float
+    graph: ir.Graph,
+    groups: list[SmoothGroup],
+    act_absmax: dict[str, np.ndarray],
+    alpha: float | dict[str, float],
 ) -> list[SmoothedGroup]:
-    """Smooth every group with calibration statistics; return what was done per group."""
+    """Smooth every group with calibration statistics; ``alpha`` is one value or one per group tensor."""
     done = []
     for group in groups:
         act = act_absmax[group.name]
-        s = smoothing_scales(act, weight_row_absmax(group), alpha)
+        a = alpha[group.name] if isinstance(alpha, dict) else alpha
+        s = smoothing_scales(act, weight_row_absmax(group), a)
         apply_smoothing(graph, group, s)
         done.append(
             SmoothedGroup(
                 name=group.name,
                 kind=group.kind,
+                alpha=float(a),
                 consumers=[c.name for c in group.consumers],
                 scale_min=float(s.min()),
                 scale_max=float(s.max()),

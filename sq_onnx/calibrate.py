@@ -6,6 +6,8 @@ arrays that leave ORT are [C] vectors: memory does not grow with the calibration
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import onnx_ir as ir
 
@@ -59,32 +61,57 @@ def collect_absmax(
     model: ir.Model, tensors: dict[str, int], feeds: list[dict[str, np.ndarray]], show_progress: bool = True
 ) -> dict[str, np.ndarray]:
     """Per-channel abs-max of each tensor (name -> channels) over all feeds. ``model`` is not modified."""
-    return calibrate_and_reference(model, tensors, feeds, [], show_progress)[0]
+    return calibrate(model, tensors, feeds, show_progress=show_progress).absmax
 
 
-def calibrate_and_reference(
+@dataclass
+class Calibration:
+    """absmax: tensor -> [C] abs-max over the calibration feeds; reference: the model's first output on
+    the reference feeds; rows: tensor -> [R, C] bounded random sample of activation rows (α search)."""
+
+    absmax: dict[str, np.ndarray]
+    reference: list[np.ndarray] = field(default_factory=list)
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def calibrate(
     model: ir.Model,
     tensors: dict[str, int],
     feeds: list[dict[str, np.ndarray]],
-    reference_feeds: list[dict[str, np.ndarray]],
+    reference_feeds: list[dict[str, np.ndarray]] = (),  # type: ignore[assignment]
+    row_tensors: tuple[str, ...] = (),
+    max_rows: int = 512,
+    seed: int = 0,
     show_progress: bool = True,
-) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
-    """Abs-max statistics over ``feeds`` and the model's first output on ``reference_feeds``, from one
-    ORT session (one copy of the weights in ORT instead of two)."""
+) -> Calibration:
+    """Statistics over ``feeds``, reference outputs on ``reference_feeds`` and optional row samples,
+    all from one ORT session (one copy of the weights in ORT). Memory is bounded by ``max_rows`` per
+    tensor, not by the number of feeds."""
     work = copy_model(model)
     out_names = add_absmax_outputs(work, tensors)
     order = list(out_names.items())
+    row_values = {v.name: v for node in work.graph for v in node.outputs if v.name in set(row_tensors)}
+    for name in row_tensors:
+        if not row_values[name].is_graph_output():
+            work.graph.outputs.append(row_values[name])
+    rng = np.random.default_rng(seed)
+    per_feed = -(-max_rows // max(1, len(feeds)))
     stats: dict[str, np.ndarray] = {}
+    rows: dict[str, list[np.ndarray]] = {name: [] for name in row_tensors}
     reference: list[np.ndarray] = []
     with in_memory_session(work) as sess:
-        fetch = [o for _, o in order]
+        fetch = [o for _, o in order] + list(row_tensors)
         first = sess.get_outputs()[0].name
         for feed in track(feeds, "calibrating", total=len(feeds), enabled=show_progress and bool(fetch)):
             if not fetch:
                 break
             results = sess.run(fetch, feed)
-            for (tensor, _), arr in zip(order, results, strict=True):
+            for (tensor, _), arr in zip(order, results[: len(order)], strict=True):
                 stats[tensor] = arr if tensor not in stats else np.maximum(stats[tensor], arr)
+            for name, arr in zip(row_tensors, results[len(order) :], strict=True):
+                flat = np.asarray(arr, dtype=np.float32).reshape(-1, arr.shape[-1])
+                take = rng.choice(flat.shape[0], size=min(per_feed, flat.shape[0]), replace=False)
+                rows[name].append(flat[np.sort(take)])
         for feed in reference_feeds:
             reference.append(np.asarray(sess.run([first], feed)[0], dtype=np.float32))
     for tensor, arr in stats.items():
@@ -92,7 +119,8 @@ def calibrate_and_reference(
             raise CalibrationError(
                 f"calibration produced NaN or Inf in tensor {tensor!r}: the model overflows on this data."
             )
-    return stats, reference
+    sampled = {name: np.concatenate(parts)[:max_rows] for name, parts in rows.items() if parts}
+    return Calibration(stats, reference, sampled)
 
 
 def copy_model(model: ir.Model) -> ir.Model:

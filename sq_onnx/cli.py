@@ -21,11 +21,15 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USER_ERROR)
 
 
-def _alpha(text: str) -> float:
+def _alpha(text: str) -> float | str:
+    if text == "auto":
+        return text
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid alpha {text!r} (a number between 0 and 1)") from None
+        raise argparse.ArgumentTypeError(
+            f"invalid alpha {text!r} (a number between 0 and 1, or auto)"
+        ) from None
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"alpha must be between 0 and 1, got {value}")
     return value
@@ -47,7 +51,25 @@ def build_parser() -> argparse.ArgumentParser:
         default="w4",
         help="w4 (SmoothQuant+, default), w8a8 (SmoothQuant), smooth (float only)",
     )
-    c.add_argument("--alpha", type=_alpha, default=None, help="migration strength 0..1 (default 0.5)")
+    c.add_argument(
+        "--alpha",
+        type=_alpha,
+        default=None,
+        help="migration strength 0..1 (default 0.4 for w4, 0.5 for w8a8), or auto: search one α on the model's loss",
+    )
+    c.add_argument(
+        "--alpha-search",
+        choices=("none", "model", "layer"),
+        default=None,
+        help="model: one α end to end (= --alpha auto); layer: one α per group on its output error",
+    )
+    c.add_argument("--alpha-step", type=float, default=0.1, help="grid step of the α search (default 0.1)")
+    c.add_argument(
+        "--search-samples", type=int, default=4, help="calibration samples scored per α (model search)"
+    )
+    c.add_argument(
+        "--search-rows", type=int, default=512, help="activation rows kept per group (layer search)"
+    )
     c.add_argument("--no-smooth", action="store_true", help="quantize without smoothing (baseline)")
     c.add_argument("--block-size", type=int, default=128, help="W4 block size along K (default 128)")
     c.add_argument("--symmetric", action="store_true", help="W4 symmetric blocks (no zero points)")
@@ -124,9 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe(args: argparse.Namespace) -> Recipe:
+    search = args.alpha_search or ("model" if args.alpha == "auto" else "none")
+    if args.alpha not in (None, "auto") and search != "none":
+        raise SqOnnxError("give either a fixed --alpha or an α search, not both.")
     return Recipe(
         scheme=args.scheme,
-        alpha=args.alpha,
+        alpha=None if args.alpha == "auto" else args.alpha,
+        alpha_search=search,
+        alpha_step=args.alpha_step,
+        search_samples=args.search_samples,
+        search_rows=args.search_rows,
         smooth=not args.no_smooth,
         block_size=args.block_size,
         symmetric=args.symmetric,

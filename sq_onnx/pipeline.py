@@ -15,7 +15,8 @@ import numpy as np
 import onnx_ir as ir
 
 from sq_onnx import __version__
-from sq_onnx.calibrate import calibrate_and_reference
+from sq_onnx.alpha_search import search_alpha_layer, search_alpha_model
+from sq_onnx.calibrate import calibrate
 from sq_onnx.calibration_data import load_calibration
 from sq_onnx.errors import NothingToQuantizeError, SqOnnxError
 from sq_onnx.model_inputs import input_specs
@@ -44,6 +45,7 @@ class ConvertResult:
     kept_float: list[dict[str, str]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     smoothing_check: dict[str, Any] | None = None
+    alpha_search: dict[str, Any] | None = None
     verify: dict[str, Any] | None = None
     input_bytes: int = 0
     output_bytes: int = 0
@@ -159,11 +161,35 @@ def _run_pipeline(
         tensors.update({g.name: g.channels for g in analysis.groups})
     if recipe.scheme == "w8a8" and recipe.act == "static":
         tensors.update({p.linear.input.name: p.linear.shape[0] for p in plans if p.action == "w8a8"})
-    stats, reference = calibrate_and_reference(src, tensors, calib_feeds, verify_feeds, show_progress)
+    row_tensors = tuple(g.name for g in analysis.groups) if recipe.alpha_search == "layer" else ()
+    calib = calibrate(
+        src,
+        tensors,
+        calib_feeds,
+        verify_feeds,
+        row_tensors=row_tensors,
+        max_rows=recipe.search_rows,
+        seed=recipe.seed,
+        show_progress=show_progress,
+    )
+    stats, reference = calib.absmax, calib.reference
+    if recipe.alpha_search == "model" and analysis.groups:
+        alpha, result.alpha_search = search_alpha_model(
+            src, recipe, stats, calib_feeds[: recipe.search_samples], show_progress
+        )
+        result.alpha = alpha
+    elif recipe.alpha_search == "layer" and analysis.groups:
+        alpha, result.alpha_search = search_alpha_layer(
+            analysis.groups, plans, stats, calib.rows, recipe, show_progress
+        )
+        result.alpha = float(np.mean(list(alpha.values())))
     work, result.smoothed_groups = smooth_copy(src, stats, alpha if analysis.groups else None)
     if result.smoothed_groups and verify_feeds:
         check = compare(reference, first_outputs(work, verify_feeds, "smoothed", show_progress))
-        result.smoothing_check = {**check.to_dict(), "equivalent": check.relative_error < EQUIVALENCE_TOLERANCE}
+        result.smoothing_check = {
+            **check.to_dict(),
+            "equivalent": check.relative_error < EQUIVALENCE_TOLERANCE,
+        }
         if not result.smoothing_check["equivalent"]:
             raise SqOnnxError(
                 f"internal check failed: the smoothed float model differs from the original "
@@ -191,6 +217,8 @@ def _record_metadata(work: ir.Model, recipe: Recipe, result: ConvertResult) -> N
     work.metadata_props["sq_onnx.recipe"] = recipe.to_json()
     work.metadata_props["sq_onnx.calibration"] = json.dumps(result.calibration, sort_keys=True)
     work.metadata_props["sq_onnx.verify"] = json.dumps(result.verify, sort_keys=True)
+    if result.alpha_search is not None:
+        work.metadata_props["sq_onnx.alpha_search"] = json.dumps(result.alpha_search, sort_keys=True)
     if result.smoothing_check is not None:
         work.metadata_props["sq_onnx.smoothing_check"] = json.dumps(result.smoothing_check, sort_keys=True)
 

@@ -44,7 +44,9 @@ def quantize_graph(
     nbits = [p for p in plans if p.action in ("w4", "w8")]
     for p in track(nbits, "quantizing", total=len(nbits), enabled=show_progress):
         bits = 4 if p.action == "w4" else 8
-        replace_with_matmulnbits(graph, p.linear, bits, recipe.block_size, recipe.symmetric, recipe.accuracy_level)
+        replace_with_matmulnbits(
+            graph, p.linear, bits, recipe.block_size, recipe.symmetric, recipe.accuracy_level
+        )
         done.append(p.name)
     w8a8 = [p.linear for p in plans if p.action == "w8a8"]
     if w8a8:

@@ -13,6 +13,7 @@ from sq_onnx.errors import RecipeError
 SCHEMES = ("w4", "w8a8", "smooth")
 ACT_MODES = ("per-token", "per-tensor", "static")
 LM_HEAD_MODES = ("4", "8", "fp")
+ALPHA_SEARCHES = ("none", "model", "layer")
 
 # Default α per scheme. w8a8: the SmoothQuant paper's 0.5. w4: 0.4, the best of a sweep on SmolLM2
 # (tools/RESULTS.md, "Choosing the W4 default α").
@@ -25,6 +26,10 @@ class Recipe:
 
     scheme: str = "w4"
     alpha: float | None = None
+    alpha_search: str = "none"
+    alpha_step: float = 0.1
+    search_samples: int = 4
+    search_rows: int = 512
     smooth: bool = True
     block_size: int = 128
     symmetric: bool = False
@@ -48,6 +53,18 @@ class Recipe:
             raise RecipeError(f"unknown scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}.")
         if self.alpha is not None and not (0.0 <= float(self.alpha) <= 1.0):
             raise RecipeError(f"alpha must be between 0 and 1, got {self.alpha}.")
+        if self.alpha_search not in ALPHA_SEARCHES:
+            raise RecipeError(
+                f"--alpha-search must be one of {', '.join(ALPHA_SEARCHES)}, got {self.alpha_search!r}."
+            )
+        if self.alpha_search != "none" and self.scheme == "smooth":
+            raise RecipeError("an α search needs a quantizing scheme (w4 or w8a8), not smooth.")
+        if self.alpha_search != "none" and not self.smooth:
+            raise RecipeError("an α search and --no-smooth contradict each other.")
+        if not 0.0 < self.alpha_step <= 1.0:
+            raise RecipeError(f"--alpha-step must be in (0, 1], got {self.alpha_step}.")
+        if self.search_samples < 1 or self.search_rows < 16:
+            raise RecipeError("--search-samples must be >= 1 and --search-rows >= 16.")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise RecipeError(f"block size must be a power of two >= 16, got {self.block_size}.")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
@@ -69,6 +86,11 @@ class Recipe:
                 raise RecipeError(
                     f"--exclude {pattern!r} is not a valid regular expression ({exc})."
                 ) from None
+
+    def alpha_grid(self) -> list[float]:
+        """The α candidates of a search: 0, step, 2*step, ..., 1."""
+        n = int(round(1.0 / self.alpha_step))
+        return sorted({round(min(1.0, i * self.alpha_step), 4) for i in range(n + 1)} | {1.0})
 
     @property
     def effective_alpha(self) -> float:

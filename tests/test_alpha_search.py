@@ -1,0 +1,90 @@
+"""α searches: the end-to-end (model) search picks the grid's lowest loss; the per-group (layer) search
+beats no smoothing; both are recorded in --json and in the output metadata."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from sq_onnx import Recipe, convert
+from sq_onnx.alpha_search import group_error
+from sq_onnx.calibrate import calibrate
+from sq_onnx.passes.analyze import analyze
+from sq_onnx.recipe import RecipeError
+
+import ir_graphs
+from conftest import ids_feed, rel_error, run
+
+
+def test_alpha_grid():
+    assert Recipe(alpha_step=0.25).alpha_grid() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert len(Recipe(alpha_step=0.05).alpha_grid()) == 21
+    with pytest.raises(RecipeError):
+        Recipe(scheme="smooth", alpha_search="model")
+
+
+@pytest.mark.parametrize("scheme", ["w4", "w8a8"])
+def test_model_search_picks_the_lowest_loss(scheme, llama_dir, tmp_path):
+    out = tmp_path / "auto.onnx"
+    recipe = Recipe(
+        scheme=scheme, alpha_search="model", alpha_step=0.25, samples=4, seq_len=32, block_size=32
+    )
+    result = convert(llama_dir / "model.onnx", out, recipe)
+    curve = result.alpha_search["curve"]
+    assert [c["alpha"] for c in curve] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert result.alpha == min(curve, key=lambda c: c["loss"])["alpha"]
+    assert result.alpha_search["loss"] == "cross_entropy"
+    assert len({round(c["loss"], 6) for c in curve}) > 1  # α really changes the quantized model
+    meta = json.loads(ir.load(out).metadata_props["sq_onnx.alpha_search"])
+    assert meta["curve"] == curve
+
+
+def test_model_search_without_input_ids_uses_output_mse(tmp_path):
+    model = ir_graphs.build_norm_graph("LayerNormalization")
+    arrays = ir_graphs.sample_inputs(model, samples=6)
+    recipe = Recipe(scheme="w8a8", alpha_search="model", alpha_step=0.5, samples=4)
+    result = convert(model, tmp_path / "m.onnx", recipe, calibration=arrays)
+    assert result.alpha_search["loss"] == "output_mse" and len(result.alpha_search["curve"]) == 3
+
+
+def test_layer_search_beats_no_smoothing_on_an_outlier_group():
+    model = ir_graphs.build_norm_graph("SimplifiedLayerNormalization")
+    arrays = ir_graphs.sample_inputs(model, samples=4)
+    feeds = [{k: v[i] for k, v in arrays.items()} for i in range(4)]
+    groups = analyze(model.graph).groups
+    cal = calibrate(
+        model,
+        {g.name: g.channels for g in groups},
+        feeds,
+        row_tensors=(groups[0].name,),
+        max_rows=64,
+        show_progress=False,
+    )
+    x = cal.rows[groups[0].name]
+    assert x.shape == (32, ir_graphs.C)  # 4 feeds x 8 rows, capped at 64
+    actions = {c.name: "w8a8" for c in groups[0].consumers}
+    recipe = Recipe(scheme="w8a8")
+    errors = {
+        a: group_error(groups[0], x, cal.absmax[groups[0].name], a, actions, recipe) for a in (0.0, 0.5, 1.0)
+    }
+    # α = 0 with a flat weight is close to no smoothing; migrating the outliers must help a lot
+    assert min(errors[0.5], errors[1.0]) < 0.5 * errors[0.0], errors
+
+
+def test_layer_search_end_to_end(llama_dir, tmp_path, calib_ids):
+    feed = ids_feed(seq=48)
+    ref = run(llama_dir / "model.onnx", feed)
+    base = tmp_path / "base.onnx"
+    convert(
+        llama_dir / "model.onnx", base, Recipe(scheme="w8a8", smooth=False, samples=6), calibration=calib_ids
+    )
+    out = tmp_path / "layer.onnx"
+    recipe = Recipe(scheme="w8a8", alpha_search="layer", samples=6, search_rows=128)
+    result = convert(llama_dir / "model.onnx", out, recipe, calibration=calib_ids)
+    alphas = {g["name"]: g["alpha"] for g in result.smoothed_groups}
+    assert alphas == {g["group"]: g["alpha"] for g in result.alpha_search["groups"]}
+    assert rel_error(ref, run(out, feed)) < 0.75 * rel_error(ref, run(base, feed))
+    assert np.isfinite(result.alpha)
