@@ -44,11 +44,49 @@ class BlockQuantized:
         return deq.reshape(deq.shape[0], -1)[:, : self.k].T
 
 
-def quantize_blockwise(w_kn: np.ndarray, bits: int, block_size: int, symmetric: bool) -> BlockQuantized:
-    """Round-to-nearest block quantization of a [K, N] weight (blocks run along K, per output column).
+def _grid(blocks: np.ndarray, bits: int, symmetric: bool, shrink: float | np.ndarray):
+    """Scales, zero points and codes for blocks whose range is shrunk by ``shrink`` (1 = plain RTN)."""
+    qmax = (1 << bits) - 1
+    if symmetric:
+        idx = np.abs(blocks).argmax(axis=-1)[..., None]
+        signed_max = np.take_along_axis(blocks, idx, axis=-1)[..., 0] * shrink
+        scales = signed_max / -float(1 << (bits - 1))
+        scales = np.where(scales == 0, 1.0, scales).astype(np.float32)
+        mid = 1 << (bits - 1)
+        q = np.clip(np.rint(blocks / scales[..., None]) + mid, 0, qmax).astype(np.uint8)
+        return scales, None, q
+    lo = np.minimum(blocks.min(axis=-1), 0.0) * shrink
+    hi = np.maximum(blocks.max(axis=-1), 0.0) * shrink
+    scales = ((hi - lo) / qmax).astype(np.float32)
+    scales = np.where(scales == 0, 1.0, scales).astype(np.float32)
+    zero_points = np.clip(np.rint(-lo / scales), 0, qmax).astype(np.uint8)
+    q = np.clip(np.rint(blocks / scales[..., None]) + zero_points[..., None], 0, qmax).astype(np.uint8)
+    return scales, zero_points, q
+
+
+def _dequant(scales, zero_points, q, bits):
+    zp = zero_points.astype(np.float32)[..., None] if zero_points is not None else float(1 << (bits - 1))
+    return (q.astype(np.float32) - zp) * scales[..., None]
+
+
+CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.00 .. 0.50
+
+
+def quantize_blockwise(
+    w_kn: np.ndarray,
+    bits: int,
+    block_size: int,
+    symmetric: bool,
+    clip_search: bool = False,
+    importance: np.ndarray | None = None,
+) -> BlockQuantized:
+    """Block quantization of a [K, N] weight (blocks run along K, one scale per block and output column).
 
     Asymmetric: the block's range (extended to include 0) maps onto [0, 2^bits − 1] with a zero point.
     Symmetric: the element of largest magnitude maps to −2^(bits−1) (ORT's convention), zero point implicit.
+    ``clip_search``: per block, shrink the range by the factor in CLIP_GRID that minimises the block's
+    squared error, weighted per input channel by ``importance`` (e.g. mean X_k²) when given — the
+    error the layer's output sees, not just the weight's.
     """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
@@ -57,21 +95,21 @@ def quantize_blockwise(w_kn: np.ndarray, bits: int, block_size: int, symmetric: 
     wt = np.zeros((n, n_blocks * block_size), np.float32)
     wt[:, :k] = w_kn.T
     blocks = wt.reshape(n, n_blocks, block_size)
-    qmax = (1 << bits) - 1
-    if symmetric:
-        idx = np.abs(blocks).argmax(axis=-1)[..., None]
-        signed_max = np.take_along_axis(blocks, idx, axis=-1)[..., 0]
-        scales = signed_max / -float(1 << (bits - 1))
-        scales = np.where(scales == 0, 1.0, scales).astype(np.float32)
-        mid = 1 << (bits - 1)
-        q = np.clip(np.rint(blocks / scales[..., None]) + mid, 0, qmax).astype(np.uint8)
-        zero_points = None
+    if not clip_search:
+        scales, zero_points, q = _grid(blocks, bits, symmetric, 1.0)
     else:
-        lo = np.minimum(blocks.min(axis=-1), 0.0)
-        hi = np.maximum(blocks.max(axis=-1), 0.0)
-        scales = ((hi - lo) / qmax).astype(np.float32)
-        scales = np.where(scales == 0, 1.0, scales).astype(np.float32)
-        zero_points = np.clip(np.rint(-lo / scales), 0, qmax).astype(np.uint8)
-        q = np.clip(np.rint(blocks / scales[..., None]) + zero_points[..., None], 0, qmax).astype(np.uint8)
+        weight = np.ones(n_blocks * block_size, np.float32)
+        if importance is not None:
+            weight[:k] = np.asarray(importance, np.float32)
+        weight = weight.reshape(1, n_blocks, block_size)
+        best_err = np.full((n, n_blocks), np.inf, np.float32)
+        best_shrink = np.ones((n, n_blocks), np.float32)
+        for shrink in CLIP_GRID:
+            sc, zp, qq = _grid(blocks, bits, symmetric, shrink)
+            err = (((_dequant(sc, zp, qq, bits) - blocks) ** 2) * weight).sum(axis=-1)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_shrink = np.where(better, shrink, best_shrink)
+        scales, zero_points, q = _grid(blocks, bits, symmetric, best_shrink)
     packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else q.copy()
     return BlockQuantized(packed, scales, zero_points, q, k, bits, block_size)

@@ -24,12 +24,19 @@ def _float_dtype(linear: Linear) -> np.dtype:
 
 
 def replace_with_matmulnbits(
-    graph: ir.Graph, linear: Linear, bits: int, block_size: int, symmetric: bool, accuracy_level: int
+    graph: ir.Graph,
+    linear: Linear,
+    bits: int,
+    block_size: int,
+    symmetric: bool,
+    accuracy_level: int,
+    clip_search: bool = False,
+    importance: np.ndarray | None = None,
 ) -> ir.Node:
     """Swap one linear for a MatMulNBits node computing the same Y from quantized weights."""
     w = linear.weight_kn().astype(np.float32)
     k, n = w.shape
-    bq = quantize_blockwise(w, bits, block_size, symmetric)
+    bq = quantize_blockwise(w, bits, block_size, symmetric, clip_search=clip_search, importance=importance)
     dtype = _float_dtype(linear)
     base = linear.weight_name or linear.name
     inputs: list[ir.Value | None] = [

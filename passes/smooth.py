@@ -66,14 +66,18 @@ def smooth_groups(
     groups: list[SmoothGroup],
     act_absmax: dict[str, np.ndarray],
     alpha: float | dict[str, float],
+    scales_out: dict[str, np.ndarray] | None = None,
 ) -> list[SmoothedGroup]:
-    """Smooth every group with calibration statistics; ``alpha`` is one value or one per group tensor."""
+    """Smooth every group with calibration statistics; ``alpha`` is one value or one per group tensor.
+    The scales used are written to ``scales_out`` (tensor -> s) when given."""
     done = []
     for group in groups:
         act = act_absmax[group.name]
         a = alpha[group.name] if isinstance(alpha, dict) else alpha
         s = smoothing_scales(act, weight_row_absmax(group), a)
         apply_smoothing(graph, group, s)
+        if scales_out is not None:
+            scales_out[group.name] = s
         done.append(
             SmoothedGroup(
                 name=group.name,

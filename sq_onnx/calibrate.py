@@ -18,42 +18,48 @@ from sq_onnx.progress import track
 STAT_PREFIX = "sq_onnx.absmax."
 
 
-def add_absmax_outputs(model: ir.Model, tensors: dict[str, int]) -> dict[str, str]:
-    """Add ``Cast(ReduceMax(Abs(Reshape(x, [-1, C]))), float)`` outputs; returns tensor -> output name."""
+def _reduce_rows(op: str, x: ir.Value, axes: ir.Value, opset: int) -> ir.Node:
+    if opset >= 18:
+        return ir.Node("", op, [x, axes], attributes=[ir.AttrInt64("keepdims", 0)])
+    return ir.Node("", op, [x], attributes=[ir.AttrInt64s("axes", [0]), ir.AttrInt64("keepdims", 0)])
+
+
+def _float_output(graph: ir.Graph, node: ir.Node, name: str, channels: int) -> tuple[ir.Node, ir.Value]:
+    cast = ir.Node("", "Cast", [node.outputs[0]], attributes=[ir.AttrInt64("to", int(ir.DataType.FLOAT))])
+    out = cast.outputs[0]
+    out.name = name
+    out.type = ir.TensorType(ir.DataType.FLOAT)
+    out.shape = ir.Shape([channels])
+    graph.outputs.append(out)
+    return cast, out
+
+
+def add_absmax_outputs(model: ir.Model, tensors: dict[str, int]) -> dict[str, tuple[str, str]]:
+    """Add per-channel ``max |x|`` and ``mean x²`` outputs (over every axis but the last) for each tensor;
+    returns tensor -> (abs-max output name, mean-square output name)."""
     graph = model.graph
     values = {v.name: v for node in graph for v in node.outputs if v.name in tensors}
     for v in graph.inputs:
         if v.name in tensors:
             values[v.name] = v
     opset = model.opset_imports.get("", 18)
+    axes = ir.Value(name=f"{STAT_PREFIX}axes", const_value=ir.tensor(np.array([0], np.int64)))
+    graph.register_initializer(axes)
     out_names = {}
     for i, (name, channels) in enumerate(sorted(tensors.items())):
-        x = values[name]
         shape = ir.Value(
             name=f"{STAT_PREFIX}shape{i}", const_value=ir.tensor(np.array([-1, channels], np.int64))
         )
         graph.register_initializer(shape)
-        abs_node = ir.Node("", "Abs", [x])
+        abs_node = ir.Node("", "Abs", [values[name]])
         flat = ir.Node("", "Reshape", [abs_node.outputs[0], shape])
-        if opset >= 18:
-            axes = ir.Value(name=f"{STAT_PREFIX}axes{i}", const_value=ir.tensor(np.array([0], np.int64)))
-            graph.register_initializer(axes)
-            red = ir.Node("", "ReduceMax", [flat.outputs[0], axes], attributes=[ir.AttrInt64("keepdims", 0)])
-        else:
-            red = ir.Node(
-                "",
-                "ReduceMax",
-                [flat.outputs[0]],
-                attributes=[ir.AttrInt64s("axes", [0]), ir.AttrInt64("keepdims", 0)],
-            )
-        cast = ir.Node("", "Cast", [red.outputs[0]], attributes=[ir.AttrInt64("to", int(ir.DataType.FLOAT))])
-        out = cast.outputs[0]
-        out.name = f"{STAT_PREFIX}{i}"
-        out.type = ir.TensorType(ir.DataType.FLOAT)
-        out.shape = ir.Shape([channels])
-        graph.extend([abs_node, flat, red, cast])
-        graph.outputs.append(out)
-        out_names[name] = out.name
+        red = _reduce_rows("ReduceMax", flat.outputs[0], axes, opset)
+        square = ir.Node("", "Mul", [flat.outputs[0], flat.outputs[0]])
+        mean = _reduce_rows("ReduceMean", square.outputs[0], axes, opset)
+        cast_max, out_max = _float_output(graph, red, f"{STAT_PREFIX}{i}", channels)
+        cast_ms, out_ms = _float_output(graph, mean, f"{STAT_PREFIX}ms{i}", channels)
+        graph.extend([abs_node, flat, red, cast_max, square, mean, cast_ms])
+        out_names[name] = (out_max.name, out_ms.name)
     return out_names
 
 
@@ -70,6 +76,7 @@ class Calibration:
     the reference feeds; rows: tensor -> [R, C] bounded random sample of activation rows (α search)."""
 
     absmax: dict[str, np.ndarray]
+    mean_square: dict[str, np.ndarray] = field(default_factory=dict)
     reference: list[np.ndarray] = field(default_factory=list)
     rows: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -97,18 +104,22 @@ def calibrate(
     rng = np.random.default_rng(seed)
     per_feed = -(-max_rows // max(1, len(feeds)))
     stats: dict[str, np.ndarray] = {}
+    sums: dict[str, np.ndarray] = {}
     rows: dict[str, list[np.ndarray]] = {name: [] for name in row_tensors}
     reference: list[np.ndarray] = []
     with in_memory_session(work) as sess:
-        fetch = [o for _, o in order] + list(row_tensors)
+        fetch = [o for _, pair in order for o in pair] + list(row_tensors)
+        n_stats = 2 * len(order)
         first = sess.get_outputs()[0].name
         for feed in track(feeds, "calibrating", total=len(feeds), enabled=show_progress and bool(fetch)):
             if not fetch:
                 break
             results = sess.run(fetch, feed)
-            for (tensor, _), arr in zip(order, results[: len(order)], strict=True):
-                stats[tensor] = arr if tensor not in stats else np.maximum(stats[tensor], arr)
-            for name, arr in zip(row_tensors, results[len(order) :], strict=True):
+            for j, (tensor, _) in enumerate(order):
+                amax, ms = results[2 * j], results[2 * j + 1]
+                stats[tensor] = amax if tensor not in stats else np.maximum(stats[tensor], amax)
+                sums[tensor] = ms.astype(np.float64) if tensor not in sums else sums[tensor] + ms
+            for name, arr in zip(row_tensors, results[n_stats:], strict=True):
                 flat = np.asarray(arr, dtype=np.float32).reshape(-1, arr.shape[-1])
                 take = rng.choice(flat.shape[0], size=min(per_feed, flat.shape[0]), replace=False)
                 rows[name].append(flat[np.sort(take)])
@@ -120,7 +131,8 @@ def calibrate(
                 f"calibration produced NaN or Inf in tensor {tensor!r}: the model overflows on this data."
             )
     sampled = {name: np.concatenate(parts)[:max_rows] for name, parts in rows.items() if parts}
-    return Calibration(stats, reference, sampled)
+    mean_square = {t: (v / len(feeds)).astype(np.float32) for t, v in sums.items()}
+    return Calibration(stats, mean_square, reference, sampled)
 
 
 def copy_model(model: ir.Model) -> ir.Model:

@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-smooth", action="store_true", help="quantize without smoothing (baseline)")
     c.add_argument("--block-size", type=int, default=128, help="W4 block size along K (default 128)")
     c.add_argument("--symmetric", action="store_true", help="W4 symmetric blocks (no zero points)")
+    c.add_argument(
+        "--clip-search",
+        action="store_true",
+        help="W4: per block, shrink the range to minimise the activation-weighted error",
+    )
     c.add_argument("--accuracy-level", type=int, default=0, help="MatMulNBits accuracy_level (default 0)")
     c.add_argument(
         "--lm-head", choices=LM_HEAD_MODES, default="8", help="bits for the vocabulary projection (default 8)"
@@ -159,6 +164,7 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         smooth=not args.no_smooth,
         block_size=args.block_size,
         symmetric=args.symmetric,
+        clip_search=args.clip_search,
         accuracy_level=args.accuracy_level,
         lm_head=args.lm_head,
         act=args.act,

@@ -23,7 +23,7 @@ from sq_onnx.model_inputs import input_specs
 from sq_onnx.model_io import check_output_path, load_model, save_model
 from sq_onnx.passes.analyze import analyze
 from sq_onnx.plan import plan_linears
-from sq_onnx.quantize_model import cleanup, quantize_graph, smooth_copy, static_ranges
+from sq_onnx.quantize_model import cleanup, input_importance, quantize_graph, smooth_copy, static_ranges
 from sq_onnx.recipe import Recipe
 from sq_onnx.verify import Agreement, compare, first_outputs
 
@@ -159,6 +159,8 @@ def _run_pipeline(
     tensors: dict[str, int] = {}
     if recipe.smooth:
         tensors.update({g.name: g.channels for g in analysis.groups})
+    if recipe.clip_search:
+        tensors.update({p.linear.input.name: p.linear.shape[0] for p in plans if p.action in ("w4", "w8")})
     if recipe.scheme == "w8a8" and recipe.act == "static":
         tensors.update({p.linear.input.name: p.linear.shape[0] for p in plans if p.action == "w8a8"})
     row_tensors = tuple(g.name for g in analysis.groups) if recipe.alpha_search == "layer" else ()
@@ -183,7 +185,8 @@ def _run_pipeline(
             analysis.groups, plans, stats, calib.rows, recipe, show_progress
         )
         result.alpha = float(np.mean(list(alpha.values())))
-    work, result.smoothed_groups = smooth_copy(src, stats, alpha if analysis.groups else None)
+    scales: dict[str, np.ndarray] = {}
+    work, result.smoothed_groups = smooth_copy(src, stats, alpha if analysis.groups else None, scales)
     if result.smoothed_groups and verify_feeds:
         check = compare(reference, first_outputs(work, verify_feeds, "smoothed", show_progress))
         result.smoothing_check = {
@@ -197,7 +200,8 @@ def _run_pipeline(
             )
     if recipe.scheme != "smooth":
         ranges = static_ranges(stats, result.smoothed_groups) if recipe.act == "static" else None
-        result.quantized_matmuls = quantize_graph(work, recipe, ranges, show_progress)
+        importance = input_importance(calib.mean_square, scales) if recipe.clip_search else None
+        result.quantized_matmuls = quantize_graph(work, recipe, ranges, show_progress, importance)
     else:
         cleanup(work)
 

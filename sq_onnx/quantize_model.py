@@ -22,19 +22,33 @@ from sq_onnx.recipe import Recipe
 
 
 def smooth_copy(
-    src: ir.Model, stats: dict[str, np.ndarray], alpha: float | dict[str, float] | None
+    src: ir.Model,
+    stats: dict[str, np.ndarray],
+    alpha: float | dict[str, float] | None,
+    scales_out: dict[str, np.ndarray] | None = None,
 ) -> tuple[ir.Model, list[dict[str, Any]]]:
     """A copy of ``src`` with every foldable group smoothed (``alpha`` None: an unsmoothed copy)."""
     work = copy_model(src)
     if alpha is None:
         return work, []
     groups = analyze(work.graph).groups
-    done = smooth_groups(work.graph, groups, stats, alpha)
+    done = smooth_groups(work.graph, groups, stats, alpha, scales_out)
     return work, [asdict(d) for d in done]
 
 
+def input_importance(
+    mean_square: dict[str, np.ndarray], scales: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Per-channel E[x²] of each linear's input as the quantizer sees it (after dividing by s)."""
+    return {name: ms / np.square(scales[name]) if name in scales else ms for name, ms in mean_square.items()}
+
+
 def quantize_graph(
-    work: ir.Model, recipe: Recipe, static_ranges: dict[str, float] | None = None, show_progress: bool = False
+    work: ir.Model,
+    recipe: Recipe,
+    static_ranges: dict[str, float] | None = None,
+    show_progress: bool = False,
+    importance: dict[str, np.ndarray] | None = None,
 ) -> list[str]:
     """Quantize ``work`` in place according to the recipe's plan; returns the replaced node names."""
     graph = work.graph
@@ -44,8 +58,16 @@ def quantize_graph(
     nbits = [p for p in plans if p.action in ("w4", "w8")]
     for p in track(nbits, "quantizing", total=len(nbits), enabled=show_progress):
         bits = 4 if p.action == "w4" else 8
+        weights = (importance or {}).get(p.linear.input.name)
         replace_with_matmulnbits(
-            graph, p.linear, bits, recipe.block_size, recipe.symmetric, recipe.accuracy_level
+            graph,
+            p.linear,
+            bits,
+            recipe.block_size,
+            recipe.symmetric,
+            recipe.accuracy_level,
+            clip_search=recipe.clip_search,
+            importance=weights,
         )
         done.append(p.name)
     w8a8 = [p.linear for p in plans if p.action == "w8a8"]

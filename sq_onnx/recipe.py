@@ -33,6 +33,7 @@ class Recipe:
     smooth: bool = True
     block_size: int = 128
     symmetric: bool = False
+    clip_search: bool = False
     accuracy_level: int = 0
     lm_head: str = "8"
     act: str = "per-token"

@@ -10,8 +10,8 @@ import pytest
 from sq_onnx.passes.blockwise import quantize_blockwise
 
 
-def _matmulnbits_model(k: int, n: int, bits: int, block: int, symmetric: bool, w: np.ndarray):
-    bq = quantize_blockwise(w, bits, block, symmetric)
+def _matmulnbits_model(k: int, n: int, bits: int, block: int, symmetric: bool, w: np.ndarray, bq=None):
+    bq = bq if bq is not None else quantize_blockwise(w, bits, block, symmetric)
     tape = ir.tape.Tape()
     x = ir.Value(name="X", shape=ir.Shape(["m", k]), type=ir.TensorType(ir.DataType.FLOAT))
     inputs = [
@@ -60,3 +60,22 @@ def test_all_zero_block_is_exact():
     w = np.zeros((32, 4), np.float32)
     bq = quantize_blockwise(w, 4, 32, symmetric=False)
     np.testing.assert_array_equal(bq.dequantize(), w)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_clip_search_never_worse_than_rtn_on_weighted_error(symmetric):
+    rng = np.random.default_rng(1)
+    w = rng.standard_t(3, (256, 16)).astype(np.float32)  # heavy tails: clipping pays
+    importance = rng.uniform(0.1, 10.0, 256).astype(np.float32)
+
+    def weighted_error(bq):
+        return float((((bq.dequantize() - w) ** 2) * importance[:, None]).sum())
+
+    rtn = weighted_error(quantize_blockwise(w, 4, 64, symmetric))
+    clipped = quantize_blockwise(w, 4, 64, symmetric, clip_search=True, importance=importance)
+    assert weighted_error(clipped) < 0.95 * rtn
+    # ORT computes exactly with the searched scales and zero points
+    model, _ = _matmulnbits_model(256, 16, 4, 64, symmetric, w, bq=clipped)
+    x = rng.normal(0, 1, (3, 256)).astype(np.float32)
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"X": x})[0], x @ clipped.dequantize(), rtol=1e-4, atol=1e-3)
