@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--lm-head", choices=LM_HEAD_MODES, default="8", help="bits for the vocabulary projection (default 8)"
     )
     c.add_argument(
+        "--lm-head-accuracy-level",
+        type=int,
+        default=4,
+        help="MatMulNBits accuracy_level of the lm_head (default 4: fast, measured lossless)",
+    )
+    c.add_argument(
         "--act",
         choices=ACT_MODES,
         default="per-token",
@@ -167,6 +173,7 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         clip_search=args.clip_search,
         accuracy_level=args.accuracy_level,
         lm_head=args.lm_head,
+        lm_head_accuracy_level=args.lm_head_accuracy_level,
         act=args.act,
         exclude=tuple(args.exclude),
         samples=args.samples,

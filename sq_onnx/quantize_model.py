@@ -59,13 +59,14 @@ def quantize_graph(
     for p in track(nbits, "quantizing", total=len(nbits), enabled=show_progress):
         bits = 4 if p.action == "w4" else 8
         weights = (importance or {}).get(p.linear.input.name)
+        level = recipe.lm_head_accuracy_level if p.lm_head else recipe.accuracy_level
         replace_with_matmulnbits(
             graph,
             p.linear,
             bits,
             recipe.block_size,
             recipe.symmetric,
-            recipe.accuracy_level,
+            level,
             clip_search=recipe.clip_search,
             importance=weights,
         )

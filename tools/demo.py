@@ -64,7 +64,9 @@ def main() -> None:
     for scheme in ("w4", "w8a8"):
         target = out / scheme / "model.onnx"
         target.parent.mkdir(parents=True, exist_ok=True)
-        (target.parent / "tokenizer.json").write_bytes((fp32.parent / "tokenizer.json").read_bytes())
+        for side in fp32.parent.iterdir():  # tokenizer, chat template, config, generation config
+            if not side.name.startswith("model.onnx"):
+                (target.parent / side.name).write_bytes(side.read_bytes())
         console.print(f"converting to {scheme} ...")
         result = convert(fp32, target, Recipe(scheme=scheme), overwrite=True, show_progress=True)
         models[scheme] = (target, result)
