@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--windows", type=int, default=16)
     v.add_argument("--tokenizer", default=None)
     v.add_argument("--threads", type=int, default=None)
+    v.add_argument("--compare", default=None, help="another model: perplexity ratio and top-1 agreement")
     v.add_argument("--json", action="store_true")
 
     b = sub.add_parser("bench", help="prefill latency, decode tokens/s, load time and peak memory")
@@ -271,13 +272,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         threads=args.threads,
         show_progress=not args.json and sys.stderr.isatty(),
+        compare=args.compare,
     ).to_dict()
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
+        return 0
+    print(
+        f"{result['model']}: perplexity {result['perplexity']:.3f} over {result['tokens']} tokens "
+        f"({result['windows']} windows of {result['seq_len']}) in {result['seconds']:.1f}s"
+    )
+    c = result["compare"]
+    if c:
         print(
-            f"{result['model']}: perplexity {result['perplexity']:.3f} over {result['tokens']} tokens "
-            f"({result['windows']} windows of {result['seq_len']}) in {result['seconds']:.1f}s"
+            f"{c['model']}: perplexity {c['perplexity']:.3f}; ratio {c['perplexity_ratio']:.4f}, "
+            f"top-1 agreement {100 * c['top1_agreement']:.1f}%"
         )
     return 0
 

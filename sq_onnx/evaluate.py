@@ -30,6 +30,7 @@ class EvalResult:
     seq_len: int
     seconds: float
     text: str
+    compare: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,8 +53,10 @@ def perplexity(
     tokenizer: str | os.PathLike | None = None,
     threads: int | None = None,
     show_progress: bool = False,
+    compare: str | os.PathLike | None = None,
 ) -> EvalResult:
-    """exp(mean NLL) over non-overlapping ``seq_len`` windows of the text."""
+    """exp(mean NLL) over non-overlapping ``seq_len`` windows of the text. With ``compare``, the other
+    model runs on the same windows: its perplexity, the ratio, and top-1 agreement of the two."""
     start = time.perf_counter()
     specs = input_specs(load_model(model_path))
     if not is_language_model(specs):
@@ -62,12 +65,29 @@ def perplexity(
     ids = tokenize(text, find_tokenizer(model_path, tokenizer))
     feeds = windows_from_ids(ids, windows, seq_len)
     sess = session(model_path, threads=threads)
-    out_name = sess.get_outputs()[0].name
-    nll = []
+    other = None
+    if compare is not None:
+        other_specs = input_specs(load_model(compare))
+        other = (session(compare, threads=threads), other_specs)
+    nll, other_nll, agree = [], [], []
     for feed in track(feeds, "evaluating", total=len(feeds), enabled=show_progress):
-        logits = sess.run([out_name], complete_feed(feed, specs))[0]
+        logits = sess.run([sess.get_outputs()[0].name], complete_feed(feed, specs))[0]
         nll.append(token_nll(logits[0], feed["input_ids"][0]))
+        if other is not None:
+            osess, ospecs = other
+            ologits = osess.run([osess.get_outputs()[0].name], complete_feed(feed, ospecs))[0]
+            other_nll.append(token_nll(ologits[0], feed["input_ids"][0]))
+            agree.append(logits[0].argmax(-1) == ologits[0].argmax(-1))
     all_nll = np.concatenate(nll)
+    comparison = None
+    if other is not None:
+        other_ppl = float(np.exp(np.concatenate(other_nll).mean()))
+        comparison = {
+            "model": str(compare),
+            "perplexity": other_ppl,
+            "perplexity_ratio": float(np.exp(all_nll.mean())) / other_ppl,
+            "top1_agreement": float(np.concatenate(agree).mean()),
+        }
     return EvalResult(
         model=str(model_path),
         perplexity=float(np.exp(all_nll.mean())),
@@ -76,4 +96,5 @@ def perplexity(
         seq_len=seq_len,
         seconds=round(time.perf_counter() - start, 2),
         text=str(text_file) if text_file else "built-in held-out text",
+        compare=comparison,
     )

@@ -99,6 +99,9 @@ def test_eval_bench_generate_on_kv_and_plain_models(exported, capsys):
     )
     assert main(["eval", str(kv / "model.onnx"), "--seq-len", "32", "--windows", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["windows"] == 1
+    # the same function exported two ways: ratio 1, full agreement
+    cmp = perplexity(kv / "model.onnx", seq_len=32, windows=2, compare=plain / "model.onnx").compare
+    assert abs(cmp["perplexity_ratio"] - 1) < 1e-4 and cmp["top1_agreement"] == 1.0
 
 
 def test_convert_kv_cache_model(exported, tmp_path):

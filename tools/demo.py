@@ -106,7 +106,7 @@ def main() -> None:
         table.add_column(col)
     for row in rows:
         table.add_row(*["-" if v is None else str(v) for v in row.values()])
-    Console().print(table)
+    Console(width=max(160, Console().width)).print(table)
     Console().print(f"[bold]W4 answers[/] {question!r}: {answer['text']!r}")
     md = out / "results.md"
     header = "| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n"
