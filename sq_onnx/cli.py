@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from typing import Any
 
@@ -352,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": _cmd_bench,
         "generate": _cmd_generate,
     }
+    previous = _sigterm_as_interrupt()
     try:
         return handlers[args.command](args)
     except SqOnnxError as exc:
@@ -360,6 +362,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sq-onnx: interrupted; no output was written.", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM unwinds like Ctrl-C, so temporary files are removed and no partial output remains."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not in the main thread
+        return None
 
 
 if __name__ == "__main__":

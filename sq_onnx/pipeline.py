@@ -125,6 +125,7 @@ def _run_pipeline(
     tokenizer: str | os.PathLike | None,
     show_progress: bool,
 ) -> ConvertResult:
+    _refuse_quantized(src)
     analysis = analyze(src.graph)
     plans = plan_linears(src.graph, analysis.linears, recipe)
     if recipe.scheme != "smooth" and not any(p.action != "keep" for p in plans):
@@ -213,6 +214,28 @@ def _run_pipeline(
     _record_metadata(work, recipe, result)
     save_model(work, out, external_data=recipe.external_data)
     return result
+
+
+QUANTIZED_OPS = {
+    "MatMulNBits",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "GatherBlockQuantized",
+}
+
+
+def _refuse_quantized(model: ir.Model) -> None:
+    """Quantizing twice compounds the error silently; say so instead."""
+    found = sorted({n.op_type for n in model.graph if n.op_type in QUANTIZED_OPS})
+    if found:
+        raise SqOnnxError(
+            f"the model is already quantized (it contains {', '.join(found)}); convert the float model instead."
+        )
 
 
 def _record_metadata(work: ir.Model, recipe: Recipe, result: ConvertResult) -> None:
