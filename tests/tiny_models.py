@@ -30,23 +30,6 @@ def _inject_outliers(model) -> None:
                 param[list(OUTLIER_CHANNELS)] *= OUTLIER_GAIN
 
 
-class _Logits:
-    """Wrap a causal LM so the export has exactly (input_ids, attention_mask) -> logits."""
-
-    def __new__(cls, model):
-        import torch
-
-        class Wrapper(torch.nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
-
-            def forward(self, input_ids, attention_mask):
-                return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-        return Wrapper(model)
-
-
 def build_torch_model(arch: str = "llama", seed: int = 0, layers: int = 2):
     import torch
     import transformers as tf
@@ -95,24 +78,13 @@ def build_torch_model(arch: str = "llama", seed: int = 0, layers: int = 2):
     return model
 
 
-def export_torch(model, path: Path, seq: int = 16) -> Path:
-    """torch.onnx (dynamo) export with dynamic batch and sequence."""
-    import torch
+def export_torch(model, path: Path) -> Path:
+    """torch.onnx (dynamo) export without KV cache, through sq-onnx's own exporter."""
+    from sq_onnx.export import export_model
+    from sq_onnx.model_io import save_model
 
-    ids = torch.randint(0, VOCAB, (1, seq))
-    mask = torch.ones_like(ids)
-    dyn = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
-    program = torch.onnx.export(
-        _Logits(model),
-        (ids, mask),
-        dynamo=True,
-        input_names=["input_ids", "attention_mask"],
-        output_names=["logits"],
-        dynamic_shapes=dyn,
-        verbose=False,
-    )
     path.parent.mkdir(parents=True, exist_ok=True)
-    program.save(str(path))
+    save_model(export_model(model, kv_cache=False), path)
     return path
 
 
