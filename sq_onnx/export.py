@@ -36,7 +36,7 @@ def _load_hf(src: Path, dtype: str):
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # transformers raises many types for unreadable or unsupported files
         raise ModelLoadError(
             f"could not load {str(src)!r} with transformers ({str(exc).splitlines()[0]})."
         ) from None

@@ -114,3 +114,18 @@ def test_convert_kv_cache_model(exported, tmp_path):
     assert result.quantized_matmuls and result.verify["cosine"] > 0.9
     (tmp_path / "tokenizer.json").write_bytes((kv / "tokenizer.json").read_bytes())
     assert generate(out, "The module", max_new_tokens=3)["kv_cache"]
+
+
+def test_gguf_round_trip(tmp_path):
+    """A tiny Llama written as GGUF (the gguf package, llama.cpp's layout) exports to the same function."""
+    model = tiny_models.build_torch_model("llama", seed=4, layers=1)
+    tok = tiny_models.write_tokenizer(tmp_path / "tok")
+    gguf_path = tiny_models.write_llama_gguf(model, tok, tmp_path / "tiny.gguf")
+    out = tmp_path / "onnx"
+    assert main(["export", str(gguf_path), "-o", str(out), "--no-kv-cache", "--quiet"]) == 0
+    assert (out / "tokenizer.json").exists()
+    ids = tiny_models.random_ids(1, 12, seed=2)
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(ids)).logits.numpy()
+    got = run(out / "model.onnx", {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)

@@ -130,3 +130,65 @@ def save_hf_folder(model, folder: Path) -> Path:
     tok = write_tokenizer(folder)
     PreTrainedTokenizerFast(tokenizer_file=str(tok), eos_token="<|endoftext|>").save_pretrained(folder)
     return folder
+
+
+def _permute_qk(w, n_head: int):
+    """llama.cpp's convert script permutes q/k rows (rotary halves interleaved); transformers undoes it."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_llama_gguf(model, tokenizer_json: Path, path: Path) -> Path:
+    """Write a tiny Llama as an F32 GGUF file, as llama.cpp's converter lays it out."""
+    import json
+
+    import gguf
+
+    cfg = model.config
+    tok = json.loads(tokenizer_json.read_text())
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([t for t, _ in vocab])
+    writer.add_token_types([gguf.TokenType.NORMAL] * len(vocab))
+    writer.add_token_scores([0.0] * len(vocab))
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(0)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        names = {
+            "attn_norm": "input_layernorm",
+            "ffn_norm": "post_attention_layernorm",
+            "attn_v": "self_attn.v_proj",
+            "attn_output": "self_attn.o_proj",
+            "ffn_gate": "mlp.gate_proj",
+            "ffn_up": "mlp.up_proj",
+            "ffn_down": "mlp.down_proj",
+        }
+        for g, h in names.items():
+            writer.add_tensor(f"blk.{i}.{g}.weight", sd[p + h + ".weight"])
+        writer.add_tensor(
+            f"blk.{i}.attn_q.weight", _permute_qk(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads)
+        )
+        writer.add_tensor(
+            f"blk.{i}.attn_k.weight", _permute_qk(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads)
+        )
+    writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
