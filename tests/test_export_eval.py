@@ -129,3 +129,36 @@ def test_gguf_round_trip(tmp_path):
         ref = model(input_ids=torch.tensor(ids)).logits.numpy()
     got = run(out / "model.onnx", {"input_ids": ids, "attention_mask": np.ones_like(ids)})
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_fp16_export_converts_to_w4_and_w8a8(tmp_path):
+    """fp16 weights are supported: smoothing re-rounds them (checked at fp16 tolerance), both schemes run."""
+    from sq_onnx import Recipe, convert
+
+    folder = tiny_models.save_hf_folder(
+        tiny_models.build_torch_model("llama", seed=5, layers=1), tmp_path / "hf"
+    )
+    assert (
+        main(
+            [
+                "export",
+                str(folder),
+                "-o",
+                str(tmp_path / "fp16"),
+                "--dtype",
+                "fp16",
+                "--no-kv-cache",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    for scheme in ("w4", "w8a8"):
+        out = tmp_path / f"{scheme}.onnx"
+        result = convert(tmp_path / "fp16" / "model.onnx", out, Recipe(scheme=scheme, samples=3, seq_len=32))
+        assert result.smoothing_check["equivalent"] and result.smoothing_check["tolerance"] == 1e-2
+        assert result.verify["cosine"] > 0.9
+        logits = run(
+            out, {"input_ids": tiny_models.random_ids(1, 8), "attention_mask": np.ones((1, 8), np.int64)}
+        )
+        assert logits.dtype == np.float16 and np.isfinite(logits).all()
