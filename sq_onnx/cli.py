@@ -75,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--block-size", type=int, default=128, help="W4 block size along K (default 128)")
     c.add_argument("--symmetric", action="store_true", help="W4 symmetric blocks (no zero points)")
     c.add_argument(
-        "--clip-search",
+        "--no-clip-search",
         action="store_true",
-        help="W4: per block, shrink the range to minimise the activation-weighted error",
+        help="W4: plain round-to-nearest blocks instead of the activation-weighted clipping search",
     )
     c.add_argument("--accuracy-level", type=int, default=0, help="MatMulNBits accuracy_level (default 0)")
     c.add_argument(
@@ -172,7 +172,7 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         smooth=not args.no_smooth,
         block_size=args.block_size,
         symmetric=args.symmetric,
-        clip_search=args.clip_search,
+        clip_search=not args.no_clip_search,
         accuracy_level=args.accuracy_level,
         lm_head=args.lm_head,
         lm_head_accuracy_level=args.lm_head_accuracy_level,
