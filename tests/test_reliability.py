@@ -67,14 +67,14 @@ def test_sigterm_during_convert_leaves_no_output(llama_dir, tmp_path):
         "--alpha",
         "auto",
         "--alpha-step",
-        "0.01",
+        "0.001",
         "--seq-len",
         "32",
     ]
     proc = subprocess.Popen(
         cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
     )
-    time.sleep(8)  # well into the α search (101 candidates)
+    time.sleep(8)  # well into the α search (1001 candidates: minutes of work)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
