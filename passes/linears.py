@@ -87,7 +87,9 @@ class Linear:
         beta = _attr_float(self.node, "beta", 1.0)
         b = b * np.asarray(beta, dtype=b.dtype) if beta != 1.0 else b
         n = self.shape[1]
-        return np.broadcast_to(b.reshape(-1) if b.size == n else b, (n,)).copy() if b.size in (1, n) else None
+        if b.size not in (1, n):
+            return None
+        return np.broadcast_to(b.reshape(-1), (n,)).copy()
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -101,15 +101,20 @@ def group_error(
     alpha: float,
     actions: dict[str, str],
     recipe: Recipe,
+    cache: dict | None = None,
 ) -> float:
-    """Relative output error of the group's consumers at this α: ||XW − Q(X/s)·Q(sW)||² / ||XW||²."""
-    weights = [c.weight_kn().astype(np.float32) for c in group.consumers]
-    s = smoothing_scales(act_absmax, weight_row_absmax(group), alpha)
+    """Relative output error of the group's consumers at this α: ||XW − Q(X/s)·Q(sW)||² / ||XW||².
+    ``cache`` (one dict per group and row sample) keeps the α-independent parts between calls."""
+    cache = {} if cache is None else cache
+    if not cache:
+        cache["weights"] = [c.weight_kn().astype(np.float32) for c in group.consumers]
+        cache["w_absmax"] = weight_row_absmax(group)
+        cache["refs"] = [x @ w for w in cache["weights"]]
+    s = smoothing_scales(act_absmax, cache["w_absmax"], alpha)
     xs = x / s
     num = den = 0.0
-    for consumer, w in zip(group.consumers, weights, strict=True):
+    for consumer, w, ref in zip(group.consumers, cache["weights"], cache["refs"], strict=True):
         action = actions.get(consumer.name, "keep")
-        ref = x @ w
         out = _fake_quant_rows(xs, action) @ _fake_quant_weight(w * s[:, None], action, recipe)
         num += float(np.sum((ref - out) ** 2))
         den += float(np.sum(ref**2))
@@ -131,7 +136,8 @@ def search_alpha_layer(
     record = []
     for group in track(groups, "searching alpha per group", total=len(groups), enabled=show_progress):
         x = rows[group.name]
-        errors = [group_error(group, x, stats[group.name], a, actions, recipe) for a in grid]
+        cache: dict = {}
+        errors = [group_error(group, x, stats[group.name], a, actions, recipe, cache) for a in grid]
         best = int(np.argmin(errors))
         chosen[group.name] = grid[best]
         record.append({"group": group.name, "alpha": grid[best], "error": errors[best], "curve": errors})

@@ -103,18 +103,15 @@ def bench(
     context = prompt_lengths[min(1, len(prompt_lengths) - 1)]
     ids = rng.integers(0, hi, (1, context), dtype=np.int64)
 
-    def decode() -> None:
+    def decode_seconds() -> float:
         runner.prefill(ids)
         t = time.perf_counter()
         for _ in range(decode_tokens):
             runner.step(int(rng.integers(0, hi)))
-        decode.seconds = time.perf_counter() - t  # type: ignore[attr-defined]
+        return time.perf_counter() - t
 
-    runs = []
-    decode()
-    for _ in range(repeats):
-        decode()
-        runs.append(decode.seconds)  # type: ignore[attr-defined]
+    decode_seconds()  # warm-up
+    runs = [decode_seconds() for _ in range(repeats)]
     result.decode_tokens_per_s = round(decode_tokens / statistics.median(runs), 2)
     result.decode_context = context
     result.peak_rss_mb = round(peak_rss_mb(), 1)

@@ -67,7 +67,8 @@ def check_output_path(
         src = Path(input_path)
         if out.resolve() == src.resolve() or (out.exists() and src.exists() and out.samefile(src)):
             raise OutputError("the output path is the input model; sq-onnx never overwrites its input.")
-        if out.resolve().parent == src.resolve().parent and _data_name(out) in _external_files(src):
+        clash = out.resolve().parent / _data_name(out)
+        if clash.exists() and clash.parent == src.resolve().parent and clash.name in _external_files(src):
             raise OutputError(f"writing {str(out)!r} would overwrite the input's external data file.")
     if out.is_dir():
         raise OutputError(f"output path {str(out)!r} is a directory.")

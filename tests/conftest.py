@@ -16,13 +16,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import tiny_models  # noqa: E402
 
 
+def _exported(tmp_path_factory, arch: str) -> Path:
+    folder = tmp_path_factory.mktemp(arch)
+    tiny_models.export_torch(tiny_models.build_torch_model(arch), folder / "model.onnx")
+    tiny_models.write_tokenizer(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory) -> Path:
     """A tiny Llama (RMSNorm, GQA, SwiGLU, tied lm_head) exported with torch.onnx, tokenizer beside it."""
-    folder = tmp_path_factory.mktemp("llama")
-    tiny_models.export_torch(tiny_models.build_torch_model("llama"), folder / "model.onnx")
-    tiny_models.write_tokenizer(folder)
-    return folder
+    return _exported(tmp_path_factory, "llama")
 
 
 @pytest.fixture(scope="session")
@@ -37,10 +41,7 @@ def llama_fused(llama_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def opt_dir(tmp_path_factory) -> Path:
     """A tiny OPT (LayerNorm with bias, biased linears, ReLU MLP) exported with torch.onnx."""
-    folder = tmp_path_factory.mktemp("opt")
-    tiny_models.export_torch(tiny_models.build_torch_model("opt"), folder / "model.onnx")
-    tiny_models.write_tokenizer(folder)
-    return folder
+    return _exported(tmp_path_factory, "opt")
 
 
 @pytest.fixture(scope="session")

@@ -35,30 +35,19 @@ def build_torch_model(arch: str = "llama", seed: int = 0, layers: int = 2):
     import transformers as tf
 
     torch.manual_seed(seed)
+    decoder = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     if arch == "llama":
-        cfg = tf.LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            intermediate_size=128,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            tie_word_embeddings=True,
-        )
-        model = tf.LlamaForCausalLM(cfg)
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**decoder, tie_word_embeddings=True))
     elif arch == "qwen2":
-        cfg = tf.Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            intermediate_size=128,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            tie_word_embeddings=False,
-        )
-        model = tf.Qwen2ForCausalLM(cfg)
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**decoder, tie_word_embeddings=False))
     elif arch == "opt":
         cfg = tf.OPTConfig(
             vocab_size=VOCAB,
