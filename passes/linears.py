@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +59,15 @@ class Linear:
     @property
     def weight_name(self) -> str:
         return self.source.name or ""
+
+    @property
+    def module(self) -> str:
+        """The source framework's module path (torch.onnx records it), else the node name: for people."""
+        scopes = self.node.metadata_props.get("pkg.torch.onnx.name_scopes")
+        if scopes and scopes.startswith("[") and len(parts := ast.literal_eval(scopes)) >= 2:
+            path = parts[-2]
+            return path[2:] if path.startswith("m.") else path
+        return self.name
 
     @property
     def bias(self) -> ir.Value | None:

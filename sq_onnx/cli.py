@@ -112,7 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify-samples", type=int, default=2, help="held-out samples for verification (default 2)"
     )
     c.add_argument("--external-data", action="store_true", help="always write weights to OUTPUT.data")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    c.add_argument(
+        "--report",
+        default=None,
+        metavar="DIR",
+        help="write DIR/report.html (plots) and DIR/report.json: per-channel smoothing, per-layer errors",
+    )
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output (and report)")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.add_argument("--quiet", action="store_true", help="no progress or summary")
 
@@ -154,6 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="show smoothing groups and what would be quantized")
     i.add_argument("model")
+    i.add_argument(
+        "--calib",
+        nargs="?",
+        const="builtin",
+        default=None,
+        metavar="FILE",
+        help="run calibration data (default: the built-in text) and show each group's outlier channels",
+    )
+    i.add_argument("--tokenizer", default=None, help="folder with tokenizer.json (default: beside the model)")
+    i.add_argument("--samples", type=int, default=8, help="calibration samples for --calib (default 8)")
+    i.add_argument("--seq-len", type=int, default=256, help="tokens per text sample (default 256)")
     i.add_argument("--json", action="store_true")
     return parser
 
@@ -215,6 +232,8 @@ def _print_summary(result: dict[str, Any]) -> None:
             f"  verify on {v['samples']} {held} sample(s): relative error {v['relative_error']:.4f}, "
             f"cosine {v['cosine']:.5f}, top-1 agreement {top1}"
         )
+    if result.get("report"):
+        console.print(f"  report: {result['report'][0]}")
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -229,6 +248,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         overwrite=args.overwrite,
         show_progress=not (args.quiet or args.json) and sys.stderr.isatty(),
+        report=args.report,
     ).to_dict()
     if args.json:
         print(json.dumps(result, indent=2))
@@ -240,7 +260,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from sq_onnx.inspect_model import inspect_model, render_inspection
 
-    info = inspect_model(args.model)
+    info = inspect_model(
+        args.model, calib=args.calib, tokenizer=args.tokenizer, samples=args.samples, seq_len=args.seq_len
+    )
     if args.json:
         print(json.dumps(info, indent=2))
     else:

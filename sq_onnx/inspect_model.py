@@ -7,14 +7,73 @@ from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
+
+from sq_onnx.calibrate import calibrate
+from sq_onnx.calibration_data import load_calibration
+from sq_onnx.model_inputs import input_specs
 from sq_onnx.model_io import load_model, weight_bytes
 from sq_onnx.passes.analyze import analyze
 from sq_onnx.plan import ACTION_LABELS, plan_linears
 from sq_onnx.recipe import Recipe
 
+TOP_OUTLIERS = 5
+USE_BUILTIN = "builtin"
 
-def inspect_model(path: str | os.PathLike, recipe: Recipe | None = None) -> dict[str, Any]:
-    """A JSON-able description of what conversion would do to the model at ``path``."""
+
+def group_outliers(absmax: np.ndarray, top: int = TOP_OUTLIERS) -> dict[str, Any]:
+    """The largest channels of one group's calibrated abs-max, and how far they stand above the median."""
+    order = np.argsort(absmax)[::-1][:top]
+    median = float(np.median(absmax))
+    return {
+        "median_absmax": median,
+        "top": [
+            {
+                "channel": int(c),
+                "absmax": float(absmax[c]),
+                "x_median": float(absmax[c] / median) if median > 0 else None,
+            }
+            for c in order
+        ],
+    }
+
+
+def _calibrated_outliers(
+    path: str | os.PathLike,
+    model: Any,
+    groups: list[Any],
+    calib: Any,
+    tokenizer: str | os.PathLike | None,
+    samples: int,
+    seq_len: int,
+) -> dict[str, Any]:
+    """Run the calibration data through the float model once and rank each group's channels."""
+    feeds, origin = load_calibration(
+        None if calib == USE_BUILTIN else calib,
+        input_specs(model),
+        model_path=path,
+        tokenizer_dir=tokenizer,
+        count=samples,
+        seq_len=seq_len,
+    )
+    stats = calibrate(model, {g.name: g.channels for g in groups}, feeds, show_progress=False).absmax
+    return {
+        "source": origin,
+        "samples": len(feeds),
+        "groups": {g.name: group_outliers(stats[g.name]) for g in groups},
+    }
+
+
+def inspect_model(
+    path: str | os.PathLike,
+    recipe: Recipe | None = None,
+    calib: Any = None,
+    tokenizer: str | os.PathLike | None = None,
+    samples: int = 8,
+    seq_len: int = 256,
+) -> dict[str, Any]:
+    """A JSON-able description of what conversion would do to the model at ``path``; with ``calib``
+    ("builtin" for the built-in text, or a calibration file) also each group's outlier channels."""
     model = load_model(path)
     graph = model.graph
     analysis = analyze(graph)
@@ -31,6 +90,11 @@ def inspect_model(path: str | os.PathLike, recipe: Recipe | None = None) -> dict
                 for p in plans
             ],
         }
+    outliers = (
+        _calibrated_outliers(path, model, analysis.groups, calib, tokenizer, samples, seq_len)
+        if calib is not None and analysis.groups
+        else None
+    )
     return {
         "model": str(path),
         "opset": model.opset_imports.get("", None),
@@ -45,11 +109,13 @@ def inspect_model(path: str | os.PathLike, recipe: Recipe | None = None) -> dict
                 "producer": g.producer.name,
                 "channels": g.channels,
                 "consumers": [c.name for c in g.consumers],
+                "modules": [c.module for c in g.consumers],
             }
             for g in analysis.groups
         ],
         "skipped": [asdict(s) for s in analysis.skipped],
         "schemes": schemes,
+        "outliers": outliers,
     }
 
 
@@ -63,12 +129,21 @@ def render_inspection(info: dict[str, Any]) -> None:
         f"[bold]{info['model']}[/]: opset {info['opset']}, {info['nodes']} nodes, "
         f"{info['weight_bytes'] / 1e6:.1f} MB of weights, {info['linears']} linear layers"
     )
+    table = Table(title="Op counts")
+    table.add_column("op")
+    table.add_column("nodes", justify="right")
+    for op, n in info["op_counts"].items():
+        table.add_row(op, str(n))
+    console.print(table)
     table = Table(title="Smoothing groups (norm -> linears, one shared scale each)")
     for col in ("tensor", "kind", "channels", "consumers"):
         table.add_column(col, overflow="fold")
     for g in info["groups"]:
-        table.add_row(g["tensor"], g["kind"], str(g["channels"]), ", ".join(g["consumers"]))
+        table.add_row(g["tensor"], g["kind"], str(g["channels"]), ", ".join(g["modules"]))
     console.print(table)
+    if info.get("outliers"):
+        feeds = {g["tensor"]: os.path.commonprefix(g["modules"]).rstrip("._") for g in info["groups"]}
+        _render_outliers(console, info["outliers"], feeds)
     if info["skipped"]:
         table = Table(title="Not smoothable (quantized without smoothing)")
         for col in ("tensor", "consumers", "reason"):
@@ -81,4 +156,24 @@ def render_inspection(info: dict[str, Any]) -> None:
     table.add_column("layers")
     for scheme, data in info["schemes"].items():
         table.add_row(scheme, ", ".join(f"{n} x {label}" for label, n in data["counts"].items()))
+    console.print(table)
+
+
+def _render_outliers(console: Any, outliers: dict[str, Any], feeds: dict[str, str]) -> None:
+    """Top outlier channels per group: the channels smoothing exists for."""
+    from rich.table import Table
+
+    table = Table(
+        title=f"Activation outliers per group ({outliers['samples']} samples of {outliers['source']})"
+    )
+    for col in ("tensor", "feeds", "median |x|", "top channels: |x| (x median)"):
+        table.add_column(col, overflow="fold")
+    for tensor, data in outliers["groups"].items():
+        tops = []
+        for t in data["top"]:
+            ratio = "" if t["x_median"] is None else f" ({t['x_median']:.0f}x)"
+            style = "bold red" if (t["x_median"] or 0) >= 20 else ""
+            text = f"#{t['channel']}: {t['absmax']:.3g}{ratio}"
+            tops.append(f"[{style}]{text}[/]" if style else text)
+        table.add_row(tensor, feeds.get(tensor, ""), f"{data['median_absmax']:.3g}", ", ".join(tops))
     console.print(table)

@@ -19,17 +19,21 @@ from sq_onnx.alpha_search import search_alpha_layer, search_alpha_model
 from sq_onnx.calibrate import calibrate
 from sq_onnx.calibration_data import load_calibration
 from sq_onnx.errors import NothingToQuantizeError, SqOnnxError
+from sq_onnx.layer_error import LayerError, layer_errors
 from sq_onnx.model_inputs import input_specs
 from sq_onnx.model_io import check_output_path, load_model, save_model
 from sq_onnx.passes.analyze import analyze
 from sq_onnx.plan import plan_linears
 from sq_onnx.quantize_model import cleanup, input_importance, quantize_graph, smooth_copy, static_ranges
 from sq_onnx.recipe import Recipe
+from sq_onnx.report import build_report, check_report_dir, group_record, write_report
 from sq_onnx.verify import Agreement, compare, first_outputs
 
 # A smoothed float model must reproduce the original to float rounding: fp32 ~1e-7 per op, fp16/bf16
 # weights re-rounded after scaling ~1e-3 (measured 1.6e-3 on a tiny fp16 Llama).
 EQUIVALENCE_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+# Activation rows kept per tensor for the report's per-layer errors (bounded memory, enough for a stable error).
+REPORT_ROWS = 256
 
 
 @dataclass
@@ -52,6 +56,7 @@ class ConvertResult:
     output_bytes: int = 0
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    report: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,11 +97,13 @@ def convert(
     tokenizer: str | os.PathLike | None = None,
     overwrite: bool = False,
     show_progress: bool = False,
+    report: str | os.PathLike | None = None,
 ) -> ConvertResult:
     """Convert ``model`` (path or in-memory model) with ``recipe`` and write ``output`` atomically.
 
     ``calibration``: None (built-in text), a .txt/.jsonl/.npz path, a dict of arrays (first axis =
-    samples), or a list of feeds. Raises ``SqOnnxError`` subclasses for anything the user can fix.
+    samples), or a list of feeds. ``report``: a folder for report.html/report.json (``sq_onnx.report``).
+    Raises ``SqOnnxError`` subclasses for anything the user can fix.
     """
     recipe = recipe or Recipe()
     start = time.perf_counter()
@@ -104,16 +111,23 @@ def convert(
         if isinstance(model, (str, os.PathLike)):
             input_path: Path | None = Path(model)
             out = check_output_path(input_path, output, overwrite)
+            report_dir = check_report_dir(report, overwrite) if report is not None else None
             src = load_model(input_path)
         else:
             input_path = None
             out = check_output_path(None, output, overwrite)
+            report_dir = check_report_dir(report, overwrite) if report is not None else None
             src = load_model(_materialize_input(model, tmpdir))
-        result = _run_pipeline(src, out, recipe, calibration, input_path, tokenizer, show_progress)
+        result, parts = _run_pipeline(
+            src, out, recipe, calibration, input_path, tokenizer, show_progress, report_dir is not None
+        )
         result.input_bytes = _file_bytes(input_path) if input_path is not None else 0
     result.seconds = round(time.perf_counter() - start, 3)
     result.output_bytes = _file_bytes(out)
     result.peak_rss_mb = round(_peak_rss_mb(), 1)
+    if report_dir is not None and parts is not None:
+        data = build_report(result.to_dict(), str(model) if input_path else "<in-memory>", *parts)
+        result.report = [str(p) for p in write_report(report_dir, data, show_progress)]
     return result
 
 
@@ -125,7 +139,9 @@ def _run_pipeline(
     input_path: Path | None,
     tokenizer: str | os.PathLike | None,
     show_progress: bool,
-) -> ConvertResult:
+    want_report: bool = False,
+) -> tuple[ConvertResult, tuple[list[dict[str, Any]], list[LayerError]] | None]:
+    """Every stage after loading; with ``want_report`` also the report's group records and layer errors."""
     _refuse_quantized(src)
     analysis = analyze(src.graph)
     plans = plan_linears(src.graph, analysis.linears, recipe)
@@ -166,13 +182,18 @@ def _run_pipeline(
     if recipe.scheme == "w8a8" and recipe.act == "static":
         tensors.update({p.linear.input.name: p.linear.shape[0] for p in plans if p.action == "w8a8"})
     row_tensors = tuple(g.name for g in analysis.groups) if recipe.alpha_search == "layer" else ()
+    max_rows = recipe.search_rows
+    if want_report:
+        quantized_inputs = [p.linear.input.name for p in plans if p.action != "keep"]
+        row_tensors = tuple(dict.fromkeys([*row_tensors, *quantized_inputs]))
+        max_rows = max_rows if recipe.alpha_search == "layer" else min(max_rows, REPORT_ROWS)
     calib = calibrate(
         src,
         tensors,
         calib_feeds,
         verify_feeds,
         row_tensors=row_tensors,
-        max_rows=recipe.search_rows,
+        max_rows=max_rows,
         seed=recipe.seed,
         show_progress=show_progress,
     )
@@ -214,19 +235,19 @@ def _run_pipeline(
             reference, first_outputs(work, verify_feeds, "converted", show_progress)
         )
         result.verify = agreement.to_dict()
+    parts = None
+    if want_report:
+        alphas = {g["name"]: g["alpha"] for g in result.smoothed_groups}
+        groups = [
+            group_record(g, stats[g.name], scales[g.name], alphas[g.name])
+            for g in analysis.groups
+            if g.name in scales
+        ]
+        errors = layer_errors(work.graph, [p.linear for p in plans], calib.rows, scales)
+        parts = (groups, errors)
     _record_metadata(work, recipe, result)
     save_model(work, out, external_data=recipe.external_data)
-    return result
-
-
-def _weight_dtype(analysis: Any) -> str:
-    """Name of the linears' weight dtype (the precision the smoothed weights are re-rounded to)."""
-    dtype = analysis.linears[0].source.dtype if analysis.linears else None
-    return (
-        "float32"
-        if dtype is None
-        else {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}.get(dtype, "float32")
-    )
+    return result, parts
 
 
 def _weight_dtype(analysis: Any) -> str:

@@ -86,6 +86,25 @@ def test_inspect(llama_fused, capsys, monkeypatch):
     assert "SkipSimplifiedLayerNormalization" in capsys.readouterr().out
 
 
+def test_inspect_calib_ranks_outlier_channels(llama_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    calib = _npz(tmp_path, input_ids=tiny_models.random_ids(4, 16))
+    assert main(["inspect", str(llama_dir / "model.onnx"), "--calib", calib, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    outliers = info["outliers"]
+    assert outliers["samples"] == 4
+    assert set(outliers["groups"]) == {g["tensor"] for g in info["groups"]}
+    for data in outliers["groups"].values():
+        values = [t["absmax"] for t in data["top"]]
+        assert values == sorted(values, reverse=True) and values[0] >= data["median_absmax"] > 0
+    # tiny_models injects outlier channels into γ; the calibrated ranking must find them at the top.
+    hits = [d["top"][0]["channel"] in tiny_models.OUTLIER_CHANNELS for d in outliers["groups"].values()]
+    assert sum(hits) >= 4, "both norms of both layers have injected outlier channels"
+    assert main(["inspect", str(llama_dir / "model.onnx"), "--calib"]) == 0
+    out = capsys.readouterr().out
+    assert "Activation outliers" in out and "built-in text" in out and "self_attn" in out
+
+
 def _no_quant_model(tmp_path):
     import onnx_ir as ir
 

@@ -1,0 +1,146 @@
+"""``convert --report``: files, fields, embedded plots; and the layer-error emulation checked against ORT."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from sq_onnx import Recipe, convert
+from sq_onnx.cli import main
+from sq_onnx.layer_error import emulate
+from sq_onnx.passes.linears import find_linears
+from sq_onnx.passes.quantize_w4 import replace_with_matmulnbits
+from sq_onnx.passes.quantize_w8a8 import quantize_w8a8
+
+from conftest import rel_error
+
+GROUP_FIELDS = {
+    "tensor",
+    "kind",
+    "alpha",
+    "consumers",
+    "modules",
+    "act_absmax_before",
+    "act_absmax_after",
+    "scales",
+    "weight_absmax_before",
+    "weight_absmax_after",
+    "top_channels",
+}
+TOP_FIELDS = {
+    "version",
+    "model",
+    "output",
+    "scheme",
+    "alpha",
+    "recipe",
+    "calibration",
+    "verify",
+    "smoothing_check",
+    "alpha_search",
+    "sizes",
+    "groups",
+    "layers",
+    "plots",
+}
+
+
+def _one_matmul(k: int, n: int, seed: int = 0) -> ir.Model:
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    w[3] *= 20.0  # an outlier row, so the grids are not trivially exact
+    tape = ir.tape.Tape()
+    x = ir.Value(name="x", shape=ir.Shape(["r", k]), type=ir.TensorType(ir.DataType.FLOAT))
+    y = tape.op("MatMul", [x, tape.initializer(ir.tensor(w, name="w"))])
+    y.name, y.type = "y", ir.TensorType(ir.DataType.FLOAT)
+    graph = ir.Graph([x], [y], nodes=tape.nodes, initializers=tape.initializers, opset_imports={"": 18})
+    graph.node(0).name = "mm"
+    return ir.Model(graph, ir_version=10)
+
+
+def _quantize(model: ir.Model, kind: str, x: np.ndarray) -> None:
+    graph = model.graph
+    linear = find_linears(graph)[0]
+    model.opset_imports["com.microsoft"] = 1
+    if kind.startswith("w4") or kind == "w8":
+        bits = 8 if kind == "w8" else 4
+        replace_with_matmulnbits(graph, linear, bits, 32, kind == "w4-sym", 0, clip_search=True)
+    else:
+        act = kind.split(":")[1]
+        quantize_w8a8(graph, [linear], 18, act, {"x": float(np.abs(x).max())})
+
+
+@pytest.mark.parametrize("kind", ["w4", "w4-sym", "w8", "w8a8:per-token", "w8a8:per-tensor", "w8a8:static"])
+@pytest.mark.parametrize("k", [64, 100])
+def test_layer_error_emulation_matches_ort(kind, k):
+    """The report's numbers come from unpacking the saved graph; they must be what ORT computes."""
+    x = np.random.default_rng(1).normal(size=(37, k)).astype(np.float32)
+    model = _one_matmul(k, 24)
+    _quantize(model, kind, x)
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    got_ort = sess.run(None, {"x": x})[0]
+    node = next(n for n in model.graph if n.name == "mm")
+    got_numpy = emulate(node, x)
+    assert got_numpy is not None
+    assert rel_error(got_ort, got_numpy) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "scheme,alpha",
+    [("w4", "0.4"), ("w8a8", "auto")],
+)
+def test_report_files_fields_and_plots(scheme, alpha, llama_dir, calib_ids, tmp_path):
+    np.savez(tmp_path / "calib.npz", **calib_ids)
+    folder = tmp_path / "report"
+    out = tmp_path / "q.onnx"
+    args = ["convert", str(llama_dir / "model.onnx"), "-o", str(out), "--scheme", scheme]
+    args += ["--alpha", alpha, "--calib", str(tmp_path / "calib.npz"), "--report", str(folder), "--quiet"]
+    assert main(args) == 0
+    report = json.loads((folder / "report.json").read_text())
+    page = (folder / "report.html").read_text()
+
+    assert set(report) >= TOP_FIELDS
+    assert report["sizes"]["output_bytes"] == out.stat().st_size
+    assert report["groups"], "the tiny Llama has smoothable groups"
+    for group in report["groups"]:
+        assert set(group) >= GROUP_FIELDS
+        before, after, s = (np.asarray(group[f]) for f in ("act_absmax_before", "act_absmax_after", "scales"))
+        np.testing.assert_allclose(after, before / s, rtol=1e-5)
+        w_before, w_after = (
+            np.asarray(group["weight_absmax_before"]),
+            np.asarray(group["weight_absmax_after"]),
+        )
+        np.testing.assert_allclose(w_after, w_before * s, rtol=1e-5)
+        assert group["top_channels"][0] == int(np.argmax(before))
+    errors = [layer["relative_error"] for layer in report["layers"]]
+    assert errors == sorted(errors, reverse=True)
+    assert {layer["name"] for layer in report["layers"]} == _quantized_nodes(out)
+    assert all(0 < e < 0.5 for e in errors)
+    # Every plot named in the JSON is embedded, and nothing links outside the file.
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == len(report["plots"]) == len(report["groups"]) + 1 + (alpha == "auto")
+    assert ("alpha_search" in report["plots"]) == (alpha == "auto")
+    assert "http" not in page.replace("http-equiv", "")
+
+
+def _quantized_nodes(path) -> set[str]:
+    ops = {"MatMulNBits", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+    return {n.name for n in ir.load(path).graph if n.op_type in ops}
+
+
+def test_report_refuses_existing_files_and_keeps_them(llama_dir, calib_ids, tmp_path):
+    folder = tmp_path / "rep"
+    folder.mkdir()
+    (folder / "report.json").write_text("mine")
+    with pytest.raises(Exception, match="already exists"):
+        convert(llama_dir / "model.onnx", tmp_path / "q.onnx", Recipe(), calib_ids, report=folder)
+    assert (folder / "report.json").read_text() == "mine"
+    assert not (tmp_path / "q.onnx").exists(), "a bad report path fails before any work"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(Exception, match="not a folder"):
+        convert(llama_dir / "model.onnx", tmp_path / "q.onnx", Recipe(), calib_ids, report=tmp_path / "file")
