@@ -50,7 +50,7 @@ def group_figure(group: dict[str, Any]) -> bytes:
     axes[2].set_title(f"smoothing scale s (α = {group['alpha']:.2f})", fontsize=9)
     axes[2].set_xlabel("channel", fontsize=8)
     for ax in axes:
-        ax.tick_params(labelsize=7)
+        ax.tick_params(which="both", labelsize=7)
     fig.suptitle(f"{group['tensor']} ({group['kind']}) -> {', '.join(group['modules'])}", fontsize=9, y=1.04)
     return _png(fig)
 
