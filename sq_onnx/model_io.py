@@ -33,7 +33,26 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if model.graph is None or len(model.graph) == 0:
         raise ModelLoadError(f"{str(p)!r} is not a readable ONNX model (its graph has no nodes).")
     _check_external_data(model, p)
+    _check_structure(model, p)
     return model
+
+
+def _check_structure(model: ir.Model, path: Path) -> None:
+    """Damaged files can still parse: undecodable names (onnx_ir keeps them as bytes) or inputs that
+    nothing produces. Find those before a later stage trips over them with a traceback. (onnx's checker
+    is not used: it rejects ORT's own ops in the default domain, e.g. SimplifiedLayerNormalization.)
+    Unknown op types are left to ONNX Runtime, whose refusal becomes one sentence too."""
+    graph = model.graph
+    known = {v.name for v in graph.inputs} | set(graph.initializers)
+    for node in graph:
+        names = [node.name, node.op_type, node.domain, *(v.name for v in node.inputs if v is not None)]
+        if not all(n is None or isinstance(n, str) for n in names):
+            raise ModelLoadError(f"{str(path)!r} is damaged: a node or tensor name is not valid UTF-8.")
+        for value in node.inputs:
+            if value is not None and value.name and value.producer() is None and value.name not in known:
+                raise ModelLoadError(
+                    f"{str(path)!r} is damaged: node {node.name!r} reads {value.name!r}, which nothing produces."
+                )
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:
@@ -75,8 +94,13 @@ def check_output_path(
     if out.exists() and not overwrite:
         raise OutputError(f"output {str(out)!r} already exists; pass --overwrite to replace it.")
     parent = out.resolve().parent
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise OutputError(f"output folder {str(parent)!r} is not writable.")
+    existing = parent
+    while not existing.exists():  # the folders save_model will create: fail now, not after the work
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot create output folder {str(parent)!r}: {str(existing)!r} is a file.")
+    if not os.access(existing, os.W_OK):
+        raise OutputError(f"output folder {str(existing)!r} is not writable.")
     return out
 
 

@@ -50,15 +50,26 @@ def in_memory_session(model: ir.Model, threads: int | None = None) -> Iterator[o
     """A CPU session for an onnx_ir model: serialized in memory when small; otherwise written to a temp
     folder with external data, which streams the weights instead of holding a protobuf copy and its bytes
     (two extra copies of the model), and which ORT needs for models over 2 GB or with external tensors."""
-    ort = _ort()
     if weight_bytes(model) < IN_MEMORY_LIMIT and not _has_external_tensors(model):
         data = ir.to_proto(model).SerializeToString()
-        yield ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
+        yield _checked_session(data, threads)
         return
     with tempfile.TemporaryDirectory(prefix="sq-onnx-") as tmp:
         path = Path(tmp) / "model.onnx"
         ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
-        yield ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+        yield _checked_session(str(path), threads)
+
+
+def _checked_session(model: bytes | str, threads: int | None):
+    """A CPU session; ORT's refusal of a model the checker let through becomes one clear sentence."""
+    ort = _ort()
+    try:
+        return ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own pybind types (Fail, InvalidGraph, NotImplemented, ...)
+        from sq_onnx.errors import ModelLoadError
+
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"ONNX Runtime cannot load the model: {first}") from None
 
 
 def _has_external_tensors(model: ir.Model) -> bool:

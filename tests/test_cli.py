@@ -12,6 +12,12 @@ from sq_onnx.cli import main
 from conftest import tiny_models
 
 
+def _text(tmp_path, text: str) -> str:
+    path = tmp_path / "calib.txt"
+    path.write_text(text)
+    return str(path)
+
+
 def _npz(tmp_path, **arrays):
     path = tmp_path / "c.npz"
     np.savez(path, **arrays)
@@ -134,6 +140,13 @@ def _no_quant_model(tmp_path):
         "bad_calib_name",
         "bad_calib_dtype",
         "missing_calib",
+        "empty_calib_text",
+        "short_calib_text",
+        "empty_calib_npz",
+        "no_calib_samples",
+        "bad_calib_rank",
+        "output_parent_is_file",
+        "output_folder_unwritable",
     ],
 )
 def test_user_errors_exit_2_with_one_sentence(case, llama_dir, tmp_path, capsys):
@@ -168,6 +181,28 @@ def test_user_errors_exit_2_with_one_sentence(case, llama_dir, tmp_path, capsys)
             _npz(tmp_path, input_ids=np.zeros((2, 8), np.float32)),
         ],
         "missing_calib": ["convert", model, "-o", out, "--calib", str(tmp_path / "none.txt")],
+        "empty_calib_text": ["convert", model, "-o", out, "--calib", _text(tmp_path, "")],
+        "short_calib_text": ["convert", model, "-o", out, "--calib", _text(tmp_path, "two words")],
+        "empty_calib_npz": ["convert", model, "-o", out, "--calib", _npz(tmp_path)],
+        "no_calib_samples": [
+            "convert",
+            model,
+            "-o",
+            out,
+            "--calib",
+            _npz(tmp_path, input_ids=np.zeros((0, 8), np.int64)),
+        ],
+        "bad_calib_rank": [
+            "convert",
+            model,
+            "-o",
+            out,
+            "--calib",
+            _npz(tmp_path, input_ids=np.zeros(3, np.int64)),
+        ],
+        "output_parent_is_file": ["convert", model, "-o", str(tmp_path / "exists.onnx" / "o.onnx")],
+        # procfs refuses new folders even to root, so this holds in containers that run tests as root.
+        "output_folder_unwritable": ["convert", model, "-o", "/proc/sq-onnx-test/o.onnx"],
     }[case]
     (tmp_path / "junk.onnx").write_bytes(b"\x08\x07garbage that is not a protobuf" * 10)
     (tmp_path / "empty.onnx").write_bytes(b"")
