@@ -22,6 +22,7 @@ from sq_onnx.errors import NothingToQuantizeError, SqOnnxError
 from sq_onnx.layer_error import LayerError, layer_errors
 from sq_onnx.model_inputs import input_specs
 from sq_onnx.model_io import check_output_path, load_model, save_model
+from sq_onnx.opset_upgrade import upgrade_if_needed
 from sq_onnx.passes.analyze import analyze
 from sq_onnx.plan import plan_linears
 from sq_onnx.quantize_model import cleanup, input_importance, quantize_graph, smooth_copy, static_ranges
@@ -57,6 +58,7 @@ class ConvertResult:
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     report: list[str] | None = None
+    opset_upgrade: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,6 +160,10 @@ def _run_pipeline(
         calibration, specs, model_path=input_path, tokenizer_dir=tokenizer, count=want, seq_len=recipe.seq_len
     )
     calib_feeds, verify_feeds, held_out = _split(feeds, recipe)
+    src, upgrade = upgrade_if_needed(src, recipe, calib_feeds[0] if calib_feeds else None)
+    if upgrade is not None:  # node objects changed: analyse the upgraded graph
+        analysis = analyze(src.graph)
+        plans = plan_linears(src.graph, analysis.linears, recipe)
     result = ConvertResult(
         output=str(out),
         scheme=recipe.scheme,
@@ -171,6 +177,7 @@ def _run_pipeline(
         },
         skipped=[asdict(s) for s in analysis.skipped],
         kept_float=[{"node": p.name, "reason": p.reason} for p in plans if p.action == "keep"],
+        opset_upgrade=upgrade,
     )
 
     # Calibrate: per-channel abs-max of every tensor that smoothing or static activations need.

@@ -8,11 +8,15 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 
 from sq_onnx import Recipe, convert
+from sq_onnx.cli import main
 from sq_onnx.errors import OutputError, SqOnnxError
+
+from conftest import rel_error, run
 
 
 def test_already_quantized_model_is_refused(llama_dir, tmp_path, calib_ids):
@@ -80,3 +84,84 @@ def test_sigterm_during_convert_leaves_no_output(llama_dir, tmp_path):
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "sq-onnx: interrupted; no output was written."
     assert list(tmp_path.iterdir()) == []
+
+
+def _old_opset_model(opset: int) -> ir.Model:
+    """X -> Mul γ (outlier channel) -> MatMul -> Relu -> MatMul, declared at an old opset."""
+    rng = np.random.default_rng(0)
+    tape = ir.tape.Tape()
+    x = ir.Value(name="X", shape=ir.Shape(["b", 16]), type=ir.TensorType(ir.DataType.FLOAT))
+    gamma = rng.uniform(0.5, 1.5, 16).astype(np.float32)
+    gamma[3] *= 30
+    h = tape.op("Mul", [x, tape.initializer(ir.tensor(gamma, name="gamma"))])
+    w1 = tape.initializer(ir.tensor(rng.normal(size=(16, 16)).astype(np.float32), name="w1"))
+    h = tape.op("Relu", [tape.op("MatMul", [h, w1])])
+    y = tape.op(
+        "MatMul", [h, tape.initializer(ir.tensor(rng.normal(size=(16, 8)).astype(np.float32), name="w2"))]
+    )
+    y.name, y.type = "Y", ir.TensorType(ir.DataType.FLOAT)
+    graph = ir.Graph([x], [y], nodes=tape.nodes, initializers=tape.initializers, opset_imports={"": opset})
+    return ir.Model(graph, ir_version=7)
+
+
+OLD_CALIB = {"X": np.random.default_rng(1).normal(size=(4, 5, 16)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("act", ["per-token", "static"])
+def test_old_opset_is_upgraded_when_safe(act, tmp_path):
+    src = tmp_path / "old.onnx"
+    ir.save(_old_opset_model(7), src)
+    out = tmp_path / "q.onnx"
+    result = convert(src, out, Recipe(scheme="w8a8", act=act, samples=3), calibration=OLD_CALIB)
+    assert result.opset_upgrade["from"] == 7 and result.opset_upgrade["to"] == 13
+    assert result.opset_upgrade["checked_relative_error"] < 1e-6
+    assert ir.load(out).opset_imports[""] == 13
+    assert ir.load(src).opset_imports[""] == 7, "the input is never modified"
+    feed = {"X": OLD_CALIB["X"][0]}
+    assert rel_error(run(src, feed), run(out, feed)) < 0.05
+
+
+def test_old_opset_that_cannot_be_upgraded_says_what_to_do(tmp_path, monkeypatch, capsys):
+    from onnx import version_converter
+
+    def refuse(*_args, **_kwargs):
+        raise RuntimeError("No Adapter For Upsample")
+
+    monkeypatch.setattr(version_converter, "convert_version", refuse)
+    src = tmp_path / "old.onnx"
+    ir.save(_old_opset_model(9), src)
+    np.savez(tmp_path / "c.npz", **OLD_CALIB)
+    code = main(
+        [
+            "convert",
+            str(src),
+            "-o",
+            str(tmp_path / "q.onnx"),
+            "--scheme",
+            "w8a8",
+            "--calib",
+            str(tmp_path / "c.npz"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "opset 9" in err and "No Adapter For Upsample" in err and "--act per-tensor" in err
+    # per-tensor needs no new default-domain op, so the same model converts without an upgrade.
+    assert (
+        main(
+            [
+                "convert",
+                str(src),
+                "-o",
+                str(tmp_path / "p.onnx"),
+                "--scheme",
+                "w8a8",
+                "--act",
+                "per-tensor",
+                "--calib",
+                str(tmp_path / "c.npz"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
