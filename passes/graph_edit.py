@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_ir as ir
 
@@ -30,12 +32,36 @@ def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
 
 def set_weight(graph: ir.Graph, linear: Linear, w_kn: np.ndarray, suffix: str) -> None:
     """Give ``linear`` a new, unshared constant weight (given as [K, N]); old constants are left for DCE."""
+    value = add_initializer(
+        graph, f"{linear.weight_name or linear.node.name}.{suffix}", np.ascontiguousarray(w_kn)
+    )
+    _use_weight(linear, value)
+
+
+def _use_weight(linear: Linear, value: ir.Value) -> None:
+    """Point the linear at a [K, N] weight: Gemm/FusedMatMul lose transB and alpha (folded in)."""
     node = linear.node
-    value = add_initializer(graph, f"{linear.weight_name or node.name}.{suffix}", np.ascontiguousarray(w_kn))
     node.replace_input_with(1, value)
     if node.op_type in ("Gemm", "FusedMatMul"):
         node.attributes["transB"] = ir.AttrInt64("transB", 0)
         node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
+
+
+def set_weight_lazy(
+    graph: ir.Graph, linear: Linear, make_kn: Callable[[], np.ndarray], dtype: ir.DataType, suffix: str
+) -> None:
+    """Like ``set_weight``, but the new [K, N] weight is computed by ``make_kn`` each time it is read
+    (quantization, saving, a session): a large model never holds all its rewritten weights at once."""
+    k, n = linear.shape
+
+    def make() -> ir.Tensor:
+        return ir.tensor(np.ascontiguousarray(make_kn()))
+
+    name = unique_name(graph, f"{linear.weight_name or linear.node.name}.{suffix}")
+    tensor = ir.LazyTensor(make, dtype=dtype, shape=ir.Shape([k, n]), name=name)
+    value = ir.Value(name=name, shape=ir.Shape([k, n]), type=ir.TensorType(dtype), const_value=tensor)
+    graph.register_initializer(value)
+    _use_weight(linear, value)
 
 
 def replace_node(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], new_output: ir.Value) -> None:

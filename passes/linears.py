@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,6 +75,14 @@ class Linear:
         if self.node.op_type == "Gemm" and len(self.node.inputs) > 2:
             return self.node.inputs[2]
         return None
+
+    def release(self) -> None:
+        """Drop the memory map of an external weight once read: otherwise every weight a pass has
+        touched stays resident and a large model's peak memory grows by its whole size."""
+        tensor = self.source.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            with contextlib.suppress(BufferError):  # an array still views the map: keep it
+                tensor.release()
 
     def weight_kn(self) -> np.ndarray:
         """The effective weight as a [K, N] array (Gemm's alpha folded in)."""

@@ -164,5 +164,6 @@ def quantize_w8a8(
         if is_fp16:
             new_nodes.append(b.node("Cast", [new_nodes[-1].outputs[0]], to=int(ir.DataType.FLOAT16)))
         replace_node(graph, node, new_nodes, new_nodes[-1].outputs[0])
+        linear.release()
         done.append(node.name or "")
     return done

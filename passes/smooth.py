@@ -12,15 +12,18 @@ import numpy as np
 import onnx_ir as ir
 
 from sq_onnx.passes.analyze import SmoothGroup
-from sq_onnx.passes.graph_edit import add_initializer, set_weight
-from sq_onnx.passes.linears import constant_array
+from sq_onnx.passes.graph_edit import add_initializer, set_weight_lazy
+from sq_onnx.passes.linears import Linear, constant_array
 
 MIN_SCALE = 1e-5
 
 
 def weight_row_absmax(group: SmoothGroup) -> np.ndarray:
     """max_i |W_i[j, :]| over every consumer: one shared scale must suit all of them."""
-    rows = [np.abs(c.weight_kn().astype(np.float32)).max(axis=1) for c in group.consumers]
+    rows = []
+    for c in group.consumers:
+        rows.append(np.abs(c.weight_kn().astype(np.float32)).max(axis=1))
+        c.release()
     return np.max(np.stack(rows), axis=0)
 
 
@@ -57,8 +60,23 @@ def apply_smoothing(graph: ir.Graph, group: SmoothGroup, scales: np.ndarray) -> 
         base = f"{node.inputs[index].name or node.name}.smoothed"
         node.replace_input_with(index, add_initializer(graph, base, new))
     for linear in group.consumers:
+        set_weight_lazy(graph, linear, _scaled_rows(linear, scales), linear.source.dtype, "smoothed")
+
+
+def _scaled_rows(linear: Linear, scales: np.ndarray):
+    """A function computing s_j * W[j, :] from the original weight (correctly rounded in its dtype)."""
+
+    def make() -> np.ndarray:
         w = linear.weight_kn()
-        set_weight(graph, linear, (w.astype(np.float64) * s[:, None]).astype(w.dtype), "smoothed")
+        if w.dtype == np.float32:
+            out = w * scales.astype(np.float32)[:, None]  # one float32 product is correctly rounded
+        else:
+            out = (w.astype(np.float64) * scales.astype(np.float64)[:, None]).astype(w.dtype)
+        del w
+        linear.release()
+        return out
+
+    return make
 
 
 def smooth_groups(

@@ -110,6 +110,7 @@ def layer_errors(
         if got is None:
             continue
         ref = x.astype(np.float32) @ linear.weight_kn().astype(np.float32)
+        linear.release()
         den = float(np.linalg.norm(ref))
         err = float(np.linalg.norm(ref - got)) / den if den > 0 else 0.0
         errors.append(LayerError(name, linear.module, node.op_type, err, int(x.shape[0])))

@@ -43,16 +43,32 @@ def _check_structure(model: ir.Model, path: Path) -> None:
     is not used: it rejects ORT's own ops in the default domain, e.g. SimplifiedLayerNormalization.)
     Unknown op types are left to ONNX Runtime, whose refusal becomes one sentence too."""
     graph = model.graph
+    if not all(n is None or isinstance(n, str) for n in _all_strings(model)):
+        raise ModelLoadError(f"{str(path)!r} is damaged: a name in it is not valid UTF-8.")
     known = {v.name for v in graph.inputs} | set(graph.initializers)
     for node in graph:
-        names = [node.name, node.op_type, node.domain, *(v.name for v in node.inputs if v is not None)]
-        if not all(n is None or isinstance(n, str) for n in names):
-            raise ModelLoadError(f"{str(path)!r} is damaged: a node or tensor name is not valid UTF-8.")
         for value in node.inputs:
             if value is not None and value.name and value.producer() is None and value.name not in known:
                 raise ModelLoadError(
                     f"{str(path)!r} is damaged: node {node.name!r} reads {value.name!r}, which nothing produces."
                 )
+
+
+def _all_strings(model: ir.Model):
+    """Every name and text field a later stage serializes (onnx_ir leaves undecodable ones as bytes)."""
+    graph = model.graph
+    yield from (model.producer_name, model.producer_version, model.domain, model.doc_string)
+    yield from (graph.name, graph.doc_string, *model.opset_imports, *graph.opset_imports)
+    yield from (v.name for v in (*graph.inputs, *graph.outputs, *graph.initializers.values()))
+    yield from graph.initializers
+    yield from (*model.metadata_props, *model.metadata_props.values())
+    for node in graph:
+        yield from (node.name, node.op_type, node.domain, node.doc_string)
+        yield from (v.name for v in (*node.inputs, *node.outputs) if v is not None)
+        for name, attr in node.attributes.items():
+            yield name
+            if attr.type == ir.AttributeType.STRING:
+                yield attr.value
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:
@@ -123,7 +139,8 @@ def _external_files(src: Path) -> set[str]:
 def save_model(model: ir.Model, output: str | os.PathLike, external_data: bool = False) -> Path:
     """Write ``model`` atomically: into a temporary folder beside the output, then rename.
 
-    External data (``<name>.onnx.data``) is used when forced or when the weights exceed 2 GB.
+    External data (``<name>.onnx.data``) is used when forced, when the weights exceed 2 GB, or when the
+    model came from a file with external data (so does its output).
     """
     out = Path(output)
     parent = out.resolve().parent
@@ -131,7 +148,13 @@ def save_model(model: ir.Model, output: str | os.PathLike, external_data: bool =
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create output folder {str(parent)!r} ({exc.strerror}).") from None
-    use_external = external_data or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    # A model still holding tensors from an input's external data must get its own data file: saved
+    # inline, onnx_ir would keep references relative to the input's folder.
+    use_external = (
+        external_data
+        or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        or any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    )
     data_name = _data_name(out)
     try:
         tmpdir = Path(tempfile.mkdtemp(prefix=".sq-onnx-", dir=parent))

@@ -47,17 +47,81 @@ def session(path: str | os.PathLike, providers: list[str] | None = None, threads
 
 @contextmanager
 def in_memory_session(model: ir.Model, threads: int | None = None) -> Iterator[object]:
-    """A CPU session for an onnx_ir model: serialized in memory when small; otherwise written to a temp
-    folder with external data, which streams the weights instead of holding a protobuf copy and its bytes
-    (two extra copies of the model), and which ORT needs for models over 2 GB or with external tensors."""
+    """A CPU session for an onnx_ir model, by the cheapest route that works:
+    - small and self-contained: serialized in memory;
+    - weights in an external-data file (large models): a hidden temporary .onnx written beside that file
+      references it in place, so ORT reads the original weights and this process never copies them;
+      only new tensors (smoothed or quantized weights) go to a temporary data file beside it;
+    - otherwise: everything streamed to a temporary folder (ORT needs files for models over 2 GB)."""
     if weight_bytes(model) < IN_MEMORY_LIMIT and not _has_external_tensors(model):
         data = ir.to_proto(model).SerializeToString()
         yield _checked_session(data, threads)
+        return
+    home = _external_home(model)
+    if home is not None:
+        with _files_beside(model, home) as path:
+            yield _checked_session(str(path), threads)
         return
     with tempfile.TemporaryDirectory(prefix="sq-onnx-") as tmp:
         path = Path(tmp) / "model.onnx"
         ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
         yield _checked_session(str(path), threads)
+
+
+def _external_home(model: ir.Model) -> Path | None:
+    """The one writable folder every external tensor of ``model`` lives in, if there is exactly one."""
+    homes = {
+        Path(v.const_value.base_dir)
+        for v in model.graph.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    }
+    if len(homes) != 1:
+        return None
+    home = homes.pop()
+    return home if os.access(home, os.W_OK) else None
+
+
+ALIGN = 4096
+INLINE_BYTES = 1024
+
+
+@contextmanager
+def _files_beside(model: ir.Model, home: Path) -> Iterator[Path]:
+    """Write a structural copy of ``model`` as a hidden .onnx in ``home``: external tensors keep their
+    references, other tensors above INLINE_BYTES stream (one at a time) into a hidden .data beside it.
+    Both files are removed afterwards, also on errors and interrupts."""
+    from sq_onnx.calibrate import copy_model
+
+    work = copy_model(model)
+    fd, name = tempfile.mkstemp(prefix=".sq-onnx-", suffix=".onnx", dir=home)
+    os.close(fd)
+    path = Path(name)
+    data_path = path.with_name(path.name + ".data")
+    try:
+        with open(data_path, "wb") as f:
+            for value in work.graph.initializers.values():
+                tensor = value.const_value
+                if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < INLINE_BYTES:
+                    continue
+                offset = -(-f.tell() // ALIGN) * ALIGN
+                f.seek(offset)
+                raw = tensor.tobytes()
+                f.write(raw)
+                value.const_value = ir.ExternalTensor(
+                    data_path.name,
+                    offset,
+                    len(raw),
+                    tensor.dtype,
+                    shape=tensor.shape,
+                    name=value.name,
+                    base_dir=home,
+                )
+                del raw
+        ir.save(work, path)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+        data_path.unlink(missing_ok=True)
 
 
 def _checked_session(model: bytes | str, threads: int | None):

@@ -253,8 +253,14 @@ def _run_pipeline(
         errors = layer_errors(work.graph, [p.linear for p in plans], calib.rows, scales)
         parts = (groups, errors)
     _record_metadata(work, recipe, result)
-    save_model(work, out, external_data=recipe.external_data)
+    # Keep the input's layout: an input with external data gets an output with external data.
+    keep_layout = input_path is not None and _uses_external_data(src)
+    save_model(work, out, external_data=recipe.external_data or keep_layout)
     return result, parts
+
+
+def _uses_external_data(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
 def _weight_dtype(analysis: Any) -> str:

@@ -70,6 +70,7 @@ def quantize_graph(
             clip_search=recipe.clip_search,
             importance=weights,
         )
+        p.linear.release()
         done.append(p.name)
     w8a8 = [p.linear for p in plans if p.action == "w8a8"]
     if w8a8:
