@@ -54,6 +54,11 @@ class Analysis:
     skipped: list[Skip] = field(default_factory=list)
 
 
+def _is_float(dtype: np.dtype) -> bool:
+    """numpy floats, and bfloat16 (an ml_dtypes type numpy does not count as floating)."""
+    return np.issubdtype(dtype, np.floating) or dtype == ir.DataType.BFLOAT16.numpy()
+
+
 def _is_channel_vector(value: ir.Value | None, channels: int) -> bool:
     """A constant that broadcasts along the last axis only: shape [C] or [1, ..., 1, C]."""
     if value is None or not is_constant(value):
@@ -61,7 +66,7 @@ def _is_channel_vector(value: ir.Value | None, channels: int) -> bool:
     arr = constant_array(value)
     if arr is None or arr.ndim == 0 or arr.shape[-1] != channels:
         return False
-    return all(d == 1 for d in arr.shape[:-1]) and np.issubdtype(arr.dtype, np.floating)
+    return all(d == 1 for d in arr.shape[:-1]) and _is_float(arr.dtype)
 
 
 def _axis_is_last(node: ir.Node, default: int = -1) -> bool:

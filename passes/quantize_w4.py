@@ -20,6 +20,8 @@ def _float_dtype(linear: Linear) -> np.dtype:
     dtype = linear.input.dtype
     if dtype == ir.DataType.FLOAT16:
         return np.dtype(np.float16)
+    if dtype == ir.DataType.BFLOAT16:
+        return ir.DataType.BFLOAT16.numpy()  # ml_dtypes.bfloat16: MatMulNBits takes bf16 scales with bf16 A
     return np.dtype(np.float32)
 
 

@@ -100,7 +100,8 @@ def quantize_w8a8(
     for linear in linears:
         node = linear.node
         x = linear.input
-        is_fp16 = x.dtype == ir.DataType.FLOAT16
+        half = x.dtype if x.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) else None
+        is_fp16 = half is not None  # fp16 or bf16: the integer ops take float32 in and out
         new_nodes: list[ir.Node] = []
         if act == "per-tensor":
             wq, ws = quantize_per_channel(linear.weight_kn(), qmax=63)
@@ -162,7 +163,7 @@ def quantize_w8a8(
                 )
             )
         if is_fp16:
-            new_nodes.append(b.node("Cast", [new_nodes[-1].outputs[0]], to=int(ir.DataType.FLOAT16)))
+            new_nodes.append(b.node("Cast", [new_nodes[-1].outputs[0]], to=int(half)))
         replace_node(graph, node, new_nodes, new_nodes[-1].outputs[0])
         linear.release()
         done.append(node.name or "")

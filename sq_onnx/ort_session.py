@@ -52,7 +52,13 @@ def in_memory_session(model: ir.Model, threads: int | None = None) -> Iterator[o
     - weights in an external-data file (large models): a hidden temporary .onnx written beside that file
       references it in place, so ORT reads the original weights and this process never copies them;
       only new tensors (smoothed or quantized weights) go to a temporary data file beside it;
-    - otherwise: everything streamed to a temporary folder (ORT needs files for models over 2 GB)."""
+    - otherwise: everything streamed to a temporary folder (ORT needs files for models over 2 GB).
+    bfloat16 models run as their float32 twin (``sq_onnx.float32_twin``): the CPU provider has no bf16 kernels.
+    Feeds and outputs of a twin are float32 where the model's are bfloat16."""
+    from sq_onnx.float32_twin import float32_twin, has_bfloat16
+
+    if has_bfloat16(model):
+        model = float32_twin(model)
     if weight_bytes(model) < IN_MEMORY_LIMIT and not _has_external_tensors(model):
         data = ir.to_proto(model).SerializeToString()
         yield _checked_session(data, threads)

@@ -16,7 +16,8 @@ from sq_onnx import Recipe, convert
 from sq_onnx.cli import main
 from sq_onnx.errors import OutputError, SqOnnxError
 
-from conftest import rel_error, run
+import tiny_models
+from conftest import ids_feed, rel_error, run
 
 
 def test_already_quantized_model_is_refused(llama_dir, tmp_path, calib_ids):
@@ -165,3 +166,26 @@ def test_old_opset_that_cannot_be_upgraded_says_what_to_do(tmp_path, monkeypatch
         )
         == 0
     )
+
+
+@pytest.mark.parametrize("scheme", ["w4", "w8a8"])
+def test_bfloat16_models_are_converted(scheme, llama_dir, tmp_path, calib_ids):
+    """ORT's CPU provider has no bf16 kernels: calibration and checks run the float32 twin; the output
+    stays a bf16 model (MatMulNBits with bf16 scales / integer ops between Casts)."""
+    from sq_onnx.float32_twin import float32_twin
+
+    src = tiny_models.to_bfloat16(llama_dir / "model.onnx", tmp_path / "bf16.onnx")
+    out = tmp_path / "q.onnx"
+    result = convert(src, out, Recipe(scheme=scheme, samples=4), calibration=calib_ids)
+    assert result.smoothing_check["equivalent"] and result.smoothed_groups
+    assert result.verify["relative_error"] < (0.5 if scheme == "w4" else 0.1)
+    model = ir.load(out)
+    assert model.graph.outputs[0].dtype == ir.DataType.BFLOAT16
+    ops = {n.op_type for n in model.graph}
+    assert ("MatMulIntegerToFloat" in ops) == (scheme == "w8a8") and "MatMulNBits" in ops
+    scales = [n.inputs[2].dtype for n in model.graph if n.op_type == "MatMulNBits"]
+    assert set(scales) == {ir.DataType.BFLOAT16}
+    twin = tmp_path / "twin.onnx"
+    ir.save(float32_twin(model), twin)
+    feed = ids_feed()
+    assert rel_error(run(llama_dir / "model.onnx", feed), run(twin, feed)) < (0.5 if scheme == "w4" else 0.1)

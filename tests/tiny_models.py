@@ -181,3 +181,28 @@ def write_llama_gguf(model, tokenizer_json: Path, path: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def to_bfloat16(src: Path, dst: Path) -> Path:
+    """The float32 model at ``src`` with every float32 tensor, value and Cast target made bfloat16."""
+    import onnx_ir as ir
+
+    bf16 = ir.DataType.BFLOAT16
+    model = ir.load(src)
+    graph = model.graph
+    for value in graph.initializers.values():
+        if value.const_value is not None and value.const_value.dtype == ir.DataType.FLOAT:
+            value.const_value = ir.tensor(value.const_value.numpy().astype(bf16.numpy()), name=value.name)
+    for value in [
+        *graph.inputs,
+        *graph.outputs,
+        *graph.initializers.values(),
+        *(o for n in graph for o in n.outputs),
+    ]:
+        if value.dtype == ir.DataType.FLOAT:
+            value.type = ir.TensorType(bf16)
+    for node in graph:
+        if node.op_type == "Cast" and node.attributes["to"].as_int() == int(ir.DataType.FLOAT):
+            node.attributes["to"] = ir.AttrInt64("to", int(bf16))
+    ir.save(model, dst)
+    return dst
