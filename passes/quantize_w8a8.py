@@ -100,13 +100,13 @@ def quantize_w8a8(
     for linear in linears:
         node = linear.node
         x = linear.input
+        # fp16 or bf16 activations: the integer ops take float32 in and out, so Cast around them.
         half = x.dtype if x.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) else None
-        is_fp16 = half is not None  # fp16 or bf16: the integer ops take float32 in and out
         new_nodes: list[ir.Node] = []
         if act == "per-tensor":
             wq, ws = quantize_per_channel(linear.weight_kn(), qmax=63)
             xf = x
-            if is_fp16:
+            if half is not None:
                 new_nodes.append(b.node("Cast", [x], to=int(ir.DataType.FLOAT)))
                 xf = new_nodes[-1].outputs[0]
             base = linear.weight_name or linear.name
@@ -123,7 +123,7 @@ def quantize_w8a8(
             if id(x) not in act_cache:
                 pre: list[ir.Node] = []
                 xf = x
-                if is_fp16:
+                if half is not None:
                     pre.append(b.node("Cast", [x], to=int(ir.DataType.FLOAT)))
                     xf = pre[-1].outputs[0]
                 if act == "per-token":
@@ -162,7 +162,7 @@ def quantize_w8a8(
                     ],
                 )
             )
-        if is_fp16:
+        if half is not None:
             new_nodes.append(b.node("Cast", [new_nodes[-1].outputs[0]], to=int(half)))
         replace_node(graph, node, new_nodes, new_nodes[-1].outputs[0])
         linear.release()

@@ -15,12 +15,15 @@ BF16 = ir.DataType.BFLOAT16
 FLOAT = ir.DataType.FLOAT
 
 
+def _typed_values(graph: ir.Graph) -> list[ir.Value]:
+    """Inputs, outputs, initializers and node outputs of ``graph``: every value that carries a type."""
+    values = [*graph.inputs, *graph.outputs, *graph.initializers.values()]
+    return values + [v for node in graph for v in node.outputs]
+
+
 def has_bfloat16(model: ir.Model) -> bool:
     """Whether any input, output, initializer or node output of the main graph is bfloat16."""
-    graph = model.graph
-    values = [*graph.inputs, *graph.outputs, *graph.initializers.values()]
-    values += [v for node in graph for v in node.outputs]
-    return any(v.dtype == BF16 for v in values)
+    return any(v.dtype == BF16 for v in _typed_values(model.graph))
 
 
 def _widened(tensor: ir.TensorProtocol) -> ir.LazyTensor:
@@ -39,9 +42,7 @@ def float32_twin(model: ir.Model) -> ir.Model:
     for value in graph.initializers.values():
         if value.const_value is not None and value.const_value.dtype == BF16:
             value.const_value = _widened(value.const_value)
-    values = [*graph.inputs, *graph.outputs, *graph.initializers.values()]
-    values += [v for node in graph for v in node.outputs]
-    for value in values:
+    for value in _typed_values(graph):
         if value.dtype == BF16:
             value.type = ir.TensorType(FLOAT)  # a new type object: clones share the old one
     for node in graph:

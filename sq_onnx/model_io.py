@@ -82,6 +82,11 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
                 )
 
 
+def has_external_tensors(model: ir.Model) -> bool:
+    """Whether any initializer of the main graph still lives in an external-data file."""
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
 def weight_bytes(model: ir.Model) -> int:
     """Total bytes of the main graph's initializers."""
     total = 0
@@ -151,9 +156,7 @@ def save_model(model: ir.Model, output: str | os.PathLike, external_data: bool =
     # A model still holding tensors from an input's external data must get its own data file: saved
     # inline, onnx_ir would keep references relative to the input's folder.
     use_external = (
-        external_data
-        or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
-        or any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+        external_data or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD or has_external_tensors(model)
     )
     data_name = _data_name(out)
     try:

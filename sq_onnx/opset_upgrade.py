@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 from sq_onnx.errors import SqOnnxError
 from sq_onnx.recipe import Recipe
+from sq_onnx.verify import compare, first_outputs
 
 # Round (per-token activation quantization) is opset 11; QuantizeLinear (static) is opset 10.
 # The upgrade goes to 13, the oldest opset every current exporter and runtime treats as a baseline.
@@ -45,7 +46,13 @@ def upgrade_if_needed(
 
         upgraded = ir.from_proto(version_converter.convert_version(ir.to_proto(model), UPGRADE_TARGET))
         _reattach_weights(model, upgraded)
-        error = _output_difference(model, upgraded, feed) if feed is not None else None
+        error = (
+            compare(
+                first_outputs(model, [feed], "opset", False), first_outputs(upgraded, [feed], "opset", False)
+            ).relative_error
+            if feed is not None
+            else None
+        )
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OpsetError(
@@ -67,15 +74,3 @@ def _reattach_weights(original: ir.Model, upgraded: ir.Model) -> None:
         source = original.graph.initializers.get(name)
         if source is not None and source.const_value is not None:
             value.const_value = source.const_value
-
-
-def _output_difference(a: ir.Model, b: ir.Model, feed: dict[str, np.ndarray]) -> float:
-    from sq_onnx.ort_session import in_memory_session
-
-    outputs = []
-    for model in (a, b):
-        with in_memory_session(model) as sess:
-            outputs.append(np.asarray(sess.run(None, feed)[0], dtype=np.float64))
-    ref, got = outputs
-    den = float(np.linalg.norm(ref))
-    return float(np.linalg.norm(ref - got)) / den if den > 0 else float(np.linalg.norm(got))

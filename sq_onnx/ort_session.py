@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from sq_onnx.model_io import weight_bytes
+from sq_onnx.model_io import has_external_tensors, weight_bytes
 
 # Above this, sessions for in-memory models go through a temporary file (see in_memory_session).
 IN_MEMORY_LIMIT = 64 * 1024**2
@@ -59,7 +59,7 @@ def in_memory_session(model: ir.Model, threads: int | None = None) -> Iterator[o
 
     if has_bfloat16(model):
         model = float32_twin(model)
-    if weight_bytes(model) < IN_MEMORY_LIMIT and not _has_external_tensors(model):
+    if weight_bytes(model) < IN_MEMORY_LIMIT and not has_external_tensors(model):
         data = ir.to_proto(model).SerializeToString()
         yield _checked_session(data, threads)
         return
@@ -140,7 +140,3 @@ def _checked_session(model: bytes | str, threads: int | None):
 
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"ONNX Runtime cannot load the model: {first}") from None
-
-
-def _has_external_tensors(model: ir.Model) -> bool:
-    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())

@@ -21,7 +21,7 @@ from sq_onnx.calibration_data import load_calibration
 from sq_onnx.errors import NothingToQuantizeError, SqOnnxError
 from sq_onnx.layer_error import LayerError, layer_errors
 from sq_onnx.model_inputs import input_specs
-from sq_onnx.model_io import check_output_path, load_model, save_model
+from sq_onnx.model_io import check_output_path, has_external_tensors, load_model, save_model
 from sq_onnx.opset_upgrade import upgrade_if_needed
 from sq_onnx.passes.analyze import analyze
 from sq_onnx.plan import plan_linears
@@ -110,16 +110,10 @@ def convert(
     recipe = recipe or Recipe()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sq-onnx-in-") as tmpdir:
-        if isinstance(model, (str, os.PathLike)):
-            input_path: Path | None = Path(model)
-            out = check_output_path(input_path, output, overwrite)
-            report_dir = check_report_dir(report, overwrite) if report is not None else None
-            src = load_model(input_path)
-        else:
-            input_path = None
-            out = check_output_path(None, output, overwrite)
-            report_dir = check_report_dir(report, overwrite) if report is not None else None
-            src = load_model(_materialize_input(model, tmpdir))
+        input_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
+        out = check_output_path(input_path, output, overwrite)
+        report_dir = check_report_dir(report, overwrite) if report is not None else None
+        src = load_model(input_path if input_path is not None else _materialize_input(model, tmpdir))
         result, parts = _run_pipeline(
             src, out, recipe, calibration, input_path, tokenizer, show_progress, report_dir is not None
         )
@@ -254,13 +248,9 @@ def _run_pipeline(
         parts = (groups, errors)
     _record_metadata(work, recipe, result)
     # Keep the input's layout: an input with external data gets an output with external data.
-    keep_layout = input_path is not None and _uses_external_data(src)
+    keep_layout = input_path is not None and has_external_tensors(src)
     save_model(work, out, external_data=recipe.external_data or keep_layout)
     return result, parts
-
-
-def _uses_external_data(model: ir.Model) -> bool:
-    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
 def _weight_dtype(analysis: Any) -> str:
