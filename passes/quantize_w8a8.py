@@ -7,6 +7,11 @@ Precondition: ``linears`` were found on this graph (after any smoothing). Activa
   u8 x s8 with full-range weights saturates on AVX2 CPUs without VNNI.
 - ``static``: ``QuantizeLinear`` with a calibrated per-tensor scale + ``MatMulIntegerToFloat``.
 A bias is added by a separate Add: MatMulIntegerToFloat's fused bias is wrong with per-token scales (ORT 1.32).
+
+``kernels="sq_onnx"`` (per-token only) emits the sq_onnx custom ops instead (custom_ops/, fused on CUDA):
+a norm whose output feeds only quantized linears becomes RMSNormQuant / SkipRMSNormQuant / LayerNormQuant,
+other inputs get QuantizePerToken, and each linear an Int8MatMulDequant with its weight as [N, K] int8 and
+its scales and bias in the activation type (float32 or float16), so no Casts are needed.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from sq_onnx.passes.graph_edit import add_initializer, replace_node
 from sq_onnx.passes.linears import Linear
 
 MS = "com.microsoft"
+SQ = "sq_onnx"
 EPS = 1e-12
+KERNELS = ("ort", "sq_onnx")
 
 
 def quantize_per_channel(w_kn: np.ndarray, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
@@ -92,8 +99,15 @@ def quantize_w8a8(
     opset: int,
     act: str = "per-token",
     static_absmax: dict[str, float] | None = None,
+    kernels: str = "ort",
 ) -> list[str]:
     """Replace each linear by its int8 form; returns the names of the replaced nodes."""
+    if kernels == "sq_onnx":
+        from sq_onnx.passes.quantize_w8a8_custom import quantize_w8a8_custom
+
+        if act != "per-token":
+            raise ValueError("--kernels sq_onnx implements per-token activations only")
+        return quantize_w8a8_custom(graph, linears)
     b = _Builder(graph, opset)
     act_cache: dict[int, tuple[ir.Value, ir.Value]] = {}
     done = []

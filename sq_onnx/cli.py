@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="W8A8 activation quantization (default per-token)",
     )
     c.add_argument(
+        "--kernels",
+        choices=("ort", "sq_onnx"),
+        default="ort",
+        help="W8A8 ops: stock ONNX Runtime (default) or the sq_onnx custom ops (fused norm + quantize; "
+        "CUDA kernels), which sessions load with sq_onnx.register_custom_ops",
+    )
+    c.add_argument(
         "--exclude",
         action="append",
         default=[],
@@ -194,6 +201,7 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         lm_head=args.lm_head,
         lm_head_accuracy_level=args.lm_head_accuracy_level,
         act=args.act,
+        kernels=args.kernels,
         exclude=tuple(args.exclude),
         samples=args.samples,
         seq_len=args.seq_len,

@@ -28,21 +28,36 @@ def _ort():
     return onnxruntime
 
 
-def session_options(threads: int | None = None):
+def session_options(threads: int | None = None, custom_ops: bool = False):
+    """Options for our sessions; ``custom_ops`` registers the sq_onnx op library (raises if it is missing)."""
     ort = _ort()
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
+    if custom_ops:
+        from sq_onnx.custom_ops import register_custom_ops
+
+        register_custom_ops(so)
     return so
 
 
+def _model_uses_custom_ops(path: str | os.PathLike) -> bool:
+    """Whether a model file imports the sq_onnx domain (reads the graph, never the weights)."""
+    import onnx
+
+    from sq_onnx.custom_ops import DOMAIN
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return any(o.domain == DOMAIN for o in proto.opset_import)
+
+
 def session(path: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None):
-    """An ``onnxruntime.InferenceSession`` for a model file (CPU unless providers say otherwise)."""
+    """An ``onnxruntime.InferenceSession`` for a model file (CPU unless providers say otherwise); models
+    converted with ``--kernels sq_onnx`` get the custom-op library registered."""
     ort = _ort()
-    return ort.InferenceSession(
-        str(path), session_options(threads), providers=providers or ["CPUExecutionProvider"]
-    )
+    so = session_options(threads, custom_ops=_model_uses_custom_ops(path))
+    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
 
 
 @contextmanager
@@ -59,19 +74,22 @@ def in_memory_session(model: ir.Model, threads: int | None = None) -> Iterator[o
 
     if has_bfloat16(model):
         model = float32_twin(model)
+    from sq_onnx.custom_ops import DOMAIN
+
+    custom = DOMAIN in model.opset_imports
     if weight_bytes(model) < IN_MEMORY_LIMIT and not has_external_tensors(model):
         data = ir.to_proto(model).SerializeToString()
-        yield _checked_session(data, threads)
+        yield _checked_session(data, threads, custom)
         return
     home = _external_home(model)
     if home is not None:
         with _files_beside(model, home) as path:
-            yield _checked_session(str(path), threads)
+            yield _checked_session(str(path), threads, custom)
         return
     with tempfile.TemporaryDirectory(prefix="sq-onnx-") as tmp:
         path = Path(tmp) / "model.onnx"
         ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
-        yield _checked_session(str(path), threads)
+        yield _checked_session(str(path), threads, custom)
 
 
 def _external_home(model: ir.Model) -> Path | None:
@@ -130,11 +148,12 @@ def _files_beside(model: ir.Model, home: Path) -> Iterator[Path]:
         data_path.unlink(missing_ok=True)
 
 
-def _checked_session(model: bytes | str, threads: int | None):
+def _checked_session(model: bytes | str, threads: int | None, custom_ops: bool = False):
     """A CPU session; ORT's refusal of a model the checker let through becomes one clear sentence."""
     ort = _ort()
+    so = session_options(threads, custom_ops)
     try:
-        return ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own pybind types (Fail, InvalidGraph, NotImplemented, ...)
         from sq_onnx.errors import ModelLoadError
 

@@ -74,7 +74,9 @@ def quantize_graph(
         done.append(p.name)
     w8a8 = [p.linear for p in plans if p.action == "w8a8"]
     if w8a8:
-        done += quantize_w8a8(graph, w8a8, work.opset_imports.get("", 18), recipe.act, static_ranges)
+        done += quantize_w8a8(
+            graph, w8a8, work.opset_imports.get("", 18), recipe.act, static_ranges, kernels=recipe.kernels
+        )
     cleanup(work)
     return done
 

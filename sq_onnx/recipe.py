@@ -12,6 +12,7 @@ from sq_onnx.errors import RecipeError
 
 SCHEMES = ("w4", "w8a8", "smooth")
 ACT_MODES = ("per-token", "per-tensor", "static")
+KERNELS = ("ort", "sq_onnx")
 LM_HEAD_MODES = ("4", "8", "fp")
 ALPHA_SEARCHES = ("none", "model", "layer")
 
@@ -41,6 +42,8 @@ class Recipe:
     # (int8 activations per block) is fast and measured lossless for the lm_head (tools/RESULTS.md).
     lm_head_accuracy_level: int = 4
     act: str = "per-token"
+    # "ort": stock ONNX Runtime ops; "sq_onnx": the custom-op library (fused norm + quantize, CUDA kernels)
+    kernels: str = "ort"
     exclude: tuple[str, ...] = field(default_factory=tuple)
     samples: int = 16
     seq_len: int = 256
@@ -79,6 +82,10 @@ class Recipe:
             raise RecipeError(f"--lm-head must be one of {', '.join(LM_HEAD_MODES)}, got {self.lm_head!r}.")
         if self.act not in ACT_MODES:
             raise RecipeError(f"--act must be one of {', '.join(ACT_MODES)}, got {self.act!r}.")
+        if self.kernels not in KERNELS:
+            raise RecipeError(f"--kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}.")
+        if self.kernels == "sq_onnx" and (self.scheme != "w8a8" or self.act != "per-token"):
+            raise RecipeError("--kernels sq_onnx is for --scheme w8a8 with --act per-token.")
         if self.samples < 1:
             raise RecipeError(f"samples must be at least 1, got {self.samples}.")
         if self.seq_len < 2:

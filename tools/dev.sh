@@ -9,7 +9,9 @@ PY=${PYTHON:-python3}
 # shellcheck disable=SC1091
 . .venv/bin/activate
 stamp=.venv/.sq-onnx-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ CMakeLists.txt -nt "$stamp" ]; then
+# Re-install when the build inputs changed: pip builds the C++/CUDA custom-op library (custom_ops/).
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ CMakeLists.txt -nt "$stamp" ] \
+  || [ -n "$(find custom_ops -newer "$stamp" -type f 2>/dev/null | head -1)" ]; then
   python -m pip install -q --upgrade pip
   python -m pip install -q "torch==2.13.0"
   python -m pip install -q -e ".[dev]"

@@ -1,0 +1,325 @@
+// CPU kernels; see cpu_kernels.h for the arithmetic they define.
+#include "cpu_kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define SQ_X86 1
+#endif
+
+namespace sq {
+
+float to_float(float v) { return v; }
+
+float to_float(half_t h) {
+  uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;
+  uint32_t exp = (h.bits >> 10) & 0x1fu;
+  uint32_t mant = h.bits & 0x3ffu;
+  uint32_t f;
+  if (exp == 0) {
+    float v = static_cast<float>(mant) * (1.0f / 16777216.0f);  // subnormal: mant * 2^-24
+    std::memcpy(&f, &v, 4);
+    f |= sign;
+  } else if (exp == 31) {
+    f = sign | 0x7f800000u | (mant << 13);
+  } else {
+    f = sign | ((exp + 112) << 23) | (mant << 13);
+  }
+  float out;
+  std::memcpy(&out, &f, 4);
+  return out;
+}
+
+template <>
+float from_float<float>(float v) {
+  return v;
+}
+
+// Round-to-nearest-even float -> binary16 (as numpy's astype(float16)).
+template <>
+half_t from_float<half_t>(float fl) {
+  const uint32_t f32infty = 255u << 23, f16max = (127u + 16u) << 23;
+  const uint32_t denorm_magic_u = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+  float denorm_magic;
+  std::memcpy(&denorm_magic, &denorm_magic_u, 4);
+  uint32_t f;
+  std::memcpy(&f, &fl, 4);
+  uint32_t sign = f & 0x80000000u;
+  f ^= sign;
+  uint16_t o;
+  if (f >= f16max) {
+    o = f > f32infty ? 0x7e00 : 0x7c00;
+  } else if (f < (113u << 23)) {
+    float ff;
+    std::memcpy(&ff, &f, 4);
+    ff += denorm_magic;
+    std::memcpy(&f, &ff, 4);
+    o = static_cast<uint16_t>(f - denorm_magic_u);
+  } else {
+    uint32_t mant_odd = (f >> 13) & 1u;
+    f += (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu;
+    f += mant_odd;
+    o = static_cast<uint16_t>(f >> 13);
+  }
+  return half_t{static_cast<uint16_t>(o | (sign >> 16))};
+}
+
+ParallelFor serial_for() {
+  return [](size_t total, const std::function<void(size_t)>& body) {
+    for (size_t i = 0; i < total; ++i) body(i);
+  };
+}
+
+namespace {
+
+constexpr float kEps = 1e-12f;
+constexpr int64_t kRowsPerTask = 16;
+
+// Quantizes one float row with the per-token rule; writes the stored scale.
+template <typename T>
+void quantize_row(const float* v, int64_t k, int8_t* q, T* scale) {
+  float amax = 0.0f;
+  for (int64_t j = 0; j < k; ++j) amax = std::max(amax, std::fabs(v[j]));
+  T s = from_float<T>(std::max(amax, kEps) / 127.0f);
+  *scale = s;
+  float sf = to_float(s);
+  if (!(sf > 0.0f)) {
+    std::memset(q, 0, static_cast<size_t>(k));
+    return;
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    float r = std::nearbyint(v[j] / sf);
+    q[j] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
+  }
+}
+
+template <typename Body>
+void for_row_blocks(int64_t rows, const ParallelFor& pf, Body body) {
+  if (rows <= 0) return;
+  size_t tasks = static_cast<size_t>((rows + kRowsPerTask - 1) / kRowsPerTask);
+  pf(tasks, [&](size_t t) {
+    int64_t r0 = static_cast<int64_t>(t) * kRowsPerTask;
+    int64_t r1 = std::min(rows, r0 + kRowsPerTask);
+    body(r0, r1);
+  });
+}
+
+}  // namespace
+
+template <typename T>
+void quantize_per_token(const T* x, const T* smooth_inv, int64_t rows, int64_t k, int8_t* q, T* scale,
+                        const ParallelFor& pf) {
+  for_row_blocks(rows, pf, [&](int64_t r0, int64_t r1) {
+    std::vector<float> v(static_cast<size_t>(k));
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * k;
+      for (int64_t j = 0; j < k; ++j) {
+        v[j] = smooth_inv ? to_float(xr[j]) * to_float(smooth_inv[j]) : to_float(xr[j]);
+      }
+      quantize_row(v.data(), k, q + r * k, scale + r);
+    }
+  });
+}
+
+template <typename T>
+void rmsnorm_quant(const T* x, const T* skip, const T* bias, const T* gamma, float eps, int64_t rows,
+                   int64_t k, int8_t* q, T* scale, T* sum_out, const ParallelFor& pf) {
+  for_row_blocks(rows, pf, [&](int64_t r0, int64_t r1) {
+    std::vector<float> v(static_cast<size_t>(k));
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * k;
+      double ss = 0.0;
+      for (int64_t j = 0; j < k; ++j) {
+        float a = to_float(xr[j]);
+        if (skip) {
+          float s = a + to_float(skip[r * k + j]);
+          if (bias) s += to_float(bias[j]);
+          T st = from_float<T>(s);
+          if (sum_out) sum_out[r * k + j] = st;
+          a = to_float(st);
+        }
+        v[j] = a;
+        ss += static_cast<double>(a) * a;
+      }
+      float ms = k > 0 ? static_cast<float>(ss / static_cast<double>(k)) : 0.0f;
+      float inv = 1.0f / std::sqrt(ms + eps);
+      for (int64_t j = 0; j < k; ++j) v[j] = v[j] * inv * to_float(gamma[j]);
+      quantize_row(v.data(), k, q + r * k, scale + r);
+    }
+  });
+}
+
+template <typename T>
+void layernorm_quant(const T* x, const T* gamma, const T* beta, float eps, int64_t rows, int64_t k,
+                     int8_t* q, T* scale, const ParallelFor& pf) {
+  for_row_blocks(rows, pf, [&](int64_t r0, int64_t r1) {
+    std::vector<float> v(static_cast<size_t>(k));
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * k;
+      double s = 0.0;
+      for (int64_t j = 0; j < k; ++j) {
+        v[j] = to_float(xr[j]);
+        s += v[j];
+      }
+      float mean = k > 0 ? static_cast<float>(s / static_cast<double>(k)) : 0.0f;
+      double ss = 0.0;
+      for (int64_t j = 0; j < k; ++j) {
+        float d = v[j] - mean;
+        ss += static_cast<double>(d) * d;
+      }
+      float var = k > 0 ? static_cast<float>(ss / static_cast<double>(k)) : 0.0f;
+      float inv = 1.0f / std::sqrt(var + eps);
+      for (int64_t j = 0; j < k; ++j) {
+        float y = (v[j] - mean) * inv * to_float(gamma[j]);
+        v[j] = beta ? y + to_float(beta[j]) : y;
+      }
+      quantize_row(v.data(), k, q + r * k, scale + r);
+    }
+  });
+}
+
+// ---- int8 GEMM ---------------------------------------------------------------------------------------
+namespace {
+
+constexpr int64_t kTileM = 64, kTileN = 64;
+
+// acc[i][j] for MR rows of X and NR rows of W (both K-contiguous), portable version.
+template <int MR, int NR>
+void micro_scalar(const int8_t* x, const int8_t* w, int64_t k, int64_t ldx, int64_t ldw, int32_t* out,
+                  int64_t ldo) {
+  int32_t acc[MR][NR] = {};
+  for (int64_t p = 0; p < k; ++p) {
+    for (int i = 0; i < MR; ++i) {
+      int32_t a = x[i * ldx + p];
+      for (int j = 0; j < NR; ++j) acc[i][j] += a * static_cast<int32_t>(w[j * ldw + p]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) out[i * ldo + j] = acc[i][j];
+}
+
+#ifdef SQ_X86
+__attribute__((target("avx2"))) inline int32_t hsum256(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// Sign-extends 16 int8 to int16 and multiplies pairwise into int32 (vpmaddwd): exact, no saturation.
+template <int MR, int NR>
+__attribute__((target("avx2"))) void micro_avx2(const int8_t* x, const int8_t* w, int64_t k, int64_t ldx,
+                                                int64_t ldw, int32_t* out, int64_t ldo) {
+  __m256i acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
+  int64_t p = 0;
+  for (; p + 16 <= k; p += 16) {
+    __m256i wv[NR];
+    for (int j = 0; j < NR; ++j)
+      wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * ldw + p)));
+    for (int i = 0; i < MR; ++i) {
+      __m256i xv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i * ldx + p)));
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(xv, wv[j]));
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      int32_t s = hsum256(acc[i][j]);
+      for (int64_t t = p; t < k; ++t) s += static_cast<int32_t>(x[i * ldx + t]) * w[j * ldw + t];
+      out[i * ldo + j] = s;
+    }
+  }
+}
+
+bool have_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+}
+#endif
+
+template <int MR, int NR>
+void micro(const int8_t* x, const int8_t* w, int64_t k, int64_t ldx, int64_t ldw, int32_t* out, int64_t ldo) {
+#ifdef SQ_X86
+  if (have_avx2()) return micro_avx2<MR, NR>(x, w, k, ldx, ldw, out, ldo);
+#endif
+  micro_scalar<MR, NR>(x, w, k, ldx, ldw, out, ldo);
+}
+
+template <int NR>
+void micro_rows(int64_t mr, const int8_t* x, const int8_t* w, int64_t k, int32_t* out, int64_t ldo) {
+  switch (mr) {
+    case 4: return micro<4, NR>(x, w, k, k, k, out, ldo);
+    case 3: return micro<3, NR>(x, w, k, k, k, out, ldo);
+    case 2: return micro<2, NR>(x, w, k, k, k, out, ldo);
+    default: return micro<1, NR>(x, w, k, k, k, out, ldo);
+  }
+}
+
+// One output tile [m0, m1) x [n0, n1): int32 accumulators into acc (row stride ldo).
+void gemm_tile(const int8_t* xq, const int8_t* wq, int64_t k, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+               int32_t* acc, int64_t ldo) {
+  for (int64_t m = m0; m < m1; m += 4) {
+    int64_t mr = std::min<int64_t>(4, m1 - m);
+    int64_t n = n0;
+    for (; n + 2 <= n1; n += 2) micro_rows<2>(mr, xq + m * k, wq + n * k, k, acc + (m - m0) * ldo + (n - n0), ldo);
+    if (n < n1) micro_rows<1>(mr, xq + m * k, wq + n * k, k, acc + (m - m0) * ldo + (n - n0), ldo);
+  }
+}
+
+template <typename Epilogue>
+void tiled_gemm(const int8_t* xq, const int8_t* wq, int64_t m, int64_t n, int64_t k, const ParallelFor& pf,
+                Epilogue epilogue) {
+  if (m <= 0 || n <= 0) return;
+  int64_t tm = (m + kTileM - 1) / kTileM, tn = (n + kTileN - 1) / kTileN;
+  pf(static_cast<size_t>(tm * tn), [&](size_t t) {
+    int64_t bm = static_cast<int64_t>(t) / tn, bn = static_cast<int64_t>(t) % tn;
+    int64_t m0 = bm * kTileM, m1 = std::min(m, m0 + kTileM);
+    int64_t n0 = bn * kTileN, n1 = std::min(n, n0 + kTileN);
+    std::vector<int32_t> acc(static_cast<size_t>(kTileM * kTileN));
+    gemm_tile(xq, wq, k, m0, m1, n0, n1, acc.data(), kTileN);
+    epilogue(m0, m1, n0, n1, acc.data(), kTileN);
+  });
+}
+
+}  // namespace
+
+void int8_gemm_s32(const int8_t* xq, const int8_t* wq, int64_t m, int64_t n, int64_t k, int32_t* out,
+                   const ParallelFor& pf) {
+  tiled_gemm(xq, wq, m, n, k, pf, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, const int32_t* acc, int64_t ld) {
+    for (int64_t i = m0; i < m1; ++i)
+      for (int64_t j = n0; j < n1; ++j) out[i * n + j] = acc[(i - m0) * ld + (j - n0)];
+  });
+}
+
+template <typename T>
+void int8_matmul_dequant(const int8_t* xq, const T* x_scale, const int8_t* wq, const T* w_scale,
+                         const T* bias, int64_t m, int64_t n, int64_t k, T* y, const ParallelFor& pf) {
+  tiled_gemm(xq, wq, m, n, k, pf, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, const int32_t* acc, int64_t ld) {
+    for (int64_t i = m0; i < m1; ++i) {
+      float xs = to_float(x_scale[i]);
+      for (int64_t j = n0; j < n1; ++j) {
+        float v = static_cast<float>(acc[(i - m0) * ld + (j - n0)]) * (xs * to_float(w_scale[j]));
+        if (bias) v += to_float(bias[j]);
+        y[i * n + j] = from_float<T>(v);
+      }
+    }
+  });
+}
+
+#define SQ_INSTANTIATE(T)                                                                                   \
+  template void quantize_per_token<T>(const T*, const T*, int64_t, int64_t, int8_t*, T*, const ParallelFor&); \
+  template void rmsnorm_quant<T>(const T*, const T*, const T*, const T*, float, int64_t, int64_t, int8_t*, T*, \
+                                 T*, const ParallelFor&);                                                    \
+  template void layernorm_quant<T>(const T*, const T*, const T*, float, int64_t, int64_t, int8_t*, T*,         \
+                                   const ParallelFor&);                                                      \
+  template void int8_matmul_dequant<T>(const int8_t*, const T*, const int8_t*, const T*, const T*, int64_t,   \
+                                       int64_t, int64_t, T*, const ParallelFor&);
+SQ_INSTANTIATE(float)
+SQ_INSTANTIATE(half_t)
+
+}  // namespace sq

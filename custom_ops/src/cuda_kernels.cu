@@ -1,0 +1,473 @@
+// CUDA kernels; see cuda_kernels.h. T is float or __half (sq::half_t on the host side, same bits).
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "cpu_kernels.h"
+#include "cuda_kernels.h"
+
+namespace sq {
+namespace cuda {
+namespace {
+
+constexpr float kEps = 1e-12f;
+
+void check_launch(const char* what) {
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+__device__ __forceinline__ float load_f(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float load_f(const __half* p, int64_t i) { return __half2float(p[i]); }
+__device__ __forceinline__ void store_f(float* p, int64_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void store_f(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
+__device__ __forceinline__ float round_t(float v, const float*) { return v; }
+__device__ __forceinline__ float round_t(float v, const __half*) { return __half2float(__float2half_rn(v)); }
+
+template <typename R>
+__device__ R block_reduce(R v, R (*op)(R, R), R identity, R* shared) {
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  __syncthreads();  // shared may still be read from a previous reduction
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = lane < warps ? shared[lane] : identity;
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ double add_d(double a, double b) { return a + b; }
+__device__ float max_f(float a, float b) { return fmaxf(a, b); }
+
+// Per-token quantization of the float row in shared memory v[0, k): writes q and the stored scale.
+template <typename T>
+__device__ void quantize_shared_row(const float* v, int64_t k, int8_t* q, T* scale, float* red) {
+  float amax = 0.0f;
+  for (int64_t j = threadIdx.x; j < k; j += blockDim.x) amax = fmaxf(amax, fabsf(v[j]));
+  amax = block_reduce<float>(amax, max_f, 0.0f, red);
+  float sf = round_t(fmaxf(amax, kEps) / 127.0f, static_cast<const T*>(nullptr));
+  if (threadIdx.x == 0) store_f(scale, 0, sf);
+  for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+    float r = sf > 0.0f ? rintf(__fdiv_rn(v[j], sf)) : 0.0f;
+    q[j] = static_cast<int8_t>(fminf(127.0f, fmaxf(-127.0f, r)));
+  }
+}
+
+// One block per row; the row lives in shared memory (k floats) between the passes.
+// mode 0: quantize (optionally times smooth_inv); 1: RMSNorm (+ skip/bias); 2: LayerNorm.
+template <typename T, int kMode>
+__global__ void row_kernel(const T* x, const T* skip, const T* bias, const T* gamma, const T* beta,
+                           const T* smooth_inv, float eps, int64_t k, int8_t* q, T* scale, T* sum_out) {
+  extern __shared__ float v[];
+  __shared__ double red_d[32];
+  __shared__ float red_f[32];
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * k;
+  double acc = 0.0;
+  for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+    float a = load_f(xr, j);
+    if (kMode == 0 && smooth_inv) a = __fmul_rn(a, load_f(smooth_inv, j));
+    if (kMode == 1 && skip) {
+      float s = __fadd_rn(a, load_f(skip, row * k + j));
+      if (bias) s = __fadd_rn(s, load_f(bias, j));
+      if (sum_out) store_f(sum_out, row * k + j, s);
+      a = round_t(s, static_cast<const T*>(nullptr));
+    }
+    v[j] = a;
+    if (kMode == 1) acc += static_cast<double>(a) * static_cast<double>(a);
+    if (kMode == 2) acc += static_cast<double>(a);
+  }
+  if (kMode == 1) {
+    double ss = block_reduce<double>(acc, add_d, 0.0, red_d);
+    float ms = k > 0 ? static_cast<float>(ss / static_cast<double>(k)) : 0.0f;
+    float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, eps)));
+    for (int64_t j = threadIdx.x; j < k; j += blockDim.x) v[j] = __fmul_rn(__fmul_rn(v[j], inv), load_f(gamma, j));
+  }
+  if (kMode == 2) {
+    double s = block_reduce<double>(acc, add_d, 0.0, red_d);
+    float mean = k > 0 ? static_cast<float>(s / static_cast<double>(k)) : 0.0f;
+    double ss = 0.0;
+    for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+      float d = __fsub_rn(v[j], mean);
+      ss += static_cast<double>(d) * static_cast<double>(d);
+    }
+    ss = block_reduce<double>(ss, add_d, 0.0, red_d);
+    float var = k > 0 ? static_cast<float>(ss / static_cast<double>(k)) : 0.0f;
+    float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(var, eps)));
+    for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+      float y = __fmul_rn(__fmul_rn(__fsub_rn(v[j], mean), inv), load_f(gamma, j));
+      v[j] = beta ? __fadd_rn(y, load_f(beta, j)) : y;
+    }
+  }
+  __syncthreads();
+  quantize_shared_row<T>(v, k, q + row * k, scale + row, red_f);
+}
+
+template <typename T, int kMode>
+void launch_rows(const char* name, const T* x, const T* skip, const T* bias, const T* gamma, const T* beta,
+                 const T* smooth_inv, float eps, int64_t rows, int64_t k, int8_t* q, T* scale, T* sum_out,
+                 void* stream) {
+  if (rows <= 0) return;
+  size_t smem = static_cast<size_t>(k) * sizeof(float);
+  if (smem > 48 * 1024) {
+    cudaFuncSetAttribute(row_kernel<T, kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  }
+  int threads = k >= 2048 ? 512 : (k >= 512 ? 256 : 128);
+  row_kernel<T, kMode><<<static_cast<unsigned>(rows), threads, smem, static_cast<cudaStream_t>(stream)>>>(
+      x, skip, bias, gamma, beta, smooth_inv, eps, k, q, scale, sum_out);
+  check_launch(name);
+}
+
+// ---- int8 GEMM with dequantizing epilogue ------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ void epilogue_store(T* y, const T* xs, const T* ws, const T* bias, int64_t m, int64_t n,
+                                               int64_t row, int64_t col, int32_t acc) {
+  if (row >= m || col >= n) return;
+  float v = __fmul_rn(static_cast<float>(acc), __fmul_rn(load_f(xs, row), load_f(ws, col)));
+  if (bias) v = __fadd_rn(v, load_f(bias, col));
+  store_f(y, row * n + col, v);
+}
+
+// Any shape and alignment: one thread per output, byte loads. Used when the fast paths cannot be.
+template <typename T>
+__global__ void gemm_generic(const int8_t* xq, const T* xs, const int8_t* wq, const T* ws, const T* bias, int64_t m,
+                             int64_t n, int64_t k, T* y) {
+  int64_t col = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (col >= n) return;
+  for (int64_t row = blockIdx.y; row < m; row += gridDim.y) {
+    int32_t acc = 0;
+    for (int64_t p = 0; p < k; ++p) acc += static_cast<int32_t>(xq[row * k + p]) * static_cast<int32_t>(wq[col * k + p]);
+    epilogue_store(y, xs, ws, bias, m, n, row, col, acc);
+  }
+}
+
+// Few rows (decode): each warp streams kSkinnyCols rows of W once with 16-byte loads and dp4a, reusing each
+// 16-byte chunk of X across them, for up to kSkinnyRows rows of X. Needs K % 16 == 0 and 16-byte aligned rows.
+constexpr int kSkinnyRows = 16, kSkinnyCols = 4;
+template <typename T>
+__global__ void gemm_skinny(const int8_t* xq, const T* xs, const int8_t* wq, const T* ws, const T* bias, int64_t m,
+                            int64_t n, int64_t k, T* y) {
+  const int64_t col0 = (blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32) * kSkinnyCols;
+  const int lane = threadIdx.x % 32;
+  if (col0 >= n) return;
+  int32_t acc[kSkinnyRows][kSkinnyCols];
+#pragma unroll
+  for (int i = 0; i < kSkinnyRows; ++i)
+#pragma unroll
+    for (int j = 0; j < kSkinnyCols; ++j) acc[i][j] = 0;
+  const int64_t chunks = k / 16;
+  for (int64_t c = lane; c < chunks; c += 32) {
+    int4 w[kSkinnyCols];
+#pragma unroll
+    for (int j = 0; j < kSkinnyCols; ++j)
+      w[j] = col0 + j < n ? __ldg(reinterpret_cast<const int4*>(wq + (col0 + j) * k) + c) : make_int4(0, 0, 0, 0);
+#pragma unroll
+    for (int i = 0; i < kSkinnyRows; ++i) {
+      if (i < m) {
+        int4 a = __ldg(reinterpret_cast<const int4*>(xq + i * k) + c);
+#pragma unroll
+        for (int j = 0; j < kSkinnyCols; ++j) {
+          acc[i][j] = __dp4a(a.x, w[j].x, acc[i][j]);
+          acc[i][j] = __dp4a(a.y, w[j].y, acc[i][j]);
+          acc[i][j] = __dp4a(a.z, w[j].z, acc[i][j]);
+          acc[i][j] = __dp4a(a.w, w[j].w, acc[i][j]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kSkinnyRows; ++i) {
+    if (i < m) {
+#pragma unroll
+      for (int j = 0; j < kSkinnyCols; ++j) {
+        int32_t s = acc[i][j];
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (lane == 0) epilogue_store(y, xs, ws, bias, m, n, static_cast<int64_t>(i), col0 + j, s);
+      }
+    }
+  }
+}
+
+// Tensor-core tiles: block BM x BN x 64 (K bytes), 8 warps as 2 x 4, each warp (BM/2) x (BN/4) in
+// m16n8k32 s8 mma.sync steps; A and B tiles stream through kStages shared-memory stages by cp.async,
+// rows padded to 80 bytes (conflict-free ldmatrix). Rows past M or N and K past its end are zero-filled.
+constexpr int kBK = 64, kStages = 3, kRowBytes = 80, kThreads = 256;
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+__device__ __forceinline__ void mma_s8(int32_t* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <int kBM, int kBN>
+__device__ __forceinline__ void load_tile(const int8_t* xq, const int8_t* wq, int64_t m, int64_t n, int64_t k,
+                                          int64_t m0, int64_t n0, int64_t k0, uint8_t* sa, uint8_t* sb) {
+  for (int c = threadIdx.x; c < (kBM + kBN) * (kBK / 16); c += kThreads) {
+    bool is_a = c < kBM * (kBK / 16);
+    int cc = is_a ? c : c - kBM * (kBK / 16);
+    int r = cc / (kBK / 16), chunk = cc % (kBK / 16);
+    int64_t grow = (is_a ? m0 : n0) + r, gk = k0 + chunk * 16;
+    bool ok = grow < (is_a ? m : n) && gk < k;
+    const int8_t* base = is_a ? xq : wq;
+    const int8_t* src = ok ? base + grow * k + gk : base;
+    cp_async16(smem_addr((is_a ? sa : sb) + r * kRowBytes + chunk * 16), src, ok ? 16 : 0);
+  }
+}
+
+template <typename T, int kBM, int kBN>
+__global__ void __launch_bounds__(kThreads) gemm_mma(const int8_t* xq, const T* xs, const int8_t* wq, const T* ws,
+                                                     const T* bias, int64_t m, int64_t n, int64_t k, T* y) {
+  constexpr int kWM = kBM / 2, kWN = kBN / 4, kMI = kWM / 16, kNI = kWN / 8;
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* sa = smem;                                  // kStages x kBM rows
+  uint8_t* sb = smem + kStages * kBM * kRowBytes;      // kStages x kBN rows
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wm = warp / 4, wn = warp % 4;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, n0 = static_cast<int64_t>(blockIdx.x) * kBN;
+  const int64_t tiles = (k + kBK - 1) / kBK;
+
+  int32_t acc[kMI][kNI][4];
+#pragma unroll
+  for (int i = 0; i < kMI; ++i)
+#pragma unroll
+    for (int j = 0; j < kNI; ++j)
+#pragma unroll
+      for (int t = 0; t < 4; ++t) acc[i][j][t] = 0;
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < tiles) load_tile<kBM, kBN>(xq, wq, m, n, k, m0, n0, s * kBK, sa + s * kBM * kRowBytes, sb + s * kBN * kRowBytes);
+    asm volatile("cp.async.commit_group;\n" ::);
+  }
+  for (int64_t t = 0; t < tiles; ++t) {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 2));
+    __syncthreads();
+    int64_t next = t + kStages - 1;
+    if (next < tiles) {
+      int st = static_cast<int>(next % kStages);
+      load_tile<kBM, kBN>(xq, wq, m, n, k, m0, n0, next * kBK, sa + st * kBM * kRowBytes, sb + st * kBN * kRowBytes);
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+    const uint8_t* a = sa + (t % kStages) * kBM * kRowBytes;
+    const uint8_t* b = sb + (t % kStages) * kBN * kRowBytes;
+#pragma unroll
+    for (int kk = 0; kk < kBK; kk += 32) {
+      uint32_t af[kMI][4];
+#pragma unroll
+      for (int i = 0; i < kMI; ++i) {
+        int r = wm * kWM + i * 16 + (lane % 8) + ((lane / 8) & 1) * 8;
+        int col = kk + (lane / 16) * 16;
+        ldmatrix_x4(smem_addr(a + r * kRowBytes + col), af[i][0], af[i][1], af[i][2], af[i][3]);
+      }
+      uint32_t bf[kNI][2];
+#pragma unroll
+      for (int p = 0; p < kNI / 2; ++p) {
+        int i = lane / 8;
+        int r = wn * kWN + p * 16 + (lane % 8) + (i >> 1) * 8;
+        int col = kk + (i & 1) * 16;
+        ldmatrix_x4(smem_addr(b + r * kRowBytes + col), bf[2 * p][0], bf[2 * p][1], bf[2 * p + 1][0], bf[2 * p + 1][1]);
+      }
+#pragma unroll
+      for (int i = 0; i < kMI; ++i)
+#pragma unroll
+        for (int j = 0; j < kNI; ++j) mma_s8(acc[i][j], af[i], bf[j][0], bf[j][1]);
+    }
+  }
+  asm volatile("cp.async.wait_group 0;\n" ::);
+
+  const int gid = lane / 4, tig = lane % 4;
+#pragma unroll
+  for (int i = 0; i < kMI; ++i) {
+#pragma unroll
+    for (int j = 0; j < kNI; ++j) {
+      int64_t row = m0 + wm * kWM + i * 16 + gid;
+      int64_t col = n0 + wn * kWN + j * 8 + tig * 2;
+      epilogue_store(y, xs, ws, bias, m, n, row, col, acc[i][j][0]);
+      epilogue_store(y, xs, ws, bias, m, n, row, col + 1, acc[i][j][1]);
+      epilogue_store(y, xs, ws, bias, m, n, row + 8, col, acc[i][j][2]);
+      epilogue_store(y, xs, ws, bias, m, n, row + 8, col + 1, acc[i][j][3]);
+    }
+  }
+}
+
+template <typename T, int kBM, int kBN>
+void launch_mma(const int8_t* xq, const T* xs, const int8_t* wq, const T* ws, const T* bias, int64_t m, int64_t n,
+                int64_t k, T* y, cudaStream_t stream) {
+  constexpr int smem = kStages * (kBM + kBN) * kRowBytes;
+  cudaFuncSetAttribute(gemm_mma<T, kBM, kBN>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  dim3 grid(static_cast<unsigned>((n + kBN - 1) / kBN), static_cast<unsigned>((m + kBM - 1) / kBM));
+  gemm_mma<T, kBM, kBN><<<grid, kThreads, smem, stream>>>(xq, xs, wq, ws, bias, m, n, k, y);
+}
+
+int sm_count() {
+  static int count = [] {
+    int dev = 0, c = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, dev);
+    return c > 0 ? c : 1;
+  }();
+  return count;
+}
+
+}  // namespace
+
+template <typename T>
+void quantize_per_token(const T* x, const T* smooth_inv, int64_t rows, int64_t k, int8_t* q, T* scale, void* stream) {
+  launch_rows<T, 0>("QuantizePerToken", x, nullptr, nullptr, nullptr, nullptr, smooth_inv, 0.0f, rows, k, q, scale,
+                    nullptr, stream);
+}
+template <typename T>
+void rmsnorm_quant(const T* x, const T* skip, const T* bias, const T* gamma, float eps, int64_t rows, int64_t k,
+                   int8_t* q, T* scale, T* sum_out, void* stream) {
+  launch_rows<T, 1>("RMSNormQuant", x, skip, bias, gamma, nullptr, nullptr, eps, rows, k, q, scale, sum_out, stream);
+}
+template <typename T>
+void layernorm_quant(const T* x, const T* gamma, const T* beta, float eps, int64_t rows, int64_t k, int8_t* q,
+                     T* scale, void* stream) {
+  launch_rows<T, 2>("LayerNormQuant", x, nullptr, nullptr, gamma, beta, nullptr, eps, rows, k, q, scale, nullptr,
+                    stream);
+}
+
+template <typename T>
+void int8_matmul_dequant(const int8_t* xq, const T* xs, const int8_t* wq, const T* ws, const T* bias, int64_t m,
+                         int64_t n, int64_t k, T* y, void* stream_ptr) {
+  if (m <= 0 || n <= 0) return;
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  bool aligned = k % 16 == 0 && reinterpret_cast<uintptr_t>(xq) % 16 == 0 && reinterpret_cast<uintptr_t>(wq) % 16 == 0;
+  if (!aligned || k == 0) {
+    dim3 grid(static_cast<unsigned>((n + 127) / 128), static_cast<unsigned>(m < 65535 ? m : 65535));
+    gemm_generic<T><<<grid, 128, 0, stream>>>(xq, xs, wq, ws, bias, m, n, k, y);
+  } else if (m <= kSkinnyRows) {
+    gemm_skinny<T><<<static_cast<unsigned>((n + 8 * kSkinnyCols - 1) / (8 * kSkinnyCols)), 256, 0, stream>>>(xq, xs, wq, ws, bias, m, n, k, y);
+  } else if (((m + 127) / 128) * ((n + 255) / 256) >= sm_count()) {
+    launch_mma<T, 128, 256>(xq, xs, wq, ws, bias, m, n, k, y, stream);
+  } else if (((m + 127) / 128) * ((n + 127) / 128) >= sm_count()) {
+    launch_mma<T, 128, 128>(xq, xs, wq, ws, bias, m, n, k, y, stream);
+  } else {
+    launch_mma<T, 64, 128>(xq, xs, wq, ws, bias, m, n, k, y, stream);
+  }
+  check_launch("Int8MatMulDequant");
+}
+
+#define SQ_CUDA_INSTANTIATE(T)                                                                                   \
+  template void quantize_per_token<T>(const T*, const T*, int64_t, int64_t, int8_t*, T*, void*);                 \
+  template void rmsnorm_quant<T>(const T*, const T*, const T*, const T*, float, int64_t, int64_t, int8_t*, T*, T*, \
+                                 void*);                                                                         \
+  template void layernorm_quant<T>(const T*, const T*, const T*, float, int64_t, int64_t, int8_t*, T*, void*);    \
+  template void int8_matmul_dequant<T>(const int8_t*, const T*, const int8_t*, const T*, const T*, int64_t,      \
+                                       int64_t, int64_t, T*, void*);
+SQ_CUDA_INSTANTIATE(float)
+SQ_CUDA_INSTANTIATE(__half)
+
+// The host side names fp16 sq::half_t (same bits as __half): forward to the __half kernels.
+namespace {
+const __half* h(const half_t* p) { return reinterpret_cast<const __half*>(p); }
+__half* h(half_t* p) { return reinterpret_cast<__half*>(p); }
+}  // namespace
+template <>
+void quantize_per_token<half_t>(const half_t* x, const half_t* si, int64_t rows, int64_t k, int8_t* q, half_t* s,
+                                void* st) {
+  quantize_per_token<__half>(h(x), h(si), rows, k, q, h(s), st);
+}
+template <>
+void rmsnorm_quant<half_t>(const half_t* x, const half_t* skip, const half_t* bias, const half_t* g, float eps,
+                           int64_t rows, int64_t k, int8_t* q, half_t* s, half_t* sum, void* st) {
+  rmsnorm_quant<__half>(h(x), h(skip), h(bias), h(g), eps, rows, k, q, h(s), h(sum), st);
+}
+template <>
+void layernorm_quant<half_t>(const half_t* x, const half_t* g, const half_t* b, float eps, int64_t rows, int64_t k,
+                             int8_t* q, half_t* s, void* st) {
+  layernorm_quant<__half>(h(x), h(g), h(b), eps, rows, k, q, h(s), st);
+}
+template <>
+void int8_matmul_dequant<half_t>(const int8_t* xq, const half_t* xs, const int8_t* wq, const half_t* ws,
+                                 const half_t* bias, int64_t m, int64_t n, int64_t k, half_t* y, void* st) {
+  int8_matmul_dequant<__half>(xq, h(xs), wq, h(ws), h(bias), m, n, k, h(y), st);
+}
+
+}  // namespace cuda
+}  // namespace sq
+
+// ---- C entry points for tests and tools/ (device pointers, the caller's stream; 0 = success) -------------
+namespace {
+template <typename F>
+int guarded(F f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception&) {
+    return 1;
+  }
+}
+}  // namespace
+
+#define SQ_EXPORT extern "C" __attribute__((visibility("default")))
+
+SQ_EXPORT int sq_onnx_cuda_int8_matmul_dequant(int half, const int8_t* xq, const void* xs, const int8_t* wq,
+                                               const void* ws, const void* bias, int64_t m, int64_t n, int64_t k,
+                                               void* y, void* stream) {
+  return guarded([&] {
+    if (half)
+      sq::cuda::int8_matmul_dequant<__half>(xq, static_cast<const __half*>(xs), wq, static_cast<const __half*>(ws),
+                                            static_cast<const __half*>(bias), m, n, k, static_cast<__half*>(y), stream);
+    else
+      sq::cuda::int8_matmul_dequant<float>(xq, static_cast<const float*>(xs), wq, static_cast<const float*>(ws),
+                                           static_cast<const float*>(bias), m, n, k, static_cast<float*>(y), stream);
+  });
+}
+
+SQ_EXPORT int sq_onnx_cuda_rmsnorm_quant(int half, const void* x, const void* skip, const void* bias, const void* gamma,
+                                         float eps, int64_t rows, int64_t k, int8_t* q, void* scale, void* sum_out,
+                                         void* stream) {
+  return guarded([&] {
+    if (half)
+      sq::cuda::rmsnorm_quant<__half>(static_cast<const __half*>(x), static_cast<const __half*>(skip),
+                                      static_cast<const __half*>(bias), static_cast<const __half*>(gamma), eps, rows, k,
+                                      q, static_cast<__half*>(scale), static_cast<__half*>(sum_out), stream);
+    else
+      sq::cuda::rmsnorm_quant<float>(static_cast<const float*>(x), static_cast<const float*>(skip),
+                                     static_cast<const float*>(bias), static_cast<const float*>(gamma), eps, rows, k, q,
+                                     static_cast<float*>(scale), static_cast<float*>(sum_out), stream);
+  });
+}
+
+SQ_EXPORT int sq_onnx_cuda_layernorm_quant(int half, const void* x, const void* gamma, const void* beta, float eps,
+                                           int64_t rows, int64_t k, int8_t* q, void* scale, void* stream) {
+  return guarded([&] {
+    if (half)
+      sq::cuda::layernorm_quant<__half>(static_cast<const __half*>(x), static_cast<const __half*>(gamma),
+                                        static_cast<const __half*>(beta), eps, rows, k, q, static_cast<__half*>(scale),
+                                        stream);
+    else
+      sq::cuda::layernorm_quant<float>(static_cast<const float*>(x), static_cast<const float*>(gamma),
+                                       static_cast<const float*>(beta), eps, rows, k, q, static_cast<float*>(scale),
+                                       stream);
+  });
+}
+
+SQ_EXPORT int sq_onnx_cuda_quantize_per_token(int half, const void* x, const void* smooth_inv, int64_t rows, int64_t k,
+                                              int8_t* q, void* scale, void* stream) {
+  return guarded([&] {
+    if (half)
+      sq::cuda::quantize_per_token<__half>(static_cast<const __half*>(x), static_cast<const __half*>(smooth_inv), rows,
+                                           k, q, static_cast<__half*>(scale), stream);
+    else
+      sq::cuda::quantize_per_token<float>(static_cast<const float*>(x), static_cast<const float*>(smooth_inv), rows, k,
+                                          q, static_cast<float*>(scale), stream);
+  });
+}

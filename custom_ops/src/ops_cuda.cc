@@ -1,0 +1,60 @@
+// CUDA backend of the sq_onnx ops: the kernels of cuda_kernels.cu, launched on ORT's compute stream
+// (KernelContext_GetGPUComputeStream), never the default stream. Registered for the CUDA provider.
+#include "cuda_kernels.h"
+#include "ops_common.h"
+#include "ops_cpu.h"
+
+namespace sq {
+namespace {
+
+void* compute_stream(const Call& c) {
+  void* stream = c.ctx.GetGPUComputeStream();
+  require(stream != nullptr, "sq_onnx CUDA op: ONNX Runtime gave no GPU compute stream");
+  return stream;
+}
+
+struct CudaBackend {
+  template <typename T>
+  static void quantize_per_token(Call& c, const T* x, const T* si, int64_t rows, int64_t k, int8_t* q, T* s) {
+    cuda::quantize_per_token(x, si, rows, k, q, s, compute_stream(c));
+  }
+  template <typename T>
+  static void rmsnorm_quant(Call& c, const T* x, const T* skip, const T* bias, const T* g, float eps, int64_t rows,
+                            int64_t k, int8_t* q, T* s, T* sum) {
+    cuda::rmsnorm_quant(x, skip, bias, g, eps, rows, k, q, s, sum, compute_stream(c));
+  }
+  template <typename T>
+  static void layernorm_quant(Call& c, const T* x, const T* g, const T* b, float eps, int64_t rows, int64_t k,
+                              int8_t* q, T* s) {
+    cuda::layernorm_quant(x, g, b, eps, rows, k, q, s, compute_stream(c));
+  }
+  template <typename T>
+  static void int8_matmul_dequant(Call& c, const int8_t* xq, const T* xs, const int8_t* wq, const T* ws,
+                                  const T* bias, int64_t m, int64_t n, int64_t k, T* y) {
+    cuda::int8_matmul_dequant(xq, xs, wq, ws, bias, m, n, k, y, compute_stream(c));
+  }
+};
+
+constexpr const char* kCudaEp = "CUDAExecutionProvider";
+
+template <template <typename, typename> class K>
+void add_both_types(std::vector<const OrtCustomOp*>& ops) {
+  static Op<K<float, CudaBackend>, float> f32(kCudaEp);
+  static Op<K<half_t, CudaBackend>, half_t> f16(kCudaEp);
+  ops.push_back(&f32);
+  ops.push_back(&f16);
+}
+
+}  // namespace
+
+std::vector<const OrtCustomOp*> cuda_ops() {
+  std::vector<const OrtCustomOp*> ops;
+  add_both_types<QuantizePerTokenKernel>(ops);
+  add_both_types<RMSNormQuantKernel>(ops);
+  add_both_types<SkipRMSNormQuantKernel>(ops);
+  add_both_types<LayerNormQuantKernel>(ops);
+  add_both_types<Int8MatMulDequantKernel>(ops);
+  return ops;
+}
+
+}  // namespace sq

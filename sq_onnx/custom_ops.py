@@ -1,0 +1,85 @@
+"""Find and register the sq_onnx custom-op library (``libsq_onnx_ops.so``, built from ``custom_ops/``).
+
+Models converted with ``--kernels sq_onnx`` use ops of the ``sq_onnx`` domain; every other model runs on
+stock ONNX Runtime and never needs the library. ``pip install`` builds it when ONNX Runtime's headers
+can be had (see custom_ops/cmake/OrtHeaders.cmake); where they cannot, the rest of sq-onnx still works.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+from sq_onnx.errors import SqOnnxError
+
+DOMAIN = "sq_onnx"
+LIBRARY_NAME = "libsq_onnx_ops.so"
+ENV_LIBRARY = "SQ_ONNX_OPS_LIB"
+
+
+@functools.cache
+def library_path() -> Path | None:
+    """The built library: $SQ_ONNX_OPS_LIB, else beside the installed package (wheel or editable install)."""
+    if os.environ.get(ENV_LIBRARY):
+        path = Path(os.environ[ENV_LIBRARY])
+        return path if path.is_file() else None
+    import sq_onnx
+
+    for folder in getattr(sq_onnx, "__path__", []):
+        if (Path(folder) / LIBRARY_NAME).is_file():
+            return Path(folder) / LIBRARY_NAME
+    try:  # editable installs keep compiled files in site-packages, away from the sources
+        from importlib.metadata import distribution
+
+        for f in distribution("sq-onnx").files or []:
+            if f.name == LIBRARY_NAME:
+                located = Path(str(f.locate()))
+                if located.is_file():
+                    return located
+    except Exception:  # noqa: BLE001 - not installed as a distribution: no library
+        pass
+    return None
+
+
+def available() -> bool:
+    return library_path() is not None
+
+
+def require_library() -> Path:
+    path = library_path()
+    if path is None:
+        raise SqOnnxError(
+            "this model uses sq_onnx custom ops, but the custom-op library was not built "
+            "(pip install builds it when ONNX Runtime's headers can be had; see README, 'Fused kernels')."
+        )
+    return path
+
+
+def register_custom_ops(session_options) -> None:
+    """Register the sq_onnx ops on an ``onnxruntime.SessionOptions`` (raises if the library is missing)."""
+    session_options.register_custom_ops_library(str(require_library()))
+
+
+def built_with_cuda() -> bool:
+    path = library_path()
+    return bool(path and ctypes.CDLL(str(path)).sq_onnx_built_with_cuda())
+
+
+@functools.cache
+def cuda_device_present() -> bool:
+    """Whether a CUDA GPU is usable, asked of the driver (libcuda) itself: ORT's
+    ``get_available_providers()`` lists CUDA on machines without any GPU."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return False
+    return count.value > 0
+
+
+def uses_custom_ops(opset_domains) -> bool:
+    return DOMAIN in set(opset_domains)

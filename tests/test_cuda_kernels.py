@@ -1,0 +1,182 @@
+"""The CUDA kernels against the numpy reference, bit for bit, through the library's C entry points on
+torch's CUDA tensors and stream. Skips (with the reason) without a GPU or a CUDA build of the library."""
+
+from __future__ import annotations
+
+import ctypes
+
+import kernel_reference as ref
+import numpy as np
+import pytest
+
+from sq_onnx import custom_ops
+
+if not custom_ops.available():
+    pytest.skip("custom-op library not built", allow_module_level=True)
+if not custom_ops.cuda_device_present():
+    pytest.skip("no CUDA GPU (asked libcuda)", allow_module_level=True)
+if not custom_ops.built_with_cuda():
+    pytest.skip("custom-op library built without CUDA", allow_module_level=True)
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("this torch build has no CUDA", allow_module_level=True)
+
+
+def _lib():
+    lib = ctypes.CDLL(str(custom_ops.library_path()))
+    p, i64, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    lib.sq_onnx_cuda_int8_matmul_dequant.argtypes = [ctypes.c_int, p, p, p, p, p, i64, i64, i64, p, p]
+    lib.sq_onnx_cuda_rmsnorm_quant.argtypes = [ctypes.c_int, p, p, p, p, f, i64, i64, p, p, p, p]
+    lib.sq_onnx_cuda_layernorm_quant.argtypes = [ctypes.c_int, p, p, p, f, i64, i64, p, p, p]
+    lib.sq_onnx_cuda_quantize_per_token.argtypes = [ctypes.c_int, p, p, i64, i64, p, p, p]
+    return lib
+
+
+LIB = _lib()
+
+
+def _dev(a):
+    return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).cuda()
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def _stream():
+    return torch.cuda.current_stream().cuda_stream
+
+
+def _host(t):
+    torch.cuda.synchronize()
+    return t.cpu().numpy()
+
+
+GEMM_SHAPES = [
+    (1, 64, 64),
+    (3, 100, 48),
+    (16, 4096, 576),
+    (17, 129, 80),
+    (200, 300, 1024),
+    (300, 257, 2048),
+    (2048, 1536, 576),
+    (5, 33, 37),
+    (64, 64, 24),
+]
+
+
+@pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_int8_matmul_dequant_matches_reference(m, n, k, dtype):
+    rng = np.random.default_rng(m * 7 + n + k)
+    xq = rng.integers(-127, 128, (m, k), dtype=np.int8)
+    wq = rng.integers(-127, 128, (n, k), dtype=np.int8)
+    xs = rng.uniform(0.001, 0.02, (m, 1)).astype(dtype)
+    ws = rng.uniform(0.001, 0.02, n).astype(dtype)
+    bias = rng.standard_normal(n).astype(dtype)
+    y = torch.empty((m, n), dtype=torch.float16 if dtype == np.float16 else torch.float32, device="cuda")
+    d = [_dev(a) for a in (xq, xs, wq, ws, bias)]
+    rc = LIB.sq_onnx_cuda_int8_matmul_dequant(
+        int(dtype == np.float16), *(_ptr(t) for t in d[:5]), m, n, k, _ptr(y), _stream()
+    )
+    assert rc == 0
+    np.testing.assert_array_equal(_host(y), ref.int8_matmul_dequant(xq, xs, wq, ws, bias))
+
+
+@pytest.mark.parametrize("rows,k", [(0, 64), (1, 1), (3, 576), (7, 1000), (33, 4096), (2, 13000)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_norm_quant_kernels_match_reference(rows, k, dtype):
+    rng = np.random.default_rng(rows + k)
+    x = (rng.standard_normal((rows, k)) * 3).astype(dtype)
+    skip = rng.standard_normal((rows, k)).astype(dtype)
+    gamma = rng.uniform(0.5, 2, k).astype(dtype)
+    beta = rng.standard_normal(k).astype(dtype)
+    bias = rng.standard_normal(k).astype(dtype)
+    tdt = torch.float16 if dtype == np.float16 else torch.float32
+    half = int(dtype == np.float16)
+    dx, dskip, dg, db, dbias = (_dev(a) for a in (x, skip, gamma, beta, bias))
+
+    def outs(with_sum=False):
+        q = torch.empty((rows, k), dtype=torch.int8, device="cuda")
+        s = torch.empty((rows, 1), dtype=tdt, device="cuda")
+        total = torch.empty((rows, k), dtype=tdt, device="cuda") if with_sum else None
+        return q, s, total
+
+    q, s, _ = outs()
+    assert (
+        LIB.sq_onnx_cuda_quantize_per_token(half, _ptr(dx), _ptr(dg), rows, k, _ptr(q), _ptr(s), _stream())
+        == 0
+    )
+    eq, es = ref.quantize_per_token(x, gamma)
+    np.testing.assert_array_equal(_host(q), eq)
+    np.testing.assert_array_equal(_host(s), es)
+
+    q, s, _ = outs()
+    assert (
+        LIB.sq_onnx_cuda_rmsnorm_quant(
+            half, _ptr(dx), None, None, _ptr(dg), 1e-6, rows, k, _ptr(q), _ptr(s), None, _stream()
+        )
+        == 0
+    )
+    eq, es = ref.rmsnorm_quant(x, gamma, 1e-6)
+    np.testing.assert_array_equal(_host(q), eq)
+    np.testing.assert_array_equal(_host(s), es)
+
+    q, s, total = outs(True)
+    rc = LIB.sq_onnx_cuda_rmsnorm_quant(
+        half,
+        _ptr(dx),
+        _ptr(dskip),
+        _ptr(dbias),
+        _ptr(dg),
+        1e-6,
+        rows,
+        k,
+        _ptr(q),
+        _ptr(s),
+        _ptr(total),
+        _stream(),
+    )
+    assert rc == 0
+    eq, es, et = ref.rmsnorm_quant(x, gamma, 1e-6, skip=skip, bias=bias)
+    np.testing.assert_array_equal(_host(q), eq)
+    np.testing.assert_array_equal(_host(s), es)
+    np.testing.assert_array_equal(_host(total), et)
+
+    q, s, _ = outs()
+    assert (
+        LIB.sq_onnx_cuda_layernorm_quant(
+            half, _ptr(dx), _ptr(dg), _ptr(db), 1e-5, rows, k, _ptr(q), _ptr(s), _stream()
+        )
+        == 0
+    )
+    eq, es = ref.layernorm_quant(x, gamma, beta, 1e-5)
+    np.testing.assert_array_equal(_host(q), eq)
+    np.testing.assert_array_equal(_host(s), es)
+
+
+def test_kernels_use_the_given_stream():
+    """A launch on a busy side stream waits behind that stream's work: had it gone to another stream,
+    its result would be visible while the side stream still sleeps."""
+    import time
+
+    m, n, k = 512, 512, 512
+    rng = np.random.default_rng(0)
+    xq, wq = (rng.integers(-127, 128, s, dtype=np.int8) for s in ((m, k), (n, k)))
+    xs, ws = np.full((m, 1), 0.01, np.float32), np.full(n, 0.01, np.float32)
+    d = [_dev(a) for a in (xq, xs, wq, ws)]
+    side, other = torch.cuda.Stream(), torch.cuda.Stream()
+    y = torch.zeros((m, n), device="cuda")
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # about 0.1 s of GPU time
+        rc = LIB.sq_onnx_cuda_int8_matmul_dequant(
+            0, *(_ptr(t) for t in d), None, m, n, k, _ptr(y), side.cuda_stream
+        )
+    assert rc == 0
+    time.sleep(0.01)
+    with torch.cuda.stream(other):
+        early = y.cpu().numpy()
+    assert not early.any(), "the kernel ran before the side stream's earlier work finished"
+    side.synchronize()
+    np.testing.assert_array_equal(y.cpu().numpy(), ref.int8_matmul_dequant(xq, xs, wq, ws))

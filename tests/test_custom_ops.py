@@ -1,0 +1,235 @@
+"""The sq_onnx custom ops on the CPU, through ONNX Runtime: integer outputs bit-exact against the numpy
+reference (tests/kernel_reference.py) on many shapes, clean errors on bad shapes, and ``--kernels sq_onnx``
+conversions that agree with the stock-op form of the same model.
+
+Without the library these tests skip, except where SQ_ONNX_REQUIRE_OPS=1 (set by tools/dev.sh test and so
+by CI), where a missing library is a failure: the build must have produced it."""
+
+from __future__ import annotations
+
+import os
+
+import kernel_reference as ref
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from sq_onnx import Recipe, convert, custom_ops
+from sq_onnx.ort_session import session
+
+import ir_graphs
+from conftest import ids_feed, op_types, rel_error
+
+if not custom_ops.available():
+    if os.environ.get("SQ_ONNX_REQUIRE_OPS") == "1":
+        raise RuntimeError("SQ_ONNX_REQUIRE_OPS=1 but the sq_onnx custom-op library was not built")
+    pytest.skip(
+        "custom-op library not built (no ONNX Runtime headers at install time)", allow_module_level=True
+    )
+
+ONNX_TYPE = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
+
+
+def _run_op(op: str, inputs: dict[str, np.ndarray | None], n_out: int, **attrs) -> list[np.ndarray]:
+    """Run one sq_onnx node on the CPU; None inputs are left out (optional inputs as '')."""
+    import onnxruntime as ort
+
+    names = [name if arr is not None else "" for name, arr in inputs.items()]
+    while names and names[-1] == "":
+        names.pop()
+    outs = [f"out{i}" for i in range(n_out)]
+    node = helper.make_node(op, names, outs, domain="sq_onnx", **attrs)
+    graph_inputs = [
+        helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape))
+        for name, arr in inputs.items()
+        if arr is not None
+    ]
+    graph = helper.make_graph(
+        [node], "g", graph_inputs, [helper.make_value_info(o, onnx.TypeProto()) for o in outs]
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("sq_onnx", 1)]
+    )
+    so = ort.SessionOptions()
+    custom_ops.register_custom_ops(so)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {k: v for k, v in inputs.items() if v is not None})
+
+
+GEMM_SHAPES = [
+    (0, 8, 16),
+    (1, 1, 1),
+    (1, 64, 576),
+    (3, 5, 7),
+    (4, 2, 16),
+    (5, 9, 33),
+    (17, 130, 100),
+    (65, 67, 1040),
+    (128, 64, 48),
+]
+
+
+@pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_matmul_dequant_is_exact(m, n, k, dtype, with_bias):
+    rng = np.random.default_rng(m * 31 + n * 7 + k)
+    xq = rng.integers(-127, 128, (m, k), dtype=np.int8)
+    wq = rng.integers(-127, 128, (n, k), dtype=np.int8)
+    xs = rng.uniform(0.001, 0.02, (m, 1)).astype(dtype)
+    ws = rng.uniform(0.001, 0.02, n).astype(dtype)
+    bias = rng.standard_normal(n).astype(dtype) if with_bias else None
+    (y,) = _run_op("Int8MatMulDequant", {"xq": xq, "xs": xs, "wq": wq, "ws": ws, "bias": bias}, 1)
+    np.testing.assert_array_equal(y, ref.int8_matmul_dequant(xq, xs, wq, ws, bias))
+
+
+def test_int8_accumulation_is_exact_at_full_range():
+    """All-(-127) operands at K = 1040 give int32 sums of 16.8M: exact in int32 and in float32."""
+    k = 1040
+    xq = np.full((3, k), -127, np.int8)
+    wq = np.full((5, k), -127, np.int8)
+    wq[1] = 127
+    ones = np.ones((3, 1), np.float32)
+    (y,) = _run_op("Int8MatMulDequant", {"xq": xq, "xs": ones, "wq": wq, "ws": np.ones(5, np.float32)}, 1)
+    expect = (xq.astype(np.int64) @ wq.astype(np.int64).T).astype(np.float32)
+    np.testing.assert_array_equal(y, expect)
+
+
+ROW_SHAPES = [(0, 8), (1, 1), (2, 3, 7), (5, 64), (33, 576), (3, 1000)]
+
+
+@pytest.mark.parametrize("shape", ROW_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_quantize_and_norm_ops_are_exact(shape, dtype):
+    rng = np.random.default_rng(len(shape) * 100 + shape[-1])
+    k = shape[-1]
+    x = (rng.standard_normal(shape) * 3).astype(dtype)
+    x.reshape(-1, k)[:1] *= 40  # one row with outliers
+    skip = rng.standard_normal(shape).astype(dtype)
+    gamma = rng.uniform(0.5, 2, k).astype(dtype)
+    beta = rng.standard_normal(k).astype(dtype)
+    bias = rng.standard_normal(k).astype(dtype)
+
+    q, s = _run_op("QuantizePerToken", {"x": x}, 2)
+    eq, es = ref.quantize_per_token(x)
+    np.testing.assert_array_equal(q, eq)
+    np.testing.assert_array_equal(s, es)
+
+    q, s = _run_op("QuantizePerToken", {"x": x, "si": gamma}, 2)
+    eq, es = ref.quantize_per_token(x, gamma)
+    np.testing.assert_array_equal(q, eq)
+    np.testing.assert_array_equal(s, es)
+
+    q, s = _run_op("RMSNormQuant", {"x": x, "g": gamma}, 2, epsilon=1e-6)
+    eq, es = ref.rmsnorm_quant(x, gamma, 1e-6)
+    np.testing.assert_array_equal(q, eq)
+    np.testing.assert_array_equal(s, es)
+
+    for b in (None, bias):
+        q, s, total = _run_op("SkipRMSNormQuant", {"x": x, "skip": skip, "g": gamma, "b": b}, 3, epsilon=1e-6)
+        eq, es, et = ref.rmsnorm_quant(x, gamma, 1e-6, skip=skip, bias=b)
+        np.testing.assert_array_equal(q, eq)
+        np.testing.assert_array_equal(s, es)
+        np.testing.assert_array_equal(total, et)
+
+    for b in (None, beta):
+        q, s = _run_op("LayerNormQuant", {"x": x, "g": gamma, "b": b}, 2, epsilon=1e-5)
+        eq, es = ref.layernorm_quant(x, gamma, b, 1e-5)
+        np.testing.assert_array_equal(q, eq)
+        np.testing.assert_array_equal(s, es)
+
+
+def test_tiny_and_zero_rows_quantize_to_zero():
+    x = np.zeros((2, 8), np.float16)
+    x[1] = 1e-7  # fp16 scale underflows to 0: q must be 0, not NaN garbage
+    q, s = _run_op("QuantizePerToken", {"x": x}, 2)
+    assert not q.any()
+    np.testing.assert_array_equal(s, ref.quantize_per_token(x)[1])
+
+
+def test_bad_shapes_are_clear_errors():
+    xq = np.zeros((2, 8), np.int8)
+    with pytest.raises(Exception, match="Wq must be \\[N, K\\]"):
+        _run_op(
+            "Int8MatMulDequant",
+            {
+                "xq": xq,
+                "xs": np.ones((2, 1), np.float32),
+                "wq": np.zeros((4, 7), np.int8),
+                "ws": np.ones(4, np.float32),
+            },
+            1,
+        )
+    with pytest.raises(Exception, match="gamma must be a vector"):
+        _run_op("RMSNormQuant", {"x": np.ones((2, 8), np.float32), "g": np.ones(5, np.float32)}, 2)
+
+
+def _convert_both(model, out_dir, calibration):
+    outs = {}
+    for kernels in ("ort", "sq_onnx"):
+        out = out_dir / f"{kernels}.onnx"
+        convert(model, out, Recipe(scheme="w8a8", samples=4, kernels=kernels), calibration=calibration)
+        outs[kernels] = out
+    return outs
+
+
+@pytest.mark.parametrize(
+    "fixture,fused_op",
+    [("llama_fused", "SkipRMSNormQuant"), ("opt_dir", "LayerNormQuant"), ("llama_dir", None)],
+)
+def test_custom_kernels_agree_with_stock_ops(fixture, fused_op, request, tmp_path, calib_ids):
+    folder = request.getfixturevalue(fixture)
+    outs = _convert_both(folder / "model.onnx", tmp_path, calib_ids)
+    ops = op_types(outs["sq_onnx"])
+    assert "MatMulIntegerToFloat" not in ops and ops.count("Int8MatMulDequant") == op_types(
+        outs["ort"]
+    ).count("MatMulIntegerToFloat")
+    if fused_op:
+        assert fused_op in ops
+    feed = ids_feed()
+    stock = session(outs["ort"]).run(None, feed)[0]
+    fused = session(outs["sq_onnx"]).run(None, feed)[0]
+    ref_out = session(folder / "model.onnx").run(None, feed)[0]
+    # the two forms differ only where a fused norm rounds once less: far below the quantization error
+    assert rel_error(stock, fused) < 0.1 * rel_error(ref_out, stock) + 1e-5
+
+
+@pytest.mark.parametrize(
+    "kind,fused_op",
+    [
+        ("SimplifiedLayerNormalization", "RMSNormQuant"),
+        ("RMSNormalization", "RMSNormQuant"),
+        ("SkipSimplifiedLayerNormalization", "SkipRMSNormQuant"),
+        ("LayerNormalization", "LayerNormQuant"),
+        ("DecomposedRMSNorm", "QuantizePerToken"),
+    ],
+)
+def test_norm_kinds_fuse(kind, fused_op, tmp_path):
+    model = ir_graphs.build_norm_graph(kind, consumers=3)
+    arrays = ir_graphs.sample_inputs(model, samples=4)
+    outs = _convert_both(model, tmp_path, arrays)
+    ops = op_types(outs["sq_onnx"])
+    assert ops.count(fused_op) == 1 and ops.count("Int8MatMulDequant") == 3
+    feed = {k: v[0] for k, v in arrays.items()}
+    stock = session(outs["ort"]).run(None, feed)[0]
+    fused = session(outs["sq_onnx"]).run(None, feed)[0]
+    assert rel_error(stock, fused) < 1e-3
+
+
+def test_norm_with_a_float_user_is_not_fused(tmp_path):
+    model = ir_graphs.build_norm_graph("LayerNormalization", consumers=2, extra_consumer="Relu")
+    arrays = ir_graphs.sample_inputs(model, samples=4)
+    out = tmp_path / "m.onnx"
+    convert(model, out, Recipe(scheme="w8a8", samples=4, kernels="sq_onnx"), calibration=arrays)
+    ops = op_types(out)
+    assert "LayerNormalization" in ops and "LayerNormQuant" not in ops and "QuantizePerToken" in ops
+
+
+def test_kernels_option_is_checked():
+    from sq_onnx.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="per-token"):
+        Recipe(scheme="w8a8", act="static", kernels="sq_onnx")
+    with pytest.raises(RecipeError, match="w8a8"):
+        Recipe(scheme="w4", kernels="sq_onnx")
