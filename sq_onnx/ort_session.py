@@ -42,22 +42,20 @@ def session_options(threads: int | None = None, custom_ops: bool = False):
     return so
 
 
-def _model_uses_custom_ops(path: str | os.PathLike) -> bool:
-    """Whether a model file imports the sq_onnx domain (reads the graph, never the weights)."""
-    import onnx
-
-    from sq_onnx.custom_ops import DOMAIN
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return any(o.domain == DOMAIN for o in proto.opset_import)
-
-
 def session(path: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None):
-    """An ``onnxruntime.InferenceSession`` for a model file (CPU unless providers say otherwise); models
-    converted with ``--kernels sq_onnx`` get the custom-op library registered."""
+    """An ``onnxruntime.InferenceSession`` for a model file (CPU unless providers say otherwise). The sq_onnx
+    custom-op library, when built, is always registered: that costs milliseconds, while reading the model's
+    opsets first would cost a full parse of a single-file model."""
+    from sq_onnx import custom_ops
+
     ort = _ort()
-    so = session_options(threads, custom_ops=_model_uses_custom_ops(path))
-    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+    so = session_options(threads, custom_ops=custom_ops.available())
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:
+        if custom_ops.DOMAIN in str(exc) and not custom_ops.available():
+            custom_ops.require_library()  # raises the sentence that says how to get it
+        raise
 
 
 @contextmanager

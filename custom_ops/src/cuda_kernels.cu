@@ -146,8 +146,9 @@ __global__ void gemm_generic(const int8_t* xq, const T* xs, const int8_t* wq, co
 
 // Few rows (decode): each warp streams kSkinnyCols rows of W once with 16-byte loads and dp4a, reusing each
 // 16-byte chunk of X across them, for up to kSkinnyRows rows of X. Needs K % 16 == 0 and 16-byte aligned rows.
-constexpr int kSkinnyRows = 16, kSkinnyCols = 4;
-template <typename T>
+// One column per warp above 4 rows: more warps in flight beat the reuse of X (an L1 hit anyway).
+constexpr int kSkinnyRows = 16;
+template <typename T, int kSkinnyCols>
 __global__ void gemm_skinny(const int8_t* xq, const T* xs, const int8_t* wq, const T* ws, const T* bias, int64_t m,
                             int64_t n, int64_t k, T* y) {
   const int64_t col0 = (blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32) * kSkinnyCols;
@@ -352,8 +353,10 @@ void int8_matmul_dequant(const int8_t* xq, const T* xs, const int8_t* wq, const 
   if (!aligned || k == 0) {
     dim3 grid(static_cast<unsigned>((n + 127) / 128), static_cast<unsigned>(m < 65535 ? m : 65535));
     gemm_generic<T><<<grid, 128, 0, stream>>>(xq, xs, wq, ws, bias, m, n, k, y);
+  } else if (m <= 4) {
+    gemm_skinny<T, 4><<<static_cast<unsigned>((n + 31) / 32), 256, 0, stream>>>(xq, xs, wq, ws, bias, m, n, k, y);
   } else if (m <= kSkinnyRows) {
-    gemm_skinny<T><<<static_cast<unsigned>((n + 8 * kSkinnyCols - 1) / (8 * kSkinnyCols)), 256, 0, stream>>>(xq, xs, wq, ws, bias, m, n, k, y);
+    gemm_skinny<T, 1><<<static_cast<unsigned>((n + 7) / 8), 256, 0, stream>>>(xq, xs, wq, ws, bias, m, n, k, y);
   } else if (((m + 127) / 128) * ((n + 255) / 256) >= sm_count()) {
     launch_mma<T, 128, 256>(xq, xs, wq, ws, bias, m, n, k, y, stream);
   } else if (((m + 127) / 128) * ((n + 127) / 128) >= sm_count()) {
