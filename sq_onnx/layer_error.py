@@ -53,7 +53,12 @@ def unpack_matmulnbits(node: ir.Node) -> np.ndarray:
 
 
 def _int8_weight(node: ir.Node) -> np.ndarray:
-    """``MatMulIntegerToFloat`` / ``DynamicQuantizeMatMul``: int8 [K, N] times per-column scale."""
+    """``MatMulIntegerToFloat`` / ``DynamicQuantizeMatMul``: int8 [K, N] times per-column scale;
+    ``sq_onnx::Int8MatMulDequant`` stores it as [N, K]."""
+    if node.op_type == "Int8MatMulDequant":
+        wq, ws = constant_array(node.inputs[2]), constant_array(node.inputs[3])
+        assert wq is not None and ws is not None
+        return wq.T.astype(np.float32) * ws.astype(np.float32).reshape(1, -1)
     wq = constant_array(node.inputs[1])
     ws_index = 3 if node.op_type == "MatMulIntegerToFloat" else 2
     ws = constant_array(node.inputs[ws_index])
@@ -81,7 +86,7 @@ def emulate(node: ir.Node, x: np.ndarray) -> np.ndarray | None:
     """Y = node(x) for a quantized linear node, in numpy; None for ops this module does not know."""
     if node.op_type == "MatMulNBits":
         return x @ unpack_matmulnbits(node)
-    if node.op_type in ("MatMulIntegerToFloat", "DynamicQuantizeMatMul"):
+    if node.op_type in ("MatMulIntegerToFloat", "DynamicQuantizeMatMul", "Int8MatMulDequant"):
         return _quant_rows(node, x) @ _int8_weight(node)
     return None
 

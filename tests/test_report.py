@@ -72,17 +72,29 @@ def _quantize(model: ir.Model, kind: str, x: np.ndarray) -> None:
         replace_with_matmulnbits(graph, linear, bits, 32, kind == "w4-sym", 0, clip_search=True)
     else:
         act = kind.split(":")[1]
-        quantize_w8a8(graph, [linear], 18, act, {"x": float(np.abs(x).max())})
+        kernels = "sq_onnx" if act == "sq_onnx" else "ort"
+        act = "per-token" if act == "sq_onnx" else act
+        quantize_w8a8(graph, [linear], 18, act, {"x": float(np.abs(x).max())}, kernels=kernels)
 
 
-@pytest.mark.parametrize("kind", ["w4", "w4-sym", "w8", "w8a8:per-token", "w8a8:per-tensor", "w8a8:static"])
+@pytest.mark.parametrize(
+    "kind", ["w4", "w4-sym", "w8", "w8a8:per-token", "w8a8:per-tensor", "w8a8:static", "w8a8:sq_onnx"]
+)
 @pytest.mark.parametrize("k", [64, 100])
 def test_layer_error_emulation_matches_ort(kind, k):
     """The report's numbers come from unpacking the saved graph; they must be what ORT computes."""
+    from sq_onnx import custom_ops
+    from sq_onnx.ort_session import session_options
+
+    if kind.endswith("sq_onnx") and not custom_ops.available():
+        pytest.skip("custom-op library not built")
     x = np.random.default_rng(1).normal(size=(37, k)).astype(np.float32)
     model = _one_matmul(k, 24)
     _quantize(model, kind, x)
-    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    so = session_options(custom_ops=kind.endswith("sq_onnx"))
+    sess = ort.InferenceSession(
+        ir.to_proto(model).SerializeToString(), so, providers=["CPUExecutionProvider"]
+    )
     got_ort = sess.run(None, {"x": x})[0]
     node = next(n for n in model.graph if n.name == "mm")
     got_numpy = emulate(node, x)
