@@ -23,9 +23,7 @@ from sq_onnx.passes.graph_edit import add_initializer, replace_node
 from sq_onnx.passes.linears import Linear
 
 MS = "com.microsoft"
-SQ = "sq_onnx"
 EPS = 1e-12
-KERNELS = ("ort", "sq_onnx")
 
 
 def quantize_per_channel(w_kn: np.ndarray, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:

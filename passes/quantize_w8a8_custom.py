@@ -15,11 +15,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from sq_onnx.custom_ops import DOMAIN as SQ
 from sq_onnx.passes.graph_edit import add_initializer, replace_node
 from sq_onnx.passes.linears import Linear, _attr_float, _attr_int
 from sq_onnx.passes.quantize_w8a8 import quantize_per_channel
 
-SQ = "sq_onnx"
 SUPPORTED = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
 
 # norm op (domain, type) -> (fused op, default epsilon, index of the residual-sum output or None)

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from sq_onnx.errors import SqOnnxError
-from sq_onnx.recipe import ACT_MODES, LM_HEAD_MODES, SCHEMES, Recipe
+from sq_onnx.recipe import ACT_MODES, KERNELS, LM_HEAD_MODES, SCHEMES, Recipe
 
 EXIT_USER_ERROR = 2
 
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--kernels",
-        choices=("ort", "sq_onnx"),
+        choices=KERNELS,
         default="ort",
         help="W8A8 ops: stock ONNX Runtime (default) or the sq_onnx custom ops (fused norm + quantize; "
         "CUDA kernels), which sessions load with sq_onnx.register_custom_ops",

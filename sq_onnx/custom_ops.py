@@ -67,6 +67,18 @@ def built_with_cuda() -> bool:
     return bool(path and ctypes.CDLL(str(path)).sq_onnx_built_with_cuda())
 
 
+def cuda_launchers() -> ctypes.CDLL:
+    """The library's C entry points to the CUDA kernels (device pointers, a cudaStream_t; 0 = success),
+    with their signatures, for the GPU tests and tools/bench_cuda_kernels.py."""
+    lib = ctypes.CDLL(str(require_library()))
+    p, i64, f, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    lib.sq_onnx_cuda_int8_matmul_dequant.argtypes = [flag, p, p, p, p, p, i64, i64, i64, p, p]
+    lib.sq_onnx_cuda_rmsnorm_quant.argtypes = [flag, p, p, p, p, f, i64, i64, p, p, p, p]
+    lib.sq_onnx_cuda_layernorm_quant.argtypes = [flag, p, p, p, f, i64, i64, p, p, p]
+    lib.sq_onnx_cuda_quantize_per_token.argtypes = [flag, p, p, i64, i64, p, p, p]
+    return lib
+
+
 @functools.cache
 def cuda_device_present() -> bool:
     """Whether a CUDA GPU is usable, asked of the driver (libcuda) itself: ORT's
@@ -79,7 +91,3 @@ def cuda_device_present() -> bool:
     if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
         return False
     return count.value > 0
-
-
-def uses_custom_ops(opset_domains) -> bool:
-    return DOMAIN in set(opset_domains)

@@ -3,8 +3,6 @@ torch's CUDA tensors and stream. Skips (with the reason) without a GPU or a CUDA
 
 from __future__ import annotations
 
-import ctypes
-
 import kernel_reference as ref
 import numpy as np
 import pytest
@@ -22,17 +20,7 @@ if not torch.cuda.is_available():
     pytest.skip("this torch build has no CUDA", allow_module_level=True)
 
 
-def _lib():
-    lib = ctypes.CDLL(str(custom_ops.library_path()))
-    p, i64, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    lib.sq_onnx_cuda_int8_matmul_dequant.argtypes = [ctypes.c_int, p, p, p, p, p, i64, i64, i64, p, p]
-    lib.sq_onnx_cuda_rmsnorm_quant.argtypes = [ctypes.c_int, p, p, p, p, f, i64, i64, p, p, p, p]
-    lib.sq_onnx_cuda_layernorm_quant.argtypes = [ctypes.c_int, p, p, p, f, i64, i64, p, p, p]
-    lib.sq_onnx_cuda_quantize_per_token.argtypes = [ctypes.c_int, p, p, i64, i64, p, p, p]
-    return lib
-
-
-LIB = _lib()
+LIB = custom_ops.cuda_launchers()
 
 
 def _dev(a):

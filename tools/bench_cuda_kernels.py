@@ -15,7 +15,6 @@ copies larger than twice the L2 cache.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import sys
 
@@ -69,11 +68,7 @@ def load_library():
     path = custom_ops.library_path()
     if path is None or not custom_ops.built_with_cuda():
         sys.exit("the sq_onnx library was not built with CUDA (pip install with nvcc on PATH)")
-    lib = ctypes.CDLL(str(path))
-    p, i64, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    lib.sq_onnx_cuda_int8_matmul_dequant.argtypes = [ctypes.c_int, p, p, p, p, p, i64, i64, i64, p, p]
-    lib.sq_onnx_cuda_rmsnorm_quant.argtypes = [ctypes.c_int, p, p, p, p, f, i64, i64, p, p, p, p]
-    return lib
+    return custom_ops.cuda_launchers()
 
 
 def gemm_times(lib, m: int, wq: list, ws, wh: list, iters: int) -> tuple[float, float, float]:

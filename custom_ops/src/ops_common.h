@@ -221,5 +221,24 @@ struct Op : Ort::CustomOpBase<Op<K, T>, Wrapped<K>, true> {
   }
 };
 
-}  // namespace sq
+template <template <typename, typename> class K, typename B>
+void add_both_types(std::vector<const OrtCustomOp*>& ops, const char* ep) {
+  static Op<K<float, B>, float> f32(ep);
+  static Op<K<half_t, B>, half_t> f16(ep);
+  ops.push_back(&f32);
+  ops.push_back(&f16);
+}
 
+// Every op, float32 and float16, on Backend B for execution provider ep (nullptr = CPU).
+template <typename B>
+std::vector<const OrtCustomOp*> all_ops(const char* ep) {
+  std::vector<const OrtCustomOp*> ops;
+  add_both_types<QuantizePerTokenKernel, B>(ops, ep);
+  add_both_types<RMSNormQuantKernel, B>(ops, ep);
+  add_both_types<SkipRMSNormQuantKernel, B>(ops, ep);
+  add_both_types<LayerNormQuantKernel, B>(ops, ep);
+  add_both_types<Int8MatMulDequantKernel, B>(ops, ep);
+  return ops;
+}
+
+}  // namespace sq

@@ -39,24 +39,8 @@ struct CpuBackend {
   }
 };
 
-template <template <typename, typename> class K>
-void add_both_types(std::vector<const OrtCustomOp*>& ops) {
-  static Op<K<float, CpuBackend>, float> f32(nullptr);
-  static Op<K<half_t, CpuBackend>, half_t> f16(nullptr);
-  ops.push_back(&f32);
-  ops.push_back(&f16);
-}
-
 }  // namespace
 
-std::vector<const OrtCustomOp*> cpu_ops() {
-  std::vector<const OrtCustomOp*> ops;
-  add_both_types<QuantizePerTokenKernel>(ops);
-  add_both_types<RMSNormQuantKernel>(ops);
-  add_both_types<SkipRMSNormQuantKernel>(ops);
-  add_both_types<LayerNormQuantKernel>(ops);
-  add_both_types<Int8MatMulDequantKernel>(ops);
-  return ops;
-}
+std::vector<const OrtCustomOp*> cpu_ops() { return all_ops<CpuBackend>(nullptr); }
 
 }  // namespace sq

@@ -37,24 +37,8 @@ struct CudaBackend {
 
 constexpr const char* kCudaEp = "CUDAExecutionProvider";
 
-template <template <typename, typename> class K>
-void add_both_types(std::vector<const OrtCustomOp*>& ops) {
-  static Op<K<float, CudaBackend>, float> f32(kCudaEp);
-  static Op<K<half_t, CudaBackend>, half_t> f16(kCudaEp);
-  ops.push_back(&f32);
-  ops.push_back(&f16);
-}
-
 }  // namespace
 
-std::vector<const OrtCustomOp*> cuda_ops() {
-  std::vector<const OrtCustomOp*> ops;
-  add_both_types<QuantizePerTokenKernel>(ops);
-  add_both_types<RMSNormQuantKernel>(ops);
-  add_both_types<SkipRMSNormQuantKernel>(ops);
-  add_both_types<LayerNormQuantKernel>(ops);
-  add_both_types<Int8MatMulDequantKernel>(ops);
-  return ops;
-}
+std::vector<const OrtCustomOp*> cuda_ops() { return all_ops<CudaBackend>(kCudaEp); }
 
 }  // namespace sq
