@@ -72,6 +72,25 @@ def _dequant(scales, zero_points, q, bits):
 CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.00 .. 0.50
 
 
+def choose_grid(
+    blocks: np.ndarray, bits: int, symmetric: bool, clip_search: bool, weight: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Scales [N, B], zero points and codes for blocks [N, B, size]: plain RTN, or per block the range
+    shrink in CLIP_GRID with the least squared error, weighted per element of the block by ``weight``."""
+    if not clip_search:
+        return _grid(blocks, bits, symmetric, 1.0)
+    best_err = np.full(blocks.shape[:2], np.inf, np.float32)
+    best_shrink = np.ones(blocks.shape[:2], np.float32)
+    for shrink in CLIP_GRID:
+        sc, zp, qq = _grid(blocks, bits, symmetric, shrink)
+        err = (_dequant(sc, zp, qq, bits) - blocks) ** 2
+        err = (err * weight if weight is not None else err).sum(axis=-1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_shrink = np.where(better, shrink, best_shrink)
+    return _grid(blocks, bits, symmetric, best_shrink)
+
+
 def quantize_blockwise(
     w_kn: np.ndarray,
     bits: int,
@@ -95,21 +114,18 @@ def quantize_blockwise(
     wt = np.zeros((n, n_blocks * block_size), np.float32)
     wt[:, :k] = w_kn.T
     blocks = wt.reshape(n, n_blocks, block_size)
-    if not clip_search:
-        scales, zero_points, q = _grid(blocks, bits, symmetric, 1.0)
-    else:
+    weight = None
+    if importance is not None:
         weight = np.ones(n_blocks * block_size, np.float32)
-        if importance is not None:
-            weight[:k] = np.asarray(importance, np.float32)
+        weight[:k] = np.asarray(importance, np.float32)
         weight = weight.reshape(1, n_blocks, block_size)
-        best_err = np.full((n, n_blocks), np.inf, np.float32)
-        best_shrink = np.ones((n, n_blocks), np.float32)
-        for shrink in CLIP_GRID:
-            sc, zp, qq = _grid(blocks, bits, symmetric, shrink)
-            err = (((_dequant(sc, zp, qq, bits) - blocks) ** 2) * weight).sum(axis=-1)
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_shrink = np.where(better, shrink, best_shrink)
-        scales, zero_points, q = _grid(blocks, bits, symmetric, best_shrink)
+    scales, zero_points, q = choose_grid(blocks, bits, symmetric, clip_search, weight)
+    return pack_blocks(q, scales, zero_points, k, bits, block_size)
+
+
+def pack_blocks(
+    q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, bits: int, block_size: int
+) -> BlockQuantized:
+    """Codes [N, n_blocks, block_size] and their grid, packed for MatMulNBits."""
     packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else q.copy()
     return BlockQuantized(packed, scales, zero_points, q, k, bits, block_size)

@@ -10,6 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sq_onnx.passes.blockwise import quantize_blockwise
+from sq_onnx.passes.gptq import gptq_quantize
 from sq_onnx.passes.graph_edit import add_initializer, replace_node
 from sq_onnx.passes.linears import Linear
 
@@ -34,11 +35,21 @@ def replace_with_matmulnbits(
     accuracy_level: int,
     clip_search: bool = False,
     importance: np.ndarray | None = None,
+    hessian: np.ndarray | None = None,
+    act_order: bool = False,
 ) -> ir.Node:
-    """Swap one linear for a MatMulNBits node computing the same Y from quantized weights."""
+    """Swap one linear for a MatMulNBits node computing the same Y from quantized weights
+    (GPTQ's error feedback when the input's ``hessian`` is given, else per-block rounding)."""
     w = linear.weight_kn().astype(np.float32)
     k, n = w.shape
-    bq = quantize_blockwise(w, bits, block_size, symmetric, clip_search=clip_search, importance=importance)
+    if hessian is not None:
+        bq = gptq_quantize(
+            w, hessian, bits, block_size, symmetric, clip_search=clip_search, act_order=act_order
+        )
+    else:
+        bq = quantize_blockwise(
+            w, bits, block_size, symmetric, clip_search=clip_search, importance=importance
+        )
     dtype = _float_dtype(linear)
     base = linear.weight_name or linear.name
     inputs: list[ir.Value | None] = [

@@ -79,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="W4: plain round-to-nearest blocks instead of the activation-weighted clipping search",
     )
+    c.add_argument(
+        "--gptq",
+        action="store_true",
+        help="W4: GPTQ error feedback on each layer's input Hessian (one more calibration pass)",
+    )
+    c.add_argument(
+        "--no-act-order",
+        action="store_true",
+        help="GPTQ: quantize channels in their order instead of the most active first",
+    )
     c.add_argument("--accuracy-level", type=int, default=0, help="MatMulNBits accuracy_level (default 0)")
     c.add_argument(
         "--lm-head", choices=LM_HEAD_MODES, default="8", help="bits for the vocabulary projection (default 8)"
@@ -197,6 +207,8 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         block_size=args.block_size,
         symmetric=args.symmetric,
         clip_search=not args.no_clip_search,
+        gptq=args.gptq,
+        act_order=not args.no_act_order,
         accuracy_level=args.accuracy_level,
         lm_head=args.lm_head,
         lm_head_accuracy_level=args.lm_head_accuracy_level,

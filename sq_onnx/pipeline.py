@@ -19,6 +19,7 @@ from sq_onnx.alpha_search import search_alpha_layer, search_alpha_model
 from sq_onnx.calibrate import calibrate
 from sq_onnx.calibration_data import load_calibration
 from sq_onnx.errors import NothingToQuantizeError, SqOnnxError
+from sq_onnx.hessian import ChunkedHessians
 from sq_onnx.layer_error import LayerError, layer_errors
 from sq_onnx.model_inputs import input_specs
 from sq_onnx.model_io import check_output_path, has_external_tensors, load_model, save_model
@@ -227,7 +228,11 @@ def _run_pipeline(
     if recipe.scheme != "smooth":
         ranges = static_ranges(stats, result.smoothed_groups) if recipe.act == "static" else None
         importance = input_importance(calib.mean_square, scales) if recipe.clip_search else None
-        result.quantized_matmuls = quantize_graph(work, recipe, ranges, show_progress, importance)
+        hessians = None
+        if recipe.gptq:
+            inputs = {p.linear.input.name: p.linear.shape[0] for p in plans if p.action in ("w4", "w8")}
+            hessians = ChunkedHessians(src, inputs, calib_feeds, scales, show_progress=show_progress)
+        result.quantized_matmuls = quantize_graph(work, recipe, ranges, show_progress, importance, hessians)
     else:
         cleanup(work)
 

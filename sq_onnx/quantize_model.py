@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -49,8 +50,10 @@ def quantize_graph(
     static_ranges: dict[str, float] | None = None,
     show_progress: bool = False,
     importance: dict[str, np.ndarray] | None = None,
+    hessians: Callable[[str], np.ndarray] | None = None,
 ) -> list[str]:
-    """Quantize ``work`` in place according to the recipe's plan; returns the replaced node names."""
+    """Quantize ``work`` in place according to the recipe's plan; returns the replaced node names.
+    ``hessians``: input tensor name -> XᵀX as the quantizer sees it, for GPTQ (W4/W8 weight-only)."""
     graph = work.graph
     plans = plan_linears(graph, find_linears(graph), recipe)
     ensure_opset(work, "com.microsoft", 1)
@@ -69,6 +72,8 @@ def quantize_graph(
             level,
             clip_search=recipe.clip_search,
             importance=weights,
+            hessian=hessians(p.linear.input.name) if hessians is not None else None,
+            act_order=recipe.act_order,
         )
         p.linear.release()
         done.append(p.name)

@@ -36,6 +36,10 @@ class Recipe:
     symmetric: bool = False
     # measured on SmolLM2 (tools/RESULTS.md): perplexity +27% -> +19% over fp32 at block 128
     clip_search: bool = True
+    # GPTQ error feedback for weight-only layers (Hessians of each linear's input from calibration)
+    gptq: bool = False
+    # GPTQ: quantize the most active input channels first (grids fixed up front, same layout)
+    act_order: bool = True
     accuracy_level: int = 0
     lm_head: str = "8"
     # ORT's 8-bit MatMulNBits at level 0 is ~5x slower than fp32 for decode on AVX2 CPUs; level 4
@@ -82,6 +86,8 @@ class Recipe:
             raise RecipeError(f"--lm-head must be one of {', '.join(LM_HEAD_MODES)}, got {self.lm_head!r}.")
         if self.act not in ACT_MODES:
             raise RecipeError(f"--act must be one of {', '.join(ACT_MODES)}, got {self.act!r}.")
+        if self.gptq and self.scheme != "w4":
+            raise RecipeError("--gptq is for --scheme w4 (weight-only quantization).")
         if self.kernels not in KERNELS:
             raise RecipeError(f"--kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}.")
         if self.kernels == "sq_onnx" and (self.scheme != "w8a8" or self.act != "per-token"):

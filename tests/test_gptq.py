@@ -1,0 +1,126 @@
+"""GPTQ: error feedback lowers the layer's output error, reduces to RTN when inputs are uncorrelated, and
+the Hessians computed inside ORT are XᵀX of the right tensors, chunked or not."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from test_blockwise import _matmulnbits_model
+
+from sq_onnx import Recipe, convert
+from sq_onnx.calibrate import copy_model
+from sq_onnx.errors import RecipeError
+from sq_onnx.hessian import ChunkedHessians, chunks_within_budget, collect_hessians, smoothed_hessian
+from sq_onnx.passes.analyze import analyze
+from sq_onnx.passes.blockwise import quantize_blockwise
+from sq_onnx.passes.gptq import gptq_quantize
+
+from conftest import ids_feed, rel_error, run
+from ir_graphs import build_norm_graph, sample_inputs
+
+
+def _correlated_inputs(rows: int, k: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(0, 0.3, (k, k)) + np.eye(k)
+    return (rng.normal(0, 1, (rows, k)) @ mix * rng.uniform(0.2, 3.0, k)).astype(np.float32)
+
+
+def _output_error(x: np.ndarray, w: np.ndarray, deq: np.ndarray) -> float:
+    ref = x @ w
+    return float(np.sum((ref - x @ deq) ** 2) / np.sum(ref**2))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize(("k", "n", "block"), [(256, 48, 64), (300, 17, 128), (96, 8, 32)])
+def test_gptq_beats_round_to_nearest_on_output_error(act_order, symmetric, clip, k, n, block):
+    x = _correlated_inputs(2048, k, seed=k)
+    w = np.random.default_rng(n).normal(0, 0.1, (k, n)).astype(np.float32)
+    rtn = quantize_blockwise(w, 4, block, symmetric, clip_search=clip, importance=(x**2).mean(0))
+    gptq = gptq_quantize(w, x.T.astype(np.float64) @ x, 4, block, symmetric, clip, act_order=act_order)
+    assert gptq.q.shape == rtn.q.shape and gptq.scales.shape == rtn.scales.shape
+    assert _output_error(x, w, gptq.dequantize()) < 0.8 * _output_error(x, w, rtn.dequantize())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gptq_with_identity_hessian_is_round_to_nearest(symmetric, act_order):
+    w = np.random.default_rng(1).normal(0, 0.1, (200, 12)).astype(np.float32)
+    rtn = quantize_blockwise(w, 4, 64, symmetric)
+    gptq = gptq_quantize(w, np.eye(200), 4, 64, symmetric, act_order=act_order)
+    np.testing.assert_array_equal(gptq.q, rtn.q)
+    np.testing.assert_array_equal(gptq.scales, rtn.scales)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_layout_runs_in_matmulnbits_and_survives_dead_channels(act_order):
+    k, n = 160, 24
+    x = _correlated_inputs(512, k, seed=3)
+    x[:, [5, 77]] = 0.0  # channels calibration never saw active
+    w = np.random.default_rng(2).normal(0, 0.1, (k, n)).astype(np.float32)
+    bq = gptq_quantize(w, x.T @ x, 4, 32, symmetric=False, clip_search=True, act_order=act_order)
+    assert np.isfinite(bq.dequantize()).all()
+    model, _ = _matmulnbits_model(k, n, 4, 32, False, w, bq=bq)
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"X": x[:7]})[0], x[:7] @ bq.dequantize(), rtol=1e-4, atol=1e-3)
+
+
+def test_gptq_rejects_a_hessian_of_the_wrong_size():
+    with pytest.raises(ValueError, match="hessian"):
+        gptq_quantize(np.zeros((64, 4), np.float32), np.eye(32), 4, 32, False)
+
+
+def test_hessians_from_ort_equal_numpy_and_chunking_changes_nothing():
+    model = build_norm_graph("SimplifiedLayerNormalization")
+    group = analyze(model.graph).groups[0]
+    feeds = [{k: v[i] for k, v in sample_inputs(model, samples=3).items()} for i in range(3)]
+    probe = copy_model(model)
+    norm_out = next(v for node in probe.graph for v in node.outputs if v.name == group.name)
+    probe.graph.outputs.append(norm_out)
+    sess = ort.InferenceSession(ir.to_proto(probe).SerializeToString(), providers=["CPUExecutionProvider"])
+    rows = np.concatenate([sess.run([group.name], f)[0].reshape(-1, group.channels) for f in feeds])
+    hessians = collect_hessians(model, {group.name: group.channels, "X": group.channels}, feeds)
+    np.testing.assert_allclose(hessians[group.name], rows.T @ rows, rtol=1e-4, atol=1e-3)
+    x = np.concatenate([f["X"].reshape(-1, group.channels) for f in feeds])
+    np.testing.assert_allclose(hessians["X"], x.T @ x, rtol=1e-4, atol=1e-3)
+
+    tiny_budget = 4 * group.channels**2  # one Hessian per chunk: two passes
+    lazy = ChunkedHessians(
+        model, {group.name: group.channels, "X": group.channels}, feeds, budget=tiny_budget
+    )
+    np.testing.assert_allclose(lazy(group.name), hessians[group.name], rtol=1e-6)
+    np.testing.assert_allclose(lazy("X"), hessians["X"], rtol=1e-6)
+    assert lazy.passes == 2 and "X" in lazy and "nope" not in lazy
+
+
+def test_chunks_respect_the_budget_and_keep_order():
+    chunks = chunks_within_budget({"a": 10, "b": 10, "c": 20, "d": 5}, budget=4 * 200)
+    assert chunks == [{"a": 10, "b": 10}, {"c": 20}, {"d": 5}]
+
+
+def test_smoothed_hessian_is_the_hessian_of_x_over_s():
+    x = _correlated_inputs(64, 16)
+    s = np.random.default_rng(0).uniform(0.5, 4.0, 16).astype(np.float32)
+    xs = x / s
+    np.testing.assert_allclose(smoothed_hessian(x.T @ x, s), xs.T @ xs, rtol=1e-4, atol=1e-4)
+
+
+def test_convert_with_gptq_lowers_the_error_of_a_tiny_llama(llama_dir, tmp_path, calib_ids):
+    feed = ids_feed(seq=48)
+    ref = run(llama_dir / "model.onnx", feed)
+    errors = {}
+    for gptq in (False, True):
+        out = tmp_path / f"w4_{gptq}.onnx"
+        recipe = Recipe(samples=8, block_size=32, gptq=gptq, lm_head="fp")
+        result = convert(llama_dir / "model.onnx", out, recipe, calibration=calib_ids)
+        assert result.recipe["gptq"] is gptq
+        errors[gptq] = rel_error(ref, run(out, feed))
+    assert errors[True] < errors[False], errors
+
+
+def test_gptq_is_refused_for_w8a8():
+    with pytest.raises(RecipeError, match="gptq"):
+        Recipe(scheme="w8a8", gptq=True)
