@@ -57,7 +57,7 @@ def search_alpha_model(
 ) -> tuple[float, dict[str, Any]]:
     """Return the best α and the search record {loss, unsmoothed, curve: [{alpha, loss}]}."""
     kind, loss_of = _loss_function(src, feeds, show_progress)
-    fixed = replace(recipe, alpha_search="none")
+    fixed = replace(recipe, alpha_search="none", gptq=False)  # candidates: the fast quantizer
 
     def score(alpha: float | None) -> float:
         work, _ = smooth_copy(src, stats, alpha)

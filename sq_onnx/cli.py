@@ -80,9 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="W4: plain round-to-nearest blocks instead of the activation-weighted clipping search",
     )
     c.add_argument(
-        "--gptq",
+        "--no-gptq",
         action="store_true",
-        help="W4: GPTQ error feedback on each layer's input Hessian (one more calibration pass)",
+        help="W4: skip GPTQ's error feedback (faster; per-block rounding with the clip search only)",
+    )
+    c.add_argument(
+        "--gptq-samples",
+        type=int,
+        default=64,
+        help="W4: calibration samples for GPTQ's Hessians (default 64)",
     )
     c.add_argument(
         "--no-act-order",
@@ -207,7 +213,8 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         block_size=args.block_size,
         symmetric=args.symmetric,
         clip_search=not args.no_clip_search,
-        gptq=args.gptq,
+        gptq=not args.no_gptq,
+        gptq_samples=args.gptq_samples,
         act_order=not args.no_act_order,
         accuracy_level=args.accuracy_level,
         lm_head=args.lm_head,

@@ -150,11 +150,17 @@ def _run_pipeline(
         raise NothingToQuantizeError("the model has no norm -> MatMul group that smoothing could fold into.")
     alpha = recipe.effective_alpha if recipe.smooth else None
     specs = input_specs(src)
-    want = recipe.samples + recipe.verify_samples
+    pool = max(recipe.samples, recipe.gptq_samples if recipe.uses_gptq else 0)
     feeds, origin = load_calibration(
-        calibration, specs, model_path=input_path, tokenizer_dir=tokenizer, count=want, seq_len=recipe.seq_len
+        calibration,
+        specs,
+        model_path=input_path,
+        tokenizer_dir=tokenizer,
+        count=pool + recipe.verify_samples,
+        seq_len=recipe.seq_len,
     )
-    calib_feeds, verify_feeds, held_out = _split(feeds, recipe)
+    pool_feeds, verify_feeds, held_out = _split(feeds, pool, recipe.verify_samples)
+    calib_feeds = pool_feeds[: recipe.samples]
     src, upgrade = upgrade_if_needed(src, recipe, calib_feeds[0] if calib_feeds else None)
     if upgrade is not None:  # node objects changed: analyse the upgraded graph
         analysis = analyze(src.graph)
@@ -229,9 +235,11 @@ def _run_pipeline(
         ranges = static_ranges(stats, result.smoothed_groups) if recipe.act == "static" else None
         importance = input_importance(calib.mean_square, scales) if recipe.clip_search else None
         hessians = None
-        if recipe.gptq:
+        if recipe.uses_gptq:
             inputs = {p.linear.input.name: p.linear.shape[0] for p in plans if p.action in ("w4", "w8")}
-            hessians = ChunkedHessians(src, inputs, calib_feeds, scales, show_progress=show_progress)
+            hessian_feeds = pool_feeds[: recipe.gptq_samples]
+            result.calibration["hessian_samples"] = len(hessian_feeds)
+            hessians = ChunkedHessians(src, inputs, hessian_feeds, scales, show_progress=show_progress)
         result.quantized_matmuls = quantize_graph(work, recipe, ranges, show_progress, importance, hessians)
     else:
         cleanup(work)
@@ -299,13 +307,14 @@ def _record_metadata(work: ir.Model, recipe: Recipe, result: ConvertResult) -> N
         work.metadata_props["sq_onnx.smoothing_check"] = json.dumps(result.smoothing_check, sort_keys=True)
 
 
-def _split(feeds: list[dict[str, np.ndarray]], recipe: Recipe) -> tuple[list, list, bool]:
-    """Calibration samples first, verification samples after them (held out) when there are enough."""
-    if recipe.verify_samples == 0:
-        return feeds[: recipe.samples], [], True
-    if len(feeds) > recipe.samples:
-        return feeds[: recipe.samples], feeds[recipe.samples :], True
+def _split(feeds: list[dict[str, np.ndarray]], pool: int, verify: int) -> tuple[list, list, bool]:
+    """The first ``pool`` samples for calibration, verification samples after them (held out) when
+    there are enough."""
+    if verify == 0:
+        return feeds[:pool], [], True
+    if len(feeds) > pool:
+        return feeds[:pool], feeds[pool : pool + verify], True
     if len(feeds) >= 2:
-        n_verify = max(1, min(recipe.verify_samples, len(feeds) // 4))
+        n_verify = max(1, min(verify, len(feeds) // 4))
         return feeds[:-n_verify], feeds[-n_verify:], True
     return feeds, feeds[:1], False

@@ -121,6 +121,7 @@ def test_convert_with_gptq_lowers_the_error_of_a_tiny_llama(llama_dir, tmp_path,
     assert errors[True] < errors[False], errors
 
 
-def test_gptq_is_refused_for_w8a8():
-    with pytest.raises(RecipeError, match="gptq"):
-        Recipe(scheme="w8a8", gptq=True)
+def test_gptq_is_for_w4_only_and_needs_samples():
+    assert Recipe().uses_gptq and not Recipe(scheme="w8a8").uses_gptq and not Recipe(gptq=False).uses_gptq
+    with pytest.raises(RecipeError, match="gptq-samples"):
+        Recipe(gptq_samples=0)

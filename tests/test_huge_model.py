@@ -44,7 +44,8 @@ def test_model_over_2gb_converts_with_bounded_memory(tmp_path):
         "--calib",
         str(tmp_path / "calib.npz"),
     ]
-    cmd += ["--samples", "1", "--verify-samples", "1", "--no-clip-search", "--json"]
+    # the >2 GB paths are under test here, not accuracy: the fast quantizer keeps this test short
+    cmd += ["--samples", "1", "--verify-samples", "1", "--no-clip-search", "--no-gptq", "--json"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)

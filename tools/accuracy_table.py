@@ -18,28 +18,18 @@ import sys
 import time
 from pathlib import Path
 
+W4_RTN = ["convert", "--scheme", "w4", "--no-gptq", "--no-clip-search"]
 ROWS: dict[str, list[str] | None] = {
     "fp32": None,
     "ORT MatMulNBitsQuantizer (RTN, b128, asym)": ["ort-rtn"],
-    "sq-onnx w4, no smoothing, RTN": ["convert", "--scheme", "w4", "--no-smooth", "--no-clip-search"],
-    "sq-onnx w4, alpha 0.4, RTN": ["convert", "--scheme", "w4", "--no-clip-search"],
-    "sq-onnx w4, --alpha auto, RTN": ["convert", "--scheme", "w4", "--alpha", "auto", "--no-clip-search"],
-    "sq-onnx w4, --alpha-search layer, RTN": [
-        "convert",
-        "--scheme",
-        "w4",
-        "--alpha-search",
-        "layer",
-        "--no-clip-search",
-    ],
-    "sq-onnx w4, alpha 0.4 + clip search (default)": ["convert", "--scheme", "w4"],
-    "sq-onnx w4, --alpha auto + clip search": [
-        "convert",
-        "--scheme",
-        "w4",
-        "--alpha",
-        "auto",
-    ],
+    "sq-onnx w4, no smoothing, RTN": [*W4_RTN, "--no-smooth"],
+    "sq-onnx w4, alpha 0.4, RTN": W4_RTN,
+    "sq-onnx w4, --alpha auto, RTN": [*W4_RTN, "--alpha", "auto"],
+    "sq-onnx w4, --alpha-search layer, RTN": [*W4_RTN, "--alpha-search", "layer"],
+    "sq-onnx w4, alpha 0.4 + clip search": ["convert", "--scheme", "w4", "--no-gptq"],
+    "sq-onnx w4, alpha 0.4 + clip + GPTQ (default)": ["convert", "--scheme", "w4"],
+    "sq-onnx w4, no smoothing, clip + GPTQ": ["convert", "--scheme", "w4", "--no-smooth"],
+    "sq-onnx w4, --alpha auto, clip + GPTQ": ["convert", "--scheme", "w4", "--alpha", "auto"],
     "ORT quantize_dynamic (int8 weights)": ["ort-dynamic"],
     "sq-onnx w8a8, no smoothing": ["convert", "--scheme", "w8a8", "--no-smooth"],
     "sq-onnx w8a8, alpha 0.5 (default)": ["convert", "--scheme", "w8a8"],
