@@ -37,10 +37,10 @@ class Recipe:
     # measured on SmolLM2 (tools/RESULTS.md): perplexity +27% -> +19% over fp32 at block 128
     clip_search: bool = True
     # W4: GPTQ error feedback (Hessians of each linear's input from calibration); on SmolLM2
-    # perplexity +19% -> +7% over fp32 at block 128 (tools/RESULTS.md)
+    # perplexity +19% -> +8.4% over fp32 at block 128 (tools/RESULTS.md)
     gptq: bool = True
     # GPTQ's Hessians use this many calibration samples (more than the statistics need: on SmolLM2
-    # 64 x 256 tokens gave perplexity 14.49 against 14.93 with 16; tools/RESULTS.md)
+    # 64 x 256 tokens gave perplexity 14.49 against 14.93 with 16, 128 gave 14.39 but takes 1.6x as long)
     gptq_samples: int = 64
     # GPTQ: quantize the most active input channels first (grids fixed up front, same layout)
     act_order: bool = True
