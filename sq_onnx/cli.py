@@ -91,13 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="W4: calibration samples for GPTQ's Hessians (default 64)",
     )
     c.add_argument(
-        "--gptq-passes",
-        type=int,
-        default=1,
-        help="W4: 2 = a second GPTQ pass on Hessians taken from the first pass's quantized model "
-        "(more accurate, twice the time; default 1)",
-    )
-    c.add_argument(
         "--no-act-order",
         action="store_true",
         help="GPTQ: quantize channels in their order instead of the most active first",
@@ -222,7 +215,6 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         clip_search=not args.no_clip_search,
         gptq=not args.no_gptq,
         gptq_samples=args.gptq_samples,
-        gptq_passes=args.gptq_passes,
         act_order=not args.no_act_order,
         accuracy_level=args.accuracy_level,
         lm_head=args.lm_head,

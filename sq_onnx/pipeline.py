@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from sq_onnx import __version__
 from sq_onnx.alpha_search import search_alpha_layer, search_alpha_model
-from sq_onnx.calibrate import calibrate, copy_model
+from sq_onnx.calibrate import calibrate
 from sq_onnx.calibration_data import load_calibration
 from sq_onnx.errors import NothingToQuantizeError, SqOnnxError
 from sq_onnx.hessian import ChunkedHessians
@@ -239,12 +239,7 @@ def _run_pipeline(
             inputs = {p.linear.input.name: p.linear.shape[0] for p in plans if p.action in ("w4", "w8")}
             hessian_feeds = pool_feeds[: recipe.gptq_samples]
             result.calibration["hessian_samples"] = len(hessian_feeds)
-            result.calibration["gptq_passes"] = recipe.gptq_passes
             hessians = ChunkedHessians(src, inputs, hessian_feeds, scales, show_progress=show_progress)
-            if recipe.gptq_passes == 2:
-                hessians = _second_pass_hessians(
-                    work, recipe, importance, hessians, inputs, hessian_feeds, show_progress
-                )
         result.quantized_matmuls = quantize_graph(work, recipe, ranges, show_progress, importance, hessians)
     else:
         cleanup(work)
@@ -310,24 +305,6 @@ def _record_metadata(work: ir.Model, recipe: Recipe, result: ConvertResult) -> N
         work.metadata_props["sq_onnx.alpha_search"] = json.dumps(result.alpha_search, sort_keys=True)
     if result.smoothing_check is not None:
         work.metadata_props["sq_onnx.smoothing_check"] = json.dumps(result.smoothing_check, sort_keys=True)
-
-
-def _second_pass_hessians(
-    work: ir.Model,
-    recipe: Recipe,
-    importance: dict[str, np.ndarray] | None,
-    first_hessians: ChunkedHessians,
-    inputs: dict[str, int],
-    feeds: list[dict[str, np.ndarray]],
-    show_progress: bool,
-) -> ChunkedHessians:
-    """Hessians of each linear's input in a copy of ``work`` quantized with ``first_hessians``: what every
-    layer sees once the layers before it are quantized. Fitting to these (as sequential GPTQ does, at the
-    cost of one extra pass rather than one per layer) spends the error feedback where the final model needs it.
-    ``work`` is smoothed, so the copy's inputs are already divided by s."""
-    first = copy_model(work)
-    quantize_graph(first, recipe, None, show_progress, importance, first_hessians)
-    return ChunkedHessians(first, inputs, feeds, None, show_progress=show_progress)
 
 
 def _split(feeds: list[dict[str, np.ndarray]], pool: int, verify: int) -> tuple[list, list, bool]:

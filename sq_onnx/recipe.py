@@ -44,10 +44,6 @@ class Recipe:
     gptq_samples: int = 64
     # GPTQ: quantize the most active input channels first (grids fixed up front, same layout)
     act_order: bool = True
-    # GPTQ passes: 2 takes the second pass's Hessians from the model the first pass quantized, so each
-    # layer is fitted to the inputs it will really see (upstream quantization error included); on
-    # SmolLM2 +8.4% -> +7.2% over fp32 for twice the conversion time (tools/RESULTS.md)
-    gptq_passes: int = 1
     accuracy_level: int = 0
     lm_head: str = "8"
     # ORT's 8-bit MatMulNBits at level 0 is ~5x slower than fp32 for decode on AVX2 CPUs; level 4
@@ -94,8 +90,6 @@ class Recipe:
             raise RecipeError(f"--lm-head must be one of {', '.join(LM_HEAD_MODES)}, got {self.lm_head!r}.")
         if self.act not in ACT_MODES:
             raise RecipeError(f"--act must be one of {', '.join(ACT_MODES)}, got {self.act!r}.")
-        if self.gptq_passes not in (1, 2):
-            raise RecipeError(f"--gptq-passes must be 1 or 2, got {self.gptq_passes}.")
         if self.gptq_samples < 1:
             raise RecipeError(f"--gptq-samples must be at least 1, got {self.gptq_samples}.")
         if self.kernels not in KERNELS:

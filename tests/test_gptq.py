@@ -16,8 +16,6 @@ from sq_onnx.hessian import ChunkedHessians, chunks_within_budget, collect_hessi
 from sq_onnx.passes.analyze import analyze
 from sq_onnx.passes.blockwise import quantize_blockwise
 from sq_onnx.passes.gptq import gptq_quantize
-from sq_onnx.passes.linears import find_linears
-from sq_onnx.pipeline import _second_pass_hessians
 
 from conftest import ids_feed, rel_error, run
 from ir_graphs import build_norm_graph, sample_inputs
@@ -123,44 +121,7 @@ def test_convert_with_gptq_lowers_the_error_of_a_tiny_llama(llama_dir, tmp_path,
     assert errors[True] < errors[False], errors
 
 
-def test_second_pass_hessians_see_the_quantized_layers_upstream(llama_dir):
-    """Pass 2's Hessians come from the model pass 1 quantized: the first linear's input (nothing quantized
-    upstream) is unchanged, every later one carries the upstream quantization error."""
-    src = ir.load(llama_dir / "model.onnx")
-    linears = find_linears(src.graph)
-    inputs = {lin.input.name: lin.shape[0] for lin in linears}
-    feeds = [ids_feed(seq=32, seed=s) for s in range(3)]
-    first = ChunkedHessians(src, inputs, feeds)
-    recipe = Recipe(block_size=32, lm_head="fp")
-    second = _second_pass_hessians(copy_model(src), recipe, None, first, inputs, feeds, False)
-    head = linears[0].input.name
-    np.testing.assert_allclose(second(head), first(head), rtol=1e-5, atol=1e-5)
-    changed = [rel_error(first(n), second(n)) for n in inputs if n != head]
-    assert changed and min(changed) > 1e-4, changed
-
-
-def test_two_gptq_passes_convert_and_are_recorded(llama_dir, tmp_path, calib_ids):
-    feed = ids_feed(seq=48)
-    ref = run(llama_dir / "model.onnx", feed)
-    out = tmp_path / "w4_2.onnx"
-    recipe = Recipe(samples=8, block_size=32, gptq_passes=2, lm_head="fp")
-    result = convert(llama_dir / "model.onnx", out, recipe, calibration=calib_ids)
-    assert result.calibration["gptq_passes"] == 2 and result.recipe["gptq_passes"] == 2
-    one = convert(
-        llama_dir / "model.onnx",
-        tmp_path / "w4_1.onnx",
-        Recipe(samples=8, block_size=32, lm_head="fp"),
-        calibration=calib_ids,
-    )
-    assert one.calibration["gptq_passes"] == 1
-    two_out, one_out = run(out, feed), run(tmp_path / "w4_1.onnx", feed)
-    assert not np.array_equal(two_out, one_out)  # pass 2 really refitted the weights
-    assert rel_error(ref, two_out) < 0.5
-
-
 def test_gptq_is_for_w4_only_and_needs_samples():
     assert Recipe().uses_gptq and not Recipe(scheme="w8a8").uses_gptq and not Recipe(gptq=False).uses_gptq
     with pytest.raises(RecipeError, match="gptq-samples"):
         Recipe(gptq_samples=0)
-    with pytest.raises(RecipeError, match="gptq-passes"):
-        Recipe(gptq_passes=3)
