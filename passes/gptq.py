@@ -17,12 +17,19 @@ from sq_onnx.passes.blockwise import BlockQuantized, choose_grid, pack_blocks
 DAMP = 0.01
 
 
-def inverse_hessian_factor(hessian: np.ndarray, damp: float = DAMP) -> tuple[np.ndarray, np.ndarray]:
-    """Upper Cholesky factor U of H⁻¹ (H dampened; channels never active get H_jj = 1) and the dead mask."""
+def dampened_hessian(hessian: np.ndarray, damp: float = DAMP) -> tuple[np.ndarray, np.ndarray]:
+    """H in float64 with channels never active set to H_jj = 1 and ``damp`` x mean(diag) added to the
+    diagonal, and the dead mask: positive definite, as both the inverse and the refinement need."""
     h = np.array(hessian, dtype=np.float64)
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
+    return h, dead
+
+
+def inverse_hessian_factor(hessian: np.ndarray, damp: float = DAMP) -> tuple[np.ndarray, np.ndarray]:
+    """Upper Cholesky factor U of H⁻¹ (H dampened; channels never active get H_jj = 1) and the dead mask."""
+    h, dead = dampened_hessian(hessian, damp)
     inv = np.linalg.inv(h)
     inv = (inv + inv.T) / 2
     return np.linalg.cholesky(inv).T, dead
@@ -37,6 +44,71 @@ def _block_grid(
     return sc[:, 0], (zp[:, 0] if zp is not None else None)
 
 
+def refine_codes(
+    w: np.ndarray,
+    h: np.ndarray,
+    codes: np.ndarray,
+    steps: np.ndarray,
+    zeros: np.ndarray,
+    block_size: int,
+    qmax: int,
+) -> int:
+    """One sweep of cyclic coordinate descent on the layer loss tr((W−Ŵ)ᵀH(W−Ŵ)) over the codes, grids
+    fixed (QuantEase, Behdin et al., 2023): each channel in turn moves to the grid point nearest its
+    optimum given all the others, so the loss never rises. Starting from GPTQ's codes, it undoes choices GPTQ's single greedy pass
+    could not revisit. ``w`` [K, N] original weights, ``h`` [K, K] (positive diagonal), ``codes`` [K, N]
+    updated in place; ``steps``/``zeros`` [N, n_blocks]. Returns how many codes changed."""
+    k, n = w.shape
+    h = h.astype(np.float32)
+    block_zeros = np.repeat(zeros.T, block_size, axis=0)  # [K, N]
+    current = (codes.astype(np.float32) - block_zeros) * np.repeat(steps.T, block_size, axis=0)
+    grad = h @ (w.astype(np.float32) - current)  # G = H R: the loss's descent direction per channel
+    diag = np.diag(h).copy()
+    changed = 0
+    for lo in range(0, k, block_size):  # lazy updates: within a block row by row, the rest once per block
+        hi, b = lo + block_size, lo // block_size
+        step, zero = steps[:, b], zeros[:, b]
+        moved = np.zeros((block_size, n), np.float32)
+        for i in range(lo, hi):
+            target = current[i] + grad[i] / diag[i]
+            q = np.clip(np.rint(target / step + zero), 0, qmax)
+            d = (q - zero) * step - current[i]
+            if np.any(d):
+                changed += int(np.count_nonzero(q != codes[i]))
+                codes[i] = q
+                current[i] += d
+                grad[lo:hi] -= np.outer(h[lo:hi, i], d)
+                moved[i - lo] = d
+        grad[:lo] -= h[:lo, lo:hi] @ moved
+        grad[hi:] -= h[hi:, lo:hi] @ moved
+    return changed
+
+
+def refit_scales(
+    w: np.ndarray, h: np.ndarray, codes: np.ndarray, steps: np.ndarray, zeros: np.ndarray, block_size: int
+) -> None:
+    """The block scales that minimise tr((W−Ŵ)ᵀH(W−Ŵ)) with the codes and zero points fixed: per output
+    column a least-squares problem in its n_blocks scales, coupled through H (solved for all columns at
+    once). ``steps`` [N, n_blocks] updated in place; a column keeps its scales where the fit is degenerate or flips a sign."""
+    k, n = w.shape
+    nb = k // block_size
+    e = codes.astype(np.float64) - np.repeat(zeros.T.astype(np.float64), block_size, axis=0)  # [K, N]
+    hw = h @ w.astype(np.float64)
+    gram = np.empty((n, nb, nb))
+    rhs = np.empty((n, nb))
+    blocks = [slice(b * block_size, (b + 1) * block_size) for b in range(nb)]
+    for c, sc in enumerate(blocks):
+        he = h[:, sc] @ e[sc]  # [K, N]: H's columns of block c times that block's codes
+        for b, sb in enumerate(blocks):
+            gram[:, b, c] = np.einsum("kn,kn->n", e[sb], he[sb])
+    for b, sb in enumerate(blocks):
+        rhs[:, b] = np.einsum("kn,kn->n", e[sb], hw[sb])
+    ridge = 1e-9 * np.maximum(np.einsum("nbb->n", gram), 1e-30)[:, None, None] * np.eye(nb)
+    fit = np.linalg.solve(gram + ridge, rhs[..., None])[..., 0]
+    ok = np.all(np.isfinite(fit) & (fit * steps > 0), axis=1)  # symmetric grids may have signed scales
+    steps[ok] = fit[ok].astype(steps.dtype)
+
+
 def gptq_quantize(
     w_kn: np.ndarray,
     hessian: np.ndarray,
@@ -46,6 +118,7 @@ def gptq_quantize(
     clip_search: bool = False,
     act_order: bool = False,
     damp: float = DAMP,
+    refine_rounds: int = 0,
 ) -> BlockQuantized:
     """Quantize a [K, N] weight along K in blocks of ``block_size`` with GPTQ error feedback.
 
@@ -54,7 +127,9 @@ def gptq_quantize(
     blocks' errors. With ``act_order`` the channels are quantized in order of decreasing H_jj (the most
     active first, so the most error can still be compensated) and the grids are fixed up front from
     the original weights, so the MatMulNBits layout (contiguous blocks along K) is unchanged.
-    ``clip_search``: the range shrink with the least error weighted by diag H.
+    ``clip_search``: the range shrink with the least error weighted by diag H. ``refine_rounds``: after
+    GPTQ, that many rounds of one coordinate-descent sweep over the codes and a least-squares refit of the
+    block scales, both on the same loss (each can only lower it).
     """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
@@ -69,6 +144,7 @@ def gptq_quantize(
     w[:k] = w_kn
     w[np.diag(h) <= 0] = 0.0
     importance = np.diag(h)
+    w0 = w.copy() if refine_rounds else w
     qmax = (1 << bits) - 1
     scales = np.zeros((n, n_blocks), np.float32)
     zeros = np.full((n, n_blocks), float(1 << (bits - 1)), np.float32)
@@ -103,5 +179,10 @@ def gptq_quantize(
             rows[i + 1 :] -= np.outer(u_batch[i, i + 1 :], err)
             errors[i] = err
         w[hi:] -= u[lo:hi, hi:].T @ errors
+    if refine_rounds:
+        hd, _ = dampened_hessian(h, damp)
+        for _ in range(refine_rounds):
+            refine_codes(w0, hd, codes, scales, zeros, block_size, qmax)
+            refit_scales(w0, hd, codes, scales, zeros, block_size)
     zero_points = None if symmetric else zeros.astype(np.uint8)
     return pack_blocks(codes.T.reshape(n, n_blocks, block_size), scales, zero_points, k, bits, block_size)

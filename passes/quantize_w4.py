@@ -37,6 +37,7 @@ def replace_with_matmulnbits(
     importance: np.ndarray | None = None,
     hessian: np.ndarray | None = None,
     act_order: bool = False,
+    refine_rounds: int = 0,
 ) -> ir.Node:
     """Swap one linear for a MatMulNBits node computing the same Y from quantized weights
     (GPTQ's error feedback when the input's ``hessian`` is given, else per-block rounding)."""
@@ -44,7 +45,14 @@ def replace_with_matmulnbits(
     k, n = w.shape
     if hessian is not None:
         bq = gptq_quantize(
-            w, hessian, bits, block_size, symmetric, clip_search=clip_search, act_order=act_order
+            w,
+            hessian,
+            bits,
+            block_size,
+            symmetric,
+            clip_search=clip_search,
+            act_order=act_order,
+            refine_rounds=refine_rounds,
         )
     else:
         bq = quantize_blockwise(

@@ -74,6 +74,7 @@ def quantize_graph(
             importance=weights,
             hessian=hessians(p.linear.input.name) if hessians is not None else None,
             act_order=recipe.act_order,
+            refine_rounds=recipe.gptq_refine,
         )
         p.linear.release()
         done.append(p.name)

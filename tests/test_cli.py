@@ -63,9 +63,13 @@ def test_convert_gptq_by_default_with_its_own_sample_count(llama_dir, tmp_path, 
     calib = _npz(tmp_path, input_ids=tiny_models.random_ids(6, 32))
     out = tmp_path / "w4.onnx"
     args = ["convert", str(llama_dir / "model.onnx"), "-o", str(out), "--calib", calib, "--json"]
-    assert main([*args, "--samples", "2", "--gptq-samples", "4", "--block-size", "32"]) == 0
+    assert (
+        main([*args, "--samples", "2", "--gptq-samples", "4", "--block-size", "32", "--gptq-refine", "2"])
+        == 0
+    )
     data = json.loads(capsys.readouterr().out)
     assert data["recipe"]["gptq"] is True and data["recipe"]["act_order"] is True
+    assert data["recipe"]["gptq_refine"] == 2
     assert data["calibration"]["samples"] == 2 and data["calibration"]["hessian_samples"] == 4
     assert data["quantized_matmuls"] and data["verify"]["top1_agreement"] > 0.5
 
@@ -146,6 +150,7 @@ def _no_quant_model(tmp_path):
         "bad_alpha",
         "bad_scheme",
         "bad_gptq_samples",
+        "bad_gptq_refine",
         "exists",
         "same_as_input",
         "no_tokenizer",
@@ -174,6 +179,7 @@ def test_user_errors_exit_2_with_one_sentence(case, llama_dir, tmp_path, capsys)
         "bad_alpha": ["convert", model, "-o", out, "--alpha", "1.5"],
         "bad_scheme": ["convert", model, "-o", out, "--scheme", "w3"],
         "bad_gptq_samples": ["convert", model, "-o", out, "--gptq-samples", "0", "--calib", calib],
+        "bad_gptq_refine": ["convert", model, "-o", out, "--gptq-refine", "-1", "--calib", calib],
         "exists": ["convert", model, "-o", str(tmp_path / "exists.onnx"), "--calib", calib],
         "same_as_input": ["convert", model, "-o", model, "--overwrite"],
         "no_tokenizer": ["convert", "COPY", "-o", out],
