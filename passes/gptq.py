@@ -73,11 +73,15 @@ def refine_codes(
             target = current[i] + grad[i] / diag[i]
             q = np.clip(np.rint(target / step + zero), 0, qmax)
             d = (q - zero) * step - current[i]
-            if np.any(d):
+            cols = np.flatnonzero(d)  # after the first sweep few codes move: touch only their columns
+            if cols.size:
                 changed += int(np.count_nonzero(q != codes[i]))
                 codes[i] = q
                 current[i] += d
-                grad[lo:hi] -= np.outer(h[lo:hi, i], d)
+                if cols.size > n // 4:
+                    grad[lo:hi] -= np.outer(h[lo:hi, i], d)
+                else:
+                    grad[lo:hi, cols] -= np.outer(h[lo:hi, i], d[cols])
                 moved[i - lo] = d
         grad[:lo] -= h[:lo, lo:hi] @ moved
         grad[hi:] -= h[hi:, lo:hi] @ moved
