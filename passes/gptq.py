@@ -44,6 +44,11 @@ def _block_grid(
     return sc[:, 0], (zp[:, 0] if zp is not None else None)
 
 
+def _code_offsets(codes: np.ndarray, zeros: np.ndarray, block_size: int) -> np.ndarray:
+    """codes − zero point [K, N], float32: the dequantized weights divided by their block's scale."""
+    return codes.astype(np.float32) - np.repeat(zeros.T.astype(np.float32), block_size, axis=0)
+
+
 def refine_codes(
     w: np.ndarray,
     h: np.ndarray,
@@ -55,13 +60,13 @@ def refine_codes(
 ) -> int:
     """One sweep of cyclic coordinate descent on the layer loss tr((W−Ŵ)ᵀH(W−Ŵ)) over the codes, grids
     fixed (QuantEase, Behdin et al., 2023): each channel in turn moves to the grid point nearest its
-    optimum given all the others, so the loss never rises. Starting from GPTQ's codes, it undoes choices GPTQ's single greedy pass
-    could not revisit. ``w`` [K, N] original weights, ``h`` [K, K] (positive diagonal), ``codes`` [K, N]
-    updated in place; ``steps``/``zeros`` [N, n_blocks]. Returns how many codes changed."""
+    optimum given all the others, so the loss never rises. Starting from GPTQ's codes, it undoes choices
+    GPTQ's single greedy pass could not revisit. ``w`` [K, N] original weights, ``h`` [K, K] (positive
+    diagonal), ``codes`` [K, N] updated in place; ``steps``/``zeros`` [N, n_blocks]. Returns how many
+    codes changed."""
     k, n = w.shape
     h = h.astype(np.float32)
-    block_zeros = np.repeat(zeros.T, block_size, axis=0)  # [K, N]
-    current = (codes.astype(np.float32) - block_zeros) * np.repeat(steps.T, block_size, axis=0)
+    current = _code_offsets(codes, zeros, block_size) * np.repeat(steps.T, block_size, axis=0)
     grad = h @ (w.astype(np.float32) - current)  # G = H R: the loss's descent direction per channel
     diag = np.diag(h).copy()
     changed = 0
@@ -93,10 +98,11 @@ def refit_scales(
 ) -> None:
     """The block scales that minimise tr((W−Ŵ)ᵀH(W−Ŵ)) with the codes and zero points fixed: per output
     column a least-squares problem in its n_blocks scales, coupled through H (solved for all columns at
-    once). ``steps`` [N, n_blocks] updated in place; a column keeps its scales where the fit is degenerate or flips a sign."""
+    once). ``steps`` [N, n_blocks] updated in place; a column keeps its scales where the fit is degenerate
+    or flips a sign."""
     k, n = w.shape
     nb = k // block_size
-    e = codes.astype(np.float64) - np.repeat(zeros.T.astype(np.float64), block_size, axis=0)  # [K, N]
+    e = _code_offsets(codes, zeros, block_size).astype(np.float64)
     hw = h @ w.astype(np.float64)
     gram = np.empty((n, nb, nb))
     rhs = np.empty((n, nb))
