@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-W4_RTN = ["convert", "--scheme", "w4", "--no-gptq", "--no-clip-search"]
+W4 = ["convert", "--scheme", "w4"]
+W4_RTN = [*W4, "--no-gptq", "--no-clip-search"]
 ROWS: dict[str, list[str] | None] = {
     "fp32": None,
     "ORT MatMulNBitsQuantizer (RTN, b128, asym)": ["ort-rtn"],
@@ -26,23 +27,19 @@ ROWS: dict[str, list[str] | None] = {
     "sq-onnx w4, alpha 0.4, RTN": W4_RTN,
     "sq-onnx w4, --alpha auto, RTN": [*W4_RTN, "--alpha", "auto"],
     "sq-onnx w4, --alpha-search layer, RTN": [*W4_RTN, "--alpha-search", "layer"],
-    "sq-onnx w4, alpha 0.4 + clip search": ["convert", "--scheme", "w4", "--no-gptq"],
-    "sq-onnx w4, alpha 0.4 + clip + GPTQ (default)": ["convert", "--scheme", "w4"],
-    "sq-onnx w4, no smoothing, clip + GPTQ": ["convert", "--scheme", "w4", "--no-smooth"],
-    "sq-onnx w4, --alpha auto, clip + GPTQ": ["convert", "--scheme", "w4", "--alpha", "auto"],
+    "sq-onnx w4, alpha 0.4 + clip search": [*W4, "--no-gptq"],
+    "sq-onnx w4, alpha 0.4 + clip + GPTQ (default)": W4,
+    "sq-onnx w4, no smoothing, clip + GPTQ": [*W4, "--no-smooth"],
+    "sq-onnx w4, --alpha auto, clip + GPTQ": [*W4, "--alpha", "auto"],
     "sq-onnx w4, clip + GPTQ, 256 samples, --gptq-refine 4": [
-        "convert",
-        "--scheme",
-        "w4",
+        *W4,
         "--gptq-samples",
         "256",
         "--gptq-refine",
         "4",
     ],
     "sq-onnx w4, --alpha auto, clip + GPTQ, every sample, --gptq-refine 4": [
-        "convert",
-        "--scheme",
-        "w4",
+        *W4,
         "--alpha",
         "auto",
         "--gptq-samples",
