@@ -20,6 +20,7 @@ from pathlib import Path
 
 W4 = ["convert", "--scheme", "w4"]
 W4_RTN = [*W4, "--no-gptq", "--no-clip-search"]
+W8A8 = ["convert", "--scheme", "w8a8"]
 ROWS: dict[str, list[str] | None] = {
     "fp32": None,
     "ORT MatMulNBitsQuantizer (RTN, b128, asym)": ["ort-rtn"],
@@ -48,9 +49,9 @@ ROWS: dict[str, list[str] | None] = {
         "4",
     ],
     "ORT quantize_dynamic (int8 weights)": ["ort-dynamic"],
-    "sq-onnx w8a8, no smoothing": ["convert", "--scheme", "w8a8", "--no-smooth"],
-    "sq-onnx w8a8, alpha 0.5 (default)": ["convert", "--scheme", "w8a8"],
-    "sq-onnx w8a8, --alpha auto": ["convert", "--scheme", "w8a8", "--alpha", "auto"],
+    "sq-onnx w8a8, no smoothing": [*W8A8, "--no-smooth"],
+    "sq-onnx w8a8, alpha 0.5 (default)": W8A8,
+    "sq-onnx w8a8, --alpha auto": [*W8A8, "--alpha", "auto"],
 }
 
 
