@@ -34,6 +34,14 @@ class BlockQuantized:
             zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=1)
         return (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
 
+    def columns(self, lo: int, hi: int) -> BlockQuantized:
+        """Output channels [lo, hi) on their own: each channel's codes and grid are independent, so a
+        weight quantized together with others (sharing an input and so a Hessian) splits back exactly."""
+        zp = self.zero_points[lo:hi] if self.zero_points is not None else None
+        return BlockQuantized(
+            self.packed[lo:hi], self.scales[lo:hi], zp, self.q[lo:hi], self.k, self.bits, self.block_size
+        )
+
     def dequantize(self) -> np.ndarray:
         """Back to a float32 [K, N] array, as the kernel sees it."""
         zp = self.zero_points if self.zero_points is not None else np.uint8(1 << (self.bits - 1))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from sq_onnx.passes.blockwise import quantize_blockwise
+from sq_onnx.passes.blockwise import BlockQuantized, quantize_blockwise
 from sq_onnx.passes.gptq import gptq_quantize
 from sq_onnx.passes.graph_edit import add_initializer, replace_node
 from sq_onnx.passes.linears import Linear
@@ -24,6 +24,33 @@ def _float_dtype(linear: Linear) -> np.dtype:
     if dtype == ir.DataType.BFLOAT16:
         return ir.DataType.BFLOAT16.numpy()  # ml_dtypes.bfloat16: MatMulNBits takes bf16 scales with bf16 A
     return np.dtype(np.float32)
+
+
+def quantize_weight(
+    w: np.ndarray,
+    bits: int,
+    block_size: int,
+    symmetric: bool,
+    clip_search: bool = False,
+    importance: np.ndarray | None = None,
+    hessian: np.ndarray | None = None,
+    act_order: bool = False,
+    refine_rounds: int = 0,
+) -> BlockQuantized:
+    """A [K, N] float32 weight in MatMulNBits' layout: GPTQ's error feedback when the input's ``hessian``
+    is given, else per-block rounding (with the clip search weighted by ``importance``)."""
+    if hessian is not None:
+        return gptq_quantize(
+            w,
+            hessian,
+            bits,
+            block_size,
+            symmetric,
+            clip_search=clip_search,
+            act_order=act_order,
+            refine_rounds=refine_rounds,
+        )
+    return quantize_blockwise(w, bits, block_size, symmetric, clip_search=clip_search, importance=importance)
 
 
 def replace_with_matmulnbits(
@@ -42,22 +69,16 @@ def replace_with_matmulnbits(
     """Swap one linear for a MatMulNBits node computing the same Y from quantized weights
     (GPTQ's error feedback when the input's ``hessian`` is given, else per-block rounding)."""
     w = linear.weight_kn().astype(np.float32)
-    k, n = w.shape
-    if hessian is not None:
-        bq = gptq_quantize(
-            w,
-            hessian,
-            bits,
-            block_size,
-            symmetric,
-            clip_search=clip_search,
-            act_order=act_order,
-            refine_rounds=refine_rounds,
-        )
-    else:
-        bq = quantize_blockwise(
-            w, bits, block_size, symmetric, clip_search=clip_search, importance=importance
-        )
+    bq = quantize_weight(
+        w, bits, block_size, symmetric, clip_search, importance, hessian, act_order, refine_rounds
+    )
+    return emit_matmulnbits(graph, linear, bq, accuracy_level)
+
+
+def emit_matmulnbits(graph: ir.Graph, linear: Linear, bq: BlockQuantized, accuracy_level: int) -> ir.Node:
+    """Replace ``linear`` by a MatMulNBits node holding ``bq`` (its [K, N] weight, already quantized)."""
+    k, n = bq.k, bq.scales.shape[0]
+    bits, block_size = bq.bits, bq.block_size
     dtype = _float_dtype(linear)
     base = linear.weight_name or linear.name
     inputs: list[ir.Value | None] = [

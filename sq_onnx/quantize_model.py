@@ -14,12 +14,15 @@ from sq_onnx.calibrate import copy_model
 from sq_onnx.passes.analyze import analyze
 from sq_onnx.passes.graph_edit import ensure_opset
 from sq_onnx.passes.linears import find_linears
-from sq_onnx.passes.quantize_w4 import replace_with_matmulnbits
+from sq_onnx.passes.quantize_w4 import emit_matmulnbits, quantize_weight
 from sq_onnx.passes.quantize_w8a8 import quantize_w8a8
 from sq_onnx.passes.smooth import smooth_groups
-from sq_onnx.plan import plan_linears
+from sq_onnx.plan import LinearPlan, plan_linears
 from sq_onnx.progress import track
 from sq_onnx.recipe import Recipe
+
+# Most float64 bytes of weight that one GPTQ pass quantizes at once when linears share an input.
+SHARED_WEIGHT_BYTES = 1 << 28
 
 
 def smooth_copy(
@@ -59,25 +62,30 @@ def quantize_graph(
     ensure_opset(work, "com.microsoft", 1)
     done: list[str] = []
     nbits = [p for p in plans if p.action in ("w4", "w8")]
-    for p in track(nbits, "quantizing", total=len(nbits), enabled=show_progress):
-        bits = 4 if p.action == "w4" else 8
-        weights = (importance or {}).get(p.linear.input.name)
-        level = recipe.lm_head_accuracy_level if p.lm_head else recipe.accuracy_level
-        replace_with_matmulnbits(
-            graph,
-            p.linear,
-            bits,
+    batches = weight_batches(nbits, together=hessians is not None)
+    for batch in track(batches, "quantizing", total=len(batches), enabled=show_progress):
+        first = batch[0]
+        name = first.linear.input.name
+        weights = [p.linear.weight_kn().astype(np.float32) for p in batch]
+        bq = quantize_weight(
+            weights[0] if len(weights) == 1 else np.concatenate(weights, axis=1),
+            4 if first.action == "w4" else 8,
             recipe.block_size,
             recipe.symmetric,
-            level,
             clip_search=recipe.clip_search,
-            importance=weights,
-            hessian=hessians(p.linear.input.name) if hessians is not None else None,
+            importance=(importance or {}).get(name),
+            hessian=hessians(name) if hessians is not None else None,
             act_order=recipe.act_order,
             refine_rounds=recipe.gptq_refine,
         )
-        p.linear.release()
-        done.append(p.name)
+        level = recipe.lm_head_accuracy_level if first.lm_head else recipe.accuracy_level
+        lo = 0
+        for p, w in zip(batch, weights, strict=True):
+            part = bq if len(batch) == 1 else bq.columns(lo, lo + w.shape[1])
+            emit_matmulnbits(graph, p.linear, part, level)
+            p.linear.release()
+            done.append(p.name)
+            lo += w.shape[1]
     w8a8 = [p.linear for p in plans if p.action == "w8a8"]
     if w8a8:
         done += quantize_w8a8(
@@ -85,6 +93,27 @@ def quantize_graph(
         )
     cleanup(work)
     return done
+
+
+def weight_batches(plans: list[LinearPlan], together: bool) -> list[list[LinearPlan]]:
+    """Weight-only plans in order, one per batch; with ``together`` (GPTQ), linears that read the same
+    tensor with the same bits share a batch, up to ``SHARED_WEIGHT_BYTES``. They share that tensor's
+    Hessian and GPTQ treats output channels independently, so one pass over their concatenated columns
+    gives each the result it would get alone (to float rounding) with one inverse and one loop, not
+    one per linear (q/k/v, gate/up)."""
+    batches: list[list[LinearPlan]] = []
+    open_batch: dict[tuple[str, str, bool], list[LinearPlan]] = {}
+    for p in plans:
+        key = (p.linear.input.name, p.action, p.lm_head)
+        batch = open_batch.get(key) if together else None
+        k = p.linear.shape[0]
+        columns = sum(q.linear.shape[1] for q in batch) if batch else 0
+        if batch is not None and 8 * k * (columns + p.linear.shape[1]) <= SHARED_WEIGHT_BYTES:
+            batch.append(p)
+            continue
+        open_batch[key] = [p]
+        batches.append(open_batch[key])
+    return batches
 
 
 def cleanup(work: ir.Model) -> None:

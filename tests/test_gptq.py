@@ -9,13 +9,16 @@ import onnxruntime as ort
 import pytest
 from test_blockwise import _matmulnbits_model
 
-from sq_onnx import Recipe, convert
+from sq_onnx import Recipe, convert, quantize_model
 from sq_onnx.calibrate import copy_model
 from sq_onnx.errors import RecipeError
 from sq_onnx.hessian import ChunkedHessians, chunks_within_budget, collect_hessians, smoothed_hessian
 from sq_onnx.passes.analyze import analyze
 from sq_onnx.passes.blockwise import quantize_blockwise
 from sq_onnx.passes.gptq import dampened_hessian, gptq_quantize, refine_codes, refit_scales
+from sq_onnx.passes.linears import find_linears
+from sq_onnx.plan import plan_linears
+from sq_onnx.quantize_model import weight_batches
 
 from conftest import ids_feed, rel_error, run
 from ir_graphs import build_norm_graph, sample_inputs
@@ -179,3 +182,54 @@ def test_gptq_is_for_w4_only_and_needs_samples():
         Recipe(gptq_samples=0)
     with pytest.raises(RecipeError, match="gptq-refine"):
         Recipe(gptq_refine=-1)
+
+
+@pytest.mark.parametrize(("act_order", "refine"), [(False, 0), (True, 0), (True, 2)])
+def test_gptq_on_concatenated_weights_splits_back_to_each_alone(act_order, refine):
+    x = _correlated_inputs(1024, 200, seed=5)
+    rng = np.random.default_rng(6)
+    parts = [rng.normal(0, 0.1, (200, n)).astype(np.float32) for n in (48, 17, 5)]
+    args = (x.T.astype(np.float64) @ x, 4, 64, False, True)
+    together = gptq_quantize(np.concatenate(parts, axis=1), *args, act_order=act_order, refine_rounds=refine)
+    lo = 0
+    for w in parts:
+        alone = gptq_quantize(w, *args, act_order=act_order, refine_rounds=refine)
+        piece = together.columns(lo, lo + w.shape[1])
+        assert np.mean(piece.q == alone.q) > 0.999  # identical up to BLAS rounding in rare ties
+        np.testing.assert_allclose(piece.dequantize(), alone.dequantize(), atol=1e-3)
+        assert piece.packed_zero_points() is not None
+        lo += w.shape[1]
+
+
+def test_weight_batches_group_linears_that_share_an_input(llama_dir, monkeypatch):
+    graph = ir.load(llama_dir / "model.onnx").graph
+    plans = [p for p in plan_linears(graph, find_linears(graph), Recipe()) if p.action in ("w4", "w8")]
+    alone = weight_batches(plans, together=False)
+    assert [len(b) for b in alone] == [1] * len(plans)
+    batches = weight_batches(plans, together=True)
+    firsts = [b[0] for b in batches]
+    assert firsts == sorted(firsts, key=plans.index)  # batches come in the plans' order
+    assert sorted(p.name for b in batches for p in b) == sorted(p.name for p in plans)
+    assert max(len(b) for b in batches) == 3  # q/k/v; gate/up make pairs
+    for batch in batches:
+        assert len({(p.linear.input.name, p.action, p.lm_head) for p in batch}) == 1
+    monkeypatch.setattr(quantize_model, "SHARED_WEIGHT_BYTES", 0)
+    assert len(weight_batches(plans, together=True)) == len(plans)
+
+
+def test_convert_gives_the_same_model_with_or_without_shared_gptq_passes(
+    llama_dir, tmp_path, calib_ids, monkeypatch
+):
+    recipe = Recipe(samples=4, gptq_samples=8, block_size=32, lm_head="fp")
+    shared = tmp_path / "shared.onnx"
+    convert(llama_dir / "model.onnx", shared, recipe, calibration=calib_ids)
+    monkeypatch.setattr(quantize_model, "SHARED_WEIGHT_BYTES", 0)
+    alone = tmp_path / "alone.onnx"
+    convert(llama_dir / "model.onnx", alone, recipe, calibration=calib_ids)
+    a = {v.name: v.const_value.numpy() for v in ir.load(shared).graph.initializers.values()}
+    b = {v.name: v.const_value.numpy() for v in ir.load(alone).graph.initializers.values()}
+    assert a.keys() == b.keys()
+    codes = [n for n in a if n.endswith(".q4")]
+    assert codes
+    same = np.mean([np.mean(a[n] == b[n]) for n in codes])
+    assert same > 0.999
