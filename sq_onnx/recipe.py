@@ -39,14 +39,15 @@ class Recipe:
     # W4: GPTQ error feedback (Hessians of each linear's input from calibration); on SmolLM2
     # perplexity +19% -> +8.4% over fp32 at block 128 (tools/RESULTS.md)
     gptq: bool = True
-    # GPTQ's Hessians use this many calibration samples (more than the statistics need: on SmolLM2
-    # 64 x 256 tokens gave perplexity 14.49 against 14.93 with 16, 128 gave 14.39 but takes 1.6x as long)
-    gptq_samples: int = 64
+    # GPTQ's Hessians use this many calibration samples (more than the statistics need). On SmolLM2,
+    # whole held-out text: 64 x 256 tokens +6.5% over fp32 in 136 s, 128 +5.9% in 207 s, 512 (every
+    # built-in sample) with 4 refine rounds +4.8% (tools/RESULTS.md)
+    gptq_samples: int = 128
     # GPTQ: quantize the most active input channels first (grids fixed up front, same layout)
     act_order: bool = True
     # GPTQ: rounds of coordinate descent over the codes + least-squares block scales on the same layer
     # loss after GPTQ's single greedy pass (each round can only lower it). Off by default: on SmolLM2 4
-    # rounds gave +8.4% -> +7.2% at 64 samples but cost more than 128 samples (+6.7%), and nothing at 256
+    # rounds gave +8.4% -> +7.2% at 64 samples (16 windows) but cost more than 128 samples (+6.7%)
     gptq_refine: int = 0
     accuracy_level: int = 0
     lm_head: str = "8"

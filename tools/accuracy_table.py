@@ -29,7 +29,8 @@ ROWS: dict[str, list[str] | None] = {
     "sq-onnx w4, --alpha auto, RTN": [*W4_RTN, "--alpha", "auto"],
     "sq-onnx w4, --alpha-search layer, RTN": [*W4_RTN, "--alpha-search", "layer"],
     "sq-onnx w4, alpha 0.4 + clip search": [*W4, "--no-gptq"],
-    "sq-onnx w4, alpha 0.4 + clip + GPTQ (default)": W4,
+    "sq-onnx w4, alpha 0.4 + clip + GPTQ, 64 samples": [*W4, "--gptq-samples", "64"],
+    "sq-onnx w4, alpha 0.4 + clip + GPTQ (default: 128 samples)": W4,
     "sq-onnx w4, no smoothing, clip + GPTQ": [*W4, "--no-smooth"],
     "sq-onnx w4, --alpha auto, clip + GPTQ": [*W4, "--alpha", "auto"],
     "sq-onnx w4, clip + GPTQ, 256 samples, --gptq-refine 4": [
@@ -39,10 +40,8 @@ ROWS: dict[str, list[str] | None] = {
         "--gptq-refine",
         "4",
     ],
-    "sq-onnx w4, --alpha auto, clip + GPTQ, every sample, --gptq-refine 4": [
+    "sq-onnx w4, clip + GPTQ, every sample, --gptq-refine 4": [
         *W4,
-        "--alpha",
-        "auto",
         "--gptq-samples",
         "512",
         "--gptq-refine",
