@@ -81,8 +81,7 @@ def quantize_graph(
         level = recipe.lm_head_accuracy_level if first.lm_head else recipe.accuracy_level
         lo = 0
         for p, w in zip(batch, weights, strict=True):
-            part = bq if len(batch) == 1 else bq.columns(lo, lo + w.shape[1])
-            emit_matmulnbits(graph, p.linear, part, level)
+            emit_matmulnbits(graph, p.linear, bq.columns(lo, lo + w.shape[1]), level)
             p.linear.release()
             done.append(p.name)
             lo += w.shape[1]
@@ -102,18 +101,21 @@ def weight_batches(plans: list[LinearPlan], together: bool) -> list[list[LinearP
     gives each the result it would get alone (to float rounding) with one inverse and one loop, not
     one per linear (q/k/v, gate/up)."""
     batches: list[list[LinearPlan]] = []
-    open_batch: dict[tuple[str, str, bool], list[LinearPlan]] = {}
+    latest: dict[tuple[str, str, bool], list[LinearPlan]] = {}  # the batch still open per input
     for p in plans:
         key = (p.linear.input.name, p.action, p.lm_head)
-        batch = open_batch.get(key) if together else None
-        k = p.linear.shape[0]
-        columns = sum(q.linear.shape[1] for q in batch) if batch else 0
-        if batch is not None and 8 * k * (columns + p.linear.shape[1]) <= SHARED_WEIGHT_BYTES:
+        batch = latest.get(key)
+        if together and batch is not None and _float64_bytes([*batch, p]) <= SHARED_WEIGHT_BYTES:
             batch.append(p)
-            continue
-        open_batch[key] = [p]
-        batches.append(open_batch[key])
+        else:
+            latest[key] = [p]
+            batches.append(latest[key])
     return batches
+
+
+def _float64_bytes(plans: list[LinearPlan]) -> int:
+    """Bytes of the joined [K, ΣN] float64 weight GPTQ would work on."""
+    return 8 * plans[0].linear.shape[0] * sum(p.linear.shape[1] for p in plans)
 
 
 def cleanup(work: ir.Model) -> None:
