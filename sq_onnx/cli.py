@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="W4: calibration samples for GPTQ's Hessians (default 128; more is slower and more accurate)",
     )
     c.add_argument(
+        "--gptq-sequential",
+        action=argparse.BooleanOptionalAction,
+        default=Recipe.gptq_sequential,
+        help="W4: Hessians of each layer's input from the model with the earlier layers already quantized "
+        "(GPTQ's sequential mode; about the cost of the one-pass Hessians)",
+    )
+    c.add_argument(
         "--gptq-refine",
         type=int,
         default=0,
@@ -223,6 +230,7 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         gptq=not args.no_gptq,
         gptq_samples=args.gptq_samples,
         gptq_refine=args.gptq_refine,
+        gptq_sequential=args.gptq_sequential,
         act_order=not args.no_act_order,
         accuracy_level=args.accuracy_level,
         lm_head=args.lm_head,

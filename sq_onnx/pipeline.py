@@ -26,9 +26,17 @@ from sq_onnx.model_io import check_output_path, has_external_tensors, load_model
 from sq_onnx.opset_upgrade import upgrade_if_needed
 from sq_onnx.passes.analyze import analyze
 from sq_onnx.plan import plan_linears
-from sq_onnx.quantize_model import cleanup, input_importance, quantize_graph, smooth_copy, static_ranges
+from sq_onnx.quantize_model import (
+    cleanup,
+    gptq_batches,
+    input_importance,
+    quantize_graph,
+    smooth_copy,
+    static_ranges,
+)
 from sq_onnx.recipe import Recipe
 from sq_onnx.report import build_report, check_report_dir, group_record, write_report
+from sq_onnx.sequential_hessians import SequentialHessians
 from sq_onnx.verify import Agreement, compare, first_outputs
 
 # A smoothed float model must reproduce the original to float rounding: fp32 ~1e-7 per op, fp16/bf16
@@ -239,7 +247,10 @@ def _run_pipeline(
             inputs = {p.linear.input.name: p.linear.shape[0] for p in plans if p.action in ("w4", "w8")}
             hessian_feeds = pool_feeds[: recipe.gptq_samples]
             result.calibration["hessian_samples"] = len(hessian_feeds)
-            hessians = ChunkedHessians(src, inputs, hessian_feeds, scales, show_progress=show_progress)
+            if recipe.gptq_sequential:
+                hessians = SequentialHessians(work, gptq_batches(work, recipe), hessian_feeds)
+            else:
+                hessians = ChunkedHessians(src, inputs, hessian_feeds, scales, show_progress=show_progress)
         result.quantized_matmuls = quantize_graph(work, recipe, ranges, show_progress, importance, hessians)
     else:
         cleanup(work)

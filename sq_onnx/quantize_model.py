@@ -13,7 +13,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 from sq_onnx.calibrate import copy_model
 from sq_onnx.passes.analyze import analyze
 from sq_onnx.passes.graph_edit import ensure_opset
-from sq_onnx.passes.linears import find_linears
+from sq_onnx.passes.linears import Linear, find_linears
 from sq_onnx.passes.quantize_w4 import emit_matmulnbits, quantize_weight
 from sq_onnx.passes.quantize_w8a8 import quantize_w8a8
 from sq_onnx.passes.smooth import smooth_groups
@@ -61,8 +61,7 @@ def quantize_graph(
     plans = plan_linears(graph, find_linears(graph), recipe)
     ensure_opset(work, "com.microsoft", 1)
     done: list[str] = []
-    nbits = [p for p in plans if p.action in ("w4", "w8")]
-    batches = weight_batches(nbits, together=hessians is not None)
+    batches = weight_batches(plans, together=hessians is not None)
     for batch in track(batches, "quantizing", total=len(batches), enabled=show_progress):
         first = batch[0]
         name = first.linear.input.name
@@ -95,7 +94,7 @@ def quantize_graph(
 
 
 def weight_batches(plans: list[LinearPlan], together: bool) -> list[list[LinearPlan]]:
-    """Weight-only plans in order, one per batch; with ``together`` (GPTQ), linears that read the same
+    """The weight-only (w4/w8) plans in order, one per batch; with ``together`` (GPTQ), linears that read the same
     tensor with the same bits share a batch, up to ``SHARED_WEIGHT_BYTES``. They share that tensor's
     Hessian and GPTQ treats output channels independently, so one pass over their concatenated columns
     gives each the result it would get alone (to float rounding) with one inverse and one loop, not
@@ -103,6 +102,8 @@ def weight_batches(plans: list[LinearPlan], together: bool) -> list[list[LinearP
     batches: list[list[LinearPlan]] = []
     latest: dict[tuple[str, str, bool], list[LinearPlan]] = {}  # the batch still open per input
     for p in plans:
+        if p.action not in ("w4", "w8"):
+            continue
         key = (p.linear.input.name, p.action, p.lm_head)
         batch = latest.get(key)
         if together and batch is not None and _float64_bytes([*batch, p]) <= SHARED_WEIGHT_BYTES:
@@ -111,6 +112,12 @@ def weight_batches(plans: list[LinearPlan], together: bool) -> list[list[LinearP
             latest[key] = [p]
             batches.append(latest[key])
     return batches
+
+
+def gptq_batches(work: ir.Model, recipe: Recipe) -> list[list[Linear]]:
+    """The linears of each batch ``quantize_graph`` will hand to GPTQ, in the order it will."""
+    plans = plan_linears(work.graph, find_linears(work.graph), recipe)
+    return [[p.linear for p in batch] for batch in weight_batches(plans, together=True)]
 
 
 def _float64_bytes(plans: list[LinearPlan]) -> int:

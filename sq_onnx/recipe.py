@@ -43,6 +43,9 @@ class Recipe:
     # whole held-out text: 64 x 256 tokens +6.5% over fp32 in 136 s, 128 +5.9% in 207 s, 512 (every
     # built-in sample) with 4 refine rounds +4.8% (tools/RESULTS.md)
     gptq_samples: int = 128
+    # GPTQ: each batch of linears gets the Hessian of its input with every earlier batch already
+    # quantized (GPTQ's own sequential mode), computed segment by segment in about one forward pass
+    gptq_sequential: bool = False
     # GPTQ: quantize the most active input channels first (grids fixed up front, same layout)
     act_order: bool = True
     # GPTQ: rounds of coordinate descent over the codes + least-squares block scales on the same layer

@@ -1,0 +1,151 @@
+"""GPTQ's sequential Hessians: each batch of linears gets XᵀX of its input as the model computes it with
+every earlier batch already quantized, so a layer's weights are fitted to the inputs it will really see.
+
+Running the whole model once per batch costs one forward pass per batch (a prototype was 4-5x slower than
+the whole conversion). Instead the graph is cut into segments, one per batch: run r executes batch r-1's
+linears (already quantized) and every node up to batch r's input, as a small ORT session of its own that
+reads the values crossing into it from a cache the earlier runs filled. All runs together cost about one
+forward pass; the cache holds only the values that cross a cut (the residual stream, attention masks,
+rotary tables): per sample, a few [tokens, width] tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from sq_onnx.ort_session import in_memory_session
+from sq_onnx.passes.linears import Linear
+
+# Rows of activations multiplied at once when summing XᵀX over the cached samples.
+GRAM_ROWS = 1 << 14
+
+
+@dataclass(frozen=True)
+class Run:
+    """What run r does: compute ``outputs`` (new cache entries, batch r's input among them unless it is a
+    graph input) from the graph inputs and the cache, then keep only ``keep`` in the cache."""
+
+    target: str
+    outputs: tuple[str, ...]
+    keep: tuple[str, ...]
+
+
+def plan_runs(graph: ir.Graph, batches: list[list[Linear]]) -> list[Run]:
+    """One run per batch, in order. ``batches`` must be in topological order (each batch's linears read
+    one tensor). A node belongs to segment b if it is a linear of batch b, else to the segment before the
+    first batch it leads to (next(n) - 1); nodes that lead to no batch are never run."""
+    batch_of = {lin.node: b for b, linears in enumerate(batches) for lin in linears}
+    order = list(graph)  # onnx_ir graphs are kept topologically sorted by the passes that edit them
+    nxt: dict[ir.Node, float] = {}
+    for node in reversed(order):
+        first = float(batch_of.get(node, math.inf))
+        for out in node.outputs:
+            for user, _ in out.uses():
+                first = min(first, nxt.get(user, math.inf))
+        nxt[node] = first
+    segment = {n: (batch_of[n] if n in batch_of else nxt[n] - 1) for n in order if nxt[n] < math.inf}
+    live = _depends_on_inputs(graph, order)
+    last_use: dict[str, float] = {}  # value -> the last segment that reads it
+    made_in: dict[str, float] = {}
+    for node, seg in segment.items():
+        for value in node.inputs:
+            if value is not None and value.name in live:
+                last_use[value.name] = max(last_use.get(value.name, -1), seg)
+        for value in node.outputs:
+            made_in[value.name] = seg
+    graph_inputs = {v.name for v in graph.inputs}
+    runs: list[Run] = []
+    cached: set[str] = set()
+    for r, linears in enumerate(batches):
+        target = linears[0].input.name
+        # values made before segment r and read in segment r or later: the cache run r + 1 will need
+        frontier = {v for v, seg in made_in.items() if seg <= r - 1 and last_use.get(v, -1) >= r}
+        if target not in graph_inputs:
+            frontier.add(target)
+        outputs = tuple(sorted(frontier - cached))
+        runs.append(Run(target=target, outputs=outputs, keep=tuple(sorted(frontier))))
+        cached = frontier
+    return runs
+
+
+def _depends_on_inputs(graph: ir.Graph, order: list[ir.Node]) -> set[str]:
+    """Names of values computed from a graph input (the rest are constants: recomputed, never cached)."""
+    live = {v.name for v in graph.inputs}
+    for node in order:
+        if any(v is not None and v.name in live for v in node.inputs):
+            live.update(v.name for v in node.outputs)
+    return live
+
+
+def segment_model(model: ir.Model, cached: list[str], outputs: list[str]) -> ir.Model:
+    """The part of ``model`` that computes ``outputs`` from the graph inputs and the ``cached`` values,
+    as a model of its own (initializers shared, not copied); inputs it does not read are dropped."""
+    graph = model.graph
+    inputs = [v.name for v in graph.inputs] + [c for c in cached if c not in outputs]
+    sub = ir.convenience.extract(graph, inputs, outputs)
+    used = [v for v in sub.inputs if v.uses() or v in sub.outputs]
+    sub.inputs.clear()
+    sub.inputs.extend(used)
+    return ir.Model(sub, ir_version=model.ir_version, functions=list(model.functions.values()))
+
+
+def gram(arrays: list[np.ndarray], channels: int) -> np.ndarray:
+    """Σ XᵀX over ``arrays`` (each flattened to [rows, channels]), in float32 blocks of GRAM_ROWS rows."""
+    total = np.zeros((channels, channels), np.float64)
+    block: list[np.ndarray] = []
+    rows = 0
+    for arr in arrays:
+        block.append(np.asarray(arr, np.float32).reshape(-1, channels))
+        rows += block[-1].shape[0]
+        if rows >= GRAM_ROWS:
+            x = np.concatenate(block)
+            total += x.T @ x
+            block, rows = [], 0
+    if block:
+        x = np.concatenate(block)
+        total += x.T @ x
+    return total.astype(np.float32)
+
+
+class SequentialHessians:
+    """``hessians(name)`` for ``quantize_graph``: asked in batch order, each call runs the next segment of
+    ``model`` (the graph being quantized in place, so earlier batches are already quantized) over the
+    feeds and returns XᵀX of that batch's input."""
+
+    def __init__(
+        self, model: ir.Model, batches: list[list[Linear]], feeds: list[dict[str, np.ndarray]]
+    ) -> None:
+        self._model, self._feeds = model, feeds
+        model.graph.sort()  # plan_runs walks the nodes in topological order
+        self._runs = plan_runs(model.graph, batches)
+        self._channels = [linears[0].shape[0] for linears in batches]
+        self._cache: dict[str, list[np.ndarray]] = {}
+        self.next_run = 0
+
+    def __call__(self, name: str) -> np.ndarray:
+        r = self.next_run
+        if r >= len(self._runs) or self._runs[r].target != name:
+            expected = self._runs[r].target if r < len(self._runs) else "nothing"
+            raise RuntimeError(f"sequential Hessians asked for {name!r}, expected {expected!r}")
+        run = self._runs[r]
+        if run.outputs:
+            self._execute(run.outputs)
+        self._cache = {k: self._cache[k] for k in run.keep}
+        self.next_run += 1
+        source = self._cache[name] if name in self._cache else [f[name] for f in self._feeds]
+        return gram(source, self._channels[r])
+
+    def _execute(self, outputs: tuple[str, ...]) -> None:
+        sub = segment_model(self._model, list(self._cache), list(outputs))
+        names = [v.name for v in sub.graph.inputs]
+        results: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
+        with in_memory_session(sub) as sess:
+            for i, feed in enumerate(self._feeds):
+                inputs = {n: self._cache[n][i] if n in self._cache else feed[n] for n in names}
+                for o, arr in zip(outputs, sess.run(list(outputs), inputs), strict=True):
+                    results[o].append(arr)
+        self._cache.update(results)

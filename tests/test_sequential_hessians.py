@@ -1,0 +1,114 @@
+"""Sequential Hessians: run segment by segment from a cache, they equal XᵀX of the whole (partly quantized)
+model's tensors, and a convert with them gives a working model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from sq_onnx import Recipe, convert
+from sq_onnx.calibration_data import load_calibration
+from sq_onnx.hessian import collect_hessians
+from sq_onnx.model_inputs import input_specs
+from sq_onnx.quantize_model import gptq_batches, quantize_graph
+from sq_onnx.sequential_hessians import SequentialHessians, gram, plan_runs
+
+from conftest import ids_feed, rel_error, run
+from tiny_models import random_ids
+
+
+def _setup(llama_dir, samples: int = 3):
+    model = ir.load(llama_dir / "model.onnx")
+    feeds, _ = load_calibration(
+        {"input_ids": random_ids(samples, 16, seed=3)},
+        input_specs(model),
+        model_path=None,
+        tokenizer_dir=None,
+        count=samples,
+        seq_len=16,
+    )
+    return model, feeds
+
+
+def _full_model_hessian(model: ir.Model, name: str, channels: int, feeds) -> np.ndarray:
+    return collect_hessians(model, {name: channels}, feeds)[name]
+
+
+def test_segments_reproduce_the_one_pass_hessians(llama_dir):
+    model, feeds = _setup(llama_dir)
+    batches = gptq_batches(model, Recipe())
+    assert len(batches) > 4
+    hessians = SequentialHessians(model, batches, feeds)
+    for batch in batches:
+        name, channels = batch[0].input.name, batch[0].shape[0]
+        got = hessians(name)
+        want = _full_model_hessian(model, name, channels, feeds)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_the_cache_holds_only_values_that_cross_a_cut(llama_dir):
+    model, _ = _setup(llama_dir)
+    batches = gptq_batches(model, Recipe())
+    runs = plan_runs(model.graph, batches)
+    assert [r.target for r in runs] == [b[0].input.name for b in batches]
+    produced = {v.name for node in model.graph for v in node.outputs}
+    for run_ in runs:
+        assert run_.target in run_.keep
+        assert set(run_.outputs) <= set(run_.keep) <= produced
+        # the residual stream, rotary tables and masks: a handful, not every tensor of the layer
+        assert len(run_.keep) <= 12
+
+
+def test_each_hessian_sees_the_earlier_batches_quantized(llama_dir):
+    model, feeds = _setup(llama_dir)
+    recipe = Recipe(block_size=32, gptq_samples=3, gptq_sequential=True)
+    batches = gptq_batches(model, recipe)
+    last, channels = batches[-1][0].input.name, batches[-1][0].shape[0]
+    sequential = SequentialHessians(model, batches, feeds)
+    seen: list[str] = []
+
+    def checked(name: str) -> np.ndarray:
+        """Compare each segment's Hessian with the whole model as it stands at that moment."""
+        got = sequential(name)
+        want = _full_model_hessian(model, name, got.shape[0], feeds)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        seen.append(name)
+        return got
+
+    quantize_graph(model, recipe, hessians=checked)
+    assert len(seen) == len(batches) == sequential.next_run
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph) >= len(batches)
+    # the last input is not the float model's any more: the quantized layers upstream changed it
+    float_model, _ = _setup(llama_dir)
+    h_float = _full_model_hessian(float_model, last, channels, feeds)
+    h_quantized = _full_model_hessian(model, last, channels, feeds)
+    assert rel_error(h_float, h_quantized) > 1e-4
+
+
+def test_asking_out_of_order_is_a_programming_error(llama_dir):
+    model, feeds = _setup(llama_dir)
+    batches = gptq_batches(model, Recipe())
+    hessians = SequentialHessians(model, batches, feeds)
+    with pytest.raises(RuntimeError, match="expected"):
+        hessians(batches[1][0].input.name + "_not_this_one")
+
+
+def test_gram_sums_blocks_like_one_product(monkeypatch):
+    from sq_onnx import sequential_hessians
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.normal(size=(1, 7, 5)).astype(np.float32) for _ in range(6)]
+    x = np.concatenate([a.reshape(-1, 5) for a in arrays])
+    monkeypatch.setattr(sequential_hessians, "GRAM_ROWS", 10)
+    np.testing.assert_allclose(gram(arrays, 5), x.T @ x, rtol=1e-5)
+
+
+def test_convert_with_sequential_hessians(llama_dir, tmp_path, calib_ids):
+    out = tmp_path / "seq.onnx"
+    recipe = Recipe(samples=4, gptq_samples=8, block_size=32, lm_head="fp", gptq_sequential=True)
+    result = convert(llama_dir / "model.onnx", out, recipe, calibration=calib_ids)
+    assert result.recipe["gptq_sequential"] is True
+    feed = ids_feed(12, seed=9)
+    ref = run(llama_dir / "model.onnx", feed)
+    assert rel_error(ref, run(out, feed)) < 0.2
