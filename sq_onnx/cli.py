@@ -174,7 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--windows", type=int, default=16)
     v.add_argument("--tokenizer", default=None)
     v.add_argument("--threads", type=int, default=None)
-    v.add_argument("--compare", default=None, help="another model: perplexity ratio and top-1 agreement")
+    v.add_argument(
+        "--compare",
+        default=None,
+        help="another model (the reference): perplexity ratio, top-1 agreement, KL divergence",
+    )
     v.add_argument("--json", action="store_true")
 
     b = sub.add_parser("bench", help="prefill latency, decode tokens/s, load time and peak memory")
@@ -351,7 +355,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if c:
         print(
             f"{c['model']}: perplexity {c['perplexity']:.3f}; ratio {c['perplexity_ratio']:.4f}, "
-            f"top-1 agreement {100 * c['top1_agreement']:.1f}%"
+            f"top-1 agreement {100 * c['top1_agreement']:.1f}%, KL divergence {c['kl_divergence']:.4f}"
         )
     return 0
 

@@ -45,6 +45,19 @@ def token_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return logz - shifted[np.arange(len(target)), target]
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64 (stable)."""
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def token_kl(reference: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """KL(p_reference || p) per position, for [T, V] logits. Unlike a perplexity difference it cannot
+    gain from lucky rounding on the text at hand: it measures how far the distribution moved."""
+    ref = log_softmax(reference)
+    return np.sum(np.exp(ref) * (ref - log_softmax(logits)), axis=-1)
+
+
 def perplexity(
     model_path: str | os.PathLike,
     text_file: str | os.PathLike | None = None,
@@ -56,7 +69,8 @@ def perplexity(
     compare: str | os.PathLike | None = None,
 ) -> EvalResult:
     """exp(mean NLL) over non-overlapping ``seq_len`` windows of the text. With ``compare``, the other
-    model runs on the same windows: its perplexity, the ratio, and top-1 agreement of the two."""
+    model runs on the same windows: its perplexity, the ratio, top-1 agreement of the two, and the mean
+    KL divergence from the other model's next-token distribution to this one's."""
     start = time.perf_counter()
     specs = input_specs(load_model(model_path))
     if not is_language_model(specs):
@@ -69,7 +83,7 @@ def perplexity(
     if compare is not None:
         other_specs = input_specs(load_model(compare))
         other = (session(compare, threads=threads), other_specs)
-    nll, other_nll, agree = [], [], []
+    nll, other_nll, agree, kl = [], [], [], []
     for feed in track(feeds, "evaluating", total=len(feeds), enabled=show_progress):
         logits = sess.run([sess.get_outputs()[0].name], complete_feed(feed, specs))[0]
         nll.append(token_nll(logits[0], feed["input_ids"][0]))
@@ -78,6 +92,7 @@ def perplexity(
             ologits = osess.run([osess.get_outputs()[0].name], complete_feed(feed, ospecs))[0]
             other_nll.append(token_nll(ologits[0], feed["input_ids"][0]))
             agree.append(logits[0].argmax(-1) == ologits[0].argmax(-1))
+            kl.append(token_kl(ologits[0], logits[0]))
     all_nll = np.concatenate(nll)
     comparison = None
     if other is not None:
@@ -87,6 +102,7 @@ def perplexity(
             "perplexity": other_ppl,
             "perplexity_ratio": float(np.exp(all_nll.mean())) / other_ppl,
             "top1_agreement": float(np.concatenate(agree).mean()),
+            "kl_divergence": float(np.concatenate(kl).mean()),
         }
     return EvalResult(
         model=str(model_path),

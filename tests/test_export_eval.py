@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sq_onnx.cli import main
-from sq_onnx.evaluate import perplexity, token_nll
+from sq_onnx.evaluate import perplexity, token_kl, token_nll
 from sq_onnx.generate import generate
 from sq_onnx.lm_runner import LMRunner
 from sq_onnx.model_inputs import input_specs
@@ -27,6 +27,15 @@ def test_token_nll_matches_direct_computation():
     p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     expected = -np.log(p[np.arange(5), ids[1:]])
     np.testing.assert_allclose(token_nll(logits, ids), expected, rtol=1e-10)
+
+
+def test_token_kl_matches_direct_computation():
+    rng = np.random.default_rng(1)
+    ref, other = rng.normal(0, 3, (2, 5, 9))
+    p = np.exp(ref) / np.exp(ref).sum(-1, keepdims=True)
+    q = np.exp(other) / np.exp(other).sum(-1, keepdims=True)
+    np.testing.assert_allclose(token_kl(ref, other), np.sum(p * np.log(p / q), -1), rtol=1e-10)
+    np.testing.assert_allclose(token_kl(ref, ref + 5.0), 0.0, atol=1e-12)  # a shift is the same distribution
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "opt"])
@@ -102,6 +111,7 @@ def test_eval_bench_generate_on_kv_and_plain_models(exported, capsys):
     # the same function exported two ways: ratio 1, full agreement
     cmp = perplexity(kv / "model.onnx", seq_len=32, windows=2, compare=plain / "model.onnx").compare
     assert abs(cmp["perplexity_ratio"] - 1) < 1e-4 and cmp["top1_agreement"] == 1.0
+    assert 0 <= cmp["kl_divergence"] < 1e-6
 
 
 def test_convert_kv_cache_model(exported, tmp_path):
