@@ -31,15 +31,10 @@ ROWS: dict[str, list[str] | None] = {
     "sq-onnx w4, alpha 0.4 + clip search": [*W4, "--no-gptq"],
     "sq-onnx w4, alpha 0.4 + clip + GPTQ, 64 samples": [*W4, "--gptq-samples", "64"],
     "sq-onnx w4, alpha 0.4 + clip + GPTQ (default: 128 samples)": W4,
+    "sq-onnx w4, alpha 0.4 + clip + GPTQ, --gptq-sequential": [*W4, "--gptq-sequential"],
+    "sq-onnx w4, clip + GPTQ, 256 samples": [*W4, "--gptq-samples", "256"],
     "sq-onnx w4, no smoothing, clip + GPTQ": [*W4, "--no-smooth"],
     "sq-onnx w4, --alpha auto, clip + GPTQ": [*W4, "--alpha", "auto"],
-    "sq-onnx w4, clip + GPTQ, 256 samples, --gptq-refine 4": [
-        *W4,
-        "--gptq-samples",
-        "256",
-        "--gptq-refine",
-        "4",
-    ],
     "sq-onnx w4, clip + GPTQ, every sample, --gptq-refine 4": [
         *W4,
         "--gptq-samples",
