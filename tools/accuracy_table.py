@@ -3,8 +3,9 @@
     python tools/accuracy_table.py [--model demo_out/fp32/model.onnx] [--windows 16]
 
 Exports SmolLM2-135M-Instruct first when the model is missing (as tools/demo.py does). Each conversion
-runs in its own process (so its peak RSS is its own); each row is evaluated with ``sq-onnx eval`` on the
-held-out built-in text (never used for calibration), 512-token windows. Prints a table and writes
+runs in its own process (so its peak RSS is its own); each row is evaluated with ``sq-onnx eval --compare
+fp32`` on the held-out built-in text (never used for calibration), 512-token windows: perplexity and the
+mean KL divergence from fp32's next-token distribution (the steadier of the two). Prints a table and writes
 markdown beside the model (accuracy.md).
 """
 
@@ -29,8 +30,8 @@ ROWS: dict[str, list[str] | None] = {
     "sq-onnx w4, --alpha auto, RTN": [*W4_RTN, "--alpha", "auto"],
     "sq-onnx w4, --alpha-search layer, RTN": [*W4_RTN, "--alpha-search", "layer"],
     "sq-onnx w4, alpha 0.4 + clip search": [*W4, "--no-gptq"],
-    "sq-onnx w4, alpha 0.4 + clip + GPTQ, 64 samples": [*W4, "--gptq-samples", "64"],
-    "sq-onnx w4, alpha 0.4 + clip + GPTQ (default: 128 samples)": W4,
+    "sq-onnx w4, alpha 0.4 + clip + GPTQ, 128 samples, --gptq-refine 0": [*W4, "--gptq-refine", "0"],
+    "sq-onnx w4, alpha 0.4 + clip + GPTQ (default: 128 samples, --gptq-refine 4)": W4,
     "sq-onnx w4, alpha 0.4 + clip + GPTQ, --gptq-sequential": [*W4, "--gptq-sequential"],
     "sq-onnx w4, clip + GPTQ, 256 samples": [*W4, "--gptq-samples", "256"],
     "sq-onnx w4, no smoothing, clip + GPTQ": [*W4, "--no-smooth"],
@@ -126,11 +127,19 @@ def main() -> None:
                 console.print(f"  failed: {proc.stderr.strip().splitlines()[-1:]}")
                 continue
             cost = json.loads(proc.stdout.strip().splitlines()[-1])
-        ev = perplexity(path, windows=args.windows)
+        ev = perplexity(path, windows=args.windows, compare=None if spec is None else src)
+        # KL to fp32: perplexity moves by tenths of a point with rounding luck, KL does not
+        kl = None if ev.compare is None else round(ev.compare["kl_divergence"], 4)
         rows.append(
-            {"method": label, "perplexity": round(ev.perplexity, 3), "size_mb": size_mb(path), **cost}
+            {
+                "method": label,
+                "perplexity": round(ev.perplexity, 3),
+                "kl_to_fp32": kl,
+                "size_mb": size_mb(path),
+                **cost,
+            }
         )
-        console.print(f"  perplexity {ev.perplexity:.3f}")
+        console.print(f"  perplexity {ev.perplexity:.3f}, KL to fp32 {kl}")
     base = rows[0]["perplexity"]
     for row in rows:
         row["vs_fp32"] = f"{100 * (row['perplexity'] / base - 1):+.1f}%"
