@@ -112,3 +112,13 @@ def test_convert_with_sequential_hessians(llama_dir, tmp_path, calib_ids):
     feed = ids_feed(12, seed=9)
     ref = run(llama_dir / "model.onnx", feed)
     assert rel_error(ref, run(out, feed)) < 0.2
+
+
+def test_sequential_hessians_on_a_bfloat16_model(llama_dir, tmp_path, calib_ids):
+    """Segments of a bf16 model run as float32 twins; their cached outputs feed the next twin as they are."""
+    from tiny_models import to_bfloat16
+
+    src = to_bfloat16(llama_dir / "model.onnx", tmp_path / "bf16.onnx")
+    recipe = Recipe(samples=4, gptq_samples=6, block_size=32, gptq_sequential=True)
+    result = convert(src, tmp_path / "q.onnx", recipe, calibration=calib_ids)
+    assert result.verify["relative_error"] < 0.5
