@@ -62,7 +62,8 @@ def plan_runs(graph: ir.Graph, batches: list[list[Linear]]) -> list[Run]:
     cached: set[str] = set()
     for r, linears in enumerate(batches):
         target = linears[0].input.name
-        # values made before segment r and read in segment r or later: the cache run r + 1 will need
+        # the cache after run r (which executes segment r - 1): live values made in segments up to r - 1
+        # and read in segment r or later
         frontier = {v for v, seg in made_in.items() if seg <= r - 1 and last_use.get(v, -1) >= r}
         if target not in graph_inputs:
             frontier.add(target)
