@@ -6,6 +6,8 @@ op's bias input. Returns the names of the replaced nodes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx_ir as ir
 
@@ -60,18 +62,12 @@ def replace_with_matmulnbits(
     block_size: int,
     symmetric: bool,
     accuracy_level: int,
-    clip_search: bool = False,
-    importance: np.ndarray | None = None,
-    hessian: np.ndarray | None = None,
-    act_order: bool = False,
-    refine_rounds: int = 0,
+    **options: Any,
 ) -> ir.Node:
-    """Swap one linear for a MatMulNBits node computing the same Y from quantized weights
-    (GPTQ's error feedback when the input's ``hessian`` is given, else per-block rounding)."""
+    """Swap one linear for a MatMulNBits node computing the same Y from quantized weights; ``options``
+    are ``quantize_weight``'s (clip search, importance, GPTQ's hessian, act order, refine rounds)."""
     w = linear.weight_kn().astype(np.float32)
-    bq = quantize_weight(
-        w, bits, block_size, symmetric, clip_search, importance, hessian, act_order, refine_rounds
-    )
+    bq = quantize_weight(w, bits, block_size, symmetric, **options)
     return emit_matmulnbits(graph, linear, bq, accuracy_level)
 
 

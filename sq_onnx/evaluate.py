@@ -36,26 +36,32 @@ class EvalResult:
         return asdict(self)
 
 
-def token_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Negative log-likelihood of ids[1:] given logits[:-1] (one sequence), via a stable log-softmax."""
-    logits = logits[:-1].astype(np.float64)
-    target = ids[1:]
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    logz = np.log(np.exp(shifted).sum(axis=-1))
-    return logz - shifted[np.arange(len(target)), target]
-
-
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise log-softmax in float64 (stable)."""
     shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def nll_of(logprobs: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood of ids[1:] given the log-probabilities at positions [:-1]."""
+    target = ids[1:]
+    return -logprobs[np.arange(len(target)), target]
+
+
+def kl_of(reference: np.ndarray, logprobs: np.ndarray) -> np.ndarray:
+    """KL(p_reference || p) per position, from [T, V] log-probabilities. Unlike a perplexity difference
+    it cannot gain from lucky rounding on the text at hand: it measures how far the distribution moved."""
+    return np.sum(np.exp(reference) * (reference - logprobs), axis=-1)
+
+
+def token_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood of ids[1:] given logits[:-1] (one sequence)."""
+    return nll_of(log_softmax(logits[:-1]), ids)
+
+
 def token_kl(reference: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """KL(p_reference || p) per position, for [T, V] logits. Unlike a perplexity difference it cannot
-    gain from lucky rounding on the text at hand: it measures how far the distribution moved."""
-    ref = log_softmax(reference)
-    return np.sum(np.exp(ref) * (ref - log_softmax(logits)), axis=-1)
+    """KL(p_reference || p) per position, for [T, V] logits."""
+    return kl_of(log_softmax(reference), log_softmax(logits))
 
 
 def perplexity(
@@ -85,14 +91,17 @@ def perplexity(
         other = (session(compare, threads=threads), other_specs)
     nll, other_nll, agree, kl = [], [], [], []
     for feed in track(feeds, "evaluating", total=len(feeds), enabled=show_progress):
-        logits = sess.run([sess.get_outputs()[0].name], complete_feed(feed, specs))[0]
-        nll.append(token_nll(logits[0], feed["input_ids"][0]))
+        ids = feed["input_ids"][0]
+        logits = sess.run([sess.get_outputs()[0].name], complete_feed(feed, specs))[0][0]
+        logprobs = log_softmax(logits[:-1])  # once per window: NLL and KL both read it
+        nll.append(nll_of(logprobs, ids))
         if other is not None:
             osess, ospecs = other
-            ologits = osess.run([osess.get_outputs()[0].name], complete_feed(feed, ospecs))[0]
-            other_nll.append(token_nll(ologits[0], feed["input_ids"][0]))
-            agree.append(logits[0].argmax(-1) == ologits[0].argmax(-1))
-            kl.append(token_kl(ologits[0], logits[0]))
+            ologits = osess.run([osess.get_outputs()[0].name], complete_feed(feed, ospecs))[0][0]
+            ologprobs = log_softmax(ologits[:-1])
+            other_nll.append(nll_of(ologprobs, ids))
+            agree.append(logits.argmax(-1) == ologits.argmax(-1))
+            kl.append(kl_of(ologprobs, logprobs))
     all_nll = np.concatenate(nll)
     comparison = None
     if other is not None:

@@ -244,12 +244,12 @@ def _run_pipeline(
         importance = input_importance(calib.mean_square, scales) if recipe.clip_search else None
         hessians = None
         if recipe.uses_gptq:
-            inputs = {p.linear.input.name: p.linear.shape[0] for p in plans if p.action in ("w4", "w8")}
             hessian_feeds = pool_feeds[: recipe.gptq_samples]
             result.calibration["hessian_samples"] = len(hessian_feeds)
             if recipe.gptq_sequential:
                 hessians = SequentialHessians(work, gptq_batches(work, recipe), hessian_feeds)
             else:
+                inputs = {p.linear.input.name: p.linear.shape[0] for p in plans if p.action in ("w4", "w8")}
                 hessians = ChunkedHessians(src, inputs, hessian_feeds, scales, show_progress=show_progress)
         result.quantized_matmuls = quantize_graph(work, recipe, ranges, show_progress, importance, hessians)
     else:

@@ -97,18 +97,12 @@ def segment_model(model: ir.Model, cached: list[str], outputs: list[str]) -> ir.
 def gram(arrays: list[np.ndarray], channels: int) -> np.ndarray:
     """Σ XᵀX over ``arrays`` (each flattened to [rows, channels]), in float32 blocks of GRAM_ROWS rows."""
     total = np.zeros((channels, channels), np.float64)
-    block: list[np.ndarray] = []
-    rows = 0
-    for arr in arrays:
-        block.append(np.asarray(arr, np.float32).reshape(-1, channels))
-        rows += block[-1].shape[0]
-        if rows >= GRAM_ROWS:
-            x = np.concatenate(block)
-            total += x.T @ x
-            block, rows = [], 0
-    if block:
-        x = np.concatenate(block)
-        total += x.T @ x
+    per_block = max(1, GRAM_ROWS * channels // max(1, arrays[0].size)) if arrays else 1
+    for start in range(0, len(arrays), per_block):
+        x = np.concatenate(
+            [np.asarray(a, np.float32).reshape(-1, channels) for a in arrays[start : start + per_block]]
+        )
+        total += x.T @ x  # numpy runs syrk for x.T @ x
     return total.astype(np.float32)
 
 
