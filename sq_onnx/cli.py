@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(GPTQ's sequential mode; about the cost of the one-pass Hessians)",
     )
     c.add_argument(
+        "--gptq-asymmetric",
+        action=argparse.BooleanOptionalAction,
+        default=Recipe.gptq_asymmetric,
+        help="W4: fit each layer to the float model's output rather than to its own on the degraded input "
+        "(GPTAQ; implies --gptq-sequential, runs a float copy beside it)",
+    )
+    c.add_argument(
         "--gptq-refine",
         type=int,
         default=Recipe.gptq_refine,
@@ -235,6 +242,7 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         gptq_samples=args.gptq_samples,
         gptq_refine=args.gptq_refine,
         gptq_sequential=args.gptq_sequential,
+        gptq_asymmetric=args.gptq_asymmetric,
         act_order=not args.no_act_order,
         accuracy_level=args.accuracy_level,
         lm_head=args.lm_head,

@@ -242,16 +242,21 @@ def _run_pipeline(
     if recipe.scheme != "smooth":
         ranges = static_ranges(stats, result.smoothed_groups) if recipe.act == "static" else None
         importance = input_importance(calib.mean_square, scales) if recipe.clip_search else None
-        hessians = None
+        hessians = weight_target = None
         if recipe.uses_gptq:
             hessian_feeds = pool_feeds[: recipe.gptq_samples]
             result.calibration["hessian_samples"] = len(hessian_feeds)
-            if recipe.gptq_sequential:
-                hessians = SequentialHessians(work, gptq_batches(work, recipe), hessian_feeds)
+            if recipe.gptq_sequential or recipe.gptq_asymmetric:
+                hessians = SequentialHessians(
+                    work, gptq_batches(work, recipe), hessian_feeds, float_target=recipe.gptq_asymmetric
+                )
+                weight_target = hessians.float_target
             else:
                 inputs = {p.linear.input.name: p.linear.shape[0] for p in plans if p.action in ("w4", "w8")}
                 hessians = ChunkedHessians(src, inputs, hessian_feeds, scales, show_progress=show_progress)
-        result.quantized_matmuls = quantize_graph(work, recipe, ranges, show_progress, importance, hessians)
+        result.quantized_matmuls = quantize_graph(
+            work, recipe, ranges, show_progress, importance, hessians, weight_target
+        )
     else:
         cleanup(work)
 

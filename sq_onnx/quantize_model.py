@@ -54,9 +54,12 @@ def quantize_graph(
     show_progress: bool = False,
     importance: dict[str, np.ndarray] | None = None,
     hessians: Callable[[str], np.ndarray] | None = None,
+    weight_target: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> list[str]:
     """Quantize ``work`` in place according to the recipe's plan; returns the replaced node names.
-    ``hessians``: input tensor name -> XᵀX as the quantizer sees it, for GPTQ (W4/W8 weight-only)."""
+    ``hessians``: input tensor name -> XᵀX as the quantizer sees it, for GPTQ (W4/W8 weight-only).
+    ``weight_target``: a batch's joined [K, N] weight -> the weight GPTQ fits instead, called right after
+    that batch's Hessian (``SequentialHessians.float_target``)."""
     graph = work.graph
     plans = plan_linears(graph, find_linears(graph), recipe)
     ensure_opset(work, "com.microsoft", 1)
@@ -66,14 +69,18 @@ def quantize_graph(
         first = batch[0]
         name = first.linear.input.name
         weights = [p.linear.weight_kn().astype(np.float32) for p in batch]
+        joined = weights[0] if len(weights) == 1 else np.concatenate(weights, axis=1)
+        hessian = hessians(name) if hessians is not None else None
+        if weight_target is not None:
+            joined = weight_target(joined)
         bq = quantize_weight(
-            weights[0] if len(weights) == 1 else np.concatenate(weights, axis=1),
+            joined,
             4 if first.action == "w4" else 8,
             recipe.block_size,
             recipe.symmetric,
             clip_search=recipe.clip_search,
             importance=(importance or {}).get(name),
-            hessian=hessians(name) if hessians is not None else None,
+            hessian=hessian,
             act_order=recipe.act_order,
             refine_rounds=recipe.gptq_refine,
         )

@@ -49,6 +49,7 @@ class Recipe:
     # fp32 on the whole held-out text 0.0811 -> 0.0814 at 128 samples, 0.0781 -> 0.0792 at 256), while its
     # cache of activations grows with the samples (tools/RESULTS.md)
     gptq_sequential: bool = False
+    gptq_asymmetric: bool = False
     # GPTQ: quantize the most active input channels first (grids fixed up front, same layout)
     act_order: bool = True
     # GPTQ: rounds of coordinate descent over the codes + least-squares block scales on the same layer

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from sq_onnx.calibrate import copy_model
 from sq_onnx.ort_session import in_memory_session
+from sq_onnx.passes.gptq import DAMP, dampened_hessian
 from sq_onnx.passes.linears import Linear
 
 # Rows of activations multiplied at once when summing XᵀX over the cached samples.
@@ -94,31 +96,46 @@ def segment_model(model: ir.Model, cached: list[str], outputs: list[str]) -> ir.
     return ir.Model(sub, ir_version=model.ir_version, functions=list(model.functions.values()))
 
 
-def gram(arrays: list[np.ndarray], channels: int) -> np.ndarray:
-    """Σ XᵀX over ``arrays`` (each flattened to [rows, channels]), in float32 blocks of GRAM_ROWS rows."""
+def gram(arrays: list[np.ndarray], channels: int, others: list[np.ndarray] | None = None) -> np.ndarray:
+    """Σ XᵀX over ``arrays`` (each flattened to [rows, channels]), in float32 blocks of GRAM_ROWS rows;
+    with ``others`` (same shapes, row for row) Σ XᵀY instead."""
     total = np.zeros((channels, channels), np.float64)
     per_block = max(1, GRAM_ROWS * channels // max(1, arrays[0].size)) if arrays else 1
+
+    def rows(source: list[np.ndarray], start: int) -> np.ndarray:
+        part = source[start : start + per_block]
+        return np.concatenate([np.asarray(a, np.float32).reshape(-1, channels) for a in part])
+
     for start in range(0, len(arrays), per_block):
-        x = np.concatenate(
-            [np.asarray(a, np.float32).reshape(-1, channels) for a in arrays[start : start + per_block]]
-        )
-        total += x.T @ x  # numpy runs syrk for x.T @ x
+        x = rows(arrays, start)
+        total += x.T @ (x if others is None else rows(others, start))  # numpy runs syrk for x.T @ x
     return total.astype(np.float32)
 
 
 class SequentialHessians:
     """``hessians(name)`` for ``quantize_graph``: asked in batch order, each call runs the next segment of
     ``model`` (the graph being quantized in place, so earlier batches are already quantized) over the
-    feeds and returns XᵀX of that batch's input."""
+    feeds and returns XᵀX of that batch's input.
+
+    With ``float_target`` a float copy of ``model`` (taken now, before anything is quantized) runs the
+    same segments beside it, and ``float_target`` maps the last batch's weights to the ones that best
+    reproduce the float model's output from the quantized model's input, so each layer also undoes the
+    error the earlier ones left in its input (GPTAQ's asymmetric calibration, Li et al., 2025)."""
 
     def __init__(
-        self, model: ir.Model, batches: list[list[Linear]], feeds: list[dict[str, np.ndarray]]
+        self,
+        model: ir.Model,
+        batches: list[list[Linear]],
+        feeds: list[dict[str, np.ndarray]],
+        float_target: bool = False,
     ) -> None:
-        self._model, self._feeds = model, feeds
+        self._feeds = feeds
         model.graph.sort()  # plan_runs walks the nodes in topological order
         self._runs = plan_runs(model.graph, batches)
         self._channels = [linears[0].shape[0] for linears in batches]
-        self._cache: dict[str, list[np.ndarray]] = {}
+        self._streams = [_Stream(model)] + ([_Stream(copy_model(model))] if float_target else [])
+        self.cross: np.ndarray | None = None  # X_qᵀX_f of the last batch's input
+        self._hessian: np.ndarray | None = None
         self.next_run = 0
 
     def __call__(self, name: str) -> np.ndarray:
@@ -127,20 +144,52 @@ class SequentialHessians:
             expected = self._runs[r].target if r < len(self._runs) else "nothing"
             raise RuntimeError(f"sequential Hessians asked for {name!r}, expected {expected!r}")
         run = self._runs[r]
-        if run.outputs:
-            self._execute(run.outputs)
-        self._cache = {k: self._cache[k] for k in run.keep}
+        sources = [stream.advance(run, self._feeds) for stream in self._streams]
         self.next_run += 1
-        source = self._cache[name] if name in self._cache else [f[name] for f in self._feeds]
-        return gram(source, self._channels[r])
+        if len(sources) > 1:
+            self.cross = gram(sources[0], self._channels[r], sources[1])
+        self._hessian = gram(sources[0], self._channels[r])
+        return self._hessian
 
-    def _execute(self, outputs: tuple[str, ...]) -> None:
-        sub = segment_model(self._model, list(self._cache), list(outputs))
-        names = [v.name for v in sub.graph.inputs]
-        results: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
-        with in_memory_session(sub) as sess:
-            for i, feed in enumerate(self._feeds):
-                inputs = {n: self._cache[n][i] if n in self._cache else feed[n] for n in names}
-                for o, arr in zip(outputs, sess.run(list(outputs), inputs), strict=True):
-                    results[o].append(arr)
-        self._cache.update(results)
+    def float_target(self, w: np.ndarray) -> np.ndarray:
+        """``float_target_weight`` of the last batch's joined [K, N] weight (``w`` itself without a float
+        copy)."""
+        if self.cross is None or self._hessian is None:
+            return w
+        return float_target_weight(w, self._hessian, self.cross)
+
+
+class _Stream:
+    """One model run segment by segment over the feeds, with its cache of the values crossing the cuts."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        self.cache: dict[str, list[np.ndarray]] = {}
+
+    def advance(self, run: Run, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+        """Execute ``run``; returns the run's target per feed."""
+        if run.outputs:
+            sub = segment_model(self.model, list(self.cache), list(run.outputs))
+            names = [v.name for v in sub.graph.inputs]
+            results: dict[str, list[np.ndarray]] = {o: [] for o in run.outputs}
+            with in_memory_session(sub) as sess:
+                for i, feed in enumerate(feeds):
+                    inputs = {n: self.cache[n][i] if n in self.cache else feed[n] for n in names}
+                    for o, arr in zip(run.outputs, sess.run(list(run.outputs), inputs), strict=True):
+                        results[o].append(arr)
+            self.cache.update(results)
+        self.cache = {k: self.cache[k] for k in run.keep}
+        return self.cache[run.target] if run.target in self.cache else [f[run.target] for f in feeds]
+
+
+def float_target_weight(
+    w: np.ndarray, hessian: np.ndarray, cross: np.ndarray, damp: float = DAMP
+) -> np.ndarray:
+    """argmin_Ŵ ‖X_q Ŵ − X_f W‖² = W + H⁻¹X_qᵀ(X_f − X_q)W (H = X_qᵀX_q): quantizing this target with
+    GPTQ on H minimises the distance to the float model's output, not to this layer's own output on the
+    already degraded input. Only the correction sees H dampened as GPTQ dampens it, so that a layer
+    whose input is still exact keeps W itself. ``w`` [K, N]."""
+    h, _ = dampened_hessian(hessian, damp)
+    delta = cross.astype(np.float64) - hessian.astype(np.float64)  # X_qᵀ(X_f − X_q)
+    w64 = w.astype(np.float64)
+    return (w64 + np.linalg.solve(h, delta @ w64)).astype(np.float32)

@@ -11,8 +11,15 @@ from sq_onnx import Recipe, convert
 from sq_onnx.calibration_data import load_calibration
 from sq_onnx.hessian import collect_hessians
 from sq_onnx.model_inputs import input_specs
+from sq_onnx.ort_session import in_memory_session
 from sq_onnx.quantize_model import gptq_batches, quantize_graph
-from sq_onnx.sequential_hessians import SequentialHessians, gram, plan_runs
+from sq_onnx.sequential_hessians import (
+    SequentialHessians,
+    float_target_weight,
+    gram,
+    plan_runs,
+    segment_model,
+)
 
 from conftest import ids_feed, rel_error, run
 from tiny_models import random_ids
@@ -104,11 +111,12 @@ def test_gram_sums_blocks_like_one_product(monkeypatch):
     np.testing.assert_allclose(gram(arrays, 5), x.T @ x, rtol=1e-5)
 
 
-def test_convert_with_sequential_hessians(llama_dir, tmp_path, calib_ids):
+@pytest.mark.parametrize("mode", ["gptq_sequential", "gptq_asymmetric"])
+def test_convert_with_sequential_hessians(llama_dir, tmp_path, calib_ids, mode):
     out = tmp_path / "seq.onnx"
-    recipe = Recipe(samples=4, gptq_samples=8, block_size=32, lm_head="fp", gptq_sequential=True)
+    recipe = Recipe(samples=4, gptq_samples=8, block_size=32, lm_head="fp", **{mode: True})
     result = convert(llama_dir / "model.onnx", out, recipe, calibration=calib_ids)
-    assert result.recipe["gptq_sequential"] is True
+    assert result.recipe[mode] is True
     feed = ids_feed(12, seed=9)
     ref = run(llama_dir / "model.onnx", feed)
     assert rel_error(ref, run(out, feed)) < 0.2
@@ -122,3 +130,45 @@ def test_sequential_hessians_on_a_bfloat16_model(llama_dir, tmp_path, calib_ids)
     recipe = Recipe(samples=4, gptq_samples=6, block_size=32, gptq_sequential=True)
     result = convert(src, tmp_path / "q.onnx", recipe, calibration=calib_ids)
     assert result.verify["relative_error"] < 0.5
+
+
+def _tensor(model: ir.Model, name: str, feeds) -> list[np.ndarray]:
+    """``name`` as the whole model computes it, per feed."""
+    sub = segment_model(model, [], [name])
+    inputs = [v.name for v in sub.graph.inputs]
+    with in_memory_session(sub) as sess:
+        return [sess.run([name], {n: f[n] for n in inputs})[0] for f in feeds]
+
+
+def test_float_target_weight_is_the_least_squares_fit_to_the_float_output():
+    rng = np.random.default_rng(1)
+    x_f = rng.normal(size=(400, 12))
+    x_q = x_f + 0.1 * rng.normal(size=x_f.shape)
+    w = rng.normal(size=(12, 5)).astype(np.float32)
+    h, cross = (x_q.T @ x_q).astype(np.float32), (x_q.T @ x_f).astype(np.float32)
+    want, *_ = np.linalg.lstsq(x_q, x_f @ w, rcond=None)
+    np.testing.assert_allclose(float_target_weight(w, h, cross, damp=0.0), want, rtol=1e-3, atol=1e-4)
+    # an input that is still exact keeps its weights, whatever the dampening
+    np.testing.assert_allclose(float_target_weight(w, h, h), w, rtol=1e-6)
+
+
+def test_cross_is_the_quantized_input_against_the_float_input(llama_dir):
+    model, feeds = _setup(llama_dir)
+    float_model, _ = _setup(llama_dir)
+    recipe = Recipe(block_size=32, gptq_samples=3, gptq_asymmetric=True)
+    batches = gptq_batches(model, recipe)
+    sequential = SequentialHessians(model, batches, feeds, float_target=True)
+    errors: list[float] = []
+
+    def checked(name: str) -> np.ndarray:
+        got = sequential(name)
+        channels = got.shape[0]
+        x_q = np.concatenate([a.reshape(-1, channels) for a in _tensor(model, name, feeds)])
+        x_f = np.concatenate([a.reshape(-1, channels) for a in _tensor(float_model, name, feeds)])
+        want = x_q.T @ x_f
+        np.testing.assert_allclose(sequential.cross, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        errors.append(rel_error(x_f, x_q))
+        return got
+
+    quantize_graph(model, recipe, hessians=checked, weight_target=sequential.float_target)
+    assert errors[0] == 0.0 and errors[-1] > 1e-3  # the float copy never sees the quantized layers
