@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--gptq-asymmetric",
         action=argparse.BooleanOptionalAction,
         default=Recipe.gptq_asymmetric,
-        help="W4: fit each layer to the float model's output rather than to its own on the degraded input "
-        "(GPTAQ; implies --gptq-sequential, runs a float copy beside it)",
+        help="W4: fit each layer to the float model's output from the input the quantized layers before it "
+        "give it, not to its own output (GPTAQ; default on; implies --gptq-sequential and runs a float copy "
+        "beside it; --no-gptq-asymmetric is plain GPTQ, about 25%% faster)",
     )
     c.add_argument(
         "--gptq-refine",

@@ -111,12 +111,20 @@ def test_gram_sums_blocks_like_one_product(monkeypatch):
     np.testing.assert_allclose(gram(arrays, 5), x.T @ x, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["gptq_sequential", "gptq_asymmetric"])
-def test_convert_with_sequential_hessians(llama_dir, tmp_path, calib_ids, mode):
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"gptq_asymmetric": False},  # one-pass Hessians
+        {"gptq_asymmetric": False, "gptq_sequential": True},
+        {},  # the default: asymmetric, on the sequential Hessians
+    ],
+    ids=["one-pass", "sequential", "asymmetric"],
+)
+def test_convert_with_each_hessian_mode(llama_dir, tmp_path, calib_ids, options):
     out = tmp_path / "seq.onnx"
-    recipe = Recipe(samples=4, gptq_samples=8, block_size=32, lm_head="fp", **{mode: True})
+    recipe = Recipe(samples=4, gptq_samples=8, block_size=32, lm_head="fp", **options)
     result = convert(llama_dir / "model.onnx", out, recipe, calibration=calib_ids)
-    assert result.recipe[mode] is True
+    assert all(result.recipe[k] == v for k, v in options.items())
     feed = ids_feed(12, seed=9)
     ref = run(llama_dir / "model.onnx", feed)
     assert rel_error(ref, run(out, feed)) < 0.2

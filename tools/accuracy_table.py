@@ -21,6 +21,7 @@ from pathlib import Path
 
 W4 = ["convert", "--scheme", "w4"]
 W4_RTN = [*W4, "--no-gptq", "--no-clip-search"]
+PLAIN = [*W4, "--no-gptq-asymmetric"]  # GPTQ on its own layer loss (the default before 2026-11-24)
 W8A8 = ["convert", "--scheme", "w8a8"]
 ROWS: dict[str, list[str] | None] = {
     "fp32": None,
@@ -30,19 +31,15 @@ ROWS: dict[str, list[str] | None] = {
     "sq-onnx w4, --alpha auto, RTN": [*W4_RTN, "--alpha", "auto"],
     "sq-onnx w4, --alpha-search layer, RTN": [*W4_RTN, "--alpha-search", "layer"],
     "sq-onnx w4, alpha 0.4 + clip search": [*W4, "--no-gptq"],
-    "sq-onnx w4, alpha 0.4 + clip + GPTQ, 128 samples, --gptq-refine 0": [*W4, "--gptq-refine", "0"],
-    "sq-onnx w4, alpha 0.4 + clip + GPTQ (default: 128 samples, --gptq-refine 4)": W4,
-    "sq-onnx w4, alpha 0.4 + clip + GPTQ, --gptq-sequential": [*W4, "--gptq-sequential"],
-    "sq-onnx w4, clip + GPTQ, 256 samples": [*W4, "--gptq-samples", "256"],
-    "sq-onnx w4, no smoothing, clip + GPTQ": [*W4, "--no-smooth"],
-    "sq-onnx w4, --alpha auto, clip + GPTQ": [*W4, "--alpha", "auto"],
-    "sq-onnx w4, clip + GPTQ, every sample, --gptq-refine 4": [
-        *W4,
-        "--gptq-samples",
-        "512",
-        "--gptq-refine",
-        "4",
-    ],
+    "sq-onnx w4, alpha 0.4 + clip + plain GPTQ, 128 samples": [*PLAIN, "--gptq-refine", "0"],
+    "sq-onnx w4, alpha 0.4 + clip + plain GPTQ + 4 refine rounds": PLAIN,
+    "sq-onnx w4, alpha 0.4 + clip + plain GPTQ, --gptq-sequential": [*PLAIN, "--gptq-sequential"],
+    "sq-onnx w4, clip + asymmetric GPTQ, --gptq-refine 0": [*W4, "--gptq-refine", "0"],
+    "sq-onnx w4, alpha 0.4 + clip + asymmetric GPTQ + 4 refine rounds (default, 128 samples)": W4,
+    "sq-onnx w4, clip + asymmetric GPTQ, 256 samples": [*W4, "--gptq-samples", "256"],
+    "sq-onnx w4, no smoothing, clip + asymmetric GPTQ": [*W4, "--no-smooth"],
+    "sq-onnx w4, --alpha auto, clip + asymmetric GPTQ": [*W4, "--alpha", "auto"],
+    "sq-onnx w4, clip + asymmetric GPTQ, every sample": [*W4, "--gptq-samples", "512"],
     "ORT quantize_dynamic (int8 weights)": ["ort-dynamic"],
     "sq-onnx w8a8, no smoothing": [*W8A8, "--no-smooth"],
     "sq-onnx w8a8, alpha 0.5 (default)": W8A8,
