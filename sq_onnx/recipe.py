@@ -41,7 +41,8 @@ class Recipe:
     gptq: bool = True
     # GPTQ's Hessians use this many calibration samples (more than the statistics need). On SmolLM2,
     # whole held-out text: 64 x 256 tokens +6.5% over fp32 in 136 s, 128 +5.9% in 207 s, 512 (every
-    # built-in sample) with 4 refine rounds +4.8% (tools/RESULTS.md)
+    # built-in sample) with 4 refine rounds +4.8% (plain GPTQ); with the asymmetric target, 256 samples
+    # +3.9% in 486 s (tools/RESULTS.md)
     gptq_samples: int = 128
     # GPTQ: each batch of linears gets the Hessian of its input with every earlier batch already
     # quantized (GPTQ's own sequential mode), computed segment by segment in about one forward pass.
@@ -51,7 +52,7 @@ class Recipe:
     # GPTQ: fit each layer to the float model's output from the input the quantized model gives it
     # (GPTAQ's asymmetric calibration; implies the sequential Hessians, with a float copy run beside them).
     # On SmolLM2 at 128 samples with 4 refine rounds, KL to fp32 on the whole held-out text 0.0753 ->
-    # 0.0591 (perplexity +5.5% -> +4.8%) for about 70 s more (tools/RESULTS.md)
+    # 0.0539 (perplexity +5.5% -> +3.7%) for about 80 s more (tools/RESULTS.md)
     gptq_asymmetric: bool = True
     # GPTQ: quantize the most active input channels first (grids fixed up front, same layout)
     act_order: bool = True
