@@ -7,6 +7,10 @@ linears (already quantized) and every node up to batch r's input, as a small ORT
 reads the values crossing into it from a cache the earlier runs filled. All runs together cost about one
 forward pass; the cache holds only the values that cross a cut (the residual stream, attention masks,
 rotary tables): per sample, a few [tokens, width] tensors.
+
+The same segments run on a float copy of the model give, row for row, the input the float model would
+give each batch, which the asymmetric (float) target needs: X_qᵀX_f is summed like XᵀX, and no activation
+is kept beyond the cut values.
 """
 
 from __future__ import annotations
