@@ -41,8 +41,8 @@ class Recipe:
     gptq: bool = True
     # GPTQ's Hessians use this many calibration samples (more than the statistics need). On SmolLM2,
     # whole held-out text: 64 x 256 tokens +6.5% over fp32 in 136 s, 128 +5.9% in 207 s, 512 (every
-    # built-in sample) with 4 refine rounds +4.8% (plain GPTQ); with the asymmetric target, 256 samples
-    # +3.9% in 486 s (tools/RESULTS.md)
+    # built-in sample) with 4 refine rounds +4.8% (plain GPTQ); with the asymmetric target KL to fp32
+    # 0.0539 at 128 samples in ~300 s, 0.0491 at 256 in ~480 s (tools/RESULTS.md)
     gptq_samples: int = 128
     # GPTQ: each batch of linears gets the Hessian of its input with every earlier batch already
     # quantized (GPTQ's own sequential mode), computed segment by segment in about one forward pass.
