@@ -250,7 +250,7 @@ def _run_pipeline(
                 hessians = SequentialHessians(
                     work, gptq_batches(work, recipe), hessian_feeds, float_target=recipe.gptq_asymmetric
                 )
-                weight_target = hessians.float_target
+                weight_target = hessians.float_target if recipe.gptq_asymmetric else None
             else:
                 inputs = {p.linear.input.name: p.linear.shape[0] for p in plans if p.action in ("w4", "w8")}
                 hessians = ChunkedHessians(src, inputs, hessian_feeds, scales, show_progress=show_progress)

@@ -104,10 +104,13 @@ def segment_model(model: ir.Model, cached: list[str], outputs: list[str]) -> ir.
     return ir.Model(sub, ir_version=model.ir_version, functions=list(model.functions.values()))
 
 
-def gram(arrays: list[np.ndarray], channels: int, others: list[np.ndarray] | None = None) -> np.ndarray:
-    """Σ XᵀX over ``arrays`` (each flattened to [rows, channels]), in float32 blocks of GRAM_ROWS rows;
-    with ``others`` (same shapes, row for row) Σ XᵀY instead."""
+def gram(
+    arrays: list[np.ndarray], channels: int, others: list[np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Σ XᵀX over ``arrays`` (each flattened to [rows, channels]) and, with ``others`` (same shapes, row for
+    row), Σ XᵀY, in one pass over float32 blocks of GRAM_ROWS rows (each X block joined once)."""
     total = np.zeros((channels, channels), np.float64)
+    cross = None if others is None else np.zeros((channels, channels), np.float64)
     per_block = max(1, GRAM_ROWS * channels // max(1, arrays[0].size)) if arrays else 1
 
     def rows(source: list[np.ndarray], start: int) -> np.ndarray:
@@ -116,8 +119,10 @@ def gram(arrays: list[np.ndarray], channels: int, others: list[np.ndarray] | Non
 
     for start in range(0, len(arrays), per_block):
         x = rows(arrays, start)
-        total += x.T @ (x if others is None else rows(others, start))  # numpy runs syrk for x.T @ x
-    return total.astype(np.float32)
+        total += x.T @ x  # numpy runs syrk for x.T @ x
+        if cross is not None and others is not None:
+            cross += x.T @ rows(others, start)
+    return total.astype(np.float32), (None if cross is None else cross.astype(np.float32))
 
 
 class SequentialHessians:
@@ -154,9 +159,7 @@ class SequentialHessians:
         run = self._runs[r]
         sources = [stream.advance(run, self._feeds) for stream in self._streams]
         self.next_run += 1
-        if len(sources) > 1:
-            self.cross = gram(sources[0], self._channels[r], sources[1])
-        self._hessian = gram(sources[0], self._channels[r])
+        self._hessian, self.cross = gram(sources[0], self._channels[r], *sources[1:])
         return self._hessian
 
     def float_target(self, w: np.ndarray) -> np.ndarray:
