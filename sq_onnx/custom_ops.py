@@ -67,6 +67,13 @@ def built_with_cuda() -> bool:
     return bool(path and ctypes.CDLL(str(path)).sq_onnx_built_with_cuda())
 
 
+def built_with_sm90_gemm() -> bool:
+    """Whether the library carries the CUTLASS Hopper (sm_90a) int8 GEMM, an opt-in path
+    (``SQ_ONNX_CUDA_GEMM=sm90``) beside the default mma.sync kernel."""
+    path = library_path()
+    return bool(path and ctypes.CDLL(str(path)).sq_onnx_built_with_sm90_gemm())
+
+
 def cuda_launchers() -> ctypes.CDLL:
     """The library's C entry points to the CUDA kernels (device pointers, a cudaStream_t; 0 = success),
     with their signatures, for the GPU tests and tools/bench_cuda_kernels.py."""
@@ -76,6 +83,8 @@ def cuda_launchers() -> ctypes.CDLL:
     lib.sq_onnx_cuda_rmsnorm_quant.argtypes = [flag, p, p, p, p, f, i64, i64, p, p, p, p]
     lib.sq_onnx_cuda_layernorm_quant.argtypes = [flag, p, p, p, f, i64, i64, p, p, p]
     lib.sq_onnx_cuda_quantize_per_token.argtypes = [flag, p, p, i64, i64, p, p, p]
+    lib.sq_onnx_cuda_select_gemm.argtypes = [flag]  # 1 mma.sync, 2 Hopper; 0 = taken
+    lib.sq_onnx_cuda_last_gemm_kernel.argtypes = []  # 1 generic, 2 dp4a, 3 mma.sync, 4 Hopper
     return lib
 
 

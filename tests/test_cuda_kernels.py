@@ -53,9 +53,25 @@ GEMM_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
+# Shapes the CUTLASS Hopper kernel (fp16 only) takes: M > 16, K % 16 == 0, N % 8 == 0; partial tiles in M, N
+# and K, and each of its three tile configurations (M up to 64, up to 128, above).
+SM90_SHAPES = [(17, 128, 16), (33, 264, 512), (100, 4104, 160), (129, 520, 4096), (1000, 1024, 576)]
+MMA, SM90 = 1, 2
+SERVED_SM90 = 4
+
+
+@pytest.fixture(params=[MMA, SM90], ids=["mma", "sm90"])
+def gemm_path(request):
+    """Select the int8 GEMM for the test; back to the default mma.sync after it."""
+    if LIB.sq_onnx_cuda_select_gemm(request.param) != 0:
+        pytest.skip("the CUTLASS Hopper GEMM is not built in or this GPU is not sm_90")
+    yield request.param
+    LIB.sq_onnx_cuda_select_gemm(MMA)
+
+
+@pytest.mark.parametrize("m,n,k", GEMM_SHAPES + SM90_SHAPES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_int8_matmul_dequant_matches_reference(m, n, k, dtype):
+def test_int8_matmul_dequant_matches_reference(m, n, k, dtype, gemm_path):
     rng = np.random.default_rng(m * 7 + n + k)
     xq = rng.integers(-127, 128, (m, k), dtype=np.int8)
     wq = rng.integers(-127, 128, (n, k), dtype=np.int8)
@@ -69,6 +85,23 @@ def test_int8_matmul_dequant_matches_reference(m, n, k, dtype):
     )
     assert rc == 0
     np.testing.assert_array_equal(_host(y), ref.int8_matmul_dequant(xq, xs, wq, ws, bias))
+    if gemm_path == SM90 and (m, n, k) in SM90_SHAPES and dtype == np.float16:
+        assert LIB.sq_onnx_cuda_last_gemm_kernel() == SERVED_SM90, "fell back instead of running CUTLASS"
+
+
+@pytest.mark.parametrize("m,n,k", [(300, 256, 2048), (40, 128, 64)])
+def test_int8_matmul_dequant_without_bias(m, n, k, gemm_path):
+    """No bias: the Hopper epilogue reads a null bias as zero."""
+    rng = np.random.default_rng(m + n + k)
+    xq = rng.integers(-127, 128, (m, k), dtype=np.int8)
+    wq = rng.integers(-127, 128, (n, k), dtype=np.int8)
+    xs = rng.uniform(0.001, 0.02, (m, 1)).astype(np.float16)
+    ws = rng.uniform(0.001, 0.02, n).astype(np.float16)
+    y = torch.empty((m, n), dtype=torch.float16, device="cuda")
+    d = [_dev(a) for a in (xq, xs, wq, ws)]
+    rc = LIB.sq_onnx_cuda_int8_matmul_dequant(1, *(_ptr(t) for t in d), None, m, n, k, _ptr(y), _stream())
+    assert rc == 0
+    np.testing.assert_array_equal(_host(y), ref.int8_matmul_dequant(xq, xs, wq, ws))
 
 
 @pytest.mark.parametrize("rows,k", [(0, 64), (1, 1), (3, 576), (7, 1000), (33, 4096), (2, 13000)])

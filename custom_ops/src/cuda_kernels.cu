@@ -2,12 +2,19 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "cpu_kernels.h"
 #include "cuda_kernels.h"
+#ifdef SQ_ONNX_WITH_SM90_GEMM
+#include "cuda_gemm_sm90.h"
+#endif
 
 namespace sq {
 namespace cuda {
@@ -325,7 +332,61 @@ int sm_count() {
   return count;
 }
 
+[[maybe_unused]] bool device_is_sm90() {
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  return major == 9 && minor == 0;
+}
+
+// The GEMM for more than kSkinnyRows rows. The CUTLASS Hopper kernel is opt-in (SQ_ONNX_CUDA_GEMM=sm90 or
+// sq_onnx_cuda_select_gemm) until it has been checked and timed on a GPU; mma.sync is the measured default.
+std::atomic<int> g_gemm_path{-1};
+[[maybe_unused]] int gemm_path() {
+  int p = g_gemm_path.load(std::memory_order_relaxed);
+  if (p < 0) {
+    const char* env = std::getenv("SQ_ONNX_CUDA_GEMM");
+    p = env && std::strcmp(env, "sm90") == 0 ? kGemmSm90 : kGemmMma;
+    g_gemm_path.store(p, std::memory_order_relaxed);
+  }
+  return p;
+}
+
+// Which kernel served the last int8 GEMM (kServed*), so tests can tell the Hopper path really ran.
+std::atomic<int> g_last_served{0};
+
+#ifdef SQ_ONNX_WITH_SM90_GEMM
+// The Hopper kernel when selected, on an sm_90 device, for fp16; false (nothing launched) otherwise.
+template <typename T>
+bool run_sm90(const int8_t* xq, const T* xs, const int8_t* wq, const T* ws, const T* bias, int64_t m, int64_t n,
+              int64_t k, T* y, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return gemm_path() == kGemmSm90 && device_is_sm90() &&
+           sm90_int8_matmul_dequant(xq, xs, wq, ws, bias, m, n, k, y, sm_count(), stream);
+  }
+  return false;
+}
+#endif
+
 }  // namespace
+
+int last_gemm_kernel() { return g_last_served.load(std::memory_order_relaxed); }
+
+bool sm90_gemm_available() {
+#ifdef SQ_ONNX_WITH_SM90_GEMM
+  return device_is_sm90();
+#else
+  return false;
+#endif
+}
+
+bool select_gemm(int path) {
+  if (path != kGemmMma && path != kGemmSm90) return false;
+  if (path == kGemmSm90 && !sm90_gemm_available()) return false;
+  g_gemm_path.store(path, std::memory_order_relaxed);
+  return true;
+}
 
 template <typename T>
 void quantize_per_token(const T* x, const T* smooth_inv, int64_t rows, int64_t k, int8_t* q, T* scale, void* stream) {
@@ -350,13 +411,21 @@ void int8_matmul_dequant(const int8_t* xq, const T* xs, const int8_t* wq, const 
   if (m <= 0 || n <= 0) return;
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   bool aligned = k % 16 == 0 && reinterpret_cast<uintptr_t>(xq) % 16 == 0 && reinterpret_cast<uintptr_t>(wq) % 16 == 0;
+  int served = kServedMma;
   if (!aligned || k == 0) {
     dim3 grid(static_cast<unsigned>((n + 127) / 128), static_cast<unsigned>(m < 65535 ? m : 65535));
     gemm_generic<T><<<grid, 128, 0, stream>>>(xq, xs, wq, ws, bias, m, n, k, y);
+    served = kServedGeneric;
   } else if (m <= 4) {
     gemm_skinny<T, 4><<<static_cast<unsigned>((n + 31) / 32), 256, 0, stream>>>(xq, xs, wq, ws, bias, m, n, k, y);
+    served = kServedSkinny;
   } else if (m <= kSkinnyRows) {
     gemm_skinny<T, 1><<<static_cast<unsigned>((n + 7) / 8), 256, 0, stream>>>(xq, xs, wq, ws, bias, m, n, k, y);
+    served = kServedSkinny;
+#ifdef SQ_ONNX_WITH_SM90_GEMM
+  } else if (run_sm90(xq, xs, wq, ws, bias, m, n, k, y, stream)) {
+    served = kServedSm90;  // shapes CUTLASS cannot take fall through to mma.sync below
+#endif
   } else if (((m + 127) / 128) * ((n + 255) / 256) >= sm_count()) {
     launch_mma<T, 128, 256>(xq, xs, wq, ws, bias, m, n, k, y, stream);
   } else if (((m + 127) / 128) * ((n + 127) / 128) >= sm_count()) {
@@ -364,6 +433,7 @@ void int8_matmul_dequant(const int8_t* xq, const T* xs, const int8_t* wq, const 
   } else {
     launch_mma<T, 64, 128>(xq, xs, wq, ws, bias, m, n, k, y, stream);
   }
+  g_last_served.store(served, std::memory_order_relaxed);
   check_launch("Int8MatMulDequant");
 }
 
@@ -433,6 +503,12 @@ SQ_EXPORT int sq_onnx_cuda_int8_matmul_dequant(int half, const int8_t* xq, const
                                            static_cast<const float*>(bias), m, n, k, static_cast<float*>(y), stream);
   });
 }
+
+// 1: mma.sync (the default), 2: the CUTLASS Hopper kernel. Returns 0 when taken, 1 when that path is not built
+// into this library or the current device is not compute capability 9.0.
+SQ_EXPORT int sq_onnx_cuda_select_gemm(int path) { return sq::cuda::select_gemm(path) ? 0 : 1; }
+// The kernel that served the last int8 GEMM: 1 generic, 2 dp4a (few rows), 3 mma.sync, 4 CUTLASS Hopper.
+SQ_EXPORT int sq_onnx_cuda_last_gemm_kernel() { return sq::cuda::last_gemm_kernel(); }
 
 SQ_EXPORT int sq_onnx_cuda_rmsnorm_quant(int half, const void* x, const void* skip, const void* bias, const void* gamma,
                                          float eps, int64_t rows, int64_t k, int8_t* q, void* scale, void* sum_out,

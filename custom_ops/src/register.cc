@@ -33,3 +33,12 @@ extern "C" __attribute__((visibility("default"))) int sq_onnx_built_with_cuda() 
   return 0;
 #endif
 }
+
+// Whether this build carries the CUTLASS Hopper int8 GEMM (for sq_onnx.custom_ops.built_with_sm90_gemm()).
+extern "C" __attribute__((visibility("default"))) int sq_onnx_built_with_sm90_gemm() {
+#ifdef SQ_ONNX_WITH_SM90_GEMM
+  return 1;
+#else
+  return 0;
+#endif
+}

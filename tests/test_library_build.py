@@ -1,0 +1,70 @@
+"""The custom-op library as built: it loads on this machine whatever its GPU, exports only its entry points,
+carries the CUDA kernels (and the CUTLASS Hopper GEMM) when the build had nvcc, and its CUDA entry points
+answer cleanly where there is no GPU. Skips without the library unless SQ_ONNX_REQUIRE_OPS=1 (CI)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from sq_onnx import custom_ops
+
+REQUIRED = os.environ.get("SQ_ONNX_REQUIRE_OPS") == "1"
+if not custom_ops.available():
+    if REQUIRED:
+        raise RuntimeError("SQ_ONNX_REQUIRE_OPS=1 but the sq_onnx custom-op library was not built")
+    pytest.skip("custom-op library not built", allow_module_level=True)
+
+
+def _nvcc_present() -> bool:
+    """Where CMake's check_language(CUDA) looks: $CUDACXX, nvcc on the PATH, /usr/local/cuda."""
+    return bool(
+        os.environ.get("CUDACXX") or shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc")
+    )
+
+
+def test_only_entry_points_are_exported():
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm (binutils) to list the library's symbols")
+    out = subprocess.run(
+        [nm, "-D", "--defined-only", str(custom_ops.library_path())],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    names = {line.split()[-1] for line in out.splitlines() if line.strip()}
+    assert "RegisterCustomOps" in names
+    stray = {n for n in names if n != "RegisterCustomOps" and not n.startswith("sq_onnx_")}
+    assert not stray, (
+        f"symbols leak out of the library (the static CUDA runtime's would clash): {sorted(stray)[:10]}"
+    )
+
+
+@pytest.mark.skipif(not REQUIRED, reason="only where the build must be complete (SQ_ONNX_REQUIRE_OPS=1)")
+def test_cuda_kernels_are_built_when_nvcc_is_there():
+    if not _nvcc_present() or os.environ.get("SQ_ONNX_CUDA", "").upper() == "OFF":
+        pytest.skip("no nvcc at build time")
+    assert custom_ops.built_with_cuda()
+    if os.environ.get("SQ_ONNX_SM90_GEMM", "").upper() != "OFF":
+        assert custom_ops.built_with_sm90_gemm(), "CUTLASS headers could not be had (see the pip install log)"
+
+
+def test_cuda_entry_points_answer_without_a_gpu():
+    """With no usable GPU the Hopper GEMM cannot be selected and the launchers return an error code: the
+    static CUDA runtime reports 'no driver / no device' instead of taking the process down."""
+    if not custom_ops.built_with_cuda():
+        pytest.skip("library built without CUDA")
+    if custom_ops.cuda_device_present():
+        pytest.skip("a GPU is present: tests/test_cuda_kernels.py covers the launchers")
+    lib = custom_ops.cuda_launchers()
+    assert lib.sq_onnx_cuda_select_gemm(2) == 1
+    assert lib.sq_onnx_cuda_select_gemm(7) == 1
+    assert lib.sq_onnx_cuda_select_gemm(1) == 0
+    y = ctypes.create_string_buffer(64)
+    rc = lib.sq_onnx_cuda_quantize_per_token(0, None, None, 4, 4, None, y, None)
+    assert rc == 1
