@@ -11,9 +11,9 @@ import os
 
 import kernel_reference as ref
 import numpy as np
-import onnx
+import ort_ops
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from sq_onnx import Recipe, convert, custom_ops
 from sq_onnx.ort_session import session
@@ -33,28 +33,7 @@ ONNX_TYPE = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
 
 def _run_op(op: str, inputs: dict[str, np.ndarray | None], n_out: int, **attrs) -> list[np.ndarray]:
     """Run one sq_onnx node on the CPU; None inputs are left out (optional inputs as '')."""
-    import onnxruntime as ort
-
-    names = [name if arr is not None else "" for name, arr in inputs.items()]
-    while names and names[-1] == "":
-        names.pop()
-    outs = [f"out{i}" for i in range(n_out)]
-    node = helper.make_node(op, names, outs, domain="sq_onnx", **attrs)
-    graph_inputs = [
-        helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape))
-        for name, arr in inputs.items()
-        if arr is not None
-    ]
-    graph = helper.make_graph(
-        [node], "g", graph_inputs, [helper.make_value_info(o, onnx.TypeProto()) for o in outs]
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("sq_onnx", 1)]
-    )
-    so = ort.SessionOptions()
-    custom_ops.register_custom_ops(so)
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, {k: v for k, v in inputs.items() if v is not None})
+    return ort_ops.run_op(op, inputs, n_out, **attrs)
 
 
 GEMM_SHAPES = [
@@ -233,3 +212,13 @@ def test_kernels_option_is_checked():
         Recipe(scheme="w8a8", act="static", kernels="sq_onnx")
     with pytest.raises(RecipeError, match="w8a8"):
         Recipe(scheme="w4", kernels="sq_onnx")
+
+
+def test_profile_shows_where_each_op_ran(tmp_path):
+    """The profile reading the CUDA-session tests rely on, checked where it can run: on the CPU."""
+    inputs = {"x": np.ones((2, 8), np.float32)}
+    sess = ort_ops.make_session(
+        ort_ops.single_op_model("QuantizePerToken", inputs, 2), ["CPUExecutionProvider"], tmp_path
+    )
+    sess.run(None, inputs)
+    assert ort_ops.placed(sess) == {"QuantizePerToken": {"CPUExecutionProvider"}}
