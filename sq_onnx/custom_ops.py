@@ -85,6 +85,7 @@ def cuda_launchers() -> ctypes.CDLL:
     lib.sq_onnx_cuda_quantize_per_token.argtypes = [flag, p, p, i64, i64, p, p, p]
     lib.sq_onnx_cuda_select_gemm.argtypes = [flag]  # 1 mma.sync, 2 Hopper; 0 = taken
     lib.sq_onnx_cuda_last_gemm_kernel.argtypes = []  # 1 generic, 2 dp4a, 3 mma.sync, 4 Hopper
+    lib.sq_onnx_cuda_sm90_accepts.argtypes = [i64, i64, i64]  # 0 yes, 1/2 no, -1 not built
     return lib
 
 

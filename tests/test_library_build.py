@@ -68,3 +68,17 @@ def test_cuda_entry_points_answer_without_a_gpu():
     y = ctypes.create_string_buffer(64)
     rc = lib.sq_onnx_cuda_quantize_per_token(0, None, None, 4, 4, None, y, None)
     assert rc == 1
+
+
+def test_hopper_gemm_takes_the_shapes_it_should():
+    """CUTLASS's host-side checks (can_implement, no workspace) on the shapes the GPU tests and LLMs use; no
+    GPU needed. A refusal here would mean the Hopper path silently falls back to mma.sync."""
+    if not custom_ops.built_with_sm90_gemm():
+        pytest.skip("library built without the CUTLASS Hopper GEMM")
+    lib = custom_ops.cuda_launchers()
+    takes = [(17, 128, 16), (33, 264, 512), (100, 4104, 160), (129, 520, 4096), (1000, 1024, 576)]
+    takes += [(m, n, k) for m in (256, 2048) for k, n in ((4096, 4096), (4096, 11008), (11008, 4096))]
+    for m, n, k in takes:
+        assert lib.sq_onnx_cuda_sm90_accepts(m, n, k) == 0, (m, n, k)
+    for m, n, k in [(32, 100, 64), (32, 128, 40), (0, 128, 64), (2**31, 128, 64)]:
+        assert lib.sq_onnx_cuda_sm90_accepts(m, n, k) == 1, (m, n, k)

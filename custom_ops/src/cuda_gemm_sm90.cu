@@ -54,9 +54,8 @@ struct Int8Gemm {
                                                       cutlass::gemm::PersistentScheduler>;
   using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
-  // False (nothing launched) when CUTLASS cannot take the problem or would need a workspace.
-  static bool run(const int8_t* xq, const T* xs, const int8_t* wq, const T* ws, const T* bias, int m, int n, int k,
-                  T* y, int sm_count, cudaStream_t stream) {
+  static typename Device::Arguments arguments(const int8_t* xq, const T* xs, const int8_t* wq, const T* ws,
+                                              const T* bias, int m, int n, int k, T* y, int sm_count) {
     using StrideA = typename Kernel::StrideA;
     using StrideB = typename Kernel::StrideB;
     using StrideC = typename Kernel::StrideC;
@@ -76,12 +75,24 @@ struct Int8Gemm {
     tree.op_0.op_1.op_0 = {xs, T(0), {}};
     tree.op_0.op_1.op_1 = {ws, T(0), {}};
     tree.op_1 = {bias, T(0), {}};
-    args.hw_info.device_id = 0;
+    int device = 0;
+    cudaGetDevice(&device);
+    args.hw_info.device_id = device;
     args.hw_info.sm_count = sm_count;
+    return args;
+  }
 
+  // Whether CUTLASS takes the problem without a workspace (host-side checks only: no GPU needed).
+  static bool accepts(const typename Device::Arguments& args) {
+    return Device::can_implement(args) == cutlass::Status::kSuccess && Device::get_workspace_size(args) == 0;
+  }
+
+  // False (nothing launched) when CUTLASS cannot take the problem or would need a workspace.
+  static bool run(const int8_t* xq, const T* xs, const int8_t* wq, const T* ws, const T* bias, int m, int n, int k,
+                  T* y, int sm_count, cudaStream_t stream) {
+    auto args = arguments(xq, xs, wq, ws, bias, m, n, k, y, sm_count);
+    if (!accepts(args)) return false;
     Device gemm;
-    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return false;
-    if (Device::get_workspace_size(args) != 0) return false;
     if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return false;
     return gemm.run(stream) == cutlass::Status::kSuccess;
   }
@@ -101,12 +112,17 @@ const Half* ct(const __half* p) { return reinterpret_cast<const Half*>(p); }
 
 }  // namespace
 
+namespace {
+// Our own preconditions: TMA needs 16-byte aligned bases and row pitches; CUTLASS's problem shape is int.
+bool shape_fits(int64_t m, int64_t n, int64_t k) {
+  return m > 0 && n > 0 && k > 0 && m <= INT_MAX && n <= INT_MAX && k <= INT_MAX && k % 16 == 0 && n % 8 == 0;
+}
+}  // namespace
+
 bool sm90_int8_matmul_dequant(const int8_t* xq, const __half* xs, const int8_t* wq, const __half* ws,
                               const __half* bias, int64_t m, int64_t n, int64_t k, __half* y, int sm_count,
                               void* stream) {
-  // TMA needs 16-byte aligned bases and row pitches; CUTLASS's problem shape is int.
-  if (m <= 0 || n <= 0 || k <= 0 || m > INT_MAX || n > INT_MAX || k > INT_MAX) return false;
-  if (k % 16 != 0 || n % 8 != 0) return false;
+  if (!shape_fits(m, n, k)) return false;
   // The scale and bias vectors are read in 16-byte vectors too.
   if (!aligned16(xq) || !aligned16(wq) || !aligned16(y) || !aligned16(xs) || !aligned16(ws)) return false;
   if (bias && !aligned16(bias)) return false;
@@ -116,6 +132,19 @@ bool sm90_int8_matmul_dequant(const int8_t* xq, const __half* xs, const int8_t* 
   if (m > 128) return LargeGemm::run(xq, ct(xs), wq, ct(ws), ct(bias), mi, ni, ki, out, sm_count, s);
   if (m > 64) return MediumGemm::run(xq, ct(xs), wq, ct(ws), ct(bias), mi, ni, ki, out, sm_count, s);
   return SmallGemm::run(xq, ct(xs), wq, ct(ws), ct(bias), mi, ni, ki, out, sm_count, s);
+}
+
+int sm90_accepts(int64_t m, int64_t n, int64_t k, int sm_count) {
+  if (!shape_fits(m, n, k)) return 1;
+  // Aligned stand-in addresses: only the host-side checks run, nothing is dereferenced.
+  auto i8 = reinterpret_cast<const int8_t*>(uintptr_t{4096});
+  auto h = reinterpret_cast<const Half*>(uintptr_t{8192});
+  auto y = reinterpret_cast<Half*>(uintptr_t{16384});
+  int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  bool ok = m > 128   ? LargeGemm::accepts(LargeGemm::arguments(i8, h, i8, h, h, mi, ni, ki, y, sm_count))
+            : m > 64 ? MediumGemm::accepts(MediumGemm::arguments(i8, h, i8, h, h, mi, ni, ki, y, sm_count))
+                     : SmallGemm::accepts(SmallGemm::arguments(i8, h, i8, h, h, mi, ni, ki, y, sm_count));
+  return ok ? 0 : 2;
 }
 
 }  // namespace cuda

@@ -16,5 +16,9 @@ bool sm90_int8_matmul_dequant(const int8_t* xq, const __half* x_scale, const int
                               const __half* bias, int64_t m, int64_t n, int64_t k, __half* y, int sm_count,
                               void* stream);
 
+// The launch decision without a GPU: 0 when the problem would run here, 1 when it fails our preconditions,
+// 2 when CUTLASS's own host-side checks refuse it (or it would need a workspace). For tests.
+int sm90_accepts(int64_t m, int64_t n, int64_t k, int sm_count);
+
 }  // namespace cuda
 }  // namespace sq

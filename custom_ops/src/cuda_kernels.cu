@@ -507,6 +507,15 @@ SQ_EXPORT int sq_onnx_cuda_int8_matmul_dequant(int half, const int8_t* xq, const
 // 1: mma.sync (the default), 2: the CUTLASS Hopper kernel. Returns 0 when taken, 1 when that path is not built
 // into this library or the current device is not compute capability 9.0.
 SQ_EXPORT int sq_onnx_cuda_select_gemm(int path) { return sq::cuda::select_gemm(path) ? 0 : 1; }
+// Whether the Hopper kernel would take an fp16 M x N x K problem (host-side checks only, no GPU needed): 0 yes,
+// 1 no (our preconditions), 2 no (CUTLASS's checks), -1 not built into this library.
+SQ_EXPORT int sq_onnx_cuda_sm90_accepts(int64_t m, int64_t n, int64_t k) {
+#ifdef SQ_ONNX_WITH_SM90_GEMM
+  return sq::cuda::sm90_accepts(m, n, k, 132);
+#else
+  return -1;
+#endif
+}
 // The kernel that served the last int8 GEMM: 1 generic, 2 dp4a (few rows), 3 mma.sync, 4 CUTLASS Hopper.
 SQ_EXPORT int sq_onnx_cuda_last_gemm_kernel() { return sq::cuda::last_gemm_kernel(); }
 
