@@ -364,8 +364,9 @@ bool run_sm90(const int8_t* xq, const T* xs, const int8_t* wq, const T* ws, cons
   if constexpr (std::is_same_v<T, __half>) {
     return gemm_path() == kGemmSm90 && device_is_sm90() &&
            sm90_int8_matmul_dequant(xq, xs, wq, ws, bias, m, n, k, y, sm_count(), stream);
+  } else {
+    return false;
   }
-  return false;
 }
 #endif
 
