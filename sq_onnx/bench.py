@@ -19,6 +19,7 @@ from sq_onnx.lm_runner import LMRunner
 from sq_onnx.model_inputs import input_specs, is_language_model
 from sq_onnx.model_io import load_model
 from sq_onnx.ort_session import session
+from sq_onnx.peak_memory import peak_rss_mb
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
@@ -37,19 +38,6 @@ class BenchResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def peak_rss_mb() -> float:
-    """The process's peak resident set size (VmHWM) in MB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _median_time(fn, repeats: int) -> float:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from sq_onnx.model_inputs import input_specs
 from sq_onnx.model_io import check_output_path, has_external_tensors, load_model, save_model
 from sq_onnx.opset_upgrade import upgrade_if_needed
 from sq_onnx.passes.analyze import analyze
+from sq_onnx.peak_memory import peak_rss_mb, reset_peak_rss
 from sq_onnx.plan import plan_linears
 from sq_onnx.quantize_model import (
     cleanup,
@@ -73,10 +73,6 @@ class ConvertResult:
         return asdict(self)
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def _file_bytes(path: Path) -> int:
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
@@ -118,6 +114,7 @@ def convert(
     """
     recipe = recipe or Recipe()
     start = time.perf_counter()
+    reset_peak_rss()  # this conversion's own peak, not an earlier one's in the same process
     with tempfile.TemporaryDirectory(prefix="sq-onnx-in-") as tmpdir:
         input_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
         out = check_output_path(input_path, output, overwrite)
@@ -129,7 +126,7 @@ def convert(
         result.input_bytes = _file_bytes(input_path) if input_path is not None else 0
     result.seconds = round(time.perf_counter() - start, 3)
     result.output_bytes = _file_bytes(out)
-    result.peak_rss_mb = round(_peak_rss_mb(), 1)
+    result.peak_rss_mb = round(peak_rss_mb(), 1)
     if report_dir is not None and parts is not None:
         data = build_report(result.to_dict(), str(model) if input_path else "<in-memory>", *parts)
         result.report = [str(p) for p in write_report(report_dir, data, show_progress)]
