@@ -53,9 +53,17 @@ GEMM_SHAPES = [
 ]
 
 
-# Shapes the CUTLASS Hopper kernel (fp16 only) takes: M > 16, K % 16 == 0, N % 8 == 0; partial tiles in M, N
+# Shapes the CUTLASS Hopper kernel (fp16 only) takes: M > 4, K % 16 == 0, N % 8 == 0; partial tiles in M, N
 # and K, and each of its three tile configurations (M up to 64, up to 128, above).
-SM90_SHAPES = [(17, 128, 16), (33, 264, 512), (100, 4104, 160), (129, 520, 4096), (1000, 1024, 576)]
+SM90_SHAPES = [
+    (5, 64, 32),
+    (12, 4096, 576),
+    (17, 128, 16),
+    (33, 264, 512),
+    (100, 4104, 160),
+    (129, 520, 4096),
+    (1000, 1024, 576),
+]
 MMA, SM90 = 1, 2
 SERVED_SM90 = 4
 

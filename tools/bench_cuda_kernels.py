@@ -93,7 +93,7 @@ def gemm_times(lib, m: int, wq: list, ws, wh: list, iters: int) -> tuple[float, 
         assert rc == 0
 
     ms_sm90 = float("nan")
-    if m > 16 and lib.sq_onnx_cuda_select_gemm(SM90) == 0:  # up to 16 rows the dp4a kernel serves either way
+    if m > 4 and lib.sq_onnx_cuda_select_gemm(SM90) == 0:  # up to 4 rows the dp4a kernel serves either way
         ms_sm90 = timed_ms(ours, iters)
         assert lib.sq_onnx_cuda_last_gemm_kernel() == 4, "the Hopper kernel did not serve this shape"
     lib.sq_onnx_cuda_select_gemm(MMA)

@@ -102,7 +102,7 @@ using Pingpong = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
 using WarpSpecialized = cutlass::gemm::KernelTmaWarpSpecialized;
 using EpiTma = cutlass::epilogue::TmaWarpSpecialized;
 using Half = cutlass::half_t;  // CUTLASS's fp16 type (same bits as __half), which its TMA and broadcast code know
-// Tiles after vLLM's sm90 int8 configurations, by rows: above 128, (64, 128], (16, 64].
+// Tiles after vLLM's sm90 int8 configurations, by rows: above 128, (64, 128], up to 64.
 using LargeGemm = Int8Gemm<Half, Shape<_128, _128, _128>, Shape<_2, _1, _1>, Pingpong, EpiTma>;
 using MediumGemm = Int8Gemm<Half, Shape<_64, _128, _128>, Shape<_2, _1, _1>, Pingpong, EpiTma>;
 using SmallGemm = Int8Gemm<Half, Shape<_64, _64, _256>, Shape<_1, _1, _1>, WarpSpecialized, EpiTma>;

@@ -340,7 +340,7 @@ int sm_count() {
   return major == 9 && minor == 0;
 }
 
-// The GEMM for more than kSkinnyRows rows. The CUTLASS Hopper kernel is opt-in (SQ_ONNX_CUDA_GEMM=sm90 or
+// The GEMM for more than 4 rows. The CUTLASS Hopper kernel is opt-in (SQ_ONNX_CUDA_GEMM=sm90 or
 // sq_onnx_cuda_select_gemm) until it has been checked and timed on a GPU; mma.sync is the measured default.
 std::atomic<int> g_gemm_path{-1};
 [[maybe_unused]] int gemm_path() {
@@ -420,13 +420,13 @@ void int8_matmul_dequant(const int8_t* xq, const T* xs, const int8_t* wq, const 
   } else if (m <= 4) {
     gemm_skinny<T, 4><<<static_cast<unsigned>((n + 31) / 32), 256, 0, stream>>>(xq, xs, wq, ws, bias, m, n, k, y);
     served = kServedSkinny;
+#ifdef SQ_ONNX_WITH_SM90_GEMM
+  } else if (run_sm90(xq, xs, wq, ws, bias, m, n, k, y, stream)) {
+    served = kServedSm90;  // from 5 rows when selected; shapes CUTLASS cannot take fall through below
+#endif
   } else if (m <= kSkinnyRows) {
     gemm_skinny<T, 1><<<static_cast<unsigned>((n + 7) / 8), 256, 0, stream>>>(xq, xs, wq, ws, bias, m, n, k, y);
     served = kServedSkinny;
-#ifdef SQ_ONNX_WITH_SM90_GEMM
-  } else if (run_sm90(xq, xs, wq, ws, bias, m, n, k, y, stream)) {
-    served = kServedSm90;  // shapes CUTLASS cannot take fall through to mma.sync below
-#endif
   } else if (((m + 127) / 128) * ((n + 255) / 256) >= sm_count()) {
     launch_mma<T, 128, 256>(xq, xs, wq, ws, bias, m, n, k, y, stream);
   } else if (((m + 127) / 128) * ((n + 127) / 128) >= sm_count()) {

@@ -18,13 +18,13 @@ template <typename T>
 void layernorm_quant(const T* x, const T* gamma, const T* beta, float eps, int64_t rows, int64_t k, int8_t* q,
                      T* scale, void* stream);
 // Wq is [N, K]. Tensor cores (mma.sync s8) when K % 16 == 0 and the int8 pointers are 16-byte aligned;
-// fp16 above 16 rows on an sm_90 device with the Hopper path selected: CUTLASS wgmma (cuda_gemm_sm90.h).
+// fp16 from 5 rows on an sm_90 device with the Hopper path selected: CUTLASS wgmma (cuda_gemm_sm90.h).
 template <typename T>
 void int8_matmul_dequant(const int8_t* xq, const T* x_scale, const int8_t* wq, const T* w_scale, const T* bias,
                          int64_t m, int64_t n, int64_t k, T* y, void* stream);
 
 
-// GEMM paths for more than 16 rows (also SQ_ONNX_CUDA_GEMM=mma|sm90, read at the first GEMM).
+// GEMM paths for more than 4 rows (also SQ_ONNX_CUDA_GEMM=mma|sm90, read at the first GEMM).
 constexpr int kGemmMma = 1, kGemmSm90 = 2;
 // Whether the Hopper path is built in and the current device is compute capability 9.0.
 bool sm90_gemm_available();
