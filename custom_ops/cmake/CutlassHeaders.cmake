@@ -52,13 +52,16 @@ function(sq_find_cutlass_headers)
     set(rc 1)
     set(err "no Python interpreter found")
     if(Python3_EXECUTABLE)
+      # Few retries: offline, the build should say so within a minute or two, not hang.
       execute_process(COMMAND "${Python3_EXECUTABLE}" -I -m pip download -q --no-deps --only-binary=:all:
-                              "nvidia-cutlass==${SQ_CUTLASS_VERSION}" -d "${download}"
+                              --retries 2 --timeout 60 "nvidia-cutlass==${SQ_CUTLASS_VERSION}" -d "${download}"
                       RESULT_VARIABLE rc OUTPUT_QUIET ERROR_VARIABLE err TIMEOUT 600)
     endif()
     file(GLOB wheels "${download}/nvidia_cutlass-*.whl")
     if(NOT rc EQUAL 0 OR NOT wheels)
+      file(REMOVE_RECURSE "${download}")
       string(STRIP "${err}" err)
+      string(REGEX REPLACE ".*\n" "" err "${err}")  # pip's last line says why
       message(WARNING "sq-onnx: could not fetch nvidia-cutlass==${SQ_CUTLASS_VERSION} (${err}); the Hopper "
                       "int8 GEMM is left out (set CUTLASS_DIR to build it)")
       return()
