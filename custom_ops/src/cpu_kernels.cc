@@ -240,6 +240,50 @@ bool have_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2");
   return yes;
 }
+
+// out[j] += x16 . w[j] over k16 (a multiple of 16) for NR rows of W; x16 is the activation row already
+// sign-extended to int16, so only W is widened in the loop.
+template <int NR>
+__attribute__((target("avx2"))) void gemv_avx2(const int16_t* x16, const int8_t* w, int64_t ldw, int64_t k16,
+                                               int32_t* out) {
+  __m256i acc[NR];
+  for (int j = 0; j < NR; ++j) acc[j] = _mm256_setzero_si256();
+  for (int64_t p = 0; p < k16; p += 16) {
+    __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + p));
+    for (int j = 0; j < NR; ++j) {
+      __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * ldw + p)));
+      acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(xv, wv));
+    }
+  }
+  for (int j = 0; j < NR; ++j) out[j] += hsum256(acc[j]);
+}
+
+__attribute__((target("avx2"))) void widen_row(const int8_t* src, int64_t k16, int16_t* dst) {
+  for (int64_t p = 0; p < k16; p += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + p),
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + p))));
+}
+
+constexpr int64_t kGemvCols = 64;
+
+// One row of X (decode): widened once, then tasks of kGemvCols columns, 4 at a time, straight into a small
+// accumulator row; no tile buffer.
+template <typename Epilogue>
+void gemv(const int8_t* xq, const int8_t* wq, int64_t n, int64_t k, const ParallelFor& pf, Epilogue& epilogue) {
+  const int64_t k16 = k - k % 16;
+  std::vector<int16_t> x16(static_cast<size_t>(k16));
+  widen_row(xq, k16, x16.data());
+  pf(static_cast<size_t>((n + kGemvCols - 1) / kGemvCols), [&](size_t t) {
+    const int64_t n0 = static_cast<int64_t>(t) * kGemvCols, n1 = std::min(n, n0 + kGemvCols);
+    int32_t acc[kGemvCols] = {};
+    int64_t j = n0;
+    for (; j + 4 <= n1; j += 4) gemv_avx2<4>(x16.data(), wq + j * k, k, k16, acc + (j - n0));
+    for (; j < n1; ++j) gemv_avx2<1>(x16.data(), wq + j * k, k, k16, acc + (j - n0));
+    for (j = n0; j < n1; ++j)
+      for (int64_t p = k16; p < k; ++p) acc[j - n0] += static_cast<int32_t>(xq[p]) * wq[j * k + p];
+    epilogue(0, 1, n0, n1, acc, kGemvCols);
+  });
+}
 #endif
 
 template <int MR, int NR>
@@ -275,6 +319,9 @@ template <typename Epilogue>
 void tiled_gemm(const int8_t* xq, const int8_t* wq, int64_t m, int64_t n, int64_t k, const ParallelFor& pf,
                 Epilogue epilogue) {
   if (m <= 0 || n <= 0) return;
+#ifdef SQ_X86
+  if (m == 1 && have_avx2()) return gemv(xq, wq, n, k, pf, epilogue);
+#endif
   int64_t tm = (m + kTileM - 1) / kTileM, tn = (n + kTileN - 1) / kTileN;
   pf(static_cast<size_t>(tm * tn), [&](size_t t) {
     int64_t bm = static_cast<int64_t>(t) / tn, bn = static_cast<int64_t>(t) % tn;
