@@ -3,7 +3,8 @@
 Per input tensor X of the quantized linears:
 - X is the single output in use of a last-axis norm node, and every user of X is a linear being
   quantized: the norm becomes its fused form (RMSNormQuant, SkipRMSNormQuant keeping the residual sum,
-  LayerNormQuant) with the same γ, β and epsilon, so X itself is never written;
+  LayerNormQuant) with the same γ, β and epsilon, so X itself is never written; an RMSNorm spelled out in
+  ONNX ops (torch.onnx's LlamaRMSNorm, passes/decomposed_rmsnorm.py) becomes RMSNormQuant the same way;
 - otherwise QuantizePerToken(X) after it.
 Each linear becomes Int8MatMulDequant(Xq, x_scale, Wq [N, K] int8, w_scale [N], bias [N]) with scales
 and bias in X's type. Same weights and arithmetic as the stock form (quantize_w8a8), so both agree to
@@ -16,8 +17,9 @@ import numpy as np
 import onnx_ir as ir
 
 from sq_onnx.custom_ops import DOMAIN as SQ
+from sq_onnx.passes.decomposed_rmsnorm import match_decomposed_rmsnorm
 from sq_onnx.passes.graph_edit import add_initializer, replace_node
-from sq_onnx.passes.linears import Linear, _attr_float, _attr_int
+from sq_onnx.passes.linears import Linear, _attr_float, _attr_int, constant_array
 from sq_onnx.passes.quantize_w8a8 import quantize_per_channel
 
 SUPPORTED = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
@@ -38,16 +40,29 @@ def _last_axis(node: ir.Node, x: ir.Value) -> bool:
     return axis == -1 or (rank is not None and axis == rank - 1)
 
 
+def _fused_decomposed(x: ir.Value, dtype: type) -> tuple[ir.Node, ir.Node] | None:
+    """RMSNormQuant for an RMSNorm spelled out in ONNX ops (passes/decomposed_rmsnorm.py), γ in X's type."""
+    norm = match_decomposed_rmsnorm(x)
+    if norm is None or constant_array(norm.gamma).dtype != dtype:
+        return None
+    eps = ir.AttrFloat32("epsilon", norm.epsilon)
+    return norm.output_node, ir.Node(
+        SQ, "RMSNormQuant", [norm.x, norm.gamma], attributes=[eps], num_outputs=2
+    )
+
+
 def _fused_norm(
-    x: ir.Value, quantized: set[int], graph_outputs: list[ir.Value]
+    x: ir.Value, quantized: set[int], graph_outputs: list[ir.Value], dtype: type
 ) -> tuple[ir.Node, ir.Node] | None:
     """(norm node, its fused replacement) when X's producer can absorb the quantization, else None."""
     norm = x.producer()
-    if norm is None or (norm.domain, norm.op_type) not in FUSABLE or norm.outputs[0] is not x:
+    if norm is None or any(id(user) not in quantized for user, _ in x.uses()) or x in graph_outputs:
+        return None
+    if (norm.domain, norm.op_type) not in FUSABLE:
+        return _fused_decomposed(x, dtype)
+    if norm.outputs[0] is not x:
         return None
     op, default_eps, sum_index = FUSABLE[(norm.domain, norm.op_type)]
-    if any(id(user) not in quantized for user, _ in x.uses()):
-        return None
     if any(out.uses() for i, out in enumerate(norm.outputs) if i not in (0, sum_index)):
         return None  # mean / inverse std-dev outputs are used elsewhere
     if not _last_axis(norm, norm.inputs[0]) or any(out in graph_outputs for out in norm.outputs):
@@ -85,7 +100,7 @@ def quantize_w8a8_custom(graph: ir.Graph, linears: list[Linear]) -> list[str]:
             )
         dtype = SUPPORTED[x_type]
         if id(x) not in act_cache:
-            fused = _fused_norm(x, quantized, list(graph.outputs))
+            fused = _fused_norm(x, quantized, list(graph.outputs), dtype)
             if fused is not None:
                 norm, new = fused
                 new.name = f"{norm.name or 'norm'}.quant"

@@ -157,7 +157,7 @@ def _convert_both(model, out_dir, calibration):
 
 @pytest.mark.parametrize(
     "fixture,fused_op",
-    [("llama_fused", "SkipRMSNormQuant"), ("opt_dir", "LayerNormQuant"), ("llama_dir", None)],
+    [("llama_fused", "SkipRMSNormQuant"), ("opt_dir", "LayerNormQuant"), ("llama_dir", "RMSNormQuant")],
 )
 def test_custom_kernels_agree_with_stock_ops(fixture, fused_op, request, tmp_path, calib_ids):
     folder = request.getfixturevalue(fixture)
@@ -183,7 +183,7 @@ def test_custom_kernels_agree_with_stock_ops(fixture, fused_op, request, tmp_pat
         ("RMSNormalization", "RMSNormQuant"),
         ("SkipSimplifiedLayerNormalization", "SkipRMSNormQuant"),
         ("LayerNormalization", "LayerNormQuant"),
-        ("DecomposedRMSNorm", "QuantizePerToken"),
+        ("DecomposedRMSNorm", "RMSNormQuant"),
     ],
 )
 def test_norm_kinds_fuse(kind, fused_op, tmp_path):
