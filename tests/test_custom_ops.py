@@ -224,3 +224,13 @@ def test_profile_shows_where_each_op_ran(tmp_path):
     )
     sess.run(None, inputs)
     assert ort_ops.placed(sess) == {"QuantizePerToken": {"CPUExecutionProvider"}}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_quantization_ties_round_to_even(dtype):
+    """amax 254 gives the scale 2 exactly, so x / 2 lands on .5 ties: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2, -1.5 -> -2."""
+    x = np.array([[254, 1, 3, 5, -1, -3, -5, 7]], dtype)
+    q, s = _run_op("QuantizePerToken", {"x": x}, 2)
+    assert float(s[0, 0]) == 2.0
+    np.testing.assert_array_equal(q[0], [127, 0, 2, 2, 0, -2, -2, 4])
+    np.testing.assert_array_equal(q, ref.quantize_per_token(x)[0])

@@ -91,8 +91,11 @@ void quantize_row(const float* v, int64_t k, int8_t* q, T* scale) {
     std::memset(q, 0, static_cast<size_t>(k));
     return;
   }
+  // Round half to even by adding and subtracting 1.5 * 2^23, exact for |r| < 2^22 (here |r| <= 127): no
+  // libm call per element (nearbyintf saves and restores the floating-point environment), and it vectorises.
+  constexpr float kRoundMagic = 12582912.0f;
   for (int64_t j = 0; j < k; ++j) {
-    float r = std::nearbyint(v[j] / sf);
+    float r = (v[j] / sf + kRoundMagic) - kRoundMagic;
     q[j] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
   }
 }
