@@ -234,3 +234,27 @@ def test_quantization_ties_round_to_even(dtype):
     assert float(s[0, 0]) == 2.0
     np.testing.assert_array_equal(q[0], [127, 0, 2, 2, 0, -2, -2, 4])
     np.testing.assert_array_equal(q, ref.quantize_per_token(x)[0])
+
+
+def test_float16_model_on_the_kernels(llama_dir, tmp_path, calib_ids):
+    """The GPU deployment format: an fp16 model converts to fp16 sq_onnx ops (fused norms included) and is as
+    close to the float32 original as its stock-op form. In fp16 the two forms differ by more than in float32: the
+    stock ops round every step of the norm and of the quantization to fp16 (the quotient x / scale too), the
+    kernels work in float32 inside, so a share of the int8 codes land differently."""
+    import onnx_ir as ir
+
+    import tiny_models
+
+    src = tiny_models.to_float_type(llama_dir / "model.onnx", tmp_path / "f16.onnx", ir.DataType.FLOAT16)
+    outs = _convert_both(src, tmp_path, calib_ids)
+    ops = op_types(outs["sq_onnx"])
+    assert "RMSNormQuant" in ops and "Int8MatMulDequant" in ops
+    scales = [v for v in ir.load(outs["sq_onnx"]).graph.initializers.values() if v.name.endswith(".w_scale")]
+    assert scales and all(v.const_value.dtype == ir.DataType.FLOAT16 for v in scales)
+    feed = ids_feed()
+    fp32 = session(llama_dir / "model.onnx").run(None, feed)[0]
+    stock, fused = (session(outs[k]).run(None, feed)[0] for k in ("ort", "sq_onnx"))
+    assert fused.dtype == np.float16
+    stock_error = rel_error(fp32, stock.astype(np.float32))
+    assert rel_error(fp32, fused.astype(np.float32)) < 1.5 * stock_error
+    assert rel_error(stock.astype(np.float32), fused.astype(np.float32)) < stock_error

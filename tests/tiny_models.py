@@ -183,16 +183,16 @@ def write_llama_gguf(model, tokenizer_json: Path, path: Path) -> Path:
     return path
 
 
-def to_bfloat16(src: Path, dst: Path) -> Path:
-    """The float32 model at ``src`` with every float32 tensor, value and Cast target made bfloat16."""
+def to_float_type(src: Path, dst: Path, dtype) -> Path:
+    """The float32 model at ``src`` with every float32 tensor, value, Constant and Cast target made ``dtype``
+    (an onnx_ir DataType: BFLOAT16 or FLOAT16)."""
     import onnx_ir as ir
 
-    bf16 = ir.DataType.BFLOAT16
     model = ir.load(src)
     graph = model.graph
     for value in graph.initializers.values():
         if value.const_value is not None and value.const_value.dtype == ir.DataType.FLOAT:
-            value.const_value = ir.tensor(value.const_value.numpy().astype(bf16.numpy()), name=value.name)
+            value.const_value = ir.tensor(value.const_value.numpy().astype(dtype.numpy()), name=value.name)
     for value in [
         *graph.inputs,
         *graph.outputs,
@@ -200,9 +200,21 @@ def to_bfloat16(src: Path, dst: Path) -> Path:
         *(o for n in graph for o in n.outputs),
     ]:
         if value.dtype == ir.DataType.FLOAT:
-            value.type = ir.TensorType(bf16)
+            value.type = ir.TensorType(dtype)
     for node in graph:
         if node.op_type == "Cast" and node.attributes["to"].as_int() == int(ir.DataType.FLOAT):
-            node.attributes["to"] = ir.AttrInt64("to", int(bf16))
+            node.attributes["to"] = ir.AttrInt64("to", int(dtype))
+        if node.op_type == "Constant" and "value" in node.attributes:
+            tensor = node.attributes["value"].as_tensor()
+            if tensor.dtype == ir.DataType.FLOAT:
+                node.attributes["value"] = ir.AttrTensor(
+                    "value", ir.tensor(tensor.numpy().astype(dtype.numpy()))
+                )
     ir.save(model, dst)
     return dst
+
+
+def to_bfloat16(src: Path, dst: Path) -> Path:
+    import onnx_ir as ir
+
+    return to_float_type(src, dst, ir.DataType.BFLOAT16)
