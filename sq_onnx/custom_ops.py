@@ -74,6 +74,11 @@ def built_with_sm90_gemm() -> bool:
     return bool(path and ctypes.CDLL(str(path)).sq_onnx_built_with_sm90_gemm())
 
 
+# sq_onnx_cuda_select_gemm paths and sq_onnx_cuda_last_gemm_kernel answers (custom_ops/src/cuda_kernels.h).
+GEMM_MMA, GEMM_SM90 = 1, 2
+SERVED_GENERIC, SERVED_DP4A, SERVED_MMA, SERVED_SM90 = 1, 2, 3, 4
+
+
 def cuda_launchers() -> ctypes.CDLL:
     """The library's C entry points to the CUDA kernels (device pointers, a cudaStream_t; 0 = success),
     with their signatures, for the GPU tests and tools/bench_cuda_kernels.py."""
@@ -83,8 +88,8 @@ def cuda_launchers() -> ctypes.CDLL:
     lib.sq_onnx_cuda_rmsnorm_quant.argtypes = [flag, p, p, p, p, f, i64, i64, p, p, p, p]
     lib.sq_onnx_cuda_layernorm_quant.argtypes = [flag, p, p, p, f, i64, i64, p, p, p]
     lib.sq_onnx_cuda_quantize_per_token.argtypes = [flag, p, p, i64, i64, p, p, p]
-    lib.sq_onnx_cuda_select_gemm.argtypes = [flag]  # 1 mma.sync, 2 Hopper; 0 = taken
-    lib.sq_onnx_cuda_last_gemm_kernel.argtypes = []  # 1 generic, 2 dp4a, 3 mma.sync, 4 Hopper
+    lib.sq_onnx_cuda_select_gemm.argtypes = [flag]  # GEMM_*; 0 = taken
+    lib.sq_onnx_cuda_last_gemm_kernel.argtypes = []  # SERVED_*
     lib.sq_onnx_cuda_sm90_accepts.argtypes = [i64, i64, i64]  # 0 yes, 1/2 no, -1 not built
     return lib
 

@@ -66,3 +66,16 @@ def int8_matmul_dequant(xq, x_scale, wq_nk, w_scale, bias=None):
     if bias is not None:
         y = y + bias.astype(np.float32)
     return y.astype(x_scale.dtype)
+
+
+# Shapes the CUTLASS Hopper kernel (fp16 only) takes: M > 4, K % 16 == 0, N % 8 == 0; partial tiles in M, N
+# and K, and each of its three tile configurations (M up to 64, up to 128, above).
+SM90_SHAPES = [
+    (5, 64, 32),
+    (12, 4096, 576),
+    (17, 128, 16),
+    (33, 264, 512),
+    (100, 4104, 160),
+    (129, 520, 4096),
+    (1000, 1024, 576),
+]

@@ -53,19 +53,8 @@ GEMM_SHAPES = [
 ]
 
 
-# Shapes the CUTLASS Hopper kernel (fp16 only) takes: M > 4, K % 16 == 0, N % 8 == 0; partial tiles in M, N
-# and K, and each of its three tile configurations (M up to 64, up to 128, above).
-SM90_SHAPES = [
-    (5, 64, 32),
-    (12, 4096, 576),
-    (17, 128, 16),
-    (33, 264, 512),
-    (100, 4104, 160),
-    (129, 520, 4096),
-    (1000, 1024, 576),
-]
-MMA, SM90 = 1, 2
-SERVED_SM90 = 4
+SM90_SHAPES = ref.SM90_SHAPES
+MMA, SM90, SERVED_SM90 = custom_ops.GEMM_MMA, custom_ops.GEMM_SM90, custom_ops.SERVED_SM90
 
 
 @pytest.fixture(params=[MMA, SM90], ids=["mma", "sm90"])

@@ -31,9 +31,7 @@ if not custom_ops.available():
 ONNX_TYPE = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
 
 
-def _run_op(op: str, inputs: dict[str, np.ndarray | None], n_out: int, **attrs) -> list[np.ndarray]:
-    """Run one sq_onnx node on the CPU; None inputs are left out (optional inputs as '')."""
-    return ort_ops.run_op(op, inputs, n_out, **attrs)
+_run_op = ort_ops.run_op  # one sq_onnx node on the CPU; None inputs are left out
 
 
 GEMM_SHAPES = [

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 
+import kernel_reference as ref
 import pytest
 
 from sq_onnx import custom_ops
@@ -76,15 +77,7 @@ def test_hopper_gemm_takes_the_shapes_it_should():
     if not custom_ops.built_with_sm90_gemm():
         pytest.skip("library built without the CUTLASS Hopper GEMM")
     lib = custom_ops.cuda_launchers()
-    takes = [
-        (5, 64, 32),
-        (12, 4096, 576),
-        (17, 128, 16),
-        (33, 264, 512),
-        (100, 4104, 160),
-        (129, 520, 4096),
-        (1000, 1024, 576),
-    ]
+    takes = list(ref.SM90_SHAPES)
     takes += [(m, n, k) for m in (256, 2048) for k, n in ((4096, 4096), (4096, 11008), (11008, 4096))]
     for m, n, k in takes:
         assert lib.sq_onnx_cuda_sm90_accepts(m, n, k) == 0, (m, n, k)

@@ -72,7 +72,7 @@ def load_library():
     return custom_ops.cuda_launchers()
 
 
-MMA, SM90 = 1, 2  # sq_onnx_cuda_select_gemm paths
+MMA, SM90 = custom_ops.GEMM_MMA, custom_ops.GEMM_SM90
 
 
 def gemm_times(lib, m: int, wq: list, ws, wh: list, iters: int) -> tuple[float, float, float, float]:
@@ -95,7 +95,9 @@ def gemm_times(lib, m: int, wq: list, ws, wh: list, iters: int) -> tuple[float, 
     ms_sm90 = float("nan")
     if m > 4 and lib.sq_onnx_cuda_select_gemm(SM90) == 0:  # up to 4 rows the dp4a kernel serves either way
         ms_sm90 = timed_ms(ours, iters)
-        assert lib.sq_onnx_cuda_last_gemm_kernel() == 4, "the Hopper kernel did not serve this shape"
+        assert lib.sq_onnx_cuda_last_gemm_kernel() == custom_ops.SERVED_SM90, (
+            "the Hopper kernel did not serve this shape"
+        )
     lib.sq_onnx_cuda_select_gemm(MMA)
     ms_ours = timed_ms(ours, iters)
     ms_fp16 = timed_ms(lambda i: torch.matmul(xh, wh[i % len(wh)].t()), iters)

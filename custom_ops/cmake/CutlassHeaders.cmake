@@ -7,6 +7,7 @@
 # Sets CUTLASS_FOUND and CUTLASS_INCLUDE_DIRS; when nothing can be had, the Hopper GEMM is left out and the
 # rest of the CUDA kernels still build.
 
+include("${CMAKE_CURRENT_LIST_DIR}/UserCache.cmake")
 set(SQ_CUTLASS_VERSION "4.2.0.0" CACHE STRING "nvidia-cutlass wheel to take CUTLASS's headers from")
 
 function(_sq_cutlass_includes root out)
@@ -34,11 +35,7 @@ function(sq_find_cutlass_headers)
     return()
   endif()
 
-  if(DEFINED ENV{XDG_CACHE_HOME} AND NOT "$ENV{XDG_CACHE_HOME}" STREQUAL "")
-    set(cache "$ENV{XDG_CACHE_HOME}/sq-onnx")
-  else()
-    set(cache "$ENV{HOME}/.cache/sq-onnx")
-  endif()
+  sq_user_cache_dir(cache)
   set(root "${cache}/cutlass-${SQ_CUTLASS_VERSION}")
   set(src "${root}/cutlass_library/source")
   _sq_cutlass_includes("${src}" incs)

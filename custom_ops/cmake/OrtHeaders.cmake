@@ -7,6 +7,7 @@
 # inline wrappers call C API entries older runtimes lack.
 # Sets ORT_HEADERS_FOUND and ORT_INCLUDE_DIR.
 
+include("${CMAKE_CURRENT_LIST_DIR}/UserCache.cmake")
 set(SQ_ORT_DEB_SUITE "trixie" CACHE STRING "Debian suite to take libonnxruntime-dev from")
 set(SQ_ORT_DEB_VERSION "1.21" CACHE STRING "Expected onnxruntime header version")
 
@@ -34,11 +35,7 @@ function(sq_find_ort_headers)
     return()
   endif()
 
-  if(DEFINED ENV{XDG_CACHE_HOME} AND NOT "$ENV{XDG_CACHE_HOME}" STREQUAL "")
-    set(cache "$ENV{XDG_CACHE_HOME}/sq-onnx")
-  else()
-    set(cache "$ENV{HOME}/.cache/sq-onnx")
-  endif()
+  sq_user_cache_dir(cache)
   set(root "${cache}/ort-headers-${SQ_ORT_DEB_VERSION}")
   set(inc "${root}/usr/include/onnxruntime")
   _sq_has_headers("${inc}" ok)
