@@ -26,12 +26,53 @@ using namespace cute;
 namespace fusion = cutlass::epilogue::fusion;
 constexpr auto kRN = cutlass::FloatRoundStyle::round_to_nearest;
 
+// Float multiply and add, each rounded on its own. cutlass::multiplies and cutlass::plus are a plain a * b and
+// a + b, which nvcc contracts into one fma across the tree (fma.rn.f32 in the PTX, one rounding fewer); the
+// mma.sync kernel and the CPU reference round the product and the sum separately. Device code only.
+struct RoundedMul {
+  CUTLASS_HOST_DEVICE float operator()(float a, float b) const {
+#ifdef __CUDA_ARCH__
+    return __fmul_rn(a, b);
+#else
+    return a * b;
+#endif
+  }
+};
+struct RoundedAdd {
+  CUTLASS_HOST_DEVICE float operator()(float a, float b) const {
+#ifdef __CUDA_ARCH__
+    return __fadd_rn(a, b);
+#else
+    return a + b;
+#endif
+  }
+};
+// The functor shape Sm90Compute takes: Fn<float> and Fn<Array<float, N>>, applied element by element.
+template <class Op, class T>
+struct Elementwise {
+  CUTLASS_HOST_DEVICE T operator()(T const& a, T const& b) const { return Op{}(a, b); }
+};
+template <class Op, int N>
+struct Elementwise<Op, cutlass::Array<float, N>> {
+  CUTLASS_HOST_DEVICE cutlass::Array<float, N> operator()(cutlass::Array<float, N> const& a,
+                                                          cutlass::Array<float, N> const& b) const {
+    cutlass::Array<float, N> out;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) out[i] = Op{}(a[i], b[i]);
+    return out;
+  }
+};
+template <class T>
+using MulRn = Elementwise<RoundedMul, T>;
+template <class T>
+using AddRn = Elementwise<RoundedAdd, T>;
+
 // plus(multiplies(acc, multiplies(x_scale[m], w_scale[n])), bias[n]); a null bias reads as 0.
 template <typename T, class Tile>
 using DequantTree = fusion::Sm90EVT<
-    fusion::Sm90Compute<cutlass::plus, T, float, kRN>,
-    fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, float, float, kRN>, fusion::Sm90AccFetch,
-                    fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, float, float, kRN>,
+    fusion::Sm90Compute<AddRn, T, float, kRN>,
+    fusion::Sm90EVT<fusion::Sm90Compute<MulRn, float, float, kRN>, fusion::Sm90AccFetch,
+                    fusion::Sm90EVT<fusion::Sm90Compute<MulRn, float, float, kRN>,
                                     fusion::Sm90ColBroadcast<0, Tile, T, float>,
                                     fusion::Sm90RowBroadcast<0, Tile, T, float>>>,
     fusion::Sm90RowBroadcast<0, Tile, T, float>>;
