@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# What the CUDA kernels still need a GPU for, in one run on a lent H100/H200 (device tool), so a session that
+# draws one spends its device time on results, not on assembling commands. Writes its logs under $OUT (the
+# device tool brings them back) or ./gpu_check_out, and prints a one-line summary per step.
+#
+#   1. the CUDA tests (both GEMM paths, bit for bit against numpy; which kernel served each call),
+#   2. compute-sanitizer memcheck on the GEMM tests, Hopper path included (odd M, N, K),
+#   3. tools/bench_cuda_kernels.py (a column per GEMM path, against fp16 cuBLAS and the floor),
+#   4. the kernels' register and shared-memory use (cuobjdump).
+#
+# Build the library here first (tools/dev.sh test does), then, through the device tool:
+#   run(command="tools/gpu_check.sh build/cp311-cp311-linux_x86_64/custom_ops/libsq_onnx_ops.so",
+#       carry=["build/cp311-cp311-linux_x86_64/custom_ops/libsq_onnx_ops.so"], timeout_s=600)
+# It runs with the image's python3 (torch, onnx, onnxruntime, rich, pytest are there); the repo is put on the
+# path instead of installed. The ORT CUDA-session tests skip without onnxruntime-gpu (not in the image).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+lib=${1:?usage: tools/gpu_check.sh path/to/libsq_onnx_ops.so [bench iterations]}
+iters=${2:-20}
+[ -f "$lib" ] || { echo "no library at $lib" >&2; exit 2; }
+out=${OUT:-gpu_check_out}
+mkdir -p "$out"
+SQ_ONNX_OPS_LIB=$(realpath "$lib")
+export SQ_ONNX_OPS_LIB PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+py=${PYTHON:-python3}
+status=0
+
+step() {  # step NAME COMMAND...: run, log to $out/NAME.log, one summary line
+  local name=$1 rc
+  shift
+  local t0=$SECONDS
+  "$@" >"$out/$name.log" 2>&1
+  rc=$?
+  echo "$name: rc $rc in $((SECONDS - t0)) s; last line: $(tail -n 1 "$out/$name.log")"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+{
+  date -u +%FT%TZ
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  nvcc --version | tail -n 2
+  "$py" -c "import torch, onnxruntime; print('torch', torch.__version__, '| onnxruntime', onnxruntime.__version__)"
+} >"$out/device.txt" 2>&1
+cat "$out/device.txt"
+
+step tests "$py" -m pytest -p no:cacheprovider -rs tests/test_cuda_kernels.py tests/test_library_build.py \
+  tests/test_ort_cuda_session.py
+step memcheck compute-sanitizer --tool memcheck --error-exitcode 3 "$py" -m pytest -p no:cacheprovider \
+  tests/test_cuda_kernels.py -k "matmul_dequant"
+step bench "$py" tools/bench_cuda_kernels.py --iters "$iters"
+step resources cuobjdump --dump-resource-usage "$SQ_ONNX_OPS_LIB"
+exit "$status"
