@@ -20,11 +20,7 @@
 
 namespace sq {
 namespace cuda {
-namespace {
-
-using namespace cute;
-namespace fusion = cutlass::epilogue::fusion;
-constexpr auto kRN = cutlass::FloatRoundStyle::round_to_nearest;
+namespace sm90_detail {
 
 // Float multiply and add, each rounded on its own. cutlass::multiplies and cutlass::plus are a plain a * b and
 // a + b, which nvcc contracts into one fma across the tree (fma.rn.f32 in the PTX, one rounding fewer); the
@@ -62,10 +58,18 @@ struct Elementwise<Op, cutlass::Array<float, N>> {
     return out;
   }
 };
+}  // namespace sm90_detail
+
+namespace {
+
+using namespace cute;
+namespace fusion = cutlass::epilogue::fusion;
+constexpr auto kRN = cutlass::FloatRoundStyle::round_to_nearest;
+
 template <class T>
-using MulRn = Elementwise<RoundedMul, T>;
+using MulRn = sm90_detail::Elementwise<sm90_detail::RoundedMul, T>;
 template <class T>
-using AddRn = Elementwise<RoundedAdd, T>;
+using AddRn = sm90_detail::Elementwise<sm90_detail::RoundedAdd, T>;
 
 // plus(multiplies(acc, multiplies(x_scale[m], w_scale[n])), bias[n]); a null bias reads as 0.
 template <typename T, class Tile>
