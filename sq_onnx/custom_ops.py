@@ -74,6 +74,21 @@ def built_with_sm90_gemm() -> bool:
     return bool(path and ctypes.CDLL(str(path)).sq_onnx_built_with_sm90_gemm())
 
 
+# The CPU int8 GEMM's instruction sets, lowest first (custom_ops/src/cpu_isa.h; SQ_ONNX_CPU_ISA takes the names).
+CPU_ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")
+
+
+def cpu_isa_control() -> ctypes.CDLL:
+    """The library's switch of the CPU GEMM's instruction set, for tests and tools/bench_cpu_kernels.py:
+    ``sq_onnx_cpu_select_isa(i)`` (0 = taken, 1 = this CPU lacks it), ``sq_onnx_cpu_isa()``,
+    ``sq_onnx_cpu_best_isa()``; ``i`` indexes CPU_ISAS. It acts on the copy ONNX Runtime loaded too."""
+    lib = ctypes.CDLL(str(require_library()))
+    lib.sq_onnx_cpu_select_isa.argtypes = [ctypes.c_int]
+    lib.sq_onnx_cpu_isa.argtypes = []
+    lib.sq_onnx_cpu_best_isa.argtypes = []
+    return lib
+
+
 # sq_onnx_cuda_select_gemm paths and sq_onnx_cuda_last_gemm_kernel answers (custom_ops/src/cuda_kernels.h).
 GEMM_MMA, GEMM_SM90 = 1, 2
 SERVED_GENERIC, SERVED_DP4A, SERVED_MMA, SERVED_SM90 = 1, 2, 3, 4

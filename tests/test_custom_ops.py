@@ -43,16 +43,30 @@ GEMM_SHAPES = [
     (5, 9, 33),
     (17, 130, 100),
     (65, 67, 1040),
+    (2, 3, 32),
+    (1, 9, 95),
     (6, 70, 529),
     (1, 71, 529),
     (128, 64, 48),
 ]
 
 
+@pytest.fixture(params=range(len(custom_ops.CPU_ISAS)), ids=list(custom_ops.CPU_ISAS))
+def cpu_isa(request):
+    """Each instruction set of the CPU GEMM this machine has (skips the others), back to the best after."""
+    lib = custom_ops.cpu_isa_control()
+    if lib.sq_onnx_cpu_select_isa(request.param) != 0:
+        pytest.skip(f"this CPU has no {custom_ops.CPU_ISAS[request.param]}")
+    try:
+        yield request.param
+    finally:
+        lib.sq_onnx_cpu_select_isa(lib.sq_onnx_cpu_best_isa())
+
+
 @pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_int8_matmul_dequant_is_exact(m, n, k, dtype, with_bias):
+def test_int8_matmul_dequant_is_exact(m, n, k, dtype, with_bias, cpu_isa):
     rng = np.random.default_rng(m * 31 + n * 7 + k)
     xq = rng.integers(-127, 128, (m, k), dtype=np.int8)
     wq = rng.integers(-127, 128, (n, k), dtype=np.int8)
@@ -63,13 +77,18 @@ def test_int8_matmul_dequant_is_exact(m, n, k, dtype, with_bias):
     np.testing.assert_array_equal(y, ref.int8_matmul_dequant(xq, xs, wq, ws, bias))
 
 
-def test_int8_accumulation_is_exact_at_full_range():
-    """All-(-127) operands at K = 1040 give int32 sums of 16.8M: exact in int32 and in float32."""
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("low", [-127, -128])
+def test_int8_accumulation_is_exact_at_full_range(m, low, cpu_isa):
+    """Extreme operands at K = 1040 give int32 sums of 16.8M: exact in int32 and in float32. -128 never comes
+    out of our quantizers, but the op takes any int8 (the VNNI paths shift X by 128 and must undo it exactly)."""
     k = 1040
-    xq = np.full((3, k), -127, np.int8)
-    wq = np.full((5, k), -127, np.int8)
+    xq = np.full((m, k), low, np.int8)
+    xq[0, ::3] = 127
+    wq = np.full((5, k), low, np.int8)
     wq[1] = 127
-    ones = np.ones((3, 1), np.float32)
+    wq[2, 1::2] = 127
+    ones = np.ones((m, 1), np.float32)
     (y,) = _run_op("Int8MatMulDequant", {"xq": xq, "xs": ones, "wq": wq, "ws": np.ones(5, np.float32)}, 1)
     expect = (xq.astype(np.int64) @ wq.astype(np.int64).T).astype(np.float32)
     np.testing.assert_array_equal(y, expect)

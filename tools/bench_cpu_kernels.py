@@ -1,7 +1,9 @@
 """CPU benchmark of the sq_onnx Int8MatMulDequant kernel against ONNX Runtime's MatMulIntegerToFloat
 (MLAS) on LLM shapes (SmolLM2's and a 7B's), both as one-node ORT sessions on the same int8 inputs with
 per-token scales (as the stock W8A8 graph), and ORT once more with one scalar activation scale (its
-per-tensor form), same threads. The ratio is sq_onnx time over ORT per-token time (below 1: we are faster).
+per-tensor form), same threads; and ORT's float32 MatMul on the same shapes, the speed to beat.
+Our kernel is timed on each instruction set this CPU has (scalar, avx2, avxvnni, avx512vnni; the library
+picks the best by itself). The ratio is our best time over ORT's per-token time (below 1: we are faster).
 
     python tools/bench_cpu_kernels.py [--threads 2] [--repeat 5]
 """
@@ -44,6 +46,19 @@ def one_node_model(op: str, domain: str, wq: np.ndarray, ws: np.ndarray, per_tok
     return helper.make_model(graph, opset_imports=opsets).SerializeToString()
 
 
+def float_matmul_model(w: np.ndarray) -> bytes:
+    """x [m, K] @ w [K, N] in float32, the op an unquantized model runs."""
+    node = helper.make_node("MatMul", ["x", "w"], ["y"])
+    graph = helper.make_graph(
+        [node],
+        "bench_fp32",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", w.shape[0]])],
+        [helper.make_value_info("y", onnx.TypeProto())],
+        initializer=[onnx.numpy_helper.from_array(w, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
 def median_ms(sess, feed: dict[str, np.ndarray], repeat: int) -> float:
     sess.run(None, feed)
     times = []
@@ -62,50 +77,57 @@ def main() -> None:
     import onnxruntime as ort
 
     rng = np.random.default_rng(0)
+    isa_switch = custom_ops.cpu_isa_control()
+    best = isa_switch.sq_onnx_cpu_best_isa()
+    isas = [i for i in range(1, best + 1) if isa_switch.sq_onnx_cpu_select_isa(i) == 0] or [best]
     table = Table(title=f"int8 matmul on the CPU, {args.threads} threads (ms, median of {args.repeat})")
-    for col in (
-        "M",
-        "K x N",
-        "sq_onnx Int8MatMulDequant",
-        "ORT MatMulIntegerToFloat",
-        "ratio",
-        "ORT, scalar x_scale",
-        "GOPS (sq)",
-    ):
+    columns = ["M", "K x N", *(f"sq_onnx {custom_ops.CPU_ISAS[i]}" for i in isas)]
+    columns += ["ORT MatMulIntegerToFloat", "ratio", "ORT, scalar x_scale", "ORT fp32 MatMul", "GOPS (sq)"]
+    for col in columns:
         table.add_column(col, justify="right")
-    for k, n in SHAPES:
-        wq = rng.integers(-127, 128, (n, k), dtype=np.int8)
-        ws = rng.uniform(0.001, 0.01, n).astype(np.float32)
-        sq = ort.InferenceSession(
-            one_node_model("Int8MatMulDequant", "sq_onnx", wq, ws),
-            session_options(args.threads, custom_ops=True),
-        )
-        mlas = ort.InferenceSession(
-            one_node_model("MatMulIntegerToFloat", "com.microsoft", np.ascontiguousarray(wq.T), ws),
-            session_options(args.threads),
-        )
-        mlas_scalar = ort.InferenceSession(
-            one_node_model(
-                "MatMulIntegerToFloat", "com.microsoft", np.ascontiguousarray(wq.T), ws, per_token=False
-            ),
-            session_options(args.threads),
-        )
-        for m in ROWS:
-            xq = rng.integers(-127, 128, (m, k), dtype=np.int8)
-            xs = rng.uniform(0.001, 0.01, (m, 1)).astype(np.float32)
-            t_sq = median_ms(sq, {"xq": xq, "xs": xs}, args.repeat)
-            t_ort = median_ms(mlas, {"xq": xq, "xs": xs}, args.repeat)
-            t_scalar = median_ms(mlas_scalar, {"xq": xq, "xs": np.array(0.005, np.float32)}, args.repeat)
-            table.add_row(
-                str(m),
-                f"{k} x {n}",
-                f"{t_sq:.3f}",
-                f"{t_ort:.3f}",
-                f"{t_sq / t_ort:.2f}x",
-                f"{t_scalar:.3f}",
-                f"{2 * m * n * k / t_sq / 1e6:.1f}",
+    try:
+        for k, n in SHAPES:
+            wq = rng.integers(-127, 128, (n, k), dtype=np.int8)
+            ws = rng.uniform(0.001, 0.01, n).astype(np.float32)
+            sq = ort.InferenceSession(
+                one_node_model("Int8MatMulDequant", "sq_onnx", wq, ws),
+                session_options(args.threads, custom_ops=True),
             )
-    Console(width=140).print(table)
+            wt = np.ascontiguousarray(wq.T)
+            mlas = ort.InferenceSession(
+                one_node_model("MatMulIntegerToFloat", "com.microsoft", wt, ws), session_options(args.threads)
+            )
+            mlas_scalar = ort.InferenceSession(
+                one_node_model("MatMulIntegerToFloat", "com.microsoft", wt, ws, per_token=False),
+                session_options(args.threads),
+            )
+            fp32 = ort.InferenceSession(
+                float_matmul_model(wt.astype(np.float32)), session_options(args.threads)
+            )
+            for m in ROWS:
+                xq = rng.integers(-127, 128, (m, k), dtype=np.int8)
+                xs = rng.uniform(0.001, 0.01, (m, 1)).astype(np.float32)
+                t_isa = []
+                for i in isas:
+                    isa_switch.sq_onnx_cpu_select_isa(i)
+                    t_isa.append(median_ms(sq, {"xq": xq, "xs": xs}, args.repeat))
+                t_sq = min(t_isa)
+                t_ort = median_ms(mlas, {"xq": xq, "xs": xs}, args.repeat)
+                t_scalar = median_ms(mlas_scalar, {"xq": xq, "xs": np.array(0.005, np.float32)}, args.repeat)
+                t_fp32 = median_ms(fp32, {"x": xq.astype(np.float32)}, args.repeat)
+                table.add_row(
+                    str(m),
+                    f"{k} x {n}",
+                    *(f"{t:.3f}" for t in t_isa),
+                    f"{t_ort:.3f}",
+                    f"{t_sq / t_ort:.2f}x",
+                    f"{t_scalar:.3f}",
+                    f"{t_fp32:.3f}",
+                    f"{2 * m * n * k / t_sq / 1e6:.1f}",
+                )
+    finally:
+        isa_switch.sq_onnx_cpu_select_isa(best)
+    Console(width=200).print(table)
     print("library:", custom_ops.library_path())
 
 

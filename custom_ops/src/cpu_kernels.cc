@@ -1,6 +1,8 @@
 // CPU kernels; see cpu_kernels.h for the arithmetic they define.
 #include "cpu_kernels.h"
 
+#include "cpu_isa.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -239,11 +241,6 @@ __attribute__((target("avx2"))) void micro_avx2(const int8_t* x, const int8_t* w
   }
 }
 
-bool have_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2");
-  return yes;
-}
-
 // out[j] += x16 . w[j] over k16 (a multiple of 16) for NR rows of W; x16 is the activation row already
 // sign-extended to int16, so only W is widened in the loop.
 template <int NR>
@@ -267,54 +264,91 @@ __attribute__((target("avx2"))) void widen_row(const int8_t* src, int64_t k16, i
                         _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + p))));
 }
 
+// The vpdpbusd kernels (cpu_gemm_vnni.inc), once per instruction set that has the instruction.
+namespace avx512vnni {
+#define SQ_VNNI_TARGET "avx2,avx512vnni,avx512vl"
+#define SQ_DPBUSD _mm256_dpbusd_epi32
+#define SQ_VNNI_NR 4  // 16 accumulators of 32 registers (EVEX)
+#include "cpu_gemm_vnni.inc"
+#undef SQ_VNNI_NR
+#undef SQ_DPBUSD
+#undef SQ_VNNI_TARGET
+}  // namespace avx512vnni
+namespace avxvnni {
+#define SQ_VNNI_TARGET "avx2,avxvnni"
+#define SQ_DPBUSD _mm256_dpbusd_avx_epi32
+#define SQ_VNNI_NR 2  // 8 accumulators of 16 registers (VEX)
+#include "cpu_gemm_vnni.inc"
+#undef SQ_VNNI_NR
+#undef SQ_DPBUSD
+#undef SQ_VNNI_TARGET
+}  // namespace avxvnni
+
 constexpr int64_t kGemvCols = 64;
 
-// One row of X (decode): widened once, then tasks of kGemvCols columns, 4 at a time, straight into a small
-// accumulator row; no tile buffer.
+// One row of X (decode): prepared once for the path (widened to int16 for AVX2, x ^ 0x80 for VNNI), then
+// tasks of kGemvCols columns, 4 at a time, straight into a small accumulator row; no tile buffer.
 template <typename Epilogue>
-void gemv(const int8_t* xq, const int8_t* wq, int64_t n, int64_t k, const ParallelFor& pf, Epilogue& epilogue) {
+void gemv(CpuIsa isa, const int8_t* xq, const int8_t* wq, int64_t n, int64_t k, const ParallelFor& pf,
+          Epilogue& epilogue) {
   const int64_t k16 = k - k % 16;
-  std::vector<int16_t> x16(static_cast<size_t>(k16));
-  widen_row(xq, k16, x16.data());
+  std::vector<int16_t> row(static_cast<size_t>(k16));  // int16 for AVX2; VNNI: its first k32 bytes as u8
+  auto* xu = reinterpret_cast<uint8_t*>(row.data());
+  if (isa == CpuIsa::kAvx512Vnni) avx512vnni::flip_row(xq, k, xu);
+  else if (isa == CpuIsa::kAvxVnni) avxvnni::flip_row(xq, k, xu);
+  else widen_row(xq, k16, row.data());
   pf(static_cast<size_t>((n + kGemvCols - 1) / kGemvCols), [&](size_t t) {
     const int64_t n0 = static_cast<int64_t>(t) * kGemvCols, n1 = std::min(n, n0 + kGemvCols);
     int32_t acc[kGemvCols] = {};
-    int64_t j = n0;
-    for (; j + 4 <= n1; j += 4) gemv_avx2<4>(x16.data(), wq + j * k, k, k16, acc + (j - n0));
-    for (; j < n1; ++j) gemv_avx2<1>(x16.data(), wq + j * k, k, k16, acc + (j - n0));
-    for (j = n0; j < n1; ++j)
-      for (int64_t p = k16; p < k; ++p) acc[j - n0] += static_cast<int32_t>(xq[p]) * wq[j * k + p];
+    if (isa == CpuIsa::kAvx512Vnni) {
+      avx512vnni::gemv_block(xu, xq, wq, k, n0, n1, acc);
+    } else if (isa == CpuIsa::kAvxVnni) {
+      avxvnni::gemv_block(xu, xq, wq, k, n0, n1, acc);
+    } else {
+      int64_t j = n0;
+      for (; j + 4 <= n1; j += 4) gemv_avx2<4>(row.data(), wq + j * k, k, k16, acc + (j - n0));
+      for (; j < n1; ++j) gemv_avx2<1>(row.data(), wq + j * k, k, k16, acc + (j - n0));
+      for (j = n0; j < n1; ++j)
+        for (int64_t p = k16; p < k; ++p) acc[j - n0] += static_cast<int32_t>(xq[p]) * wq[j * k + p];
+    }
     epilogue(0, 1, n0, n1, acc, kGemvCols);
   });
 }
 #endif
 
 template <int MR, int NR>
-void micro(const int8_t* x, const int8_t* w, int64_t k, int64_t ldx, int64_t ldw, int32_t* out, int64_t ldo) {
+void micro(bool avx2, const int8_t* x, const int8_t* w, int64_t k, int64_t ldx, int64_t ldw, int32_t* out,
+           int64_t ldo) {
 #ifdef SQ_X86
-  if (have_avx2()) return micro_avx2<MR, NR>(x, w, k, ldx, ldw, out, ldo);
+  if (avx2) return micro_avx2<MR, NR>(x, w, k, ldx, ldw, out, ldo);
 #endif
   micro_scalar<MR, NR>(x, w, k, ldx, ldw, out, ldo);
 }
 
 template <int NR>
-void micro_rows(int64_t mr, const int8_t* x, const int8_t* w, int64_t k, int32_t* out, int64_t ldo) {
+void micro_rows(bool avx2, int64_t mr, const int8_t* x, const int8_t* w, int64_t k, int32_t* out, int64_t ldo) {
   switch (mr) {
-    case 4: return micro<4, NR>(x, w, k, k, k, out, ldo);
-    case 3: return micro<3, NR>(x, w, k, k, k, out, ldo);
-    case 2: return micro<2, NR>(x, w, k, k, k, out, ldo);
-    default: return micro<1, NR>(x, w, k, k, k, out, ldo);
+    case 4: return micro<4, NR>(avx2, x, w, k, k, k, out, ldo);
+    case 3: return micro<3, NR>(avx2, x, w, k, k, k, out, ldo);
+    case 2: return micro<2, NR>(avx2, x, w, k, k, k, out, ldo);
+    default: return micro<1, NR>(avx2, x, w, k, k, k, out, ldo);
   }
 }
 
 // One output tile [m0, m1) x [n0, n1): int32 accumulators into acc (row stride ldo).
-void gemm_tile(const int8_t* xq, const int8_t* wq, int64_t k, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
-               int32_t* acc, int64_t ldo) {
+void gemm_tile(CpuIsa isa, const int8_t* xq, const int8_t* wq, int64_t k, int64_t m0, int64_t m1, int64_t n0,
+               int64_t n1, int32_t* acc, int64_t ldo) {
+#ifdef SQ_X86
+  if (isa == CpuIsa::kAvx512Vnni) return avx512vnni::gemm_tile(xq, wq, k, m0, m1, n0, n1, acc, ldo);
+  if (isa == CpuIsa::kAvxVnni) return avxvnni::gemm_tile(xq, wq, k, m0, m1, n0, n1, acc, ldo);
+#endif
+  const bool avx2 = isa == CpuIsa::kAvx2;
   for (int64_t m = m0; m < m1; m += 4) {
     int64_t mr = std::min<int64_t>(4, m1 - m);
     int64_t n = n0;
-    for (; n + 2 <= n1; n += 2) micro_rows<2>(mr, xq + m * k, wq + n * k, k, acc + (m - m0) * ldo + (n - n0), ldo);
-    if (n < n1) micro_rows<1>(mr, xq + m * k, wq + n * k, k, acc + (m - m0) * ldo + (n - n0), ldo);
+    for (; n + 2 <= n1; n += 2)
+      micro_rows<2>(avx2, mr, xq + m * k, wq + n * k, k, acc + (m - m0) * ldo + (n - n0), ldo);
+    if (n < n1) micro_rows<1>(avx2, mr, xq + m * k, wq + n * k, k, acc + (m - m0) * ldo + (n - n0), ldo);
   }
 }
 
@@ -322,8 +356,9 @@ template <typename Epilogue>
 void tiled_gemm(const int8_t* xq, const int8_t* wq, int64_t m, int64_t n, int64_t k, const ParallelFor& pf,
                 Epilogue epilogue) {
   if (m <= 0 || n <= 0) return;
+  const CpuIsa isa = cpu_isa();
 #ifdef SQ_X86
-  if (m == 1 && have_avx2()) return gemv(xq, wq, n, k, pf, epilogue);
+  if (m == 1 && isa != CpuIsa::kScalar) return gemv(isa, xq, wq, n, k, pf, epilogue);
 #endif
   int64_t tm = (m + kTileM - 1) / kTileM, tn = (n + kTileN - 1) / kTileN;
   pf(static_cast<size_t>(tm * tn), [&](size_t t) {
@@ -331,7 +366,7 @@ void tiled_gemm(const int8_t* xq, const int8_t* wq, int64_t m, int64_t n, int64_
     int64_t m0 = bm * kTileM, m1 = std::min(m, m0 + kTileM);
     int64_t n0 = bn * kTileN, n1 = std::min(n, n0 + kTileN);
     std::vector<int32_t> acc(static_cast<size_t>(kTileM * kTileN));
-    gemm_tile(xq, wq, k, m0, m1, n0, n1, acc.data(), kTileN);
+    gemm_tile(isa, xq, wq, k, m0, m1, n0, n1, acc.data(), kTileN);
     epilogue(m0, m1, n0, n1, acc.data(), kTileN);
   });
 }

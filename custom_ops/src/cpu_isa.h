@@ -1,0 +1,22 @@
+// Which instruction set the CPU int8 GEMM runs on: the best this CPU has, picked once at run time, or a
+// lower one chosen through SQ_ONNX_CPU_ISA / sq_onnx_cpu_select_isa, so tests can hold every path to the same
+// bit-exact reference and benchmarks can compare them on one machine.
+#pragma once
+
+namespace sq {
+
+// Ordered: each path needs what the ones below it need (VNNI paths also use AVX2).
+enum class CpuIsa : int {
+  kScalar = 0,      // portable C++
+  kAvx2 = 1,        // int8 widened to int16, vpmaddwd
+  kAvxVnni = 2,     // vpdpbusd, VEX (Alder Lake and later clients, Sierra Forest, Zen 5)
+  kAvx512Vnni = 3,  // vpdpbusd, EVEX on 256-bit vectors (Cascade Lake and later Xeons, Zen 4 and later)
+};
+
+CpuIsa best_cpu_isa();
+// The path in use: SQ_ONNX_CPU_ISA (scalar, avx2, avxvnni, avx512vnni) when set and supported, else the best.
+CpuIsa cpu_isa();
+// False (nothing changed) when this CPU lacks that instruction set.
+bool select_cpu_isa(int isa);
+
+}  // namespace sq
