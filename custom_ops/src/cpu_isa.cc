@@ -15,8 +15,8 @@ bool supported(CpuIsa isa) {
     case CpuIsa::kAvx2: return __builtin_cpu_supports("avx2");
     case CpuIsa::kAvxVnni: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni");
     case CpuIsa::kAvx512Vnni:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512vnni") &&
-             __builtin_cpu_supports("avx512vl");
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512f") &&
+             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
   }
   return false;
 #else

@@ -10,7 +10,7 @@ enum class CpuIsa : int {
   kScalar = 0,      // portable C++
   kAvx2 = 1,        // int8 widened to int16, vpmaddwd
   kAvxVnni = 2,     // vpdpbusd, VEX (Alder Lake and later clients, Sierra Forest, Zen 5)
-  kAvx512Vnni = 3,  // vpdpbusd, EVEX on 256-bit vectors (Cascade Lake and later Xeons, Zen 4 and later)
+  kAvx512Vnni = 3,  // vpdpbusd on 512-bit vectors (Cascade Lake and later Xeons, Zen 4 and later)
 };
 
 CpuIsa best_cpu_isa();

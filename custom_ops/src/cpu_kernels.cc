@@ -1,7 +1,9 @@
 // CPU kernels; see cpu_kernels.h for the arithmetic they define.
 #include "cpu_kernels.h"
 
+#include "cpu_gemm_vnni.h"
 #include "cpu_isa.h"
+#include "cpu_simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -191,6 +193,7 @@ void layernorm_quant(const T* x, const T* gamma, const T* beta, float eps, int64
 namespace {
 
 constexpr int64_t kTileM = 64, kTileN = 64;
+static_assert(kTileN <= vnni::kMaxTileCols, "the VNNI tile keeps one compensation per column on the stack");
 
 // acc[i][j] for MR rows of X and NR rows of W (both K-contiguous), portable version.
 template <int MR, int NR>
@@ -208,13 +211,6 @@ void micro_scalar(const int8_t* x, const int8_t* w, int64_t k, int64_t ldx, int6
 }
 
 #ifdef SQ_X86
-__attribute__((target("avx2"))) inline int32_t hsum256(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-  return _mm_cvtsi128_si32(s);
-}
-
 // Sign-extends 16 int8 to int16 and multiplies pairwise into int32 (vpmaddwd): exact, no saturation.
 template <int MR, int NR>
 __attribute__((target("avx2"))) void micro_avx2(const int8_t* x, const int8_t* w, int64_t k, int64_t ldx,
@@ -264,26 +260,6 @@ __attribute__((target("avx2"))) void widen_row(const int8_t* src, int64_t k16, i
                         _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + p))));
 }
 
-// The vpdpbusd kernels (cpu_gemm_vnni.inc), once per instruction set that has the instruction.
-namespace avx512vnni {
-#define SQ_VNNI_TARGET "avx2,avx512vnni,avx512vl"
-#define SQ_DPBUSD _mm256_dpbusd_epi32
-#define SQ_VNNI_NR 4  // 16 accumulators of 32 registers (EVEX)
-#include "cpu_gemm_vnni.inc"
-#undef SQ_VNNI_NR
-#undef SQ_DPBUSD
-#undef SQ_VNNI_TARGET
-}  // namespace avx512vnni
-namespace avxvnni {
-#define SQ_VNNI_TARGET "avx2,avxvnni"
-#define SQ_DPBUSD _mm256_dpbusd_avx_epi32
-#define SQ_VNNI_NR 2  // 8 accumulators of 16 registers (VEX)
-#include "cpu_gemm_vnni.inc"
-#undef SQ_VNNI_NR
-#undef SQ_DPBUSD
-#undef SQ_VNNI_TARGET
-}  // namespace avxvnni
-
 constexpr int64_t kGemvCols = 64;
 
 // One row of X (decode): prepared once for the path (widened to int16 for AVX2, x ^ 0x80 for VNNI), then
@@ -292,18 +268,15 @@ template <typename Epilogue>
 void gemv(CpuIsa isa, const int8_t* xq, const int8_t* wq, int64_t n, int64_t k, const ParallelFor& pf,
           Epilogue& epilogue) {
   const int64_t k16 = k - k % 16;
-  std::vector<int16_t> row(static_cast<size_t>(k16));  // int16 for AVX2; VNNI: its first k32 bytes as u8
+  std::vector<int16_t> row(static_cast<size_t>(k16));  // int16 for AVX2; VNNI: its first bytes as u8
   auto* xu = reinterpret_cast<uint8_t*>(row.data());
-  if (isa == CpuIsa::kAvx512Vnni) avx512vnni::flip_row(xq, k, xu);
-  else if (isa == CpuIsa::kAvxVnni) avxvnni::flip_row(xq, k, xu);
+  if (is_vnni(isa)) vnni::flip_row(isa, xq, k, xu);
   else widen_row(xq, k16, row.data());
   pf(static_cast<size_t>((n + kGemvCols - 1) / kGemvCols), [&](size_t t) {
     const int64_t n0 = static_cast<int64_t>(t) * kGemvCols, n1 = std::min(n, n0 + kGemvCols);
     int32_t acc[kGemvCols] = {};
-    if (isa == CpuIsa::kAvx512Vnni) {
-      avx512vnni::gemv_block(xu, xq, wq, k, n0, n1, acc);
-    } else if (isa == CpuIsa::kAvxVnni) {
-      avxvnni::gemv_block(xu, xq, wq, k, n0, n1, acc);
+    if (is_vnni(isa)) {
+      vnni::gemv_block(isa, xu, xq, wq, k, n0, n1, acc);
     } else {
       int64_t j = n0;
       for (; j + 4 <= n1; j += 4) gemv_avx2<4>(row.data(), wq + j * k, k, k16, acc + (j - n0));
@@ -339,8 +312,7 @@ void micro_rows(bool avx2, int64_t mr, const int8_t* x, const int8_t* w, int64_t
 void gemm_tile(CpuIsa isa, const int8_t* xq, const int8_t* wq, int64_t k, int64_t m0, int64_t m1, int64_t n0,
                int64_t n1, int32_t* acc, int64_t ldo) {
 #ifdef SQ_X86
-  if (isa == CpuIsa::kAvx512Vnni) return avx512vnni::gemm_tile(xq, wq, k, m0, m1, n0, n1, acc, ldo);
-  if (isa == CpuIsa::kAvxVnni) return avxvnni::gemm_tile(xq, wq, k, m0, m1, n0, n1, acc, ldo);
+  if (is_vnni(isa)) return vnni::gemm_tile(isa, xq, wq, k, m0, m1, n0, n1, acc, ldo);
 #endif
   const bool avx2 = isa == CpuIsa::kAvx2;
   for (int64_t m = m0; m < m1; m += 4) {

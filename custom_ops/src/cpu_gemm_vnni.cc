@@ -1,0 +1,87 @@
+// The CPU int8 GEMM on vpdpbusd: the kernels of cpu_gemm_vnni.inc, compiled once per instruction set that has
+// the instruction, and the dispatch between them. See cpu_gemm_vnni.h.
+//
+// Built with -Wno-uninitialized under GCC: its AVX-512 intrinsics read an `undefined` vector on purpose and
+// warn about it once inlined (GCC bug 105593); the warning lands in the system header, where no pragma reaches.
+#include "cpu_gemm_vnni.h"
+
+#include <algorithm>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include "cpu_simd.h"
+
+namespace sq {
+namespace vnni {
+namespace {
+
+constexpr int64_t kTileN = kMaxTileCols;
+
+namespace avx512vnni {  // EVEX on 512-bit vectors: 32 registers
+#define SQ_VNNI_TARGET "avx2,avx512f,avx512bw,avx512vnni"
+#define SQ_V __attribute__((target(SQ_VNNI_TARGET))) static
+struct Vec {
+  using V = __m512i;
+  static constexpr int kBytes = 64, kNr = 4;  // 16 accumulators of 32 registers
+  SQ_V V load(const void* p) { return _mm512_loadu_si512(p); }
+  SQ_V void store(void* p, V v) { _mm512_storeu_si512(p, v); }
+  SQ_V V zero() { return _mm512_setzero_si512(); }
+  SQ_V V bytes(char c) { return _mm512_set1_epi8(c); }
+  SQ_V V xor_(V a, V b) { return _mm512_xor_si512(a, b); }
+  SQ_V V dpbusd(V acc, V u, V s) { return _mm512_dpbusd_epi32(acc, u, s); }
+  SQ_V int32_t sum(V v) { return _mm512_reduce_add_epi32(v); }
+};
+#undef SQ_V
+#include "cpu_gemm_vnni.inc"
+#undef SQ_VNNI_TARGET
+}  // namespace avx512vnni
+namespace avxvnni {  // VEX on 256-bit vectors: 16 registers
+#define SQ_VNNI_TARGET "avx2,avxvnni"
+#define SQ_V __attribute__((target(SQ_VNNI_TARGET))) static
+struct Vec {
+  using V = __m256i;
+  static constexpr int kBytes = 32, kNr = 2;  // 8 accumulators of 16 registers
+  SQ_V V load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+  SQ_V void store(void* p, V v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
+  SQ_V V zero() { return _mm256_setzero_si256(); }
+  SQ_V V bytes(char c) { return _mm256_set1_epi8(c); }
+  SQ_V V xor_(V a, V b) { return _mm256_xor_si256(a, b); }
+  SQ_V V dpbusd(V acc, V u, V s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
+  SQ_V int32_t sum(V v) { return hsum256(v); }
+};
+#undef SQ_V
+#include "cpu_gemm_vnni.inc"
+#undef SQ_VNNI_TARGET
+}  // namespace avxvnni
+
+}  // namespace
+
+void gemm_tile(CpuIsa isa, const int8_t* xq, const int8_t* wq, int64_t k, int64_t m0, int64_t m1, int64_t n0,
+               int64_t n1, int32_t* acc, int64_t ldo) {
+  if (isa == CpuIsa::kAvx512Vnni) return avx512vnni::gemm_tile(xq, wq, k, m0, m1, n0, n1, acc, ldo);
+  avxvnni::gemm_tile(xq, wq, k, m0, m1, n0, n1, acc, ldo);
+}
+
+void flip_row(CpuIsa isa, const int8_t* x, int64_t k, uint8_t* xu) {
+  if (isa == CpuIsa::kAvx512Vnni) return avx512vnni::flip_row(x, k, xu);
+  avxvnni::flip_row(x, k, xu);
+}
+
+void gemv_block(CpuIsa isa, const uint8_t* xu, const int8_t* x, const int8_t* wq, int64_t k, int64_t n0, int64_t n1,
+                int32_t* acc) {
+  if (isa == CpuIsa::kAvx512Vnni) return avx512vnni::gemv_block(xu, x, wq, k, n0, n1, acc);
+  avxvnni::gemv_block(xu, x, wq, k, n0, n1, acc);
+}
+
+}  // namespace vnni
+}  // namespace sq
+
+#else  // no x86: cpu_isa() never picks a VNNI path
+
+namespace sq {
+namespace vnni {
+void gemm_tile(CpuIsa, const int8_t*, const int8_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int32_t*, int64_t) {}
+void flip_row(CpuIsa, const int8_t*, int64_t, uint8_t*) {}
+void gemv_block(CpuIsa, const uint8_t*, const int8_t*, const int8_t*, int64_t, int64_t, int64_t, int32_t*) {}
+}  // namespace vnni
+}  // namespace sq
+#endif
