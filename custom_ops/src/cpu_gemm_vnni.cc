@@ -16,6 +16,13 @@ namespace {
 
 constexpr int64_t kTileN = kMaxTileCols;
 
+// The four sums of a, b, c, d's eight lanes each, as one vector: two rounds of hadd within the 128-bit halves,
+// then the halves added.
+__attribute__((target("avx2"))) inline __m128i sum4_256(__m256i a, __m256i b, __m256i c, __m256i d) {
+  const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
 namespace avx512vnni {  // EVEX on 512-bit vectors: 32 registers
 #define SQ_VNNI_TARGET "avx2,avx512f,avx512bw,avx512vnni"
 #define SQ_V __attribute__((target(SQ_VNNI_TARGET))) static
@@ -29,6 +36,10 @@ struct Vec {
   SQ_V V xor_(V a, V b) { return _mm512_xor_si512(a, b); }
   SQ_V V dpbusd(V acc, V u, V s) { return _mm512_dpbusd_epi32(acc, u, s); }
   SQ_V int32_t sum(V v) { return _mm512_reduce_add_epi32(v); }
+  SQ_V __m128i sum4(V a, V b, V c, V d) {  // halves added, then the 256-bit form's tree
+    return sum4_256(half_sum(a), half_sum(b), half_sum(c), half_sum(d));
+  }
+  SQ_V __m256i half_sum(V v) { return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1)); }
 };
 #undef SQ_V
 #include "cpu_gemm_vnni.inc"
@@ -47,6 +58,7 @@ struct Vec {
   SQ_V V xor_(V a, V b) { return _mm256_xor_si256(a, b); }
   SQ_V V dpbusd(V acc, V u, V s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
   SQ_V int32_t sum(V v) { return hsum256(v); }
+  SQ_V __m128i sum4(V a, V b, V c, V d) { return sum4_256(a, b, c, d); }
 };
 #undef SQ_V
 #include "cpu_gemm_vnni.inc"
