@@ -94,6 +94,23 @@ def test_int8_accumulation_is_exact_at_full_range(m, low, cpu_isa):
     np.testing.assert_array_equal(y, expect)
 
 
+@pytest.mark.parametrize("m", [2, 5])
+def test_float16_output_rounds_like_numpy_across_its_range(m, cpu_isa):
+    """fp16 outputs from subnormal to overflow, with round-half-even ties (|acc| above 2048 has more bits than
+    fp16 keeps): the vectorised epilogue converts with F16C, the reference with numpy."""
+    rng = np.random.default_rng(7)
+    k, n = 72, 64
+    xq = rng.integers(-127, 128, (m, k), dtype=np.int8)
+    wq = rng.integers(-127, 128, (n, k), dtype=np.int8)
+    ws = np.exp2(np.linspace(-24, 4, n).round()).astype(np.float16)  # 2^-24 .. 2^4: exact in fp16
+    xs = np.exp2(np.linspace(-10, 4, m).round()).astype(np.float16)[:, None]
+    (y,) = _run_op("Int8MatMulDequant", {"xq": xq, "xs": xs, "wq": wq, "ws": ws}, 1)
+    with np.errstate(over="ignore"):
+        expect = ref.int8_matmul_dequant(xq, xs, wq, ws)
+    assert np.isinf(expect).any() and (np.abs(expect[expect != 0]) < 2**-14).any()  # the range is covered
+    np.testing.assert_array_equal(y.view(np.uint16), expect.view(np.uint16))
+
+
 ROW_SHAPES = [(0, 8), (1, 1), (2, 3, 7), (5, 64), (33, 576), (3, 1000)]
 
 

@@ -12,10 +12,10 @@ bool supported(CpuIsa isa) {
 #if defined(__x86_64__) || defined(__i386__)
   switch (isa) {
     case CpuIsa::kScalar: return true;
-    case CpuIsa::kAvx2: return __builtin_cpu_supports("avx2");
-    case CpuIsa::kAvxVnni: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni");
+    case CpuIsa::kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    case CpuIsa::kAvxVnni: return supported(CpuIsa::kAvx2) && __builtin_cpu_supports("avxvnni");
     case CpuIsa::kAvx512Vnni:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512f") &&
+      return supported(CpuIsa::kAvx2) && __builtin_cpu_supports("avx512f") &&
              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
   }
   return false;

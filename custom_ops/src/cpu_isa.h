@@ -8,7 +8,7 @@ namespace sq {
 // Ordered: each path needs what the ones below it need (VNNI paths also use AVX2).
 enum class CpuIsa : int {
   kScalar = 0,      // portable C++
-  kAvx2 = 1,        // int8 widened to int16, vpmaddwd
+  kAvx2 = 1,        // int8 widened to int16, vpmaddwd; F16C for the fp16 epilogue
   kAvxVnni = 2,     // vpdpbusd, VEX (Alder Lake and later clients, Sierra Forest, Zen 5)
   kAvx512Vnni = 3,  // vpdpbusd on 512-bit vectors (Cascade Lake and later Xeons, Zen 4 and later)
 };
