@@ -83,11 +83,47 @@ namespace {
 constexpr float kEps = 1e-12f;
 constexpr int64_t kRowsPerTask = 16;
 
+// Row reductions in eight interleaved partial results: one running sum or maximum is a chain of dependent
+// adds (about four cycles each), which at K = 576 made the norm ops' time. The maximum is exact in any order.
+// Sums are in double of float values and products, which are exact there, so the order can move the float
+// mean or variance only when the double lands on a float rounding boundary (as numpy's pairwise sum can too).
+constexpr int kLanes = 8;
+
+float max_abs(const float* v, int64_t k) {
+  float m[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= k; j += kLanes)
+    for (int t = 0; t < kLanes; ++t) m[t] = std::max(m[t], std::fabs(v[j + t]));
+  float amax = 0.0f;
+  for (int t = 0; t < kLanes; ++t) amax = std::max(amax, m[t]);
+  for (; j < k; ++j) amax = std::max(amax, std::fabs(v[j]));
+  return amax;
+}
+
+// sum(v[j] - shift)^2 (squares) or sum(v[j]) (plain), in double.
+template <bool kSquares>
+double row_sum(const float* v, int64_t k, float shift = 0.0f) {
+  auto term = [shift](float a) {
+    if constexpr (kSquares) {
+      const double d = a - shift;  // the float difference, as the reference takes it
+      return d * d;
+    } else {
+      return static_cast<double>(a);
+    }
+  };
+  double p[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= k; j += kLanes)
+    for (int t = 0; t < kLanes; ++t) p[t] += term(v[j + t]);
+  double s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+  for (; j < k; ++j) s += term(v[j]);
+  return s;
+}
+
 // Quantizes one float row with the per-token rule; writes the stored scale.
 template <typename T>
 void quantize_row(const float* v, int64_t k, int8_t* q, T* scale) {
-  float amax = 0.0f;
-  for (int64_t j = 0; j < k; ++j) amax = std::max(amax, std::fabs(v[j]));
+  const float amax = max_abs(v, k);
   T s = from_float<T>(std::max(amax, kEps) / 127.0f);
   *scale = s;
   float sf = to_float(s);
@@ -139,7 +175,6 @@ void rmsnorm_quant(const T* x, const T* skip, const T* bias, const T* gamma, flo
     std::vector<float> v(static_cast<size_t>(k));
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * k;
-      double ss = 0.0;
       for (int64_t j = 0; j < k; ++j) {
         float a = to_float(xr[j]);
         if (skip) {
@@ -150,8 +185,8 @@ void rmsnorm_quant(const T* x, const T* skip, const T* bias, const T* gamma, flo
           a = to_float(st);
         }
         v[j] = a;
-        ss += static_cast<double>(a) * a;
       }
+      const double ss = row_sum<true>(v.data(), k);
       float ms = k > 0 ? static_cast<float>(ss / static_cast<double>(k)) : 0.0f;
       float inv = 1.0f / std::sqrt(ms + eps);
       for (int64_t j = 0; j < k; ++j) v[j] = v[j] * inv * to_float(gamma[j]);
@@ -167,17 +202,10 @@ void layernorm_quant(const T* x, const T* gamma, const T* beta, float eps, int64
     std::vector<float> v(static_cast<size_t>(k));
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * k;
-      double s = 0.0;
-      for (int64_t j = 0; j < k; ++j) {
-        v[j] = to_float(xr[j]);
-        s += v[j];
-      }
+      for (int64_t j = 0; j < k; ++j) v[j] = to_float(xr[j]);
+      const double s = row_sum<false>(v.data(), k);
       float mean = k > 0 ? static_cast<float>(s / static_cast<double>(k)) : 0.0f;
-      double ss = 0.0;
-      for (int64_t j = 0; j < k; ++j) {
-        float d = v[j] - mean;
-        ss += static_cast<double>(d) * d;
-      }
+      const double ss = row_sum<true>(v.data(), k, mean);
       float var = k > 0 ? static_cast<float>(ss / static_cast<double>(k)) : 0.0f;
       float inv = 1.0f / std::sqrt(var + eps);
       for (int64_t j = 0; j < k; ++j) {
