@@ -45,6 +45,7 @@ struct Vec {
 #include "cpu_gemm_vnni.inc"
 #undef SQ_VNNI_TARGET
 }  // namespace avx512vnni
+#ifdef SQ_HAVE_AVXVNNI
 namespace avxvnni {  // VEX on 256-bit vectors: 16 registers
 #define SQ_VNNI_TARGET "avx2,avxvnni"
 #define SQ_V __attribute__((target(SQ_VNNI_TARGET))) static
@@ -64,24 +65,31 @@ struct Vec {
 #include "cpu_gemm_vnni.inc"
 #undef SQ_VNNI_TARGET
 }  // namespace avxvnni
+#endif
 
 }  // namespace
 
 void gemm_tile(CpuIsa isa, const int8_t* xq, const int8_t* wq, int64_t k, int64_t m0, int64_t m1, int64_t n0,
                int64_t n1, int32_t* acc, int64_t ldo) {
   if (isa == CpuIsa::kAvx512Vnni) return avx512vnni::gemm_tile(xq, wq, k, m0, m1, n0, n1, acc, ldo);
+#ifdef SQ_HAVE_AVXVNNI
   avxvnni::gemm_tile(xq, wq, k, m0, m1, n0, n1, acc, ldo);
+#endif
 }
 
 void flip_row(CpuIsa isa, const int8_t* x, int64_t k, uint8_t* xu) {
   if (isa == CpuIsa::kAvx512Vnni) return avx512vnni::flip_row(x, k, xu);
+#ifdef SQ_HAVE_AVXVNNI
   avxvnni::flip_row(x, k, xu);
+#endif
 }
 
 void gemv_block(CpuIsa isa, const uint8_t* xu, const int8_t* x, const int8_t* wq, int64_t k, int64_t n0, int64_t n1,
                 int32_t* acc) {
   if (isa == CpuIsa::kAvx512Vnni) return avx512vnni::gemv_block(xu, x, wq, k, n0, n1, acc);
+#ifdef SQ_HAVE_AVXVNNI
   avxvnni::gemv_block(xu, x, wq, k, n0, n1, acc);
+#endif
 }
 
 }  // namespace vnni

@@ -1,28 +1,62 @@
 // CPU feature detection for the int8 GEMM; see cpu_isa.h.
 #include "cpu_isa.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
 namespace sq {
 namespace {
 
-bool supported(CpuIsa isa) {
 #if defined(__x86_64__) || defined(__i386__)
+// From CPUID and XGETBV directly: __builtin_cpu_supports does not know "f16c" or "avxvnni" in every compiler
+// we build with (clang 14 refuses both). A feature counts only when the OS also saves the vector registers.
+struct Features {
+  bool avx2 = false, avxvnni = false, avx512vnni = false;
+};
+
+Features read_features() {
+  Features f;
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool osxsave = c & (1u << 27), avx = c & (1u << 28), f16c = c & (1u << 29);
+  uint64_t xcr0 = 0;
+  if (osxsave) {
+    uint32_t lo = 0, hi = 0;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    xcr0 = (static_cast<uint64_t>(hi) << 32) | lo;
+  }
+  const bool ymm_saved = (xcr0 & 0x6) == 0x6, zmm_saved = (xcr0 & 0xe6) == 0xe6;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return f;
+  f.avx2 = avx && f16c && ymm_saved && (b & (1u << 5));
+  const bool avx512f = b & (1u << 16), avx512bw = b & (1u << 30), vnni512 = c & (1u << 11);
+  f.avx512vnni = f.avx2 && zmm_saved && avx512f && avx512bw && vnni512;
+  if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) f.avxvnni = f.avx2 && (a & (1u << 4));
+  return f;
+}
+
+bool supported(CpuIsa isa) {
+  static const Features f = read_features();
   switch (isa) {
     case CpuIsa::kScalar: return true;
-    case CpuIsa::kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-    case CpuIsa::kAvxVnni: return supported(CpuIsa::kAvx2) && __builtin_cpu_supports("avxvnni");
-    case CpuIsa::kAvx512Vnni:
-      return supported(CpuIsa::kAvx2) && __builtin_cpu_supports("avx512f") &&
-             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+    case CpuIsa::kAvx2: return f.avx2;
+#ifdef SQ_HAVE_AVXVNNI
+    case CpuIsa::kAvxVnni: return f.avxvnni;
+#else
+    case CpuIsa::kAvxVnni: return false;
+#endif
+    case CpuIsa::kAvx512Vnni: return f.avx512vnni;
   }
   return false;
-#else
-  return isa == CpuIsa::kScalar;
-#endif
 }
+#else
+bool supported(CpuIsa isa) { return isa == CpuIsa::kScalar; }
+#endif
 
 CpuIsa from_env(CpuIsa best) {
   const char* env = std::getenv("SQ_ONNX_CPU_ISA");

@@ -3,6 +3,11 @@
 // bit-exact reference and benchmarks can compare them on one machine.
 #pragma once
 
+// AVX-VNNI (VEX) intrinsics arrived in GCC 11 and clang 12; older compilers build the other paths.
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define SQ_HAVE_AVXVNNI 1
+#endif
+
 namespace sq {
 
 // Ordered: each path needs what the ones below it need (VNNI paths also use AVX2).

@@ -108,6 +108,7 @@ double row_sum(const float* v, int64_t k, float shift = 0.0f) {
       const double d = a - shift;  // the float difference, as the reference takes it
       return d * d;
     } else {
+      (void)shift;
       return static_cast<double>(a);
     }
   };
