@@ -34,7 +34,12 @@ struct Vec {
   SQ_V V zero() { return _mm512_setzero_si512(); }
   SQ_V V bytes(char c) { return _mm512_set1_epi8(c); }
   SQ_V V xor_(V a, V b) { return _mm512_xor_si512(a, b); }
-  SQ_V V dpbusd(V acc, V u, V s) { return _mm512_dpbusd_epi32(acc, u, s); }
+  // In place, as inline assembly: around the intrinsic, GCC 12 copied every accumulator to a fresh register
+  // and back on each step (one core, 256 x 4096 x 4096: 491 GOPS with it, 685-693 without).
+  SQ_V V dpbusd(V acc, V u, V s) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+    return acc;
+  }
   SQ_V int32_t sum(V v) { return _mm512_reduce_add_epi32(v); }
   SQ_V __m128i sum4(V a, V b, V c, V d) {  // halves added, then the 256-bit form's tree
     return sum4_256(half_sum(a), half_sum(b), half_sum(c), half_sum(d));
@@ -57,7 +62,10 @@ struct Vec {
   SQ_V V zero() { return _mm256_setzero_si256(); }
   SQ_V V bytes(char c) { return _mm256_set1_epi8(c); }
   SQ_V V xor_(V a, V b) { return _mm256_xor_si256(a, b); }
-  SQ_V V dpbusd(V acc, V u, V s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
+  SQ_V V dpbusd(V acc, V u, V s) {  // in place, as for AVX512-VNNI (316 -> 417 GOPS here)
+    __asm__("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));
+    return acc;
+  }
   SQ_V int32_t sum(V v) { return hsum256(v); }
   SQ_V __m128i sum4(V a, V b, V c, V d) { return sum4_256(a, b, c, d); }
 };
