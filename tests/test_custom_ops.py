@@ -8,6 +8,8 @@ by CI), where a missing library is a failure: the build must have produced it.""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import kernel_reference as ref
 import numpy as np
@@ -61,6 +63,23 @@ def cpu_isa(request):
         yield request.param
     finally:
         lib.sq_onnx_cpu_select_isa(lib.sq_onnx_cpu_best_isa())
+
+
+@pytest.mark.parametrize("asked", ["scalar", "avx2", "no-such-isa"])
+def test_cpu_isa_comes_from_the_environment(asked):
+    """SQ_ONNX_CPU_ISA holds the GEMM to a path this CPU has; anything else leaves the best (read once, so in a
+    fresh process)."""
+    code = (
+        "from sq_onnx import custom_ops; l = custom_ops.cpu_isa_control(); "
+        "print(l.sq_onnx_cpu_isa(), l.sq_onnx_cpu_best_isa(), l.sq_onnx_cpu_select_isa(1))"
+    )
+    env = {**os.environ, "SQ_ONNX_CPU_ISA": asked}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    now, best, avx2_missing = map(int, out.stdout.split())
+    if asked in custom_ops.CPU_ISAS and not (asked == "avx2" and avx2_missing):
+        assert now == custom_ops.CPU_ISAS.index(asked)
+    else:
+        assert now == best
 
 
 @pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
