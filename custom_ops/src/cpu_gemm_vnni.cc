@@ -6,6 +6,7 @@
 #include "cpu_gemm_vnni.h"
 
 #include <algorithm>
+#include <cstring>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include "cpu_simd.h"
@@ -29,11 +30,18 @@ namespace avx512vnni {  // EVEX on 512-bit vectors: 32 registers
 struct Vec {
   using V = __m512i;
   static constexpr int kBytes = 64, kNr = 4;  // 16 accumulators of 32 registers
+  static constexpr int kMrPacked = 6, kNpPacked = 4;  // packed W: 24 accumulators, 4 panels, 1 broadcast
   SQ_V V load(const void* p) { return _mm512_loadu_si512(p); }
   SQ_V void store(void* p, V v) { _mm512_storeu_si512(p, v); }
   SQ_V V zero() { return _mm512_setzero_si512(); }
   SQ_V V bytes(char c) { return _mm512_set1_epi8(c); }
   SQ_V V xor_(V a, V b) { return _mm512_xor_si512(a, b); }
+  SQ_V V sub32(V a, V b) { return _mm512_sub_epi32(a, b); }  // wraps, as the compensation needs
+  SQ_V V broadcast4(const void* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+  }
   // In place, as inline assembly: around the intrinsic, GCC 12 copied every accumulator to a fresh register
   // and back on each step (one core, 256 x 4096 x 4096: 491 GOPS with it, 685-693 without).
   SQ_V V dpbusd(V acc, V u, V s) {
@@ -57,11 +65,18 @@ namespace avxvnni {  // VEX on 256-bit vectors: 16 registers
 struct Vec {
   using V = __m256i;
   static constexpr int kBytes = 32, kNr = 2;  // 8 accumulators of 16 registers
+  static constexpr int kMrPacked = 4, kNpPacked = 2;  // packed W: 8 accumulators, 2 panels, 1 broadcast
   SQ_V V load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
   SQ_V void store(void* p, V v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
   SQ_V V zero() { return _mm256_setzero_si256(); }
   SQ_V V bytes(char c) { return _mm256_set1_epi8(c); }
   SQ_V V xor_(V a, V b) { return _mm256_xor_si256(a, b); }
+  SQ_V V sub32(V a, V b) { return _mm256_sub_epi32(a, b); }
+  SQ_V V broadcast4(const void* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+  }
   SQ_V V dpbusd(V acc, V u, V s) {  // in place, as for AVX512-VNNI (316 -> 417 GOPS here)
     __asm__("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));
     return acc;
@@ -100,6 +115,47 @@ void gemv_block(CpuIsa isa, const uint8_t* xu, const int8_t* x, const int8_t* wq
 #endif
 }
 
+PackedW pack_weights(CpuIsa isa, const int8_t* wq, int64_t n, int64_t k, const ParallelFor& pf) {
+  PackedW w;
+  w.kp = (k + 3) / 4 * 4;
+  w.panel_cols = isa == CpuIsa::kAvx512Vnni ? 16 : 8;
+  const int64_t panels = (n + w.panel_cols - 1) / w.panel_cols;
+  const int64_t panel_bytes = w.kp * w.panel_cols;
+  w.data.reset(new int8_t[static_cast<size_t>(panels * panel_bytes)]);
+  w.comp.resize(static_cast<size_t>(panels * w.panel_cols));
+  pf(static_cast<size_t>(panels), [&](size_t p) {
+    const int64_t c0 = static_cast<int64_t>(p) * w.panel_cols;
+    int8_t* dst = w.data.get() + static_cast<int64_t>(p) * panel_bytes;
+    int32_t* comp = w.comp.data() + c0;
+    if (isa == CpuIsa::kAvx512Vnni) return avx512vnni::pack_panel(wq, n, k, w.kp, c0, dst, comp);
+#ifdef SQ_HAVE_AVXVNNI
+    avxvnni::pack_panel(wq, n, k, w.kp, c0, dst, comp);
+#endif
+  });
+  return w;
+}
+
+std::vector<uint8_t> flip_rows(CpuIsa isa, const int8_t* xq, int64_t m, int64_t k, int64_t kp) {
+  std::vector<uint8_t> xu(static_cast<size_t>(m * kp));
+  if (isa == CpuIsa::kAvx512Vnni) {
+    avx512vnni::flip_rows_padded(xq, m, k, kp, xu.data());
+  } else {
+#ifdef SQ_HAVE_AVXVNNI
+    avxvnni::flip_rows_padded(xq, m, k, kp, xu.data());
+#endif
+  }
+  return xu;
+}
+
+void gemm_tile_packed(CpuIsa isa, const uint8_t* xu, const PackedW& w, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                      int32_t* acc, int64_t ldo) {
+  if (isa == CpuIsa::kAvx512Vnni)
+    return avx512vnni::tile_packed(xu, w.kp, w.data.get(), w.comp.data(), m0, m1, n0, n1, acc, ldo);
+#ifdef SQ_HAVE_AVXVNNI
+  avxvnni::tile_packed(xu, w.kp, w.data.get(), w.comp.data(), m0, m1, n0, n1, acc, ldo);
+#endif
+}
+
 }  // namespace vnni
 }  // namespace sq
 
@@ -110,6 +166,9 @@ namespace vnni {
 void gemm_tile(CpuIsa, const int8_t*, const int8_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int32_t*, int64_t) {}
 void flip_row(CpuIsa, const int8_t*, int64_t, uint8_t*) {}
 void gemv_block(CpuIsa, const uint8_t*, const int8_t*, const int8_t*, int64_t, int64_t, int64_t, int32_t*) {}
+PackedW pack_weights(CpuIsa, const int8_t*, int64_t, int64_t, const ParallelFor&) { return {}; }
+std::vector<uint8_t> flip_rows(CpuIsa, const int8_t*, int64_t, int64_t, int64_t) { return {}; }
+void gemm_tile_packed(CpuIsa, const uint8_t*, const PackedW&, int64_t, int64_t, int64_t, int64_t, int32_t*, int64_t) {}
 }  // namespace vnni
 }  // namespace sq
 #endif

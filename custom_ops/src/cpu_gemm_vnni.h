@@ -2,8 +2,11 @@
 // cpu_kernels.cc calls when the CPU has VNNI. Same results as the other paths, bit for bit.
 #pragma once
 #include <cstdint>
+#include <memory>
+#include <vector>
 
 #include "cpu_isa.h"
+#include "cpu_kernels.h"
 
 namespace sq {
 namespace vnni {
@@ -22,6 +25,25 @@ void gemm_tile(CpuIsa isa, const int8_t* xq, const int8_t* wq, int64_t k, int64_
 void flip_row(CpuIsa isa, const int8_t* x, int64_t k, uint8_t* xu);
 void gemv_block(CpuIsa isa, const uint8_t* xu, const int8_t* x, const int8_t* wq, int64_t k, int64_t n0, int64_t n1,
                 int32_t* acc);
+
+// Many rows: W repacked once per call into panels of one vector of columns, K in groups of 4 bytes
+// ([K/4][columns][4]), so the inner loop broadcasts 4 bytes of X against whole vectors of columns: every lane
+// is one output, no horizontal sums. Repacking reads W once, which pays from kPackedMinRows rows.
+constexpr int64_t kPackedMinRows = 64;
+
+struct PackedW {
+  int64_t kp = 0;             // K rounded up to 4 (zeros past K)
+  int64_t panel_cols = 0;     // columns per panel: 16 (AVX512-VNNI) or 8 (AVX-VNNI)
+  std::unique_ptr<int8_t[]> data;  // whole panels, zeros past N (not value-initialised: packing writes all)
+  std::vector<int32_t> comp;  // 128 * sum_k w[n][k] per column, as the shifted X needs
+};
+PackedW pack_weights(CpuIsa isa, const int8_t* wq, int64_t n, int64_t k, const ParallelFor& pf);
+// xu [m][kp] = x ^ 0x80, K padded with x = 0.
+std::vector<uint8_t> flip_rows(CpuIsa isa, const int8_t* xq, int64_t m, int64_t k, int64_t kp);
+// acc as gemm_tile's, for a tile whose n0 is a multiple of kMaxTileCols; columns past n1 up to the tile's last
+// panel are written too (within the tile's kMaxTileCols).
+void gemm_tile_packed(CpuIsa isa, const uint8_t* xu, const PackedW& w, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                      int32_t* acc, int64_t ldo);
 
 }  // namespace vnni
 using vnni::is_vnni;

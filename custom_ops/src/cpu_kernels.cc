@@ -361,14 +361,29 @@ void tiled_gemm(const int8_t* xq, const int8_t* wq, int64_t m, int64_t n, int64_
 #ifdef SQ_X86
   if (m == 1 && isa != CpuIsa::kScalar) return gemv(isa, xq, wq, n, k, pf, epilogue);
 #endif
-  int64_t tm = (m + kTileM - 1) / kTileM, tn = (n + kTileN - 1) / kTileN;
-  pf(static_cast<size_t>(tm * tn), [&](size_t t) {
-    int64_t bm = static_cast<int64_t>(t) / tn, bn = static_cast<int64_t>(t) % tn;
-    int64_t m0 = bm * kTileM, m1 = std::min(m, m0 + kTileM);
-    int64_t n0 = bn * kTileN, n1 = std::min(n, n0 + kTileN);
-    std::vector<int32_t> acc(static_cast<size_t>(kTileM * kTileN));
-    gemm_tile(isa, xq, wq, k, m0, m1, n0, n1, acc.data(), kTileN);
-    epilogue(m0, m1, n0, n1, acc.data(), kTileN);
+  // Tiles of kTileM x kTileN on the threads; tile(m0, m1, n0, n1, acc) fills the int32 accumulators.
+  auto run_tiles = [&](auto tile) {
+    const int64_t tm = (m + kTileM - 1) / kTileM, tn = (n + kTileN - 1) / kTileN;
+    pf(static_cast<size_t>(tm * tn), [&](size_t t) {
+      const int64_t bm = static_cast<int64_t>(t) / tn, bn = static_cast<int64_t>(t) % tn;
+      const int64_t m0 = bm * kTileM, m1 = std::min(m, m0 + kTileM);
+      const int64_t n0 = bn * kTileN, n1 = std::min(n, n0 + kTileN);
+      std::vector<int32_t> acc(static_cast<size_t>(kTileM * kTileN));
+      tile(m0, m1, n0, n1, acc.data());
+      epilogue(m0, m1, n0, n1, acc.data(), kTileN);
+    });
+  };
+#ifdef SQ_X86
+  if (is_vnni(isa) && m >= vnni::kPackedMinRows) {
+    const vnni::PackedW packed = vnni::pack_weights(isa, wq, n, k, pf);
+    const std::vector<uint8_t> xu = vnni::flip_rows(isa, xq, m, k, packed.kp);
+    return run_tiles([&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* acc) {
+      vnni::gemm_tile_packed(isa, xu.data(), packed, m0, m1, n0, n1, acc, kTileN);
+    });
+  }
+#endif
+  run_tiles([&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* acc) {
+    gemm_tile(isa, xq, wq, k, m0, m1, n0, n1, acc, kTileN);
   });
 }
 
