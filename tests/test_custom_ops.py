@@ -50,8 +50,8 @@ GEMM_SHAPES = [
     (6, 70, 529),
     (1, 71, 529),
     (128, 64, 48),
-    (64, 33, 7),  # from 64 rows the VNNI paths repack W: K and N not whole groups or panels
-    (70, 130, 575),
+    (256, 33, 7),  # from 256 rows the VNNI paths repack W: K and N not whole groups or panels
+    (270, 130, 575),
 ]
 
 
@@ -98,7 +98,7 @@ def test_int8_matmul_dequant_is_exact(m, n, k, dtype, with_bias, cpu_isa):
     np.testing.assert_array_equal(y, ref.int8_matmul_dequant(xq, xs, wq, ws, bias))
 
 
-@pytest.mark.parametrize("m", [1, 3, 64])
+@pytest.mark.parametrize("m", [1, 3, 256])
 @pytest.mark.parametrize("low", [-127, -128])
 def test_int8_accumulation_is_exact_at_full_range(m, low, cpu_isa):
     """Extreme operands at K = 1040 give int32 sums of 16.8M: exact in int32 and in float32. -128 never comes

@@ -28,8 +28,10 @@ void gemv_block(CpuIsa isa, const uint8_t* xu, const int8_t* x, const int8_t* wq
 
 // Many rows: W repacked once per call into panels of one vector of columns, K in groups of 4 bytes
 // ([K/4][columns][4]), so the inner loop broadcasts 4 bytes of X against whole vectors of columns: every lane
-// is one output, no horizontal sums. Repacking reads W once, which pays from kPackedMinRows rows.
-constexpr int64_t kPackedMinRows = 64;
+// is one output, no horizontal sums. Repacking costs a pass over W on every call (SmolLM2: about 100 MB per
+// forward pass, 10-20 ms on this VM's two cores), which the faster loop repays from kPackedMinRows rows; below
+// that the whole model measured slower with it (prefill of 64 and 128 tokens), at 256 and 512 faster.
+constexpr int64_t kPackedMinRows = 256;
 
 struct PackedW {
   int64_t kp = 0;             // K rounded up to 4 (zeros past K)
