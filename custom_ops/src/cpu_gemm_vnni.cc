@@ -37,6 +37,33 @@ struct Vec {
   SQ_V V bytes(char c) { return _mm512_set1_epi8(c); }
   SQ_V V xor_(V a, V b) { return _mm512_xor_si512(a, b); }
   SQ_V V sub32(V a, V b) { return _mm512_sub_epi32(a, b); }  // wraps, as the compensation needs
+  // 16 rows of 64 bytes (row stride ld) to 16 vectors of one 4-byte group from each row: a 16 x 16 transpose of
+  // int32 (32-bit and 64-bit interleaves within 128-bit lanes, then two rounds of lane shuffles).
+  static constexpr bool kTransposes = true;
+  SQ_V void transpose_block(const int8_t* src, int64_t ld, int8_t* dst) {
+    V r[16], t[16];
+    for (int i = 0; i < 16; ++i) r[i] = load(src + i * ld);
+    for (int i = 0; i < 16; i += 2) {
+      t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int q = 0; q < 4; ++q) {  // u[4q + j]: rows 4q..4q+3 of groups j, j + 4, j + 8, j + 12 (one per lane)
+      r[4 * q] = _mm512_unpacklo_epi64(t[4 * q], t[4 * q + 2]);
+      r[4 * q + 1] = _mm512_unpackhi_epi64(t[4 * q], t[4 * q + 2]);
+      r[4 * q + 2] = _mm512_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
+      r[4 * q + 3] = _mm512_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
+    }
+    for (int j = 0; j < 4; ++j) {
+      const V a0 = _mm512_shuffle_i32x4(r[j], r[4 + j], _MM_SHUFFLE(1, 0, 1, 0));
+      const V a1 = _mm512_shuffle_i32x4(r[j], r[4 + j], _MM_SHUFFLE(3, 2, 3, 2));
+      const V b0 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], _MM_SHUFFLE(1, 0, 1, 0));
+      const V b1 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], _MM_SHUFFLE(3, 2, 3, 2));
+      store(dst + (j + 0) * 64, _mm512_shuffle_i32x4(a0, b0, _MM_SHUFFLE(2, 0, 2, 0)));
+      store(dst + (j + 4) * 64, _mm512_shuffle_i32x4(a0, b0, _MM_SHUFFLE(3, 1, 3, 1)));
+      store(dst + (j + 8) * 64, _mm512_shuffle_i32x4(a1, b1, _MM_SHUFFLE(2, 0, 2, 0)));
+      store(dst + (j + 12) * 64, _mm512_shuffle_i32x4(a1, b1, _MM_SHUFFLE(3, 1, 3, 1)));
+    }
+  }
   SQ_V V broadcast4(const void* p) {
     int32_t v;
     std::memcpy(&v, p, 4);
@@ -72,6 +99,8 @@ struct Vec {
   SQ_V V bytes(char c) { return _mm256_set1_epi8(c); }
   SQ_V V xor_(V a, V b) { return _mm256_xor_si256(a, b); }
   SQ_V V sub32(V a, V b) { return _mm256_sub_epi32(a, b); }
+  static constexpr bool kTransposes = false;  // packs by 4-byte copies
+  static void transpose_block(const int8_t*, int64_t, int8_t*) {}
   SQ_V V broadcast4(const void* p) {
     int32_t v;
     std::memcpy(&v, p, 4);
