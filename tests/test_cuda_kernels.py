@@ -86,6 +86,25 @@ def test_int8_matmul_dequant_matches_reference(m, n, k, dtype, gemm_path):
         assert LIB.sq_onnx_cuda_last_gemm_kernel() == SERVED_SM90, "fell back instead of running CUTLASS"
 
 
+def test_int8_matmul_dequant_more_row_tiles_than_one_launch_takes():
+    """65,535 row tiles of 128 fill grid.y; the rows past them go in a second launch. Checked on samples of
+    rows from both launches (the whole reference would take numpy minutes)."""
+    m, n, k = 65535 * 128 + 130, 8, 16
+    rng = np.random.default_rng(1)
+    xq = rng.integers(-127, 128, (m, k), dtype=np.int8)
+    wq = rng.integers(-127, 128, (n, k), dtype=np.int8)
+    xs = rng.uniform(0.001, 0.02, (m, 1)).astype(np.float32)
+    ws = rng.uniform(0.001, 0.02, n).astype(np.float32)
+    y = torch.full((m, n), float("nan"), dtype=torch.float32, device="cuda")
+    d = [_dev(a) for a in (xq, xs, wq, ws)]
+    rc = LIB.sq_onnx_cuda_int8_matmul_dequant(0, *(_ptr(t) for t in d), None, m, n, k, _ptr(y), _stream())
+    assert rc == 0
+    got = _host(y)
+    rows = np.concatenate([np.arange(200), rng.integers(0, m, 2000), np.arange(m - 400, m)])
+    np.testing.assert_array_equal(got[rows], ref.int8_matmul_dequant(xq[rows], xs[rows], wq, ws))
+    assert not np.isnan(got).any(), "rows left unwritten"
+
+
 @pytest.mark.parametrize("m,n,k", [(300, 256, 2048), (40, 128, 64)])
 def test_int8_matmul_dequant_without_bias(m, n, k, gemm_path):
     """No bias: the Hopper epilogue reads a null bias as zero."""
@@ -101,7 +120,9 @@ def test_int8_matmul_dequant_without_bias(m, n, k, gemm_path):
     np.testing.assert_array_equal(_host(y), ref.int8_matmul_dequant(xq, xs, wq, ws))
 
 
-@pytest.mark.parametrize("rows,k", [(0, 64), (1, 1), (3, 576), (7, 1000), (33, 4096), (2, 13000)])
+# (2, 13000): the row in shared memory past the 48 KB default; (2, 70000): rows longer than any GPU's shared
+# memory (280 KB), served by the kernel that reads the inputs again on each pass.
+@pytest.mark.parametrize("rows,k", [(0, 64), (1, 1), (3, 576), (7, 1000), (33, 4096), (2, 13000), (2, 70000)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_norm_quant_kernels_match_reference(rows, k, dtype):
     rng = np.random.default_rng(rows + k)

@@ -4,7 +4,8 @@
 # device tool brings them back) or ./gpu_check_out, and prints a one-line summary per step.
 #
 #   1. the CUDA tests (both GEMM paths, bit for bit against numpy; which kernel served each call),
-#   2. compute-sanitizer memcheck on the GEMM tests, Hopper path included (odd M, N, K),
+#   2. compute-sanitizer memcheck on the GEMM and row-op tests, Hopper path included (odd M, N, K; rows too
+#      long for shared memory),
 #   3. tools/bench_cuda_kernels.py (a column per GEMM path, against fp16 cuBLAS and the floor),
 #   4. the kernels' register and shared-memory use (cuobjdump).
 #
@@ -46,7 +47,7 @@ cat "$out/device.txt"
 step tests "$py" -m pytest -p no:cacheprovider -rs tests/test_cuda_kernels.py tests/test_library_build.py \
   tests/test_ort_cuda_session.py
 step memcheck compute-sanitizer --tool memcheck --error-exitcode 3 "$py" -m pytest -p no:cacheprovider \
-  tests/test_cuda_kernels.py -k "matmul_dequant"
+  tests/test_cuda_kernels.py -k "matmul_dequant or norm_quant"
 step bench "$py" tools/bench_cuda_kernels.py --iters "$iters"
 step resources cuobjdump --dump-resource-usage "$SQ_ONNX_OPS_LIB"
 exit "$status"

@@ -48,82 +48,148 @@ __device__ R block_reduce(R v, R (*op)(R, R), R identity, R* shared) {
 __device__ double add_d(double a, double b) { return a + b; }
 __device__ float max_f(float a, float b) { return fmaxf(a, b); }
 
-// Per-token quantization of the float row in shared memory v[0, k): writes q and the stored scale.
-template <typename T>
-__device__ void quantize_shared_row(const float* v, int64_t k, int8_t* q, T* scale, float* red) {
+// Per-token quantization of the float row value(j), j in [0, k): writes q and the stored scale.
+template <typename T, class Value>
+__device__ void quantize_row(Value value, int64_t k, int8_t* q, T* scale, float* red) {
   float amax = 0.0f;
-  for (int64_t j = threadIdx.x; j < k; j += blockDim.x) amax = fmaxf(amax, fabsf(v[j]));
+  for (int64_t j = threadIdx.x; j < k; j += blockDim.x) amax = fmaxf(amax, fabsf(value(j)));
   amax = block_reduce<float>(amax, max_f, 0.0f, red);
   float sf = round_t(fmaxf(amax, kEps) / 127.0f, static_cast<const T*>(nullptr));
   if (threadIdx.x == 0) store_f(scale, 0, sf);
   for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
-    float r = sf > 0.0f ? rintf(__fdiv_rn(v[j], sf)) : 0.0f;
+    float r = sf > 0.0f ? rintf(__fdiv_rn(value(j), sf)) : 0.0f;
     q[j] = static_cast<int8_t>(fminf(127.0f, fmaxf(-127.0f, r)));
   }
 }
 
-// One block per row; the row lives in shared memory (k floats) between the passes.
-// mode 0: quantize (optionally times smooth_inv); 1: RMSNorm (+ skip/bias); 2: LayerNorm.
+// The operands of one row op. mode 0: quantize (optionally times smooth_inv); 1: RMSNorm (+ skip/bias);
+// 2: LayerNorm.
+template <typename T>
+struct RowArgs {
+  const T *x, *skip, *bias, *gamma, *beta, *smooth_inv;
+  float eps;
+  int64_t k;
+  int8_t* q;
+  T *scale, *sum_out;
+};
+
+// Element j of the row before the norm: x (times smooth_inv), or for RMSNorm with skip the residual sum
+// rounded to T (stored to sum_out when `store_sum`).
 template <typename T, int kMode>
-__global__ void row_kernel(const T* x, const T* skip, const T* bias, const T* gamma, const T* beta,
-                           const T* smooth_inv, float eps, int64_t k, int8_t* q, T* scale, T* sum_out) {
+__device__ __forceinline__ float row_input(const RowArgs<T>& a, int64_t row, int64_t j, bool store_sum) {
+  float v = load_f(a.x, row * a.k + j);
+  if (kMode == 0 && a.smooth_inv) v = __fmul_rn(v, load_f(a.smooth_inv, j));
+  if (kMode == 1 && a.skip) {
+    float s = __fadd_rn(v, load_f(a.skip, row * a.k + j));
+    if (a.bias) s = __fadd_rn(s, load_f(a.bias, j));
+    if (store_sum && a.sum_out) store_f(a.sum_out, row * a.k + j, s);
+    v = round_t(s, static_cast<const T*>(nullptr));
+  }
+  return v;
+}
+
+// The norm's statistics of a row: RMSNorm 1/rms; LayerNorm the mean and 1/std.
+struct RowStats {
+  float mean, inv;
+};
+
+// Element j after the norm, from its input v.
+template <typename T, int kMode>
+__device__ __forceinline__ float row_output(const RowArgs<T>& a, float v, int64_t j, RowStats st) {
+  if (kMode == 1) return __fmul_rn(__fmul_rn(v, st.inv), load_f(a.gamma, j));
+  if (kMode == 2) {
+    float y = __fmul_rn(__fmul_rn(__fsub_rn(v, st.mean), st.inv), load_f(a.gamma, j));
+    return a.beta ? __fadd_rn(y, load_f(a.beta, j)) : y;
+  }
+  return v;
+}
+
+// The statistics from input(j) (read once for RMSNorm, twice for LayerNorm), summed in double.
+template <int kMode, class Input>
+__device__ RowStats row_stats(Input input, int64_t k, float eps, double* red) {
+  RowStats st{0.0f, 1.0f};
+  if (kMode == 0) return st;
+  double acc = 0.0;
+  for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+    float v = input(j, true);
+    acc += kMode == 1 ? static_cast<double>(v) * static_cast<double>(v) : static_cast<double>(v);
+  }
+  double s = block_reduce<double>(acc, add_d, 0.0, red);
+  float first = k > 0 ? static_cast<float>(s / static_cast<double>(k)) : 0.0f;
+  if (kMode == 1) {
+    st.inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(first, eps)));
+    return st;
+  }
+  st.mean = first;
+  double ss = 0.0;
+  for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+    float d = __fsub_rn(input(j, false), st.mean);
+    ss += static_cast<double>(d) * static_cast<double>(d);
+  }
+  ss = block_reduce<double>(ss, add_d, 0.0, red);
+  float var = k > 0 ? static_cast<float>(ss / static_cast<double>(k)) : 0.0f;
+  st.inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(var, eps)));
+  return st;
+}
+
+// One block per row. kCached: the row lives in shared memory (k floats) between the passes, so each input
+// is read once. Otherwise (rows longer than the device's shared memory) every pass reads the inputs again
+// and recomputes the same values, bit for bit.
+template <typename T, int kMode, bool kCached>
+__global__ void row_kernel(RowArgs<T> a) {
   extern __shared__ float v[];
   __shared__ double red_d[32];
   __shared__ float red_f[32];
-  const int64_t row = blockIdx.x;
-  const T* xr = x + row * k;
-  double acc = 0.0;
-  for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
-    float a = load_f(xr, j);
-    if (kMode == 0 && smooth_inv) a = __fmul_rn(a, load_f(smooth_inv, j));
-    if (kMode == 1 && skip) {
-      float s = __fadd_rn(a, load_f(skip, row * k + j));
-      if (bias) s = __fadd_rn(s, load_f(bias, j));
-      if (sum_out) store_f(sum_out, row * k + j, s);
-      a = round_t(s, static_cast<const T*>(nullptr));
-    }
-    v[j] = a;
-    if (kMode == 1) acc += static_cast<double>(a) * static_cast<double>(a);
-    if (kMode == 2) acc += static_cast<double>(a);
+  const int64_t row = blockIdx.x, k = a.k;
+  if (kCached) {
+    auto input = [&](int64_t j, bool first) {
+      if (first) v[j] = row_input<T, kMode>(a, row, j, true);
+      return v[j];
+    };
+    if (kMode == 0)
+      for (int64_t j = threadIdx.x; j < k; j += blockDim.x) input(j, true);  // row_stats reads nothing here
+    RowStats st = row_stats<kMode>(input, k, a.eps, red_d);
+    if (kMode != 0)
+      for (int64_t j = threadIdx.x; j < k; j += blockDim.x) v[j] = row_output<T, kMode>(a, v[j], j, st);
+    __syncthreads();  // each thread wrote its own elements; the quantization reads them all
+    quantize_row<T>([&](int64_t j) { return v[j]; }, k, a.q + row * k, a.scale + row, red_f);
+  } else {
+    auto input = [&](int64_t j, bool first) { return row_input<T, kMode>(a, row, j, first); };
+    RowStats st = row_stats<kMode>(input, k, a.eps, red_d);
+    auto value = [&](int64_t j) { return row_output<T, kMode>(a, input(j, false), j, st); };
+    quantize_row<T>(value, k, a.q + row * k, a.scale + row, red_f);
   }
-  if (kMode == 1) {
-    double ss = block_reduce<double>(acc, add_d, 0.0, red_d);
-    float ms = k > 0 ? static_cast<float>(ss / static_cast<double>(k)) : 0.0f;
-    float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, eps)));
-    for (int64_t j = threadIdx.x; j < k; j += blockDim.x) v[j] = __fmul_rn(__fmul_rn(v[j], inv), load_f(gamma, j));
+}
+
+// The most dynamic shared memory a block of `kernel` may have on the current device.
+template <typename K>
+size_t max_dynamic_smem(K kernel) {
+  int dev = 0, optin = 0;
+  cudaFuncAttributes attr{};
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+      cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    cudaGetLastError();
+    return 48 * 1024 - 512;
   }
-  if (kMode == 2) {
-    double s = block_reduce<double>(acc, add_d, 0.0, red_d);
-    float mean = k > 0 ? static_cast<float>(s / static_cast<double>(k)) : 0.0f;
-    double ss = 0.0;
-    for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
-      float d = __fsub_rn(v[j], mean);
-      ss += static_cast<double>(d) * static_cast<double>(d);
-    }
-    ss = block_reduce<double>(ss, add_d, 0.0, red_d);
-    float var = k > 0 ? static_cast<float>(ss / static_cast<double>(k)) : 0.0f;
-    float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(var, eps)));
-    for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
-      float y = __fmul_rn(__fmul_rn(__fsub_rn(v[j], mean), inv), load_f(gamma, j));
-      v[j] = beta ? __fadd_rn(y, load_f(beta, j)) : y;
-    }
-  }
-  __syncthreads();
-  quantize_shared_row<T>(v, k, q + row * k, scale + row, red_f);
+  return optin > static_cast<int>(attr.sharedSizeBytes) ? static_cast<size_t>(optin) - attr.sharedSizeBytes : 0;
 }
 
 template <typename T, int kMode>
-void launch_rows(const char* name, const T* x, const T* skip, const T* bias, const T* gamma, const T* beta,
-                 const T* smooth_inv, float eps, int64_t rows, int64_t k, int8_t* q, T* scale, T* sum_out,
-                 void* stream) {
+void launch_rows(const char* name, const RowArgs<T>& a, int64_t rows, void* stream) {
   if (rows <= 0) return;
-  size_t smem = static_cast<size_t>(k) * sizeof(float);
-  if (smem > 48 * 1024) {
-    cudaFuncSetAttribute(row_kernel<T, kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  auto st = static_cast<cudaStream_t>(stream);
+  int threads = a.k >= 2048 ? 512 : (a.k >= 512 ? 256 : 128);
+  size_t smem = static_cast<size_t>(a.k) * sizeof(float);
+  if (smem <= 48 * 1024 - 512) {
+    row_kernel<T, kMode, true><<<static_cast<unsigned>(rows), threads, smem, st>>>(a);
+  } else if (smem <= max_dynamic_smem(row_kernel<T, kMode, true>)) {
+    cudaFuncSetAttribute(row_kernel<T, kMode, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         static_cast<int>(smem));
+    row_kernel<T, kMode, true><<<static_cast<unsigned>(rows), threads, smem, st>>>(a);
+  } else {
+    row_kernel<T, kMode, false><<<static_cast<unsigned>(rows), threads, 0, st>>>(a);
   }
-  int threads = k >= 2048 ? 512 : (k >= 512 ? 256 : 128);
-  row_kernel<T, kMode><<<static_cast<unsigned>(rows), threads, smem, static_cast<cudaStream_t>(stream)>>>(
-      x, skip, bias, gamma, beta, smooth_inv, eps, k, q, scale, sum_out);
   check_launch(name);
 }
 
@@ -318,8 +384,13 @@ void launch_mma(const int8_t* xq, const T* xs, const int8_t* wq, const T* ws, co
                 int64_t k, T* y, cudaStream_t stream) {
   constexpr int smem = kStages * (kBM + kBN) * kRowBytes;
   cudaFuncSetAttribute(gemm_mma<T, kBM, kBN>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  dim3 grid(static_cast<unsigned>((n + kBN - 1) / kBN), static_cast<unsigned>((m + kBM - 1) / kBM));
-  gemm_mma<T, kBM, kBN><<<grid, kThreads, smem, stream>>>(xq, xs, wq, ws, bias, m, n, k, y);
+  // Row tiles go in grid.y (at most 65535): more rows than that many tiles take several launches.
+  constexpr int64_t kMaxRows = 65535LL * kBM;
+  for (int64_t r = 0; r < m; r += kMaxRows) {
+    int64_t rows = m - r < kMaxRows ? m - r : kMaxRows;
+    dim3 grid(static_cast<unsigned>((n + kBN - 1) / kBN), static_cast<unsigned>((rows + kBM - 1) / kBM));
+    gemm_mma<T, kBM, kBN><<<grid, kThreads, smem, stream>>>(xq + r * k, xs + r, wq, ws, bias, rows, n, k, y + r * n);
+  }
 }
 
 int sm_count() {
@@ -391,18 +462,18 @@ bool select_gemm(int path) {
 
 template <typename T>
 void quantize_per_token(const T* x, const T* smooth_inv, int64_t rows, int64_t k, int8_t* q, T* scale, void* stream) {
-  launch_rows<T, 0>("QuantizePerToken", x, nullptr, nullptr, nullptr, nullptr, smooth_inv, 0.0f, rows, k, q, scale,
-                    nullptr, stream);
+  launch_rows<T, 0>("QuantizePerToken", {x, nullptr, nullptr, nullptr, nullptr, smooth_inv, 0.0f, k, q, scale, nullptr},
+                    rows, stream);
 }
 template <typename T>
 void rmsnorm_quant(const T* x, const T* skip, const T* bias, const T* gamma, float eps, int64_t rows, int64_t k,
                    int8_t* q, T* scale, T* sum_out, void* stream) {
-  launch_rows<T, 1>("RMSNormQuant", x, skip, bias, gamma, nullptr, nullptr, eps, rows, k, q, scale, sum_out, stream);
+  launch_rows<T, 1>("RMSNormQuant", {x, skip, bias, gamma, nullptr, nullptr, eps, k, q, scale, sum_out}, rows, stream);
 }
 template <typename T>
 void layernorm_quant(const T* x, const T* gamma, const T* beta, float eps, int64_t rows, int64_t k, int8_t* q,
                      T* scale, void* stream) {
-  launch_rows<T, 2>("LayerNormQuant", x, nullptr, nullptr, gamma, beta, nullptr, eps, rows, k, q, scale, nullptr,
+  launch_rows<T, 2>("LayerNormQuant", {x, nullptr, nullptr, gamma, beta, nullptr, eps, k, q, scale, nullptr}, rows,
                     stream);
 }
 
