@@ -81,12 +81,19 @@ CPU_ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")
 def cpu_isa_control() -> ctypes.CDLL:
     """The library's switch of the CPU GEMM's instruction set, for tests and tools/bench_cpu_kernels.py:
     ``sq_onnx_cpu_select_isa(i)`` (0 = taken, 1 = this CPU lacks it), ``sq_onnx_cpu_isa()``,
-    ``sq_onnx_cpu_best_isa()``; ``i`` indexes CPU_ISAS. It acts on the copy ONNX Runtime loaded too."""
+    ``sq_onnx_cpu_best_isa()``; ``i`` indexes CPU_ISAS. It acts on the copy ONNX Runtime loaded too.
+    ``sq_onnx_cpu_last_gemm_weights()`` says how the last GEMM took W (WEIGHTS_*)."""
     lib = ctypes.CDLL(str(require_library()))
     lib.sq_onnx_cpu_select_isa.argtypes = [ctypes.c_int]
     lib.sq_onnx_cpu_isa.argtypes = []
     lib.sq_onnx_cpu_best_isa.argtypes = []
+    lib.sq_onnx_cpu_last_gemm_weights.argtypes = []
     return lib
+
+
+# sq_onnx_cpu_last_gemm_weights answers (custom_ops/src/cpu_kernels.h): W read as given, repacked within the
+# call (VNNI, many rows), or packed once when the session was made (VNNI, W an initializer).
+WEIGHTS_AS_GIVEN, WEIGHTS_REPACKED, WEIGHTS_PREPACKED = 0, 1, 2
 
 
 # sq_onnx_cuda_select_gemm paths and sq_onnx_cuda_last_gemm_kernel answers (custom_ops/src/cuda_kernels.h).

@@ -8,13 +8,21 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 from onnx import helper
 
 from sq_onnx import custom_ops
 
 
-def single_op_model(op: str, inputs: dict[str, np.ndarray | None], n_out: int, **attrs) -> onnx.ModelProto:
-    """A one-node model; None inputs are left out (optional inputs as '')."""
+def single_op_model(
+    op: str,
+    inputs: dict[str, np.ndarray | None],
+    n_out: int,
+    constants: frozenset[str] = frozenset(),
+    **attrs,
+) -> onnx.ModelProto:
+    """A one-node model; None inputs are left out (optional inputs as ''); those named in constants are
+    initializers (as a converted model's weights are), the rest graph inputs."""
     names = [name if arr is not None else "" for name, arr in inputs.items()]
     while names and names[-1] == "":
         names.pop()
@@ -23,10 +31,15 @@ def single_op_model(op: str, inputs: dict[str, np.ndarray | None], n_out: int, *
     graph_inputs = [
         helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape))
         for name, arr in inputs.items()
-        if arr is not None
+        if arr is not None and name not in constants
     ]
+    initializers = [onnx.numpy_helper.from_array(inputs[name], name) for name in constants]
     graph = helper.make_graph(
-        [node], "g", graph_inputs, [helper.make_value_info(o, onnx.TypeProto()) for o in outs]
+        [node],
+        "g",
+        graph_inputs,
+        [helper.make_value_info(o, onnx.TypeProto()) for o in outs],
+        initializer=initializers,
     )
     return helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("sq_onnx", 1)]
@@ -47,10 +60,15 @@ def make_session(model: onnx.ModelProto | Path, providers: list[str], profile_di
 
 
 def run_op(
-    op: str, inputs: dict[str, np.ndarray | None], n_out: int, providers=("CPUExecutionProvider",), **attrs
+    op: str,
+    inputs: dict[str, np.ndarray | None],
+    n_out: int,
+    providers=("CPUExecutionProvider",),
+    constants: frozenset[str] = frozenset(),
+    **attrs,
 ) -> list[np.ndarray]:
-    sess = make_session(single_op_model(op, inputs, n_out, **attrs), list(providers))
-    return sess.run(None, {k: v for k, v in inputs.items() if v is not None})
+    sess = make_session(single_op_model(op, inputs, n_out, constants, **attrs), list(providers))
+    return sess.run(None, {k: v for k, v in inputs.items() if v is not None and k not in constants})
 
 
 def placed(sess) -> dict[str, set[str]]:

@@ -50,6 +50,7 @@ GEMM_SHAPES = [
     (6, 70, 529),
     (1, 71, 529),
     (128, 64, 48),
+    (255, 130, 575),  # the most rows prepacked W serves
     (256, 33, 7),  # from 256 rows the VNNI paths repack W: K and N not whole groups or panels
     (270, 130, 575),
 ]
@@ -84,23 +85,49 @@ def test_cpu_isa_comes_from_the_environment(asked):
         assert now == best
 
 
+VNNI = {custom_ops.CPU_ISAS.index("avxvnni"), custom_ops.CPU_ISAS.index("avx512vnni")}
+PACKED_MIN_ROWS = 256  # vnni::kPackedMinRows: from here the call packs W itself; prepacked W serves 2..255 rows
+# Wq as a graph input (read as given, or repacked in the call for many rows), or as an initializer (as in a
+# converted model) with SQ_ONNX_CPU_PREPACK=1: on VNNI, packed once when the session is made.
+W_SOURCES = {"W input": frozenset(), "W prepacked": frozenset({"wq"})}
+
+
+@pytest.fixture
+def prepack_constants(monkeypatch):
+    """Opts in to prepacking (read when a session is made); returns the check that it served exactly when it
+    should, so the prepacked path cannot pass these tests by never running."""
+    monkeypatch.setenv("SQ_ONNX_CPU_PREPACK", "1")
+
+    def check(m: int, constants: frozenset[str], isa: int) -> None:
+        if m > 0:
+            taken = custom_ops.cpu_isa_control().sq_onnx_cpu_last_gemm_weights()
+            expected = "wq" in constants and isa in VNNI and 1 < m < PACKED_MIN_ROWS
+            assert (taken == custom_ops.WEIGHTS_PREPACKED) == expected
+
+    return check
+
+
 @pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_int8_matmul_dequant_is_exact(m, n, k, dtype, with_bias, cpu_isa):
+@pytest.mark.parametrize("constants", W_SOURCES.values(), ids=W_SOURCES.keys())
+def test_int8_matmul_dequant_is_exact(m, n, k, dtype, with_bias, constants, cpu_isa, prepack_constants):
     rng = np.random.default_rng(m * 31 + n * 7 + k)
     xq = rng.integers(-127, 128, (m, k), dtype=np.int8)
     wq = rng.integers(-127, 128, (n, k), dtype=np.int8)
     xs = rng.uniform(0.001, 0.02, (m, 1)).astype(dtype)
     ws = rng.uniform(0.001, 0.02, n).astype(dtype)
     bias = rng.standard_normal(n).astype(dtype) if with_bias else None
-    (y,) = _run_op("Int8MatMulDequant", {"xq": xq, "xs": xs, "wq": wq, "ws": ws, "bias": bias}, 1)
+    inputs = {"xq": xq, "xs": xs, "wq": wq, "ws": ws, "bias": bias}
+    (y,) = _run_op("Int8MatMulDequant", inputs, 1, constants=constants)
     np.testing.assert_array_equal(y, ref.int8_matmul_dequant(xq, xs, wq, ws, bias))
+    prepack_constants(m, constants, cpu_isa)
 
 
 @pytest.mark.parametrize("m", [1, 3, 256])
 @pytest.mark.parametrize("low", [-127, -128])
-def test_int8_accumulation_is_exact_at_full_range(m, low, cpu_isa):
+@pytest.mark.parametrize("constants", W_SOURCES.values(), ids=W_SOURCES.keys())
+def test_int8_accumulation_is_exact_at_full_range(m, low, constants, cpu_isa, prepack_constants):
     """Extreme operands at K = 1040 give int32 sums of 16.8M: exact in int32 and in float32. -128 never comes
     out of our quantizers, but the op takes any int8 (the VNNI paths shift X by 128 and must undo it exactly)."""
     k = 1040
@@ -109,10 +136,55 @@ def test_int8_accumulation_is_exact_at_full_range(m, low, cpu_isa):
     wq = np.full((5, k), low, np.int8)
     wq[1] = 127
     wq[2, 1::2] = 127
-    ones = np.ones((m, 1), np.float32)
-    (y,) = _run_op("Int8MatMulDequant", {"xq": xq, "xs": ones, "wq": wq, "ws": np.ones(5, np.float32)}, 1)
+    inputs = {"xq": xq, "xs": np.ones((m, 1), np.float32), "wq": wq, "ws": np.ones(5, np.float32)}
+    (y,) = _run_op("Int8MatMulDequant", inputs, 1, constants=constants)
     expect = (xq.astype(np.int64) @ wq.astype(np.int64).T).astype(np.float32)
     np.testing.assert_array_equal(y, expect)
+    prepack_constants(m, constants, cpu_isa)
+
+
+def _gemm_session_with_constant_w(m: int, n: int, k: int):
+    rng = np.random.default_rng(5)
+    inputs = {
+        "xq": rng.integers(-127, 128, (m, k), dtype=np.int8),
+        "xs": rng.uniform(0.001, 0.02, (m, 1)).astype(np.float32),
+        "wq": rng.integers(-127, 128, (n, k), dtype=np.int8),
+        "ws": rng.uniform(0.001, 0.02, n).astype(np.float32),
+    }
+    model = ort_ops.single_op_model("Int8MatMulDequant", inputs, 1, frozenset({"wq"}))
+    sess = ort_ops.make_session(model, ["CPUExecutionProvider"])
+    feed = {name: inputs[name] for name in ("xq", "xs", "ws")}
+    return sess, feed, ref.int8_matmul_dequant(*(inputs[name] for name in ("xq", "xs", "wq", "ws")))
+
+
+@pytest.mark.parametrize("setting", [None, "0", "yes"])
+def test_prepacking_is_opt_in(monkeypatch, setting):
+    """Without SQ_ONNX_CPU_PREPACK=1 the weights stay one copy in memory (ONNX Runtime's)."""
+    if setting is None:
+        monkeypatch.delenv("SQ_ONNX_CPU_PREPACK", raising=False)
+    else:
+        monkeypatch.setenv("SQ_ONNX_CPU_PREPACK", setting)
+    sess, feed, expect = _gemm_session_with_constant_w(3, 40, 64)
+    np.testing.assert_array_equal(sess.run(None, feed)[0], expect)
+    assert custom_ops.cpu_isa_control().sq_onnx_cpu_last_gemm_weights() == custom_ops.WEIGHTS_AS_GIVEN
+
+
+def test_weights_packed_for_another_instruction_set_are_not_used(monkeypatch):
+    """Panels packed for AVX512-VNNI (16 columns) are not AVX-VNNI's (8): after a switch of the instruction set,
+    the session made before it reads W as given, with the same result."""
+    lib = custom_ops.cpu_isa_control()
+    if lib.sq_onnx_cpu_best_isa() not in VNNI:
+        pytest.skip("this CPU has no VNNI: nothing is prepacked")
+    monkeypatch.setenv("SQ_ONNX_CPU_PREPACK", "1")
+    sess, feed, expect = _gemm_session_with_constant_w(3, 40, 64)
+    np.testing.assert_array_equal(sess.run(None, feed)[0], expect)
+    assert lib.sq_onnx_cpu_last_gemm_weights() == custom_ops.WEIGHTS_PREPACKED
+    try:
+        assert lib.sq_onnx_cpu_select_isa(custom_ops.CPU_ISAS.index("avx2")) == 0
+        np.testing.assert_array_equal(sess.run(None, feed)[0], expect)
+        assert lib.sq_onnx_cpu_last_gemm_weights() == custom_ops.WEIGHTS_AS_GIVEN
+    finally:
+        lib.sq_onnx_cpu_select_isa(lib.sq_onnx_cpu_best_isa())
 
 
 @pytest.mark.parametrize("m", [2, 5])

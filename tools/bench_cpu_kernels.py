@@ -3,7 +3,9 @@
 per-token scales (as the stock W8A8 graph), and ORT once more with one scalar activation scale (its
 per-tensor form), same threads; and ORT's float32 MatMul on the same shapes, the speed to beat.
 Our kernel is timed on each instruction set this CPU has (scalar, avx2, avxvnni, avx512vnni; the library
-picks the best by itself). The ratio is our best time over ORT's per-token time (below 1: we are faster).
+picks the best by itself), and on the best VNNI path once more with the weights packed when the session was
+made (SQ_ONNX_CPU_PREPACK=1, opt-in: a second copy of W). The ratio is our best time over ORT's per-token
+time (below 1: we are faster).
 
     python tools/bench_cpu_kernels.py [--threads 2] [--repeat 5]
 """
@@ -11,6 +13,7 @@ picks the best by itself). The ratio is our best time over ORT's per-token time 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -24,7 +27,7 @@ from sq_onnx import custom_ops
 from sq_onnx.ort_session import session_options
 
 SHAPES = [(576, 576), (576, 1536), (1536, 576), (4096, 4096)]
-ROWS = [1, 16, 256]
+ROWS = [1, 16, 64, 256]
 
 
 def one_node_model(op: str, domain: str, wq: np.ndarray, ws: np.ndarray, per_token: bool = True) -> bytes:
@@ -59,6 +62,21 @@ def float_matmul_model(w: np.ndarray) -> bytes:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
+def prepacked_session(model: bytes, threads: int):
+    """A session whose Int8MatMulDequant packed its weights when made (the variable is read then)."""
+    import onnxruntime as ort
+
+    before = os.environ.get("SQ_ONNX_CPU_PREPACK")
+    os.environ["SQ_ONNX_CPU_PREPACK"] = "1"
+    try:
+        return ort.InferenceSession(model, session_options(threads, custom_ops=True))
+    finally:
+        if before is None:
+            del os.environ["SQ_ONNX_CPU_PREPACK"]
+        else:
+            os.environ["SQ_ONNX_CPU_PREPACK"] = before
+
+
 def median_ms(sess, feed: dict[str, np.ndarray], repeat: int) -> float:
     sess.run(None, feed)
     times = []
@@ -81,7 +99,9 @@ def main() -> None:
     best = isa_switch.sq_onnx_cpu_best_isa()
     isas = [i for i in range(1, best + 1) if isa_switch.sq_onnx_cpu_select_isa(i) == 0] or [best]
     table = Table(title=f"int8 matmul on the CPU, {args.threads} threads (ms, median of {args.repeat})")
+    prepack = custom_ops.CPU_ISAS[best] in ("avxvnni", "avx512vnni")
     columns = ["M", "K x N", *(f"sq_onnx {custom_ops.CPU_ISAS[i]}" for i in isas)]
+    columns += [f"sq_onnx {custom_ops.CPU_ISAS[best]}, prepacked"] if prepack else []
     columns += ["ORT MatMulIntegerToFloat", "ratio", "ORT, scalar x_scale", "ORT fp32 MatMul", "GOPS (sq)"]
     for col in columns:
         table.add_column(col, justify="right")
@@ -89,10 +109,9 @@ def main() -> None:
         for k, n in SHAPES:
             wq = rng.integers(-127, 128, (n, k), dtype=np.int8)
             ws = rng.uniform(0.001, 0.01, n).astype(np.float32)
-            sq = ort.InferenceSession(
-                one_node_model("Int8MatMulDequant", "sq_onnx", wq, ws),
-                session_options(args.threads, custom_ops=True),
-            )
+            sq_model = one_node_model("Int8MatMulDequant", "sq_onnx", wq, ws)
+            sq = ort.InferenceSession(sq_model, session_options(args.threads, custom_ops=True))
+            sq_prepacked = prepacked_session(sq_model, args.threads) if prepack else None
             wt = np.ascontiguousarray(wq.T)
             mlas = ort.InferenceSession(
                 one_node_model("MatMulIntegerToFloat", "com.microsoft", wt, ws), session_options(args.threads)
@@ -111,6 +130,10 @@ def main() -> None:
                 for i in isas:
                     isa_switch.sq_onnx_cpu_select_isa(i)
                     t_isa.append(median_ms(sq, {"xq": xq, "xs": xs}, args.repeat))
+                if prepack:
+                    isa_switch.sq_onnx_cpu_select_isa(best)
+                    t_isa.append(median_ms(sq_prepacked, {"xq": xq, "xs": xs}, args.repeat))
+                    assert isa_switch.sq_onnx_cpu_last_gemm_weights() == custom_ops.WEIGHTS_PREPACKED
                 t_sq = min(t_isa)
                 t_ort = median_ms(mlas, {"xq": xq, "xs": xs}, args.repeat)
                 t_scalar = median_ms(mlas_scalar, {"xq": xq, "xs": np.array(0.005, np.float32)}, args.repeat)

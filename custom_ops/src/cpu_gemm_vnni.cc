@@ -6,6 +6,7 @@
 #include "cpu_gemm_vnni.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -186,6 +187,15 @@ void gemm_tile_packed(CpuIsa isa, const uint8_t* xu, const PackedW& w, int64_t m
 }
 
 }  // namespace vnni
+
+std::shared_ptr<const PrepackedWeights> prepack_weights(const int8_t* wq, int64_t n, int64_t k) {
+  const CpuIsa isa = cpu_isa();
+  const char* env = std::getenv("SQ_ONNX_CPU_PREPACK");
+  if (!env || std::strcmp(env, "1") != 0 || !is_vnni(isa) || n <= 0 || k <= 0) return nullptr;
+  return std::make_shared<const PrepackedWeights>(
+      PrepackedWeights{vnni::pack_weights(isa, wq, n, k, serial_for()), isa, wq, n, k});
+}
+
 }  // namespace sq
 
 #else  // no x86: cpu_isa() never picks a VNNI path
@@ -199,5 +209,6 @@ PackedW pack_weights(CpuIsa, const int8_t*, int64_t, int64_t, const ParallelFor&
 std::vector<uint8_t> flip_rows(CpuIsa, const int8_t*, int64_t, int64_t, int64_t) { return {}; }
 void gemm_tile_packed(CpuIsa, const uint8_t*, const PackedW&, int64_t, int64_t, int64_t, int64_t, int32_t*, int64_t) {}
 }  // namespace vnni
+std::shared_ptr<const PrepackedWeights> prepack_weights(const int8_t*, int64_t, int64_t) { return nullptr; }
 }  // namespace sq
 #endif

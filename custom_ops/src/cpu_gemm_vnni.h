@@ -49,4 +49,15 @@ void gemm_tile_packed(CpuIsa isa, const uint8_t* xu, const PackedW& w, int64_t m
 
 }  // namespace vnni
 using vnni::is_vnni;
+
+// prepack_weights' result (cpu_kernels.h): W's panels for one VNNI instruction set, and what they were made from.
+struct PrepackedWeights {
+  vnni::PackedW w;
+  CpuIsa isa;
+  const int8_t* source;
+  int64_t n, k;
+  bool serves(CpuIsa now, const int8_t* wq, int64_t rows, int64_t cols) const {
+    return isa == now && source == wq && n == rows && k == cols;
+  }
+};
 }  // namespace sq

@@ -6,6 +6,7 @@
 #include "cpu_simd.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -337,6 +338,8 @@ void micro_rows(bool avx2, int64_t mr, const int8_t* x, const int8_t* w, int64_t
   }
 }
 
+std::atomic<int> g_last_weights{kWeightsAsGiven};
+
 // One output tile [m0, m1) x [n0, n1): int32 accumulators into acc (row stride ldo).
 void gemm_tile(CpuIsa isa, const int8_t* xq, const int8_t* wq, int64_t k, int64_t m0, int64_t m1, int64_t n0,
                int64_t n1, int32_t* acc, int64_t ldo) {
@@ -355,9 +358,17 @@ void gemm_tile(CpuIsa isa, const int8_t* xq, const int8_t* wq, int64_t k, int64_
 
 template <typename Epilogue>
 void tiled_gemm(const int8_t* xq, const int8_t* wq, int64_t m, int64_t n, int64_t k, const ParallelFor& pf,
-                Epilogue epilogue) {
+                Epilogue epilogue, const PrepackedWeights* prepacked = nullptr) {
   if (m <= 0 || n <= 0) return;
   const CpuIsa isa = cpu_isa();
+  // Panels made ahead of the call pay for 2..255 rows; one row is gemv's (measured faster from L3), and from 256
+  // rows panels packed within the call, hot in cache, were faster than the session's (tools/RESULTS.md).
+  const bool use_prepacked =
+      prepacked && m > 1 && m < vnni::kPackedMinRows && prepacked->serves(isa, wq, n, k);
+  g_last_weights.store(use_prepacked ? kWeightsPrepacked
+                       : is_vnni(isa) && m >= vnni::kPackedMinRows ? kWeightsRepacked
+                                                                   : kWeightsAsGiven,
+                       std::memory_order_relaxed);
 #ifdef SQ_X86
   if (m == 1 && isa != CpuIsa::kScalar) return gemv(isa, xq, wq, n, k, pf, epilogue);
 #endif
@@ -374,8 +385,10 @@ void tiled_gemm(const int8_t* xq, const int8_t* wq, int64_t m, int64_t n, int64_
     });
   };
 #ifdef SQ_X86
-  if (is_vnni(isa) && m >= vnni::kPackedMinRows) {
-    const vnni::PackedW packed = vnni::pack_weights(isa, wq, n, k, pf);
+  // Panels of W: made ahead of the call, or here for many rows.
+  if (use_prepacked || (is_vnni(isa) && m >= vnni::kPackedMinRows)) {
+    const vnni::PackedW here = use_prepacked ? vnni::PackedW{} : vnni::pack_weights(isa, wq, n, k, pf);
+    const vnni::PackedW& packed = use_prepacked ? prepacked->w : here;
     const std::vector<uint8_t> xu = vnni::flip_rows(isa, xq, m, k, packed.kp);
     return run_tiles([&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* acc) {
       vnni::gemm_tile_packed(isa, xu.data(), packed, m0, m1, n0, n1, acc, kTileN);
@@ -450,14 +463,18 @@ void dequant_row(bool avx2, const int32_t* acc, float xs, const T* w_scale, cons
 
 template <typename T>
 void int8_matmul_dequant(const int8_t* xq, const T* x_scale, const int8_t* wq, const T* w_scale,
-                         const T* bias, int64_t m, int64_t n, int64_t k, T* y, const ParallelFor& pf) {
+                         const T* bias, int64_t m, int64_t n, int64_t k, T* y, const ParallelFor& pf,
+                         const PrepackedWeights* packed) {
   const bool avx2 = cpu_isa() != CpuIsa::kScalar;
-  tiled_gemm(xq, wq, m, n, k, pf, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, const int32_t* acc, int64_t ld) {
+  auto epilogue = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, const int32_t* acc, int64_t ld) {
     for (int64_t i = m0; i < m1; ++i)
       dequant_row(avx2, acc + (i - m0) * ld, to_float(x_scale[i]), w_scale + n0, bias ? bias + n0 : nullptr, n1 - n0,
                   y + i * n + n0);
-  });
+  };
+  tiled_gemm(xq, wq, m, n, k, pf, epilogue, packed);
 }
+
+int last_gemm_weights() { return g_last_weights.load(std::memory_order_relaxed); }
 
 #define SQ_INSTANTIATE(T)                                                                                   \
   template void quantize_per_token<T>(const T*, const T*, int64_t, int64_t, int8_t*, T*, const ParallelFor&); \
@@ -466,8 +483,13 @@ void int8_matmul_dequant(const int8_t* xq, const T* x_scale, const int8_t* wq, c
   template void layernorm_quant<T>(const T*, const T*, const T*, float, int64_t, int64_t, int8_t*, T*,         \
                                    const ParallelFor&);                                                      \
   template void int8_matmul_dequant<T>(const int8_t*, const T*, const int8_t*, const T*, const T*, int64_t,   \
-                                       int64_t, int64_t, T*, const ParallelFor&);
+                                       int64_t, int64_t, T*, const ParallelFor&, const PrepackedWeights*);
 SQ_INSTANTIATE(float)
 SQ_INSTANTIATE(half_t)
 
 }  // namespace sq
+
+// How the last int8 GEMM took W: 0 as given, 1 repacked in the call, 2 packed at session creation (for tests).
+extern "C" __attribute__((visibility("default"))) int sq_onnx_cpu_last_gemm_weights() {
+  return sq::last_gemm_weights();
+}

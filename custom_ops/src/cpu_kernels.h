@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
 
 namespace sq {
 
@@ -38,10 +39,25 @@ template <typename T>
 void layernorm_quant(const T* x, const T* gamma, const T* beta, float eps, int64_t rows, int64_t k,
                      int8_t* q, T* scale, const ParallelFor& pf);
 
-// Y[m, n] = float(sum_k Xq[m, k] * Wq[n, k]) * x_scale[m] * w_scale[n] (+ bias[n]); Wq is [N, K].
+// Wq [N, K] rearranged once for this CPU's GEMM, for weights that stay the same across calls (an ONNX
+// initializer): the VNNI paths' panels (cpu_gemm_vnni.h), which otherwise only calls of 256 rows or more make
+// for themselves. Used for 2-255 rows. A second copy of W (ONNX Runtime keeps the initializer) for 10-20% off
+// the GEMM in prefills of 32-255 tokens: opt-in, with SQ_ONNX_CPU_PREPACK=1 in the environment.
+struct PrepackedWeights;
+// nullptr unless opted in and this CPU's GEMM has a packed form (VNNI).
+std::shared_ptr<const PrepackedWeights> prepack_weights(const int8_t* wq, int64_t n, int64_t k);
+
+// Y[m, n] = float(sum_k Xq[m, k] * Wq[n, k]) * x_scale[m] * w_scale[n] (+ bias[n]); Wq is [N, K]. `packed`, when
+// made from this very wq (and for the instruction set in use), replaces W's layout; the result is the same.
 template <typename T>
 void int8_matmul_dequant(const int8_t* xq, const T* x_scale, const int8_t* wq, const T* w_scale,
-                         const T* bias, int64_t m, int64_t n, int64_t k, T* y, const ParallelFor& pf);
+                         const T* bias, int64_t m, int64_t n, int64_t k, T* y, const ParallelFor& pf,
+                         const PrepackedWeights* packed = nullptr);
+
+// How the last int8 GEMM in this process took W (for tests): kWeightsAsGiven, kWeightsRepacked (this call),
+// kWeightsPrepacked (ahead of the call).
+constexpr int kWeightsAsGiven = 0, kWeightsRepacked = 1, kWeightsPrepacked = 2;
+int last_gemm_weights();
 
 // The int32 accumulators alone (for tests and the benchmark): acc[m, n] = sum_k Xq[m, k] * Wq[n, k].
 void int8_gemm_s32(const int8_t* xq, const int8_t* wq, int64_t m, int64_t n, int64_t k, int32_t* acc,

@@ -28,12 +28,6 @@ inline void require(bool ok, const std::string& what) {
   if (!ok) throw BadInput(what);
 }
 
-inline int64_t numel(const std::vector<int64_t>& shape) {
-  int64_t n = 1;
-  for (int64_t d : shape) n *= d;
-  return n;
-}
-
 // Common view of one kernel call: typed inputs, shape helpers and output allocation.
 struct Call {
   Ort::KernelContext ctx;
@@ -52,8 +46,9 @@ struct Call {
   std::pair<int64_t, int64_t> rows_k(size_t i, const char* op) const {
     auto s = shape(i);
     require(!s.empty(), std::string(op) + ": input 0 must have rank >= 1");
-    int64_t k = s.back();
-    return {k == 0 ? numel(std::vector<int64_t>(s.begin(), s.end() - 1)) : numel(s) / k, k};
+    int64_t rows = 1;
+    for (size_t d = 0; d + 1 < s.size(); ++d) rows *= s[d];
+    return {rows, s.back()};
   }
   void expect_vector(size_t i, int64_t k, const char* op, const char* name) const {
     if (!has(i)) return;
@@ -161,7 +156,8 @@ struct Int8MatMulDequantKernel {
   static constexpr const char* kInputs = "qTqTT";  // Xq [..., K], x_scale [..., 1], Wq [N, K], w_scale [N], bias
   static constexpr size_t kRequired = 4;
   static constexpr const char* kOutputs = "T";
-  Int8MatMulDequantKernel(const OrtKernelInfo*) {}
+  typename B::GemmWeights weights;  // what the backend makes of a constant Wq once, at session creation
+  explicit Int8MatMulDequantKernel(const OrtKernelInfo* info) : weights(B::gemm_weights(info)) {}
   void Compute(Call& c) {
     auto [m, k] = c.rows_k(0, kName);
     auto ws = c.shape(2);
@@ -172,7 +168,8 @@ struct Int8MatMulDequantKernel {
     require(c.shape(3).size() == 1 && c.shape(3)[0] == n, "Int8MatMulDequant: w_scale must be [N]");
     if (c.has(4)) require(c.shape(4).size() == 1 && c.shape(4)[0] == n, "Int8MatMulDequant: bias must be [N]");
     auto* y = c.out<T>(0, with_last(c.shape(0), n));
-    B::int8_matmul_dequant(c, c.in<int8_t>(0), c.in<T>(1), c.in<int8_t>(2), c.in<T>(3), c.in<T>(4), m, n, k, y);
+    B::int8_matmul_dequant(c, weights, c.in<int8_t>(0), c.in<T>(1), c.in<int8_t>(2), c.in<T>(3), c.in<T>(4), m, n, k,
+                           y);
   }
 };
 

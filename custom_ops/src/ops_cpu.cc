@@ -1,6 +1,8 @@
 // CPU backend of the sq_onnx ops: the reference kernels of cpu_kernels.cc, run on ORT's intra-op threads.
 #include "ops_cpu.h"
 
+#include <memory>
+
 #include "ops_common.h"
 
 namespace sq {
@@ -32,10 +34,25 @@ struct CpuBackend {
                               int8_t* q, T* s) {
     sq::layernorm_quant(x, g, b, eps, rows, k, q, s, ort_parallel_for(c));
   }
+  // A constant Wq (an initializer) is packed once for this CPU's GEMM; nullptr otherwise (see prepack_weights).
+  using GemmWeights = std::shared_ptr<const PrepackedWeights>;
+  static GemmWeights gemm_weights(const OrtKernelInfo* info) {
+    try {
+      int is_constant = 0;
+      Ort::ConstValue w = Ort::ConstKernelInfo(info).GetTensorConstantInput(2, &is_constant);
+      if (!is_constant || !w) return nullptr;
+      auto type = w.GetTensorTypeAndShapeInfo();
+      auto shape = type.GetShape();
+      if (type.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 || shape.size() != 2) return nullptr;
+      return prepack_weights(w.GetTensorData<int8_t>(), shape[0], shape[1]);
+    } catch (const std::exception&) {
+      return nullptr;  // an optimisation only: the call then takes W as it comes
+    }
+  }
   template <typename T>
-  static void int8_matmul_dequant(Call& c, const int8_t* xq, const T* xs, const int8_t* wq, const T* ws,
-                                  const T* bias, int64_t m, int64_t n, int64_t k, T* y) {
-    sq::int8_matmul_dequant(xq, xs, wq, ws, bias, m, n, k, y, ort_parallel_for(c));
+  static void int8_matmul_dequant(Call& c, const GemmWeights& packed, const int8_t* xq, const T* xs,
+                                  const int8_t* wq, const T* ws, const T* bias, int64_t m, int64_t n, int64_t k, T* y) {
+    sq::int8_matmul_dequant(xq, xs, wq, ws, bias, m, n, k, y, ort_parallel_for(c), packed.get());
   }
 };
 

@@ -28,9 +28,11 @@ struct CudaBackend {
                               int8_t* q, T* s) {
     cuda::layernorm_quant(x, g, b, eps, rows, k, q, s, compute_stream(c));
   }
+  struct GemmWeights {};  // W is read as it is
+  static GemmWeights gemm_weights(const OrtKernelInfo*) { return {}; }
   template <typename T>
-  static void int8_matmul_dequant(Call& c, const int8_t* xq, const T* xs, const int8_t* wq, const T* ws,
-                                  const T* bias, int64_t m, int64_t n, int64_t k, T* y) {
+  static void int8_matmul_dequant(Call& c, const GemmWeights&, const int8_t* xq, const T* xs, const int8_t* wq,
+                                  const T* ws, const T* bias, int64_t m, int64_t n, int64_t k, T* y) {
     cuda::int8_matmul_dequant(xq, xs, wq, ws, bias, m, n, k, y, compute_stream(c));
   }
 };
