@@ -8,7 +8,9 @@ copies larger than twice the L2 cache.
    and, where the library has it and the GPU is sm_90, the CUTLASS Hopper kernel (speed-up and floor use the
    faster), against torch fp16 matmul (cuBLAS) and torch._int_mm (cuBLASLt int8 -> int32, no epilogue), with the floors: the memory floor
    (bytes moved at the measured copy bandwidth) and the compute floor (2MNK at the int8 dense peak given).
-2. fused RMSNorm + per-token quantization against the same done in torch eager ops, and its memory floor.
+2. fused RMSNorm + per-token quantization against the same done in torch eager ops, and its memory floor;
+   K = 65536 (256 KB of float32 row, more than any GPU's shared memory) times the kernel that reads the row
+   again on each pass instead of keeping it in shared memory.
 
     python tools/bench_cuda_kernels.py [--peak-tops 1979] [--iters 50]
 """
@@ -176,7 +178,7 @@ def norm_table(lib, iters: int, bandwidth: float) -> Table:
     t = Table(title="fused RMSNorm + per-token int8 quantization (fp16 in)")
     for col in ("rows", "K", "sq fused us", "torch eager us", "speed-up", "floor us", "of floor"):
         t.add_column(col, justify="right")
-    for k in (4096, 11008):
+    for k in (4096, 11008, 65536):
         for rows in ROWS:
             ms_ours, ms_eager = norm_times(lib, rows, k, iters)
             floor_ms = (rows * k * 3 + 2 * k + 2 * rows) / bandwidth * 1e3
