@@ -91,9 +91,10 @@ def cpu_isa_control() -> ctypes.CDLL:
     return lib
 
 
-# sq_onnx_cpu_last_gemm_weights answers (custom_ops/src/cpu_kernels.h): W read as given, repacked within the
-# call (VNNI, many rows), or packed once when the session was made (VNNI, W an initializer).
-WEIGHTS_AS_GIVEN, WEIGHTS_REPACKED, WEIGHTS_PREPACKED = 0, 1, 2
+# sq_onnx_cpu_last_gemm_weights answers (custom_ops/src/cpu_kernels.h): W read as given, repacked whole within
+# the call (VNNI, many rows), packed once when the session was made (VNNI, W an initializer, opt-in), or packed
+# a block of columns at a time within the call (VNNI, tens of rows).
+WEIGHTS_AS_GIVEN, WEIGHTS_REPACKED, WEIGHTS_PREPACKED, WEIGHTS_PACKED_BY_BLOCK = 0, 1, 2, 3
 
 
 # sq_onnx_cuda_select_gemm paths and sq_onnx_cuda_last_gemm_kernel answers (custom_ops/src/cuda_kernels.h).

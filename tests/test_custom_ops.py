@@ -50,6 +50,8 @@ GEMM_SHAPES = [
     (6, 70, 529),
     (1, 71, 529),
     (128, 64, 48),
+    (64, 520, 67),  # from 64 rows W is packed a block of 64 columns at a time: 9 blocks, odd K
+    (100, 600, 36),
     (255, 130, 575),  # the most rows prepacked W serves
     (256, 33, 7),  # from 256 rows the VNNI paths repack W: K and N not whole groups or panels
     (270, 130, 575),
@@ -86,7 +88,24 @@ def test_cpu_isa_comes_from_the_environment(asked):
 
 
 VNNI = {custom_ops.CPU_ISAS.index("avxvnni"), custom_ops.CPU_ISAS.index("avx512vnni")}
-PACKED_MIN_ROWS = 256  # vnni::kPackedMinRows: from here the call packs W itself; prepacked W serves 2..255 rows
+# vnni::kBlockPackMinRows and kPackedMinRows: from 64 rows the VNNI paths pack W within the call, a block of
+# columns at a time, from 256 all of it at once; prepacked W (opt-in) serves 2..255 rows.
+BLOCK_PACK_MIN_ROWS, PACKED_MIN_ROWS = 64, 256
+
+
+def expected_weights_path(m: int, w_is_constant: bool, isa: int) -> int:
+    """How the GEMM should take W (custom_ops.WEIGHTS_*) with SQ_ONNX_CPU_PREPACK=1."""
+    if isa not in VNNI:
+        return custom_ops.WEIGHTS_AS_GIVEN
+    if w_is_constant and 1 < m < PACKED_MIN_ROWS:
+        return custom_ops.WEIGHTS_PREPACKED
+    if m >= PACKED_MIN_ROWS:
+        return custom_ops.WEIGHTS_REPACKED
+    if m >= BLOCK_PACK_MIN_ROWS:
+        return custom_ops.WEIGHTS_PACKED_BY_BLOCK
+    return custom_ops.WEIGHTS_AS_GIVEN
+
+
 # Wq as a graph input (read as given, or repacked in the call for many rows), or as an initializer (as in a
 # converted model) with SQ_ONNX_CPU_PREPACK=1: on VNNI, packed once when the session is made.
 W_SOURCES = {"W input": frozenset(), "W prepacked": frozenset({"wq"})}
@@ -94,15 +113,14 @@ W_SOURCES = {"W input": frozenset(), "W prepacked": frozenset({"wq"})}
 
 @pytest.fixture
 def prepack_constants(monkeypatch):
-    """Opts in to prepacking (read when a session is made); returns the check that it served exactly when it
-    should, so the prepacked path cannot pass these tests by never running."""
+    """Opts in to prepacking (read when a session is made); returns the check that the GEMM took W the way
+    it should have, so no path passes these tests by never running."""
     monkeypatch.setenv("SQ_ONNX_CPU_PREPACK", "1")
 
     def check(m: int, constants: frozenset[str], isa: int) -> None:
         if m > 0:
             taken = custom_ops.cpu_isa_control().sq_onnx_cpu_last_gemm_weights()
-            expected = "wq" in constants and isa in VNNI and 1 < m < PACKED_MIN_ROWS
-            assert (taken == custom_ops.WEIGHTS_PREPACKED) == expected
+            assert taken == expected_weights_path(m, "wq" in constants, isa)
 
     return check
 

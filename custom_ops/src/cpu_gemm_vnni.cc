@@ -186,6 +186,31 @@ void gemm_tile_packed(CpuIsa isa, const uint8_t* xu, const PackedW& w, int64_t m
 #endif
 }
 
+void pack_block(CpuIsa isa, const int8_t* wq, int64_t n, int64_t k, int64_t kp, int64_t n0, int8_t* block,
+                int32_t* comp) {
+  const int64_t panel_cols = isa == CpuIsa::kAvx512Vnni ? 16 : 8, panel_bytes = kp * panel_cols;
+  const int64_t cols = std::min(kMaxTileCols, n - n0);
+  for (int64_t p = 0; p * panel_cols < cols; ++p) {
+    int8_t* dst = block + p * panel_bytes;
+    int32_t* c = comp + p * panel_cols;
+    if (isa == CpuIsa::kAvx512Vnni) {
+      avx512vnni::pack_panel(wq, n, k, kp, n0 + p * panel_cols, dst, c);
+    } else {
+#ifdef SQ_HAVE_AVXVNNI
+      avxvnni::pack_panel(wq, n, k, kp, n0 + p * panel_cols, dst, c);
+#endif
+    }
+  }
+}
+
+void gemm_block_packed(CpuIsa isa, const uint8_t* xu, int64_t kp, const int8_t* block, const int32_t* comp, int64_t m0,
+                       int64_t m1, int64_t cols, int32_t* acc, int64_t ldo) {
+  if (isa == CpuIsa::kAvx512Vnni) return avx512vnni::tile_packed(xu, kp, block, comp, m0, m1, 0, cols, acc, ldo);
+#ifdef SQ_HAVE_AVXVNNI
+  avxvnni::tile_packed(xu, kp, block, comp, m0, m1, 0, cols, acc, ldo);
+#endif
+}
+
 }  // namespace vnni
 
 std::shared_ptr<const PrepackedWeights> prepack_weights(const int8_t* wq, int64_t n, int64_t k) {
@@ -208,6 +233,9 @@ void gemv_block(CpuIsa, const uint8_t*, const int8_t*, const int8_t*, int64_t, i
 PackedW pack_weights(CpuIsa, const int8_t*, int64_t, int64_t, const ParallelFor&) { return {}; }
 std::vector<uint8_t> flip_rows(CpuIsa, const int8_t*, int64_t, int64_t, int64_t) { return {}; }
 void gemm_tile_packed(CpuIsa, const uint8_t*, const PackedW&, int64_t, int64_t, int64_t, int64_t, int32_t*, int64_t) {}
+void pack_block(CpuIsa, const int8_t*, int64_t, int64_t, int64_t, int64_t, int8_t*, int32_t*) {}
+void gemm_block_packed(CpuIsa, const uint8_t*, int64_t, const int8_t*, const int32_t*, int64_t, int64_t, int64_t,
+                       int32_t*, int64_t) {}
 }  // namespace vnni
 std::shared_ptr<const PrepackedWeights> prepack_weights(const int8_t*, int64_t, int64_t) { return nullptr; }
 }  // namespace sq

@@ -47,6 +47,19 @@ std::vector<uint8_t> flip_rows(CpuIsa isa, const int8_t* xq, int64_t m, int64_t 
 void gemm_tile_packed(CpuIsa isa, const uint8_t* xu, const PackedW& w, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                       int32_t* acc, int64_t ldo);
 
+// Fewer rows: one block of kMaxTileCols columns at a time, packed just before its rows use it (in cache, into a
+// buffer the caller reuses), so W is read once and nothing the size of W is written. From kBlockPackMinRows rows
+// the packed loop repays the packing; below, gemm_tile is faster.
+constexpr int64_t kBlockPackMinRows = 64;
+constexpr int64_t block_bytes(int64_t kp) { return kp * kMaxTileCols; }
+// Columns [n0, min(n, n0 + kMaxTileCols)) of W, n0 a multiple of kMaxTileCols, laid out as pack_weights lays out
+// its panels: block (block_bytes(kp) bytes), comp (kMaxTileCols).
+void pack_block(CpuIsa isa, const int8_t* wq, int64_t n, int64_t k, int64_t kp, int64_t n0, int8_t* block,
+                int32_t* comp);
+// acc[(m - m0) * ldo + c] for rows [m0, m1) and the block's columns c < cols (whole panels are written).
+void gemm_block_packed(CpuIsa isa, const uint8_t* xu, int64_t kp, const int8_t* block, const int32_t* comp, int64_t m0,
+                       int64_t m1, int64_t cols, int32_t* acc, int64_t ldo);
+
 }  // namespace vnni
 using vnni::is_vnni;
 

@@ -340,6 +340,36 @@ void micro_rows(bool avx2, int64_t mr, const int8_t* x, const int8_t* w, int64_t
 
 std::atomic<int> g_last_weights{kWeightsAsGiven};
 
+#ifdef SQ_X86
+// The VNNI GEMM for kBlockPackMinRows..kPackedMinRows rows: a task per block of kTileN columns (and, when there
+// are few blocks, per kTileM rows too, so every thread has work) packs its block into a per-thread buffer, then
+// runs its rows against it.
+template <typename Epilogue>
+void block_packed_gemm(CpuIsa isa, const int8_t* xq, const int8_t* wq, int64_t m, int64_t n, int64_t k,
+                       const ParallelFor& pf, Epilogue& epilogue) {
+  static_assert(kTileN == vnni::kMaxTileCols, "a block is one tile of columns");
+  const int64_t kp = (k + 3) / 4 * 4;
+  const std::vector<uint8_t> xu = vnni::flip_rows(isa, xq, m, k, kp);
+  const int64_t tn = (n + kTileN - 1) / kTileN;
+  const int64_t chunk = tn < 8 ? kTileM : m, tm = (m + chunk - 1) / chunk;
+  pf(static_cast<size_t>(tm * tn), [&](size_t t) {
+    const int64_t bn = static_cast<int64_t>(t) % tn, bm = static_cast<int64_t>(t) / tn;
+    const int64_t n0 = bn * kTileN, n1 = std::min(n, n0 + kTileN);
+    thread_local std::vector<int8_t> block;
+    thread_local std::vector<int32_t> comp;
+    block.resize(static_cast<size_t>(vnni::block_bytes(kp)));
+    comp.resize(static_cast<size_t>(kTileN));
+    vnni::pack_block(isa, wq, n, k, kp, n0, block.data(), comp.data());
+    std::vector<int32_t> acc(static_cast<size_t>(kTileM * kTileN));
+    for (int64_t m0 = bm * chunk; m0 < std::min(m, (bm + 1) * chunk); m0 += kTileM) {
+      const int64_t m1 = std::min(m, m0 + kTileM);
+      vnni::gemm_block_packed(isa, xu.data(), kp, block.data(), comp.data(), m0, m1, n1 - n0, acc.data(), kTileN);
+      epilogue(m0, m1, n0, n1, acc.data(), kTileN);
+    }
+  });
+}
+#endif
+
 // One output tile [m0, m1) x [n0, n1): int32 accumulators into acc (row stride ldo).
 void gemm_tile(CpuIsa isa, const int8_t* xq, const int8_t* wq, int64_t k, int64_t m0, int64_t m1, int64_t n0,
                int64_t n1, int32_t* acc, int64_t ldo) {
@@ -365,9 +395,11 @@ void tiled_gemm(const int8_t* xq, const int8_t* wq, int64_t m, int64_t n, int64_
   // rows panels packed within the call, hot in cache, were faster than the session's (tools/RESULTS.md).
   const bool use_prepacked =
       prepacked && m > 1 && m < vnni::kPackedMinRows && prepacked->serves(isa, wq, n, k);
-  g_last_weights.store(use_prepacked ? kWeightsPrepacked
-                       : is_vnni(isa) && m >= vnni::kPackedMinRows ? kWeightsRepacked
-                                                                   : kWeightsAsGiven,
+  g_last_weights.store(use_prepacked                                  ? kWeightsPrepacked
+                       : !is_vnni(isa)                                  ? kWeightsAsGiven
+                       : m >= vnni::kPackedMinRows                      ? kWeightsRepacked
+                       : m >= vnni::kBlockPackMinRows                   ? kWeightsPackedByBlock
+                                                                        : kWeightsAsGiven,
                        std::memory_order_relaxed);
 #ifdef SQ_X86
   if (m == 1 && isa != CpuIsa::kScalar) return gemv(isa, xq, wq, n, k, pf, epilogue);
@@ -394,6 +426,7 @@ void tiled_gemm(const int8_t* xq, const int8_t* wq, int64_t m, int64_t n, int64_
       vnni::gemm_tile_packed(isa, xu.data(), packed, m0, m1, n0, n1, acc, kTileN);
     });
   }
+  if (is_vnni(isa) && m >= vnni::kBlockPackMinRows) return block_packed_gemm(isa, xq, wq, m, n, k, pf, epilogue);
 #endif
   run_tiles([&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, int32_t* acc) {
     gemm_tile(isa, xq, wq, k, m0, m1, n0, n1, acc, kTileN);

@@ -54,9 +54,9 @@ void int8_matmul_dequant(const int8_t* xq, const T* x_scale, const int8_t* wq, c
                          const T* bias, int64_t m, int64_t n, int64_t k, T* y, const ParallelFor& pf,
                          const PrepackedWeights* packed = nullptr);
 
-// How the last int8 GEMM in this process took W (for tests): kWeightsAsGiven, kWeightsRepacked (this call),
-// kWeightsPrepacked (ahead of the call).
-constexpr int kWeightsAsGiven = 0, kWeightsRepacked = 1, kWeightsPrepacked = 2;
+// How the last int8 GEMM in this process took W (for tests): kWeightsAsGiven, kWeightsRepacked (all of it, in
+// the call), kWeightsPrepacked (ahead of the call), kWeightsPackedByBlock (in the call, a block of columns at a time).
+constexpr int kWeightsAsGiven = 0, kWeightsRepacked = 1, kWeightsPrepacked = 2, kWeightsPackedByBlock = 3;
 int last_gemm_weights();
 
 // The int32 accumulators alone (for tests and the benchmark): acc[m, n] = sum_k Xq[m, k] * Wq[n, k].
