@@ -40,9 +40,9 @@ void layernorm_quant(const T* x, const T* gamma, const T* beta, float eps, int64
                      int8_t* q, T* scale, const ParallelFor& pf);
 
 // Wq [N, K] rearranged once for this CPU's GEMM, for weights that stay the same across calls (an ONNX
-// initializer): the VNNI paths' panels (cpu_gemm_vnni.h), which otherwise only calls of 256 rows or more make
-// for themselves. Used for 2-255 rows. A second copy of W (ONNX Runtime keeps the initializer) for 10-20% off
-// the GEMM in prefills of 32-255 tokens: opt-in, with SQ_ONNX_CPU_PREPACK=1 in the environment.
+// initializer): the VNNI paths' panels (cpu_gemm_vnni.h), which calls of 64 rows or more otherwise pack for
+// themselves and calls of fewer rows do without. Used for 2-255 rows. A second copy of W (ONNX Runtime keeps the
+// initializer) for about 10% of a 32-token prefill (tools/RESULTS.md): opt-in, SQ_ONNX_CPU_PREPACK=1.
 struct PrepackedWeights;
 // nullptr unless opted in and this CPU's GEMM has a packed form (VNNI).
 std::shared_ptr<const PrepackedWeights> prepack_weights(const int8_t* wq, int64_t n, int64_t k);
