@@ -50,7 +50,7 @@ GEMM_SHAPES = [
     (6, 70, 529),
     (1, 71, 529),
     (128, 64, 48),
-    (64, 520, 67),  # from 64 rows W is packed a block of 64 columns at a time: 9 blocks, odd K
+    (48, 520, 67),  # from 48 rows W is packed a block of 64 columns at a time: 9 blocks, odd K
     (100, 600, 36),
     (255, 130, 575),  # the most rows prepacked W serves
     (256, 33, 7),  # from 256 rows the VNNI paths repack W: K and N not whole groups or panels
@@ -88,9 +88,9 @@ def test_cpu_isa_comes_from_the_environment(asked):
 
 
 VNNI = {custom_ops.CPU_ISAS.index("avxvnni"), custom_ops.CPU_ISAS.index("avx512vnni")}
-# vnni::kBlockPackMinRows and kPackedMinRows: from 64 rows the VNNI paths pack W within the call, a block of
+# vnni::kBlockPackMinRows and kPackedMinRows: from 48 rows the VNNI paths pack W within the call, a block of
 # columns at a time, from 256 all of it at once; prepacked W (opt-in) serves 2..255 rows.
-BLOCK_PACK_MIN_ROWS, PACKED_MIN_ROWS = 64, 256
+BLOCK_PACK_MIN_ROWS, PACKED_MIN_ROWS = 48, 256
 
 
 def expected_weights_path(m: int, w_is_constant: bool, isa: int) -> int:

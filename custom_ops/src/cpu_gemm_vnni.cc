@@ -100,8 +100,28 @@ struct Vec {
   SQ_V V bytes(char c) { return _mm256_set1_epi8(c); }
   SQ_V V xor_(V a, V b) { return _mm256_xor_si256(a, b); }
   SQ_V V sub32(V a, V b) { return _mm256_sub_epi32(a, b); }
-  static constexpr bool kTransposes = false;  // packs by 4-byte copies
-  static void transpose_block(const int8_t*, int64_t, int8_t*) {}
+  // 8 rows of 32 bytes (row stride ld) to 8 vectors of one 4-byte group from each row: an 8 x 8 transpose of
+  // int32 (32-bit and 64-bit interleaves within 128-bit lanes, then the lanes exchanged). One core, 1536 x 576:
+  // packing from memory 113 -> 42 us, against 4-byte copies.
+  static constexpr bool kTransposes = true;
+  SQ_V void transpose_block(const int8_t* src, int64_t ld, int8_t* dst) {
+    V r[8], t[8];
+    for (int i = 0; i < 8; ++i) r[i] = load(src + i * ld);
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+      t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int h = 0; h < 2; ++h) {  // rows 4h..4h+3: u[4h + j] holds groups j (low lane) and j + 4 (high lane)
+      r[4 * h] = _mm256_unpacklo_epi64(t[4 * h], t[4 * h + 2]);
+      r[4 * h + 1] = _mm256_unpackhi_epi64(t[4 * h], t[4 * h + 2]);
+      r[4 * h + 2] = _mm256_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
+      r[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
+    }
+    for (int j = 0; j < 4; ++j) {
+      store(dst + j * 32, _mm256_permute2x128_si256(r[j], r[4 + j], 0x20));
+      store(dst + (j + 4) * 32, _mm256_permute2x128_si256(r[j], r[4 + j], 0x31));
+    }
+  }
   SQ_V V broadcast4(const void* p) {
     int32_t v;
     std::memcpy(&v, p, 4);

@@ -51,7 +51,7 @@ void gemm_tile_packed(CpuIsa isa, const uint8_t* xu, const PackedW& w, int64_t m
 // Fewer rows: one block of kMaxTileCols columns at a time, packed just before its rows use it (in cache, into a
 // buffer the caller reuses), so W is read once and nothing the size of W is written. From kBlockPackMinRows rows
 // the packed loop repays the packing; below, gemm_tile is faster.
-constexpr int64_t kBlockPackMinRows = 64;
+constexpr int64_t kBlockPackMinRows = 48;
 constexpr int64_t block_bytes(int64_t kp) { return kp * kMaxTileCols; }
 // Columns [n0, min(n, n0 + kMaxTileCols)) of W, n0 a multiple of kMaxTileCols, laid out as pack_weights lays out
 // its panels: block (block_bytes(kp) bytes), comp (kMaxTileCols).
