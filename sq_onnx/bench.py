@@ -35,6 +35,7 @@ class BenchResult:
     decode_context: int = 0
     peak_rss_mb: float = 0.0
     size_mb: float = 0.0
+    cpu_kernels: str | None = None  # the sq_onnx CPU kernels' instruction set, for models that use them
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,6 +51,14 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _cpu_kernels(model, provider: str) -> str | None:
+    from sq_onnx import custom_ops
+
+    if provider != "cpu" or custom_ops.DOMAIN not in model.opset_imports or not custom_ops.available():
+        return None
+    return custom_ops.cpu_kernels_description()
+
+
 def bench(
     model_path: str | os.PathLike,
     prompt_lengths: tuple[int, ...] = (32, 128, 512),
@@ -61,7 +70,8 @@ def bench(
     path = Path(model_path)
     if provider not in PROVIDERS:
         raise SqOnnxError(f"--provider must be cpu or cuda, got {provider!r}.")
-    specs = input_specs(load_model(path))
+    model = load_model(path)
+    specs = input_specs(model)
     if not is_language_model(specs):
         raise SqOnnxError("bench needs a language model with an input_ids input.")
     start = time.perf_counter()
@@ -82,6 +92,7 @@ def bench(
         threads=threads,
         load_s=round(load_s, 3),
         size_mb=round((path.stat().st_size + (data.stat().st_size if data.exists() else 0)) / 1e6, 1),
+        cpu_kernels=_cpu_kernels(model, provider),
     )
     for length in prompt_lengths:
         ids = rng.integers(0, hi, (1, length), dtype=np.int64)

@@ -91,6 +91,14 @@ def cpu_isa_control() -> ctypes.CDLL:
     return lib
 
 
+def cpu_kernels_description() -> str:
+    """What the CPU kernels run with in this process, for benchmark reports: the int8 GEMM's instruction set
+    (after SQ_ONNX_CPU_ISA) and whether weights are packed at session creation (SQ_ONNX_CPU_PREPACK=1)."""
+    isa = CPU_ISAS[cpu_isa_control().sq_onnx_cpu_isa()]
+    prepack = os.environ.get("SQ_ONNX_CPU_PREPACK") == "1" and isa in ("avxvnni", "avx512vnni")
+    return isa + (", weights prepacked" if prepack else "")
+
+
 # sq_onnx_cpu_last_gemm_weights answers (custom_ops/src/cpu_kernels.h): W read as given, repacked whole within
 # the call (VNNI, many rows), packed once when the session was made (VNNI, W an initializer, opt-in), or packed
 # a block of columns at a time within the call (VNNI, tens of rows).

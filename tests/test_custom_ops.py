@@ -403,3 +403,18 @@ def test_float16_model_on_the_kernels(llama_dir, tmp_path, calib_ids):
     stock_error = rel_error(fp32, stock.astype(np.float32))
     assert rel_error(fp32, fused.astype(np.float32)) < 1.5 * stock_error
     assert rel_error(stock.astype(np.float32), fused.astype(np.float32)) < stock_error
+
+
+def test_bench_names_the_cpu_kernels(llama_dir, tmp_path, calib_ids, monkeypatch):
+    """`sq-onnx bench` says which instruction set (and whether prepacked weights) a model on the kernels ran
+    with, and nothing for a model without them."""
+    from sq_onnx.bench import bench
+
+    out = tmp_path / "kernels.onnx"
+    recipe = Recipe(scheme="w8a8", samples=4, kernels="sq_onnx")
+    convert(llama_dir / "model.onnx", out, recipe, calibration=calib_ids)
+    monkeypatch.setenv("SQ_ONNX_CPU_PREPACK", "1")
+    isa = custom_ops.cpu_isa_control().sq_onnx_cpu_isa()
+    expected = custom_ops.CPU_ISAS[isa] + (", weights prepacked" if isa in VNNI else "")
+    assert bench(out, (8,), decode_tokens=2, repeats=1).cpu_kernels == expected
+    assert bench(llama_dir / "model.onnx", (8,), decode_tokens=2, repeats=1).cpu_kernels is None
