@@ -383,6 +383,7 @@ template <typename T, int kBM, int kBN>
 void launch_mma(const int8_t* xq, const T* xs, const int8_t* wq, const T* ws, const T* bias, int64_t m, int64_t n,
                 int64_t k, T* y, cudaStream_t stream) {
   constexpr int smem = kStages * (kBM + kBN) * kRowBytes;
+  static_assert(smem <= 99 * 1024, "sm_86/sm_89 GPUs (L4, L40S, A10, RTX) run the sm_80 build with 99 KB per block");
   cudaFuncSetAttribute(gemm_mma<T, kBM, kBN>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   // Row tiles go in grid.y (at most 65535): more rows than that many tiles take several launches.
   constexpr int64_t kMaxRows = 65535LL * kBM;
