@@ -343,7 +343,7 @@ std::atomic<int> g_last_weights{kWeightsAsGiven};
 #ifdef SQ_X86
 // The VNNI GEMM for kBlockPackMinRows..kPackedMinRows rows: a task per block of kTileN columns (and, when there
 // are few blocks, per kTileM rows too, so every thread has work) packs its block into a per-thread buffer, then
-// runs its rows against it.
+// runs its rows against it. The buffer (kTileN x K bytes: 704 KB at K = 11008) lives as long as its thread.
 template <typename Epilogue>
 void block_packed_gemm(CpuIsa isa, const int8_t* xq, const int8_t* wq, int64_t m, int64_t n, int64_t k,
                        const ParallelFor& pf, Epilogue& epilogue) {
@@ -395,12 +395,11 @@ void tiled_gemm(const int8_t* xq, const int8_t* wq, int64_t m, int64_t n, int64_
   // rows panels packed within the call, hot in cache, were faster than the session's (tools/RESULTS.md).
   const bool use_prepacked =
       prepacked && m > 1 && m < vnni::kPackedMinRows && prepacked->serves(isa, wq, n, k);
-  g_last_weights.store(use_prepacked                                  ? kWeightsPrepacked
-                       : !is_vnni(isa)                                  ? kWeightsAsGiven
-                       : m >= vnni::kPackedMinRows                      ? kWeightsRepacked
-                       : m >= vnni::kBlockPackMinRows                   ? kWeightsPackedByBlock
-                                                                        : kWeightsAsGiven,
-                       std::memory_order_relaxed);
+  int weights = kWeightsAsGiven;
+  if (use_prepacked) weights = kWeightsPrepacked;
+  else if (is_vnni(isa) && m >= vnni::kPackedMinRows) weights = kWeightsRepacked;
+  else if (is_vnni(isa) && m >= vnni::kBlockPackMinRows) weights = kWeightsPackedByBlock;
+  g_last_weights.store(weights, std::memory_order_relaxed);
 #ifdef SQ_X86
   if (m == 1 && isa != CpuIsa::kScalar) return gemv(isa, xq, wq, n, k, pf, epilogue);
 #endif
@@ -522,7 +521,8 @@ SQ_INSTANTIATE(half_t)
 
 }  // namespace sq
 
-// How the last int8 GEMM took W: 0 as given, 1 repacked in the call, 2 packed at session creation (for tests).
+// How the last int8 GEMM took W (for tests): 0 as given, 1 repacked whole in the call, 2 packed at session
+// creation, 3 packed a block of columns at a time in the call.
 extern "C" __attribute__((visibility("default"))) int sq_onnx_cpu_last_gemm_weights() {
   return sq::last_gemm_weights();
 }
