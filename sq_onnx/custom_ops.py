@@ -105,9 +105,11 @@ def cpu_kernels_description() -> str:
 WEIGHTS_AS_GIVEN, WEIGHTS_REPACKED, WEIGHTS_PREPACKED, WEIGHTS_PACKED_BY_BLOCK = 0, 1, 2, 3
 
 
-# sq_onnx_cuda_select_gemm paths and sq_onnx_cuda_last_gemm_kernel answers (custom_ops/src/cuda_kernels.h).
+# sq_onnx_cuda_select_gemm paths, sq_onnx_cuda_select_few_rows paths (5-16 rows) and
+# sq_onnx_cuda_last_gemm_kernel answers (custom_ops/src/cuda_kernels.h).
 GEMM_MMA, GEMM_SM90 = 1, 2
-SERVED_GENERIC, SERVED_DP4A, SERVED_MMA, SERVED_SM90 = 1, 2, 3, 4
+FEW_ROWS_DP4A, FEW_ROWS_MMA = 1, 2
+SERVED_GENERIC, SERVED_DP4A, SERVED_MMA, SERVED_SM90, SERVED_FEW_ROWS_MMA = 1, 2, 3, 4, 5
 
 
 def cuda_launchers() -> ctypes.CDLL:
@@ -120,6 +122,7 @@ def cuda_launchers() -> ctypes.CDLL:
     lib.sq_onnx_cuda_layernorm_quant.argtypes = [flag, p, p, p, f, i64, i64, p, p, p]
     lib.sq_onnx_cuda_quantize_per_token.argtypes = [flag, p, p, i64, i64, p, p, p]
     lib.sq_onnx_cuda_select_gemm.argtypes = [flag]  # GEMM_*; 0 = taken
+    lib.sq_onnx_cuda_select_few_rows.argtypes = [flag]  # FEW_ROWS_*; 0 = taken
     lib.sq_onnx_cuda_last_gemm_kernel.argtypes = []  # SERVED_*
     lib.sq_onnx_cuda_sm90_accepts.argtypes = [i64, i64, i64]  # 0 yes, 1/2 no, -1 not built
     return lib

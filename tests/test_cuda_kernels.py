@@ -105,6 +105,34 @@ def test_int8_matmul_dequant_more_row_tiles_than_one_launch_takes():
     assert not np.isnan(got).any(), "rows left unwritten"
 
 
+# 5-16 rows on the tensor-core few-rows kernel (opt-in): partial column blocks, K not a whole 64-byte chunk,
+# X rows 8-15 present or not, and LLM widths.
+FEW_ROW_SHAPES = [(5, 33, 48), (16, 32, 16), (9, 40, 80), (12, 70, 1040), (16, 4096, 576), (8, 11008, 4096)]
+
+
+@pytest.mark.parametrize("m,n,k", FEW_ROW_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_few_rows_on_tensor_cores_match_reference(m, n, k, dtype):
+    rng = np.random.default_rng(m * 5 + n + k)
+    xq = rng.integers(-128, 128, (m, k), dtype=np.int8)
+    wq = rng.integers(-128, 128, (n, k), dtype=np.int8)
+    xs = rng.uniform(0.001, 0.02, (m, 1)).astype(dtype)
+    ws = rng.uniform(0.001, 0.02, n).astype(dtype)
+    bias = rng.standard_normal(n).astype(dtype)
+    y = torch.empty((m, n), dtype=torch.float16 if dtype == np.float16 else torch.float32, device="cuda")
+    d = [_dev(a) for a in (xq, xs, wq, ws, bias)]
+    assert LIB.sq_onnx_cuda_select_few_rows(custom_ops.FEW_ROWS_MMA) == 0
+    try:
+        rc = LIB.sq_onnx_cuda_int8_matmul_dequant(
+            int(dtype == np.float16), *(_ptr(t) for t in d), m, n, k, _ptr(y), _stream()
+        )
+        assert rc == 0
+        assert LIB.sq_onnx_cuda_last_gemm_kernel() == custom_ops.SERVED_FEW_ROWS_MMA
+    finally:
+        LIB.sq_onnx_cuda_select_few_rows(custom_ops.FEW_ROWS_DP4A)
+    np.testing.assert_array_equal(_host(y), ref.int8_matmul_dequant(xq, xs, wq, ws, bias))
+
+
 @pytest.mark.parametrize("m,n,k", [(300, 256, 2048), (40, 128, 64)])
 def test_int8_matmul_dequant_without_bias(m, n, k, gemm_path):
     """No bias: the Hopper epilogue reads a null bias as zero."""

@@ -66,6 +66,9 @@ def test_cuda_entry_points_answer_without_a_gpu():
     assert lib.sq_onnx_cuda_select_gemm(2) == 1
     assert lib.sq_onnx_cuda_select_gemm(7) == 1
     assert lib.sq_onnx_cuda_select_gemm(1) == 0
+    assert lib.sq_onnx_cuda_select_few_rows(custom_ops.FEW_ROWS_MMA) == 0  # host-side: taken without a GPU
+    assert lib.sq_onnx_cuda_select_few_rows(7) == 1
+    assert lib.sq_onnx_cuda_select_few_rows(custom_ops.FEW_ROWS_DP4A) == 0
     y = ctypes.create_string_buffer(64)
     rc = lib.sq_onnx_cuda_quantize_per_token(0, None, None, 4, 4, None, y, None)
     assert rc == 1

@@ -4,9 +4,9 @@ with CUDA). Prints two tables:
 Times are per call, from CUDA graphs of 20 calls (no Python launch cost), with weights rotated through
 copies larger than twice the L2 cache.
 
-1. int8 GEMM with the dequantizing epilogue (Int8MatMulDequant, fp16 out), with the default mma.sync kernel
-   and, where the library has it and the GPU is sm_90, the CUTLASS Hopper kernel (speed-up and floor use the
-   faster), against torch fp16 matmul (cuBLAS) and torch._int_mm (cuBLASLt int8 -> int32, no epilogue), with the floors: the memory floor
+1. int8 GEMM with the dequantizing epilogue (Int8MatMulDequant, fp16 out), with the default kernels (dp4a up
+   to 16 rows, mma.sync above), where the library has it and the GPU is sm_90 the CUTLASS Hopper kernel, and
+   for 5-16 rows the opt-in tensor-core few-rows kernel (speed-up and floor use the fastest), against torch fp16 matmul (cuBLAS) and torch._int_mm (cuBLASLt int8 -> int32, no epilogue), with the floors: the memory floor
    (bytes moved at the measured copy bandwidth) and the compute floor (2MNK at the int8 dense peak given).
 2. fused RMSNorm + per-token quantization against the same done in torch eager ops, and its memory floor;
    K = 65536 (256 KB of float32 row, more than any GPU's shared memory) times the kernel that reads the row
@@ -77,9 +77,9 @@ def load_library():
 MMA, SM90 = custom_ops.GEMM_MMA, custom_ops.GEMM_SM90
 
 
-def gemm_times(lib, m: int, wq: list, ws, wh: list, iters: int) -> tuple[float, float, float, float]:
-    """(ours with mma.sync, ours with the CUTLASS Hopper kernel or nan, fp16 cuBLAS, torch._int_mm)
-    milliseconds per call for M = m rows."""
+def gemm_times(lib, m: int, wq: list, ws, wh: list, iters: int) -> tuple[float, float, float, float, float]:
+    """(ours by default, ours with the CUTLASS Hopper kernel or nan, ours with the tensor-core few-rows kernel
+    or nan (5-16 rows), fp16 cuBLAS, torch._int_mm) milliseconds per call for M = m rows."""
     n, k = wq[0].shape
     xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
     xs = torch.rand(m, 1, dtype=torch.float16, device="cuda") * 0.01
@@ -101,12 +101,17 @@ def gemm_times(lib, m: int, wq: list, ws, wh: list, iters: int) -> tuple[float, 
             "the Hopper kernel did not serve this shape"
         )
     lib.sq_onnx_cuda_select_gemm(MMA)
+    ms_few = float("nan")
+    if 4 < m <= 16 and lib.sq_onnx_cuda_select_few_rows(custom_ops.FEW_ROWS_MMA) == 0:
+        ms_few = timed_ms(ours, iters)
+        assert lib.sq_onnx_cuda_last_gemm_kernel() == custom_ops.SERVED_FEW_ROWS_MMA
+        lib.sq_onnx_cuda_select_few_rows(custom_ops.FEW_ROWS_DP4A)
     ms_ours = timed_ms(ours, iters)
     ms_fp16 = timed_ms(lambda i: torch.matmul(xh, wh[i % len(wh)].t()), iters)
     ms_intmm = float("nan")
     if m > 16:  # torch._int_mm needs M > 16
         ms_intmm = timed_ms(lambda i: torch._int_mm(xq, wq[i % len(wq)].t()), iters)
-    return ms_ours, ms_sm90, ms_fp16, ms_intmm
+    return ms_ours, ms_sm90, ms_few, ms_fp16, ms_intmm
 
 
 def gemm_table(lib, iters: int, peak_tops: float, bandwidth: float) -> Table:
@@ -114,8 +119,9 @@ def gemm_table(lib, iters: int, peak_tops: float, bandwidth: float) -> Table:
     for col in (
         "M",
         "K x N",
-        "sq mma.sync us",
+        "sq default us",
         "sq sm90 us",
+        "sq few-rows mma us",
         "TOPS (best)",
         "fp16 cuBLAS us",
         "speed-up",
@@ -132,8 +138,8 @@ def gemm_table(lib, iters: int, peak_tops: float, bandwidth: float) -> Table:
         ws = torch.rand(n, dtype=torch.float16, device="cuda") * 0.01
         wh = [torch.randn(n, k, dtype=torch.float16, device="cuda") for _ in range(copies_past_l2(2 * n * k))]
         for m in ROWS:
-            ms_mma, ms_sm90, ms_fp16, ms_intmm = gemm_times(lib, m, wq, ws, wh, iters)
-            ms_ours = min(ms_mma, ms_sm90) if ms_sm90 == ms_sm90 else ms_mma
+            ms_mma, ms_sm90, ms_few, ms_fp16, ms_intmm = gemm_times(lib, m, wq, ws, wh, iters)
+            ms_ours = min(t for t in (ms_mma, ms_sm90, ms_few) if t == t)  # nan != nan: paths not run
             bytes_moved = m * k + n * k + 2 * m * n + 2 * (m + n)
             floor_ms = max(bytes_moved / bandwidth, 2 * m * n * k / (peak_tops * 1e12)) * 1e3
             t.add_row(
@@ -141,6 +147,7 @@ def gemm_table(lib, iters: int, peak_tops: float, bandwidth: float) -> Table:
                 f"{k} x {n}",
                 f"{ms_mma * 1e3:.1f}",
                 f"{ms_sm90 * 1e3:.1f}",
+                f"{ms_few * 1e3:.1f}",
                 f"{2 * m * n * k / ms_ours / 1e9:.0f}",
                 f"{ms_fp16 * 1e3:.1f}",
                 f"{ms_fp16 / ms_ours:.2f}x",

@@ -47,7 +47,7 @@ cat "$out/device.txt"
 step tests "$py" -m pytest -p no:cacheprovider -rs tests/test_cuda_kernels.py tests/test_library_build.py \
   tests/test_ort_cuda_session.py
 step memcheck compute-sanitizer --tool memcheck --error-exitcode 3 "$py" -m pytest -p no:cacheprovider \
-  tests/test_cuda_kernels.py -k "matmul_dequant or norm_quant"
+  tests/test_cuda_kernels.py -k "matmul_dequant or norm_quant or few_rows"
 step bench "$py" tools/bench_cuda_kernels.py --iters "$iters"
 step resources cuobjdump --dump-resource-usage "$SQ_ONNX_OPS_LIB"
 exit "$status"

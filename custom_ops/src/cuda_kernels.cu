@@ -379,6 +379,85 @@ __global__ void __launch_bounds__(kThreads) gemm_mma(const int8_t* xq, const T* 
   }
 }
 
+// Few rows (5-16) on tensor cores, opt-in (select_few_rows): Y^T = W X^T, so W's rows fill the 16-row side of
+// m16n8k32 and the (at most 16) rows of X its 8-column side, twice. Each warp takes 32 columns of W and every
+// kFewWarps-th 64-byte chunk of K (split-K within the block, summed through shared memory at the end); W is
+// read once, in whole 16-byte loads. A lane loads the 16 bytes at K offset tig * 16 of its chunk and feeds
+// them to two k32 steps as (bytes 0-3, 4-7) and (8-11, 12-15): a permutation of K, the same for W and X, so
+// the sums are the same. Needs K % 16 == 0 and 16-byte aligned rows (rows past M or N and K past its end
+// read as zeros).
+constexpr int kFewWarps = 8, kFewCols = 32;
+template <typename T>
+__global__ void __launch_bounds__(kFewWarps * 32) gemm_few_rows_mma(const int8_t* xq, const T* xs, const int8_t* wq,
+                                                                    const T* ws, const T* bias, int64_t m, int64_t n,
+                                                                    int64_t k, T* y) {
+  __shared__ int32_t partial[kFewWarps][32][16];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kFewCols;
+  int32_t acc[2][2][4] = {};  // [16 columns of W][8 rows of X][fragment]
+  const int4 zero = make_int4(0, 0, 0, 0);
+  const int64_t chunks = (k + 63) / 64;
+#pragma unroll 2  // the next chunk's loads in flight during this one's mma
+  for (int64_t c = warp; c < chunks; c += kFewWarps) {
+    const int64_t kb = c * 64 + tig * 16;
+    const bool in_k = kb < k;  // K % 16 == 0: a 16-byte piece is all in or all out
+    int4 wv[2][2], xv[2];
+#pragma unroll
+    for (int t = 0; t < 2; ++t)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t col = n0 + t * 16 + h * 8 + gid;
+        wv[t][h] = in_k && col < n ? __ldg(reinterpret_cast<const int4*>(wq + col * k + kb)) : zero;
+      }
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int64_t row = u * 8 + gid;
+      xv[u] = in_k && row < m ? __ldg(reinterpret_cast<const int4*>(xq + row * k + kb)) : zero;
+    }
+#pragma unroll
+    for (int step = 0; step < 2; ++step) {
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        // a0: W column gid, a1: column gid + 8 (K slots tig*4..); a2, a3: the same columns, slots 16 + tig*4..
+        uint32_t a[4];
+        a[0] = static_cast<uint32_t>(step == 0 ? wv[t][0].x : wv[t][0].z);
+        a[1] = static_cast<uint32_t>(step == 0 ? wv[t][1].x : wv[t][1].z);
+        a[2] = static_cast<uint32_t>(step == 0 ? wv[t][0].y : wv[t][0].w);
+        a[3] = static_cast<uint32_t>(step == 0 ? wv[t][1].y : wv[t][1].w);
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const uint32_t b0 = static_cast<uint32_t>(step == 0 ? xv[u].x : xv[u].z);
+          const uint32_t b1 = static_cast<uint32_t>(step == 0 ? xv[u].y : xv[u].w);
+          mma_s8(acc[t][u], a, b0, b1);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < 2; ++t)
+#pragma unroll
+    for (int u = 0; u < 2; ++u)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) partial[warp][lane][(t * 2 + u) * 4 + r] = acc[t][u][r];
+  __syncthreads();
+  if (warp != 0) return;
+#pragma unroll
+  for (int t = 0; t < 2; ++t)
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      int32_t sum[4] = {0, 0, 0, 0};
+      for (int w = 0; w < kFewWarps; ++w)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) sum[r] += partial[w][lane][(t * 2 + u) * 4 + r];
+      // c0, c1: W column gid, X rows tig * 2 and + 1; c2, c3: column gid + 8.
+      const int64_t col = n0 + t * 16 + gid, row = u * 8 + tig * 2;
+      epilogue_store(y, xs, ws, bias, m, n, row, col, sum[0]);
+      epilogue_store(y, xs, ws, bias, m, n, row + 1, col, sum[1]);
+      epilogue_store(y, xs, ws, bias, m, n, row, col + 8, sum[2]);
+      epilogue_store(y, xs, ws, bias, m, n, row + 1, col + 8, sum[3]);
+    }
+}
+
 template <typename T, int kBM, int kBN>
 void launch_mma(const int8_t* xq, const T* xs, const int8_t* wq, const T* ws, const T* bias, int64_t m, int64_t n,
                 int64_t k, T* y, cudaStream_t stream) {
@@ -425,6 +504,19 @@ std::atomic<int> g_gemm_path{-1};
   return p;
 }
 
+// The GEMM for 5-16 rows: dp4a (the measured default) or the tensor-core kernel gemm_few_rows_mma, opt-in
+// (SQ_ONNX_CUDA_FEW_ROWS=mma or sq_onnx_cuda_select_few_rows) until it has been checked and timed on a GPU.
+std::atomic<int> g_few_rows_path{-1};
+int few_rows_path() {
+  int p = g_few_rows_path.load(std::memory_order_relaxed);
+  if (p < 0) {
+    const char* env = std::getenv("SQ_ONNX_CUDA_FEW_ROWS");
+    p = env && std::strcmp(env, "mma") == 0 ? kFewRowsMma : kFewRowsDp4a;
+    g_few_rows_path.store(p, std::memory_order_relaxed);
+  }
+  return p;
+}
+
 // Which kernel served the last int8 GEMM (kServed*), so tests can tell the Hopper path really ran.
 std::atomic<int> g_last_served{0};
 
@@ -452,6 +544,12 @@ bool sm90_gemm_available() {
 #else
   return false;
 #endif
+}
+
+bool select_few_rows(int path) {
+  if (path != kFewRowsDp4a && path != kFewRowsMma) return false;
+  g_few_rows_path.store(path, std::memory_order_relaxed);
+  return true;
 }
 
 bool select_gemm(int path) {
@@ -496,6 +594,10 @@ void int8_matmul_dequant(const int8_t* xq, const T* xs, const int8_t* wq, const 
   } else if (run_sm90(xq, xs, wq, ws, bias, m, n, k, y, stream)) {
     served = kServedSm90;  // from 5 rows when selected; shapes CUTLASS cannot take fall through below
 #endif
+  } else if (m <= kSkinnyRows && few_rows_path() == kFewRowsMma) {
+    gemm_few_rows_mma<T><<<static_cast<unsigned>((n + kFewCols - 1) / kFewCols), kFewWarps * 32, 0, stream>>>(
+        xq, xs, wq, ws, bias, m, n, k, y);
+    served = kServedFewRowsMma;
   } else if (m <= kSkinnyRows) {
     gemm_skinny<T, 1><<<static_cast<unsigned>((n + 7) / 8), 256, 0, stream>>>(xq, xs, wq, ws, bias, m, n, k, y);
     served = kServedSkinny;
@@ -577,6 +679,8 @@ SQ_EXPORT int sq_onnx_cuda_int8_matmul_dequant(int half, const int8_t* xq, const
   });
 }
 
+// 5-16 rows: 1 dp4a (the default), 2 the tensor-core few-rows kernel. Returns 0 when taken, 1 for another path.
+SQ_EXPORT int sq_onnx_cuda_select_few_rows(int path) { return sq::cuda::select_few_rows(path) ? 0 : 1; }
 // 1: mma.sync (the default), 2: the CUTLASS Hopper kernel. Returns 0 when taken, 1 when that path is not built
 // into this library or the current device is not compute capability 9.0.
 SQ_EXPORT int sq_onnx_cuda_select_gemm(int path) { return sq::cuda::select_gemm(path) ? 0 : 1; }
@@ -589,7 +693,8 @@ SQ_EXPORT int sq_onnx_cuda_sm90_accepts(int64_t m, int64_t n, int64_t k) {
   return -1;
 #endif
 }
-// The kernel that served the last int8 GEMM: 1 generic, 2 dp4a (few rows), 3 mma.sync, 4 CUTLASS Hopper.
+// The kernel that served the last int8 GEMM: 1 generic, 2 dp4a (few rows), 3 mma.sync, 4 CUTLASS Hopper,
+// 5 mma.sync for few rows.
 SQ_EXPORT int sq_onnx_cuda_last_gemm_kernel() { return sq::cuda::last_gemm_kernel(); }
 
 SQ_EXPORT int sq_onnx_cuda_rmsnorm_quant(int half, const void* x, const void* skip, const void* bias, const void* gamma,

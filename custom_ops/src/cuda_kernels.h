@@ -30,8 +30,11 @@ constexpr int kGemmMma = 1, kGemmSm90 = 2;
 bool sm90_gemm_available();
 // Process-wide; false (nothing changed) for an unknown path or an unavailable Hopper path.
 bool select_gemm(int path);
+// GEMM paths for 5-16 rows (also SQ_ONNX_CUDA_FEW_ROWS=dp4a|mma, read at the first GEMM); process-wide.
+constexpr int kFewRowsDp4a = 1, kFewRowsMma = 2;
+bool select_few_rows(int path);
 // The kernel that served the last int8 GEMM in this process (0 before any).
-constexpr int kServedGeneric = 1, kServedSkinny = 2, kServedMma = 3, kServedSm90 = 4;
+constexpr int kServedGeneric = 1, kServedSkinny = 2, kServedMma = 3, kServedSm90 = 4, kServedFewRowsMma = 5;
 int last_gemm_kernel();
 
 }  // namespace cuda
