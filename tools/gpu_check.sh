@@ -3,11 +3,11 @@
 # draws one spends its device time on results, not on assembling commands. Writes its logs under $OUT (the
 # device tool brings them back) or ./gpu_check_out, and prints a one-line summary per step.
 #
-#   1. the CUDA tests (both GEMM paths, bit for bit against numpy; which kernel served each call),
-#   2. compute-sanitizer memcheck on the GEMM and row-op tests, Hopper path included (odd M, N, K; rows too
-#      long for shared memory),
-#   3. tools/bench_cuda_kernels.py (a column per GEMM path, against fp16 cuBLAS and the floor),
-#   4. the kernels' register and shared-memory use (cuobjdump).
+#   1. the CUDA tests (every GEMM path, bit for bit against numpy; which kernel served each call),
+#   2. tools/bench_cuda_kernels.py (a column per GEMM path, against fp16 cuBLAS and the floor),
+#   3. the kernels' register and shared-memory use (cuobjdump),
+#   4. compute-sanitizer memcheck on the GEMM and row-op tests, Hopper and few-rows paths included (odd M, N,
+#      K; rows too long for shared memory).
 #
 # Build the library here first (tools/dev.sh test does), then, through the device tool:
 #   run(command="tools/gpu_check.sh build/cp311-cp311-linux_x86_64/custom_ops/libsq_onnx_ops.so",
@@ -46,8 +46,9 @@ cat "$out/device.txt"
 
 step tests "$py" -m pytest -p no:cacheprovider -rs tests/test_cuda_kernels.py tests/test_library_build.py \
   tests/test_ort_cuda_session.py
-step memcheck compute-sanitizer --tool memcheck --error-exitcode 3 "$py" -m pytest -p no:cacheprovider \
-  tests/test_cuda_kernels.py -k "matmul_dequant or norm_quant or few_rows"
 step bench "$py" tools/bench_cuda_kernels.py --iters "$iters"
 step resources cuobjdump --dump-resource-usage "$SQ_ONNX_OPS_LIB"
+# Last: the slowest step, so a run cut short by the device tool's limit still has the tests and the table.
+step memcheck compute-sanitizer --tool memcheck --error-exitcode 3 "$py" -m pytest -p no:cacheprovider \
+  tests/test_cuda_kernels.py -k "matmul_dequant or norm_quant or few_rows"
 exit "$status"
