@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -342,7 +343,7 @@ std::atomic<int> g_last_weights{kWeightsAsGiven};
 
 #ifdef SQ_X86
 // The VNNI GEMM for kBlockPackMinRows..kPackedMinRows rows: a task per block of kTileN columns (and, when there
-// are few blocks, per kTileM rows too, so every thread has work) packs its block into a per-thread buffer, then
+// are few blocks for the threads, per kTileM rows too) packs its block into a per-thread buffer, then
 // runs its rows against it. The buffer (kTileN x K bytes: 704 KB at K = 11008) lives as long as its thread.
 template <typename Epilogue>
 void block_packed_gemm(CpuIsa isa, const int8_t* xq, const int8_t* wq, int64_t m, int64_t n, int64_t k,
@@ -351,7 +352,10 @@ void block_packed_gemm(CpuIsa isa, const int8_t* xq, const int8_t* wq, int64_t m
   const int64_t kp = (k + 3) / 4 * 4;
   const std::vector<uint8_t> xu = vnni::flip_rows(isa, xq, m, k, kp);
   const int64_t tn = (n + kTileN - 1) / kTileN;
-  const int64_t chunk = tn < 8 ? kTileM : m, tm = (m + chunk - 1) / chunk;
+  // Fewer than about four blocks per hardware thread: split the rows too (each piece repacks its block), so
+  // every thread has work. ORT's pool size is not visible to a custom op; it defaults to the cores.
+  static const int64_t threads = std::max(1u, std::thread::hardware_concurrency());
+  const int64_t chunk = tn < 4 * threads ? kTileM : m, tm = (m + chunk - 1) / chunk;
   pf(static_cast<size_t>(tm * tn), [&](size_t t) {
     const int64_t bn = static_cast<int64_t>(t) % tn, bm = static_cast<int64_t>(t) / tn;
     const int64_t n0 = bn * kTileN, n1 = std::min(n, n0 + kTileN);
