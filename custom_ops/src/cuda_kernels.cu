@@ -391,7 +391,7 @@ template <typename T>
 __global__ void __launch_bounds__(kFewWarps * 32) gemm_few_rows_mma(const int8_t* xq, const T* xs, const int8_t* wq,
                                                                     const T* ws, const T* bias, int64_t m, int64_t n,
                                                                     int64_t k, T* y) {
-  __shared__ int32_t partial[kFewWarps][32][16];
+  __shared__ int32_t partial[kFewWarps][32][17];  // 17: a lane's 16 sums on other banks than its neighbours
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kFewCols;
   int32_t acc[2][2][4] = {};  // [16 columns of W][8 rows of X][fragment]
