@@ -161,18 +161,30 @@ __global__ void row_kernel(RowArgs<T> a) {
   }
 }
 
-// The most dynamic shared memory a block of `kernel` may have on the current device.
+// The most dynamic shared memory a block of `kernel` may have on the current device; asked once per device
+// (the first 16), as rows of 12K-58K floats would ask on every launch.
 template <typename K>
 size_t max_dynamic_smem(K kernel) {
+  constexpr size_t kDefault = 48 * 1024 - 512;
+  static std::atomic<size_t> known[16] = {};  // limit + 1 per device; 0 = not asked yet
   int dev = 0, optin = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();
+    return kDefault;
+  }
+  if (dev >= 0 && dev < 16) {
+    if (size_t v = known[dev].load(std::memory_order_relaxed)) return v - 1;
+  }
   cudaFuncAttributes attr{};
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
       cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
     cudaGetLastError();
-    return 48 * 1024 - 512;
+    return kDefault;
   }
-  return optin > static_cast<int>(attr.sharedSizeBytes) ? static_cast<size_t>(optin) - attr.sharedSizeBytes : 0;
+  const size_t limit =
+      optin > static_cast<int>(attr.sharedSizeBytes) ? static_cast<size_t>(optin) - attr.sharedSizeBytes : 0;
+  if (dev >= 0 && dev < 16) known[dev].store(limit + 1, std::memory_order_relaxed);
+  return limit;
 }
 
 template <typename T, int kMode>
