@@ -69,13 +69,15 @@ def int8_matmul_dequant(xq, x_scale, wq_nk, w_scale, bias=None):
 
 
 # Shapes the CUTLASS Hopper kernel (fp16 only) takes: M > 4, K % 16 == 0, N % 8 == 0; partial tiles in M, N
-# and K, and each of its three tile configurations (M up to 64, up to 128, above).
+# and K, and each of its three tile configurations (M up to 64; up to 128, or more rows but too few 128-row
+# tiles for the SMs; above).
 SM90_SHAPES = [
     (5, 64, 32),
     (12, 4096, 576),
     (17, 128, 16),
     (33, 264, 512),
     (100, 4104, 160),
-    (129, 520, 4096),
+    (129, 520, 4096),  # 10 tiles of 128 rows for 132 SMs: 64-row tiles
     (1000, 1024, 576),
+    (1200, 2056, 256),  # 170 tiles of 128 rows: the 128-row configuration
 ]

@@ -147,10 +147,20 @@ using Pingpong = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
 using WarpSpecialized = cutlass::gemm::KernelTmaWarpSpecialized;
 using EpiTma = cutlass::epilogue::TmaWarpSpecialized;
 using Half = cutlass::half_t;  // CUTLASS's fp16 type (same bits as __half), which its TMA and broadcast code know
-// Tiles after vLLM's sm90 int8 configurations, by rows: above 128, (64, 128], up to 64.
+// Tiles after vLLM's sm90 int8 configurations, by rows: above 128, (64, 128], up to 64 (see choose_tiles).
 using LargeGemm = Int8Gemm<Half, Shape<_128, _128, _128>, Shape<_2, _1, _1>, Pingpong, EpiTma>;
 using MediumGemm = Int8Gemm<Half, Shape<_64, _128, _128>, Shape<_2, _1, _1>, Pingpong, EpiTma>;
 using SmallGemm = Int8Gemm<Half, Shape<_64, _64, _256>, Shape<_1, _1, _1>, WarpSpecialized, EpiTma>;
+
+// Which of the three: by rows, except that 128-row tiles which would leave SMs idle (M = 256 at N = 4096: 64 tiles
+// for 132 SMs) give way to 64-row tiles, twice as many.
+enum class Tiles { kSmall, kMedium, kLarge };
+Tiles choose_tiles(int64_t m, int64_t n, int sm_count) {
+  if (m <= 64) return Tiles::kSmall;
+  if (m <= 128) return Tiles::kMedium;
+  const int64_t large = ((m + 127) / 128) * ((n + 127) / 128);
+  return large < sm_count ? Tiles::kMedium : Tiles::kLarge;
+}
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 const Half* ct(const __half* p) { return reinterpret_cast<const Half*>(p); }
@@ -174,9 +184,11 @@ bool sm90_int8_matmul_dequant(const int8_t* xq, const __half* xs, const int8_t* 
   auto s = static_cast<cudaStream_t>(stream);
   int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
   auto out = reinterpret_cast<Half*>(y);
-  if (m > 128) return LargeGemm::run(xq, ct(xs), wq, ct(ws), ct(bias), mi, ni, ki, out, sm_count, s);
-  if (m > 64) return MediumGemm::run(xq, ct(xs), wq, ct(ws), ct(bias), mi, ni, ki, out, sm_count, s);
-  return SmallGemm::run(xq, ct(xs), wq, ct(ws), ct(bias), mi, ni, ki, out, sm_count, s);
+  switch (choose_tiles(m, n, sm_count)) {
+    case Tiles::kLarge: return LargeGemm::run(xq, ct(xs), wq, ct(ws), ct(bias), mi, ni, ki, out, sm_count, s);
+    case Tiles::kMedium: return MediumGemm::run(xq, ct(xs), wq, ct(ws), ct(bias), mi, ni, ki, out, sm_count, s);
+    default: return SmallGemm::run(xq, ct(xs), wq, ct(ws), ct(bias), mi, ni, ki, out, sm_count, s);
+  }
 }
 
 int sm90_accepts(int64_t m, int64_t n, int64_t k, int sm_count) {
@@ -186,9 +198,12 @@ int sm90_accepts(int64_t m, int64_t n, int64_t k, int sm_count) {
   auto h = reinterpret_cast<const Half*>(uintptr_t{8192});
   auto y = reinterpret_cast<Half*>(uintptr_t{16384});
   int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
-  bool ok = m > 128   ? LargeGemm::accepts(LargeGemm::arguments(i8, h, i8, h, h, mi, ni, ki, y, sm_count))
-            : m > 64 ? MediumGemm::accepts(MediumGemm::arguments(i8, h, i8, h, h, mi, ni, ki, y, sm_count))
-                     : SmallGemm::accepts(SmallGemm::arguments(i8, h, i8, h, h, mi, ni, ki, y, sm_count));
+  bool ok = false;
+  switch (choose_tiles(m, n, sm_count)) {
+    case Tiles::kLarge: ok = LargeGemm::accepts(LargeGemm::arguments(i8, h, i8, h, h, mi, ni, ki, y, sm_count)); break;
+    case Tiles::kMedium: ok = MediumGemm::accepts(MediumGemm::arguments(i8, h, i8, h, h, mi, ni, ki, y, sm_count)); break;
+    default: ok = SmallGemm::accepts(SmallGemm::arguments(i8, h, i8, h, h, mi, ni, ki, y, sm_count)); break;
+  }
   return ok ? 0 : 2;
 }
 
