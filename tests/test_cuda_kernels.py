@@ -66,22 +66,29 @@ def gemm_path(request):
     LIB.sq_onnx_cuda_select_gemm(MMA)
 
 
-@pytest.mark.parametrize("m,n,k", GEMM_SHAPES + SM90_SHAPES)
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_int8_matmul_dequant_matches_reference(m, n, k, dtype, gemm_path):
-    rng = np.random.default_rng(m * 7 + n + k)
-    xq = rng.integers(-127, 128, (m, k), dtype=np.int8)
-    wq = rng.integers(-127, 128, (n, k), dtype=np.int8)
+def _gemm_case(m: int, n: int, k: int, dtype, seed: int, low: int = -127) -> tuple[np.ndarray, np.ndarray]:
+    """Random int8 operands in [low, 127], scales and a bias; runs the library's GEMM on the GPU and returns
+    (its Y, the reference's Y)."""
+    rng = np.random.default_rng(seed)
+    xq = rng.integers(low, 128, (m, k), dtype=np.int8)
+    wq = rng.integers(low, 128, (n, k), dtype=np.int8)
     xs = rng.uniform(0.001, 0.02, (m, 1)).astype(dtype)
     ws = rng.uniform(0.001, 0.02, n).astype(dtype)
     bias = rng.standard_normal(n).astype(dtype)
     y = torch.empty((m, n), dtype=torch.float16 if dtype == np.float16 else torch.float32, device="cuda")
     d = [_dev(a) for a in (xq, xs, wq, ws, bias)]
     rc = LIB.sq_onnx_cuda_int8_matmul_dequant(
-        int(dtype == np.float16), *(_ptr(t) for t in d[:5]), m, n, k, _ptr(y), _stream()
+        int(dtype == np.float16), *(_ptr(t) for t in d), m, n, k, _ptr(y), _stream()
     )
     assert rc == 0
-    np.testing.assert_array_equal(_host(y), ref.int8_matmul_dequant(xq, xs, wq, ws, bias))
+    return _host(y), ref.int8_matmul_dequant(xq, xs, wq, ws, bias)
+
+
+@pytest.mark.parametrize("m,n,k", GEMM_SHAPES + SM90_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_int8_matmul_dequant_matches_reference(m, n, k, dtype, gemm_path):
+    got, expect = _gemm_case(m, n, k, dtype, seed=m * 7 + n + k)
+    np.testing.assert_array_equal(got, expect)
     if gemm_path == SM90 and (m, n, k) in SM90_SHAPES and dtype == np.float16:
         assert LIB.sq_onnx_cuda_last_gemm_kernel() == SERVED_SM90, "fell back instead of running CUTLASS"
 
@@ -113,24 +120,13 @@ FEW_ROW_SHAPES = [(5, 33, 48), (16, 32, 16), (9, 40, 80), (12, 70, 1040), (16, 4
 @pytest.mark.parametrize("m,n,k", FEW_ROW_SHAPES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_few_rows_on_tensor_cores_match_reference(m, n, k, dtype):
-    rng = np.random.default_rng(m * 5 + n + k)
-    xq = rng.integers(-128, 128, (m, k), dtype=np.int8)
-    wq = rng.integers(-128, 128, (n, k), dtype=np.int8)
-    xs = rng.uniform(0.001, 0.02, (m, 1)).astype(dtype)
-    ws = rng.uniform(0.001, 0.02, n).astype(dtype)
-    bias = rng.standard_normal(n).astype(dtype)
-    y = torch.empty((m, n), dtype=torch.float16 if dtype == np.float16 else torch.float32, device="cuda")
-    d = [_dev(a) for a in (xq, xs, wq, ws, bias)]
     assert LIB.sq_onnx_cuda_select_few_rows(custom_ops.FEW_ROWS_MMA) == 0
     try:
-        rc = LIB.sq_onnx_cuda_int8_matmul_dequant(
-            int(dtype == np.float16), *(_ptr(t) for t in d), m, n, k, _ptr(y), _stream()
-        )
-        assert rc == 0
+        got, expect = _gemm_case(m, n, k, dtype, seed=m * 5 + n + k, low=-128)
         assert LIB.sq_onnx_cuda_last_gemm_kernel() == custom_ops.SERVED_FEW_ROWS_MMA
     finally:
         LIB.sq_onnx_cuda_select_few_rows(custom_ops.FEW_ROWS_DP4A)
-    np.testing.assert_array_equal(_host(y), ref.int8_matmul_dequant(xq, xs, wq, ws, bias))
+    np.testing.assert_array_equal(got, expect)
 
 
 @pytest.mark.parametrize("m,n,k", [(300, 256, 2048), (40, 128, 64)])

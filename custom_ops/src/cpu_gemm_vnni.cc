@@ -165,22 +165,38 @@ void gemv_block(CpuIsa isa, const uint8_t* xu, const int8_t* x, const int8_t* wq
 #endif
 }
 
+namespace {
+// Columns per panel (one int32 lane each) and the per-instruction-set kernels behind the packed paths.
+int64_t panel_cols(CpuIsa isa) { return isa == CpuIsa::kAvx512Vnni ? 16 : 8; }
+
+void pack_panel(CpuIsa isa, const int8_t* wq, int64_t n, int64_t k, int64_t kp, int64_t c0, int8_t* dst,
+                int32_t* comp) {
+  if (isa == CpuIsa::kAvx512Vnni) return avx512vnni::pack_panel(wq, n, k, kp, c0, dst, comp);
+#ifdef SQ_HAVE_AVXVNNI
+  avxvnni::pack_panel(wq, n, k, kp, c0, dst, comp);
+#endif
+}
+
+void tile_packed(CpuIsa isa, const uint8_t* xu, int64_t kp, const int8_t* panels, const int32_t* comp, int64_t m0,
+                 int64_t m1, int64_t n0, int64_t n1, int32_t* acc, int64_t ldo) {
+  if (isa == CpuIsa::kAvx512Vnni) return avx512vnni::tile_packed(xu, kp, panels, comp, m0, m1, n0, n1, acc, ldo);
+#ifdef SQ_HAVE_AVXVNNI
+  avxvnni::tile_packed(xu, kp, panels, comp, m0, m1, n0, n1, acc, ldo);
+#endif
+}
+}  // namespace
+
 PackedW pack_weights(CpuIsa isa, const int8_t* wq, int64_t n, int64_t k, const ParallelFor& pf) {
   PackedW w;
   w.kp = (k + 3) / 4 * 4;
-  w.panel_cols = isa == CpuIsa::kAvx512Vnni ? 16 : 8;
+  w.panel_cols = panel_cols(isa);
   const int64_t panels = (n + w.panel_cols - 1) / w.panel_cols;
   const int64_t panel_bytes = w.kp * w.panel_cols;
   w.data.reset(new int8_t[static_cast<size_t>(panels * panel_bytes)]);
   w.comp.resize(static_cast<size_t>(panels * w.panel_cols));
   pf(static_cast<size_t>(panels), [&](size_t p) {
     const int64_t c0 = static_cast<int64_t>(p) * w.panel_cols;
-    int8_t* dst = w.data.get() + static_cast<int64_t>(p) * panel_bytes;
-    int32_t* comp = w.comp.data() + c0;
-    if (isa == CpuIsa::kAvx512Vnni) return avx512vnni::pack_panel(wq, n, k, w.kp, c0, dst, comp);
-#ifdef SQ_HAVE_AVXVNNI
-    avxvnni::pack_panel(wq, n, k, w.kp, c0, dst, comp);
-#endif
+    pack_panel(isa, wq, n, k, w.kp, c0, w.data.get() + static_cast<int64_t>(p) * panel_bytes, w.comp.data() + c0);
   });
   return w;
 }
@@ -199,36 +215,18 @@ std::vector<uint8_t> flip_rows(CpuIsa isa, const int8_t* xq, int64_t m, int64_t 
 
 void gemm_tile_packed(CpuIsa isa, const uint8_t* xu, const PackedW& w, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                       int32_t* acc, int64_t ldo) {
-  if (isa == CpuIsa::kAvx512Vnni)
-    return avx512vnni::tile_packed(xu, w.kp, w.data.get(), w.comp.data(), m0, m1, n0, n1, acc, ldo);
-#ifdef SQ_HAVE_AVXVNNI
-  avxvnni::tile_packed(xu, w.kp, w.data.get(), w.comp.data(), m0, m1, n0, n1, acc, ldo);
-#endif
+  tile_packed(isa, xu, w.kp, w.data.get(), w.comp.data(), m0, m1, n0, n1, acc, ldo);
 }
 
 void pack_block(CpuIsa isa, const int8_t* wq, int64_t n, int64_t k, int64_t kp, int64_t n0, int8_t* block,
                 int32_t* comp) {
-  const int64_t panel_cols = isa == CpuIsa::kAvx512Vnni ? 16 : 8, panel_bytes = kp * panel_cols;
-  const int64_t cols = std::min(kMaxTileCols, n - n0);
-  for (int64_t p = 0; p * panel_cols < cols; ++p) {
-    int8_t* dst = block + p * panel_bytes;
-    int32_t* c = comp + p * panel_cols;
-    if (isa == CpuIsa::kAvx512Vnni) {
-      avx512vnni::pack_panel(wq, n, k, kp, n0 + p * panel_cols, dst, c);
-    } else {
-#ifdef SQ_HAVE_AVXVNNI
-      avxvnni::pack_panel(wq, n, k, kp, n0 + p * panel_cols, dst, c);
-#endif
-    }
-  }
+  const int64_t cols = std::min(kMaxTileCols, n - n0), pc = panel_cols(isa);
+  for (int64_t p = 0; p * pc < cols; ++p) pack_panel(isa, wq, n, k, kp, n0 + p * pc, block + p * kp * pc, comp + p * pc);
 }
 
 void gemm_block_packed(CpuIsa isa, const uint8_t* xu, int64_t kp, const int8_t* block, const int32_t* comp, int64_t m0,
                        int64_t m1, int64_t cols, int32_t* acc, int64_t ldo) {
-  if (isa == CpuIsa::kAvx512Vnni) return avx512vnni::tile_packed(xu, kp, block, comp, m0, m1, 0, cols, acc, ldo);
-#ifdef SQ_HAVE_AVXVNNI
-  avxvnni::tile_packed(xu, kp, block, comp, m0, m1, 0, cols, acc, ldo);
-#endif
+  tile_packed(isa, xu, kp, block, comp, m0, m1, 0, cols, acc, ldo);
 }
 
 }  // namespace vnni

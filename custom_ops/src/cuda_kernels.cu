@@ -506,27 +506,23 @@ int sm_count() {
 // The GEMM for more than 4 rows. The CUTLASS Hopper kernel is opt-in (SQ_ONNX_CUDA_GEMM=sm90 or
 // sq_onnx_cuda_select_gemm) until it has been checked and timed on a GPU; mma.sync is the measured default.
 std::atomic<int> g_gemm_path{-1};
-[[maybe_unused]] int gemm_path() {
-  int p = g_gemm_path.load(std::memory_order_relaxed);
+// A process-wide kernel choice: set by its select function, else read once from `var` (`opt_in` picks `chosen`).
+int path_from_env(std::atomic<int>& path, const char* var, const char* opt_in, int chosen, int fallback) {
+  int p = path.load(std::memory_order_relaxed);
   if (p < 0) {
-    const char* env = std::getenv("SQ_ONNX_CUDA_GEMM");
-    p = env && std::strcmp(env, "sm90") == 0 ? kGemmSm90 : kGemmMma;
-    g_gemm_path.store(p, std::memory_order_relaxed);
+    const char* env = std::getenv(var);
+    p = env && std::strcmp(env, opt_in) == 0 ? chosen : fallback;
+    path.store(p, std::memory_order_relaxed);
   }
   return p;
 }
+[[maybe_unused]] int gemm_path() { return path_from_env(g_gemm_path, "SQ_ONNX_CUDA_GEMM", "sm90", kGemmSm90, kGemmMma); }
 
 // The GEMM for 5-16 rows: dp4a (the measured default) or the tensor-core kernel gemm_few_rows_mma, opt-in
 // (SQ_ONNX_CUDA_FEW_ROWS=mma or sq_onnx_cuda_select_few_rows) until it has been checked and timed on a GPU.
 std::atomic<int> g_few_rows_path{-1};
 int few_rows_path() {
-  int p = g_few_rows_path.load(std::memory_order_relaxed);
-  if (p < 0) {
-    const char* env = std::getenv("SQ_ONNX_CUDA_FEW_ROWS");
-    p = env && std::strcmp(env, "mma") == 0 ? kFewRowsMma : kFewRowsDp4a;
-    g_few_rows_path.store(p, std::memory_order_relaxed);
-  }
-  return p;
+  return path_from_env(g_few_rows_path, "SQ_ONNX_CUDA_FEW_ROWS", "mma", kFewRowsMma, kFewRowsDp4a);
 }
 
 // Which kernel served the last int8 GEMM (kServed*), so tests can tell the Hopper path really ran.
