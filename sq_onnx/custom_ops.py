@@ -112,10 +112,11 @@ FEW_ROWS_DP4A, FEW_ROWS_MMA = 1, 2
 SERVED_GENERIC, SERVED_DP4A, SERVED_MMA, SERVED_SM90, SERVED_FEW_ROWS_MMA = 1, 2, 3, 4, 5
 
 
-def cuda_launchers() -> ctypes.CDLL:
+def cuda_launchers(path: Path | None = None) -> ctypes.CDLL:
     """The library's C entry points to the CUDA kernels (device pointers, a cudaStream_t; 0 = success),
-    with their signatures, for the GPU tests and tools/bench_cuda_kernels.py."""
-    lib = ctypes.CDLL(str(require_library()))
+    with their signatures, for the GPU tests and tools/bench_cuda_kernels.py; `path`: another build with
+    the same entry points (the tests' CPU emulation of the kernels)."""
+    lib = ctypes.CDLL(str(path or require_library()))
     p, i64, f, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.sq_onnx_cuda_int8_matmul_dequant.argtypes = [flag, p, p, p, p, p, i64, i64, i64, p, p]
     lib.sq_onnx_cuda_rmsnorm_quant.argtypes = [flag, p, p, p, p, f, i64, i64, p, p, p, p]

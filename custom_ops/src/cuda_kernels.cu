@@ -21,6 +21,11 @@ namespace cuda {
 namespace {
 
 constexpr float kEps = 1e-12f;
+// CUDA's limit on grid.y; the CPU emulation of the tests sets a small one to run the multi-launch paths.
+#ifndef SQ_ONNX_CUDA_MAX_GRID_Y
+#define SQ_ONNX_CUDA_MAX_GRID_Y 65535
+#endif
+constexpr int64_t kMaxGridY = SQ_ONNX_CUDA_MAX_GRID_Y;
 
 void check_launch(const char* what) {
   cudaError_t err = cudaGetLastError();
@@ -282,6 +287,9 @@ __global__ void gemm_skinny(const int8_t* xq, const T* xs, const int8_t* wq, con
 // rows padded to 80 bytes (conflict-free ldmatrix). Rows past M or N and K past its end are zero-filled.
 constexpr int kBK = 64, kStages = 3, kRowBytes = 80, kThreads = 256;
 
+// The PTX used below. tests/cuda_emulation/ replaces these (SQ_ONNX_CUDA_ON_CPU) with warp-collective
+// versions that follow the same fragment layouts, so the kernels' own source also runs on a CPU.
+#ifndef SQ_ONNX_CUDA_ON_CPU
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -299,6 +307,13 @@ __device__ __forceinline__ void mma_s8(int32_t* c, const uint32_t* a, uint32_t b
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most kPending of this thread's committed cp.async groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+#endif
 
 template <int kBM, int kBN>
 __device__ __forceinline__ void load_tile(const int8_t* xq, const int8_t* wq, int64_t m, int64_t n, int64_t k,
@@ -338,17 +353,17 @@ __global__ void __launch_bounds__(kThreads) gemm_mma(const int8_t* xq, const T* 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < tiles) load_tile<kBM, kBN>(xq, wq, m, n, k, m0, n0, s * kBK, sa + s * kBM * kRowBytes, sb + s * kBN * kRowBytes);
-    asm volatile("cp.async.commit_group;\n" ::);
+    cp_async_commit();
   }
   for (int64_t t = 0; t < tiles; ++t) {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 2));
+    cp_async_wait<kStages - 2>();
     __syncthreads();
     int64_t next = t + kStages - 1;
     if (next < tiles) {
       int st = static_cast<int>(next % kStages);
       load_tile<kBM, kBN>(xq, wq, m, n, k, m0, n0, next * kBK, sa + st * kBM * kRowBytes, sb + st * kBN * kRowBytes);
     }
-    asm volatile("cp.async.commit_group;\n" ::);
+    cp_async_commit();
     const uint8_t* a = sa + (t % kStages) * kBM * kRowBytes;
     const uint8_t* b = sb + (t % kStages) * kBN * kRowBytes;
 #pragma unroll
@@ -374,7 +389,7 @@ __global__ void __launch_bounds__(kThreads) gemm_mma(const int8_t* xq, const T* 
         for (int j = 0; j < kNI; ++j) mma_s8(acc[i][j], af[i], bf[j][0], bf[j][1]);
     }
   }
-  asm volatile("cp.async.wait_group 0;\n" ::);
+  cp_async_wait<0>();
 
   const int gid = lane / 4, tig = lane % 4;
 #pragma unroll
@@ -476,8 +491,8 @@ void launch_mma(const int8_t* xq, const T* xs, const int8_t* wq, const T* ws, co
   constexpr int smem = kStages * (kBM + kBN) * kRowBytes;
   static_assert(smem <= 99 * 1024, "sm_86/sm_89 GPUs (L4, L40S, A10, RTX) run the sm_80 build with 99 KB per block");
   cudaFuncSetAttribute(gemm_mma<T, kBM, kBN>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  // Row tiles go in grid.y (at most 65535): more rows than that many tiles take several launches.
-  constexpr int64_t kMaxRows = 65535LL * kBM;
+  // Row tiles go in grid.y (at most kMaxGridY): more rows than that many tiles take several launches.
+  constexpr int64_t kMaxRows = kMaxGridY * kBM;
   for (int64_t r = 0; r < m; r += kMaxRows) {
     int64_t rows = m - r < kMaxRows ? m - r : kMaxRows;
     dim3 grid(static_cast<unsigned>((n + kBN - 1) / kBN), static_cast<unsigned>((rows + kBM - 1) / kBM));
@@ -592,7 +607,7 @@ void int8_matmul_dequant(const int8_t* xq, const T* xs, const int8_t* wq, const 
   bool aligned = k % 16 == 0 && reinterpret_cast<uintptr_t>(xq) % 16 == 0 && reinterpret_cast<uintptr_t>(wq) % 16 == 0;
   int served = kServedMma;
   if (!aligned || k == 0) {
-    dim3 grid(static_cast<unsigned>((n + 127) / 128), static_cast<unsigned>(m < 65535 ? m : 65535));
+    dim3 grid(static_cast<unsigned>((n + 127) / 128), static_cast<unsigned>(m < kMaxGridY ? m : kMaxGridY));
     gemm_generic<T><<<grid, 128, 0, stream>>>(xq, xs, wq, ws, bias, m, n, k, y);
     served = kServedGeneric;
   } else if (m <= 4) {
