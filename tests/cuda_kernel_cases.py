@@ -23,6 +23,10 @@ GEMM_SHAPES = [
     (2048, 1536, 576),
     (5, 33, 37),
     (64, 64, 24),
+    (1, 1, 16),  # one column: dp4a, mma.sync, generic
+    (20, 1, 16),
+    (2, 1, 5),
+    (3, 5, 0),  # K = 0: Y is the bias
 ]
 # 5-16 rows on the tensor-core few-rows kernel (opt-in): partial column blocks, K not a whole 64-byte chunk,
 # X rows 8-15 present or not, and LLM widths.

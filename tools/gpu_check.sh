@@ -14,6 +14,8 @@
 #       carry=["build/cp311-cp311-linux_x86_64/custom_ops/libsq_onnx_ops.so"], timeout_s=600)
 # It runs with the image's python3 (torch, onnx, onnxruntime, rich, pytest are there); the repo is put on the
 # path instead of installed. The ORT CUDA-session tests skip without onnxruntime-gpu (not in the image).
+# (Without a GPU, tests/test_cuda_kernels_emulated.py runs the same cases on a CPU emulation of the kernels;
+# this script is what only the GPU can add: the real hardware, the CUTLASS Hopper kernel, and the timings.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 lib=${1:?usage: tools/gpu_check.sh path/to/libsq_onnx_ops.so [bench iterations]}
