@@ -32,7 +32,13 @@ FLAGS = [
     f"-DSQ_ONNX_CUDA_MAX_GRID_Y={MAX_GRID_Y}",
 ]
 
-ASAN_FLAGS = ("-fsanitize=address", "-fno-omit-frame-pointer")
+# AddressSanitizer, and UndefinedBehaviorSanitizer made fatal (signed overflow, indices past a fixed-size
+# array, misaligned accesses, float-to-int conversions out of range).
+ASAN_FLAGS = (
+    "-fsanitize=address,undefined,float-cast-overflow,bounds-strict",
+    "-fno-sanitize-recover=all",
+    "-fno-omit-frame-pointer",
+)
 
 _LAUNCH = re.compile(r"([\w:]+(?:<[^<>;()]*>)?)<<<(.*?)>>>\(")
 _EXTERN_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?(\w+) (\w+)\[\];")

@@ -3,8 +3,9 @@ and mma.sync / ldmatrix / cp.async from the PTX fragment layouts), bit for bit a
 so every path that only a GPU could run is checked in CI: the index arithmetic, the bounds and odd sizes,
 which kernel and tile each shape takes, the launches (grid limits, shared-memory opt-in), and that nothing
 depends on the order threads run in. Not covered: the CUTLASS Hopper kernel (wgmma and TMA are not
-emulated) and timing. With SQ_ONNX_EMULATION_SANITIZE=address the library is built with AddressSanitizer
-(test_kernels_stay_in_bounds runs this module so), a CPU stand-in for compute-sanitizer's memcheck."""
+emulated) and timing. With SQ_ONNX_EMULATION_SANITIZE=address the library is built with AddressSanitizer and
+UndefinedBehaviorSanitizer (test_kernels_stay_in_bounds runs this module so), a CPU stand-in for
+compute-sanitizer's memcheck."""
 
 from __future__ import annotations
 
@@ -202,9 +203,9 @@ lib.sq_onnx_cuda_int8_matmul_dequant(0, *(a.ctypes.data for a in (xq, xs, wq, ws
 
 @pytest.mark.skipif(SANITIZE, reason="already running under the sanitizer")
 def test_kernels_stay_in_bounds():
-    """This module again, built with AddressSanitizer and run with it preloaded: a read or write past any
-    operand (numpy's exact-size buffers) or past the block's shared memory aborts that run. First, that
-    the sanitizer does catch one such read."""
+    """This module again, built with AddressSanitizer (preloaded) and UndefinedBehaviorSanitizer: a read or
+    write past any operand (numpy's exact-size buffers) or past the block's shared memory, a signed
+    overflow or an index past a fixed-size array aborts that run. First, that it does catch such a read."""
     runtime = emu.asan_runtime()
     if runtime is None:
         pytest.skip("the compiler has no AddressSanitizer runtime")
