@@ -24,6 +24,8 @@ if not custom_ops.cuda_device_present():
     pytest.skip("no CUDA GPU (asked libcuda)", allow_module_level=True)
 if "CUDAExecutionProvider" not in ort.get_available_providers():
     pytest.skip("this onnxruntime has no CUDA execution provider (onnxruntime-gpu)", allow_module_level=True)
+if hasattr(ort, "preload_dlls"):  # onnxruntime >= 1.21: CUDA and cuDNN from the nvidia-* wheels, as on
+    ort.preload_dlls()  # machines where only pip (torch's dependencies) installed them
 
 CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 

@@ -13,7 +13,8 @@
 #   run(command="tools/gpu_check.sh build/cp311-cp311-linux_x86_64/custom_ops/libsq_onnx_ops.so",
 #       carry=["build/cp311-cp311-linux_x86_64/custom_ops/libsq_onnx_ops.so"], timeout_s=600)
 # It runs with the image's python3 (torch, onnx, onnxruntime, rich, pytest are there); the repo is put on the
-# path instead of installed. The ORT CUDA-session tests skip without onnxruntime-gpu (not in the image).
+# path instead of installed. The ORT CUDA-session tests skip without onnxruntime-gpu (not in the image; bring
+# it with tools/gpu_ort_wheel.sh first).
 # (Without a GPU, tests/test_cuda_kernels_emulated.py runs the same cases on a CPU emulation of the kernels;
 # this script is what only the GPU can add: the real hardware, the CUTLASS Hopper kernel, and the timings.)
 set -uo pipefail
@@ -25,6 +26,8 @@ out=${OUT:-gpu_check_out}
 mkdir -p "$out"
 SQ_ONNX_OPS_LIB=$(realpath "$lib")
 export SQ_ONNX_OPS_LIB PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# onnxruntime-gpu staged by tools/gpu_ort_wheel.sh, ahead of the image's CPU onnxruntime
+[ -d /tmp/sq_ort_site ] && PYTHONPATH=/tmp/sq_ort_site:$PYTHONPATH
 py=${PYTHON:-python3}
 status=0
 
