@@ -68,7 +68,7 @@ def build(extra_flags: tuple[str, ...] = (), source: str | None = None) -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler")
     source = rewrite(SOURCE.read_text() if source is None else source)
-    files = [EMULATION / "sq_cuda_emu.cc", EMULATION / "sq_cuda_emu.h", *(EMULATION / "include").glob("*.h")]
+    files = [EMULATION / "sq_cuda_emu.cc", *EMULATION.glob("*.h"), *(EMULATION / "include").glob("*.h")]
     key = hashlib.sha256(
         "\0".join([source, *(f.read_text() for f in sorted(files)), *FLAGS, *extra_flags]).encode()
     ).hexdigest()[:16]

@@ -1,3 +1,6 @@
-// Stand-in for CUDA's runtime header when the kernels are compiled as C++ for the CPU emulation.
+// Stand-in for CUDA's runtime header when the kernels are compiled as C++ for the CPU emulation: the runtime
+// API, the device built-ins and the emulated PTX helpers.
 #pragma once
-#include "sq_cuda_emu.h"
+#include "cuda_runtime_api_emu.h"
+#include "device_builtins_emu.h"
+#include "ptx_emu.h"
