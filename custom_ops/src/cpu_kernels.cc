@@ -3,6 +3,7 @@
 
 #include "cpu_gemm_vnni.h"
 #include "cpu_isa.h"
+#include "cpu_row_loops.h"
 #include "cpu_simd.h"
 
 #include <algorithm>
@@ -85,48 +86,10 @@ namespace {
 constexpr float kEps = 1e-12f;
 constexpr int64_t kRowsPerTask = 16;
 
-// Row reductions in eight interleaved partial results: one running sum or maximum is a chain of dependent
-// adds (about four cycles each), which at K = 576 made the norm ops' time. The maximum is exact in any order.
-// Sums are in double of float values and products, which are exact there, so the order can move the float
-// mean or variance only when the double lands on a float rounding boundary (as numpy's pairwise sum can too).
-constexpr int kLanes = 8;
-
-float max_abs(const float* v, int64_t k) {
-  float m[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= k; j += kLanes)
-    for (int t = 0; t < kLanes; ++t) m[t] = std::max(m[t], std::fabs(v[j + t]));
-  float amax = 0.0f;
-  for (int t = 0; t < kLanes; ++t) amax = std::max(amax, m[t]);
-  for (; j < k; ++j) amax = std::max(amax, std::fabs(v[j]));
-  return amax;
-}
-
-// sum(v[j] - shift)^2 (squares) or sum(v[j]) (plain), in double.
-template <bool kSquares>
-double row_sum(const float* v, int64_t k, float shift = 0.0f) {
-  auto term = [shift](float a) {
-    if constexpr (kSquares) {
-      const double d = a - shift;  // the float difference, as the reference takes it
-      return d * d;
-    } else {
-      (void)shift;
-      return static_cast<double>(a);
-    }
-  };
-  double p[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= k; j += kLanes)
-    for (int t = 0; t < kLanes; ++t) p[t] += term(v[j + t]);
-  double s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-  for (; j < k; ++j) s += term(v[j]);
-  return s;
-}
-
 // Quantizes one float row with the per-token rule; writes the stored scale.
 template <typename T>
 void quantize_row(const float* v, int64_t k, int8_t* q, T* scale) {
-  const float amax = max_abs(v, k);
+  const float amax = row_loops().max_abs(v, k);
   T s = from_float<T>(std::max(amax, kEps) / 127.0f);
   *scale = s;
   float sf = to_float(s);
@@ -134,13 +97,7 @@ void quantize_row(const float* v, int64_t k, int8_t* q, T* scale) {
     std::memset(q, 0, static_cast<size_t>(k));
     return;
   }
-  // Round half to even by adding and subtracting 1.5 * 2^23, exact for |r| < 2^22 (here |r| <= 127): no
-  // libm call per element (nearbyintf saves and restores the floating-point environment), and it vectorises.
-  constexpr float kRoundMagic = 12582912.0f;
-  for (int64_t j = 0; j < k; ++j) {
-    float r = (v[j] / sf + kRoundMagic) - kRoundMagic;
-    q[j] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
-  }
+  row_loops().quantize(v, k, sf, q);
 }
 
 template <typename Body>
@@ -189,7 +146,7 @@ void rmsnorm_quant(const T* x, const T* skip, const T* bias, const T* gamma, flo
         }
         v[j] = a;
       }
-      const double ss = row_sum<true>(v.data(), k);
+      const double ss = row_loops().sum_squares(v.data(), k, 0.0f);
       float ms = k > 0 ? static_cast<float>(ss / static_cast<double>(k)) : 0.0f;
       float inv = 1.0f / std::sqrt(ms + eps);
       for (int64_t j = 0; j < k; ++j) v[j] = v[j] * inv * to_float(gamma[j]);
@@ -206,9 +163,9 @@ void layernorm_quant(const T* x, const T* gamma, const T* beta, float eps, int64
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * k;
       for (int64_t j = 0; j < k; ++j) v[j] = to_float(xr[j]);
-      const double s = row_sum<false>(v.data(), k);
+      const double s = row_loops().sum(v.data(), k);
       float mean = k > 0 ? static_cast<float>(s / static_cast<double>(k)) : 0.0f;
-      const double ss = row_sum<true>(v.data(), k, mean);
+      const double ss = row_loops().sum_squares(v.data(), k, mean);
       float var = k > 0 ? static_cast<float>(ss / static_cast<double>(k)) : 0.0f;
       float inv = 1.0f / std::sqrt(var + eps);
       for (int64_t j = 0; j < k; ++j) {
