@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -128,24 +129,35 @@ void quantize_per_token(const T* x, const T* smooth_inv, int64_t rows, int64_t k
   });
 }
 
+// RMSNorm's input row in float: x, or (x + skip) + bias rounded to T, the residual sum, also stored to
+// sum_out when given. One plain loop per case (no test inside the element loop), so each vectorises.
+template <typename T>
+void norm_input(const T* x, const T* skip, const T* bias, int64_t k, float* v, T* sum_out) {
+  if (skip == nullptr) {
+    for (int64_t j = 0; j < k; ++j) v[j] = to_float(x[j]);
+    return;
+  }
+  if (bias != nullptr) {
+    for (int64_t j = 0; j < k; ++j) v[j] = (to_float(x[j]) + to_float(skip[j])) + to_float(bias[j]);
+  } else {
+    for (int64_t j = 0; j < k; ++j) v[j] = to_float(x[j]) + to_float(skip[j]);
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (sum_out != nullptr) std::memcpy(sum_out, v, static_cast<size_t>(k) * sizeof(float));
+  } else if (sum_out != nullptr) {
+    for (int64_t j = 0; j < k; ++j) v[j] = to_float(sum_out[j] = from_float<T>(v[j]));
+  } else {
+    for (int64_t j = 0; j < k; ++j) v[j] = to_float(from_float<T>(v[j]));
+  }
+}
+
 template <typename T>
 void rmsnorm_quant(const T* x, const T* skip, const T* bias, const T* gamma, float eps, int64_t rows,
                    int64_t k, int8_t* q, T* scale, T* sum_out, const ParallelFor& pf) {
   for_row_blocks(rows, pf, [&](int64_t r0, int64_t r1) {
     std::vector<float> v(static_cast<size_t>(k));
     for (int64_t r = r0; r < r1; ++r) {
-      const T* xr = x + r * k;
-      for (int64_t j = 0; j < k; ++j) {
-        float a = to_float(xr[j]);
-        if (skip) {
-          float s = a + to_float(skip[r * k + j]);
-          if (bias) s += to_float(bias[j]);
-          T st = from_float<T>(s);
-          if (sum_out) sum_out[r * k + j] = st;
-          a = to_float(st);
-        }
-        v[j] = a;
-      }
+      norm_input(x + r * k, skip ? skip + r * k : nullptr, bias, k, v.data(), sum_out ? sum_out + r * k : nullptr);
       const double ss = row_loops().sum_squares(v.data(), k, 0.0f);
       float ms = k > 0 ? static_cast<float>(ss / static_cast<double>(k)) : 0.0f;
       float inv = 1.0f / std::sqrt(ms + eps);
