@@ -1,8 +1,8 @@
 """Builds custom_ops/src/cuda_kernels.cu as C++ for the CPU emulation in tests/cuda_emulation/ and loads it.
 
-The kernels' own source runs, unchanged but for two mechanical rewrites the C++ compiler needs
+The kernels' own source runs, unchanged but for mechanical rewrites the C++ compiler needs
 (`kernel<<<cfg>>>(args)` becomes a call, `extern __shared__ T name[]` a pointer to the block's dynamic
-shared memory), so the index arithmetic, bounds, tiling and launch choices that only a GPU could run are
+shared memory, `__shared__ T name[n]` a reference to storage the emulator refills at each block), so the index arithmetic, bounds, tiling and launch choices that only a GPU could run are
 checked here, bit for bit, against the numpy reference."""
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ ASAN_FLAGS = (
 
 _LAUNCH = re.compile(r"([\w:]+(?:<[^<>;()]*>)?)<<<(.*?)>>>\(")
 _EXTERN_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?(\w+) (\w+)\[\];")
+_STATIC_SHARED = re.compile(r"(?<!extern )__shared__ (\w+) (\w+)((?:\[\w+\])+);")
 
 
 def compiler() -> str | None:
@@ -58,6 +59,13 @@ def rewrite(source: str) -> str:
     out, n = _EXTERN_SHARED.subn(r"\1* \2 = ::sq_emu::dynamic_shared<\1>();", out)
     if n != shared:
         raise RuntimeError(f"rewrote {n} of {shared} dynamic shared arrays")
+    # Static ones: storage per declaration (its line), refilled with 0xA5 at each block's start.
+    lines = out.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        lines[i] = _STATIC_SHARED.sub(rf"auto& \2 = ::sq_emu::block_shared<\1\3, {i + 1}>();", line)
+    out = "".join(lines)
+    if "__shared__" in out:
+        raise RuntimeError("a __shared__ declaration the rewrite does not cover")
     return out
 
 

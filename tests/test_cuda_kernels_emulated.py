@@ -156,39 +156,63 @@ def _broken(old: str, new: str) -> str:
     return source.replace(old, new)
 
 
+MMA_TILE, FEW_ROWS, FEW_ROWS_ONE_CHUNK = (200, 300, 256), (12, 70, 1040), (5, 33, 48)
+
+
 @pytest.mark.skipif(SANITIZE, reason="the mutations are checked without the sanitizer")
 @pytest.mark.parametrize(
-    "old,new,late",
+    "old,new,late,shape",
     [
         # B fragments of the mma.sync tile in the wrong order
         (
             "bf[2 * p][0], bf[2 * p][1], bf[2 * p + 1][0], bf[2 * p + 1][1]",
             "bf[2 * p][0], bf[2 * p + 1][0], bf[2 * p][1], bf[2 * p + 1][1]",
             0,
+            MMA_TILE,
         ),
         # the barrier after waiting for a stage's copies: other threads' copies not yet landed
-        ("    cp_async_wait<kStages - 2>();\n    __syncthreads();", "    cp_async_wait<kStages - 2>();", 1),
+        (
+            "    cp_async_wait<kStages - 2>();\n    __syncthreads();",
+            "    cp_async_wait<kStages - 2>();",
+            1,
+            MMA_TILE,
+        ),
         # waiting for one group too few
-        ("cp_async_wait<kStages - 2>();", "cp_async_wait<kStages - 1>();", 1),
+        ("cp_async_wait<kStages - 2>();", "cp_async_wait<kStages - 1>();", 1, MMA_TILE),
         # the few-rows kernel's second W column half fed as the first's upper K
         (
             "a[1] = static_cast<uint32_t>(step == 0 ? wv[t][1].x : wv[t][1].z);",
             "a[1] = static_cast<uint32_t>(step == 0 ? wv[t][0].y : wv[t][0].w);",
             0,
+            FEW_ROWS,
+        ),
+        # the few-rows kernel's last warp never writes its partial sums: with one 64-byte chunk of K they are
+        # zeros, so only static shared memory that does not start as zeros (refilled each block) shows it
+        (
+            "      for (int r = 0; r < 4; ++r) partial[warp][lane][(t * 2 + u) * 4 + r] = acc[t][u][r];",
+            "      for (int r = 0; r < 4; ++r)\n"
+            "        if (warp < kFewWarps - 1) partial[warp][lane][(t * 2 + u) * 4 + r] = acc[t][u][r];",
+            0,
+            FEW_ROWS_ONE_CHUNK,
         ),
     ],
-    ids=["ldmatrix-order", "no-barrier", "wait-too-short", "few-rows-fragment"],
+    ids=["ldmatrix-order", "no-barrier", "wait-too-short", "few-rows-fragment", "unwritten-shared"],
 )
-def test_emulation_catches_broken_kernels(old, new, late):
-    """Each mutation of the kernel source fails here, so the emulation does run what it claims to check."""
+def test_emulation_catches_broken_kernels(old, new, late, shape):
+    """Each mutation of the kernel source fails here, on a shape the unmutated kernel passes (the tests above),
+    so the emulation does run what it claims to check."""
     broken = emu.load(emu.build(source=_broken(old, new)), OPTIN_SMEM, SMS)
     broken.sq_emu_schedule(0, 0, late, 1)
     broken.sq_onnx_cuda_select_few_rows(custom_ops.FEW_ROWS_MMA)  # a library of its own: nothing to restore
-    results = [
-        cases.gemm_case(broken, MEM, m, n, k, np.float32, seed=1)
-        for m, n, k in [(200, 300, 256), (12, 70, 1040)]
-    ]
-    assert any(not np.array_equal(got, expect) for got, expect in results)
+    got, expect = cases.gemm_case(broken, MEM, *shape, np.float32, seed=1)
+    assert not np.array_equal(got, expect)
+
+
+def test_the_mutation_shapes_pass_unmutated(lib):
+    with cases.few_rows_on_tensor_cores(lib):
+        for shape in (MMA_TILE, FEW_ROWS, FEW_ROWS_ONE_CHUNK):
+            got, expect = cases.gemm_case(lib, MEM, *shape, np.float32, seed=1)
+            np.testing.assert_array_equal(got, expect)
 
 
 # Run under the sanitizer by test_kernels_stay_in_bounds: a GEMM told K is 16 more than its operands hold.

@@ -14,7 +14,6 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static  // one block runs at a time: a static is the block's shared copy
 #define threadIdx (::sq_emu::ids().thread)
 #define blockIdx (::sq_emu::ids().block)
 #define blockDim (::sq_emu::ids().block_dim)

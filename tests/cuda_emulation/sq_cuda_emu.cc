@@ -38,6 +38,7 @@ constexpr int kDefaultDynamicSmem = 48 * 1024;
 constexpr size_t kStaticSmemGuess = 1024;  // cudaFuncGetAttributes' sharedSizeBytes: not known here
 constexpr size_t kStackBytes = 256 * 1024;
 long g_launches = 0;
+std::vector<std::pair<void*, size_t>> g_block_shared;  // static __shared__ arrays (block_shared)
 struct LaunchRecord {
   unsigned grid_x, grid_y, block;
   size_t smem;
@@ -213,6 +214,10 @@ bool check_launch_config(const void* kernel, dim3 grid, dim3 block, size_t smem)
 }  // namespace
 
 const ThreadIds& ids() { return me().ids; }
+void register_block_shared(void* p, size_t bytes) {
+  g_block_shared.emplace_back(p, bytes);
+  std::memset(p, 0xA5, bytes);
+}
 int lane() { return static_cast<int>(me().ids.thread.x % 32); }
 unsigned char* shared_base() { return g_block->smem.data(); }
 size_t shared_bytes() { return g_block->smem.size(); }
@@ -291,6 +296,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*bod
       b.fibers.assign(block.x, Fiber{});
       for (unsigned t = 0; t < block.x; ++t) b.fibers[t].ids = {dim3(t), dim3(bx, by), block, grid};
       b.smem.assign(smem, 0xA5);  // never zero: a read of shared memory nothing wrote shows
+      for (auto [p, bytes] : g_block_shared) std::memset(p, 0xA5, bytes);
       if (g_device.schedule == 2) std::shuffle(order.begin(), order.end(), rng);
       run_block(b, order, g_device.lockstep != 0);
     }

@@ -54,4 +54,15 @@ template <class T>
 T* dynamic_shared() {
   return reinterpret_cast<T*>(shared_base());
 }
+// Registers static shared storage; the emulator fills every registered region with 0xA5 at each block's
+// start (and now), as a GPU's shared memory holds whatever was there.
+void register_block_shared(void* p, size_t bytes);
+// `__shared__ T name[n]...;` is rewritten to `auto& name = block_shared<T[n]..., line>();`.
+template <class Array, int kLine>
+Array& block_shared() {
+  alignas(16) static Array storage;
+  static const bool registered = (register_block_shared(&storage, sizeof storage), true);
+  (void)registered;
+  return storage;
+}
 }  // namespace sq_emu
