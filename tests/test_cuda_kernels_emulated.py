@@ -2,9 +2,8 @@
 and mma.sync / ldmatrix / cp.async from the PTX fragment layouts), bit for bit against the numpy reference,
 so every path that only a GPU could run is checked in CI: the index arithmetic, the bounds and odd sizes,
 which kernel and tile each shape takes, the launches (grid limits, shared-memory opt-in), and that nothing
-depends on the order threads run in. Not covered: the CUTLASS Hopper kernel (wgmma and TMA are not
-emulated), timing, and reads of static __shared__ arrays before any write (those keep the previous block's
-values here; dynamic shared memory starts as 0xA5 in every block). With SQ_ONNX_EMULATION_SANITIZE=address the library is built with AddressSanitizer and
+depends on the order threads run in (shared memory, static and dynamic, starts as 0xA5 in every block).
+Not covered: the CUTLASS Hopper kernel (wgmma and TMA are not emulated) and timing. With SQ_ONNX_EMULATION_SANITIZE=address the library is built with AddressSanitizer and
 UndefinedBehaviorSanitizer (test_kernels_stay_in_bounds runs this module so), a CPU stand-in for
 compute-sanitizer's memcheck."""
 
