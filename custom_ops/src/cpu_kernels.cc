@@ -89,8 +89,8 @@ constexpr int64_t kRowsPerTask = 16;
 
 // Quantizes one float row with the per-token rule; writes the stored scale.
 template <typename T>
-void quantize_row(const float* v, int64_t k, int8_t* q, T* scale) {
-  const float amax = row_loops().max_abs(v, k);
+void quantize_row(const RowLoops& loops, const float* v, int64_t k, int8_t* q, T* scale) {
+  const float amax = loops.max_abs(v, k);
   T s = from_float<T>(std::max(amax, kEps) / 127.0f);
   *scale = s;
   float sf = to_float(s);
@@ -98,7 +98,7 @@ void quantize_row(const float* v, int64_t k, int8_t* q, T* scale) {
     std::memset(q, 0, static_cast<size_t>(k));
     return;
   }
-  row_loops().quantize(v, k, sf, q);
+  loops.quantize(v, k, sf, q);
 }
 
 template <typename Body>
@@ -118,13 +118,14 @@ template <typename T>
 void quantize_per_token(const T* x, const T* smooth_inv, int64_t rows, int64_t k, int8_t* q, T* scale,
                         const ParallelFor& pf) {
   for_row_blocks(rows, pf, [&](int64_t r0, int64_t r1) {
+    const RowLoops& loops = row_loops();  // this task's instruction set, asked once
     std::vector<float> v(static_cast<size_t>(k));
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * k;
       for (int64_t j = 0; j < k; ++j) {
         v[j] = smooth_inv ? to_float(xr[j]) * to_float(smooth_inv[j]) : to_float(xr[j]);
       }
-      quantize_row(v.data(), k, q + r * k, scale + r);
+      quantize_row(loops, v.data(), k, q + r * k, scale + r);
     }
   });
 }
@@ -155,14 +156,15 @@ template <typename T>
 void rmsnorm_quant(const T* x, const T* skip, const T* bias, const T* gamma, float eps, int64_t rows,
                    int64_t k, int8_t* q, T* scale, T* sum_out, const ParallelFor& pf) {
   for_row_blocks(rows, pf, [&](int64_t r0, int64_t r1) {
+    const RowLoops& loops = row_loops();  // this task's instruction set, asked once
     std::vector<float> v(static_cast<size_t>(k));
     for (int64_t r = r0; r < r1; ++r) {
       norm_input(x + r * k, skip ? skip + r * k : nullptr, bias, k, v.data(), sum_out ? sum_out + r * k : nullptr);
-      const double ss = row_loops().sum_squares(v.data(), k, 0.0f);
+      const double ss = loops.sum_squares(v.data(), k, 0.0f);
       float ms = k > 0 ? static_cast<float>(ss / static_cast<double>(k)) : 0.0f;
       float inv = 1.0f / std::sqrt(ms + eps);
       for (int64_t j = 0; j < k; ++j) v[j] = v[j] * inv * to_float(gamma[j]);
-      quantize_row(v.data(), k, q + r * k, scale + r);
+      quantize_row(loops, v.data(), k, q + r * k, scale + r);
     }
   });
 }
@@ -171,20 +173,21 @@ template <typename T>
 void layernorm_quant(const T* x, const T* gamma, const T* beta, float eps, int64_t rows, int64_t k,
                      int8_t* q, T* scale, const ParallelFor& pf) {
   for_row_blocks(rows, pf, [&](int64_t r0, int64_t r1) {
+    const RowLoops& loops = row_loops();  // this task's instruction set, asked once
     std::vector<float> v(static_cast<size_t>(k));
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * k;
       for (int64_t j = 0; j < k; ++j) v[j] = to_float(xr[j]);
-      const double s = row_loops().sum(v.data(), k);
+      const double s = loops.sum(v.data(), k);
       float mean = k > 0 ? static_cast<float>(s / static_cast<double>(k)) : 0.0f;
-      const double ss = row_loops().sum_squares(v.data(), k, mean);
+      const double ss = loops.sum_squares(v.data(), k, mean);
       float var = k > 0 ? static_cast<float>(ss / static_cast<double>(k)) : 0.0f;
       float inv = 1.0f / std::sqrt(var + eps);
       for (int64_t j = 0; j < k; ++j) {
         float y = (v[j] - mean) * inv * to_float(gamma[j]);
         v[j] = beta ? y + to_float(beta[j]) : y;
       }
-      quantize_row(v.data(), k, q + r * k, scale + r);
+      quantize_row(loops, v.data(), k, q + r * k, scale + r);
     }
   });
 }
