@@ -17,6 +17,8 @@ import numpy as np
 from sq_onnx.builtin_text import builtin_text
 from sq_onnx.errors import CalibrationError, TokenizerNotFoundError
 from sq_onnx.model_inputs import InputSpec, check_feed, complete_feed, is_language_model
+from sq_onnx.ort_session import session
+from sq_onnx.self_text import sample_windows, word_tokens
 
 Feeds = list[dict[str, np.ndarray]]
 TOKENIZER_FILE = "tokenizer.json"
@@ -90,6 +92,80 @@ def windows_from_ids(ids: np.ndarray, count: int, seq_len: int, min_count: int =
     return [{"input_ids": ids[i * seq_len : (i + 1) * seq_len][None, :]} for i in range(n)]
 
 
+BUILTIN_MIX = ("docs", "code", "self")
+BUILTIN_NAMES = {
+    "docs": "Python docs (pydoc_data.topics)",
+    "code": "standard-library code",
+    "self": "the model's own samples",
+}
+
+
+def builtin_feeds(
+    mix: Sequence[str],
+    count: int,
+    seq_len: int,
+    model_path: str | os.PathLike | None,
+    tokenizer_file: Path,
+    specs: list[InputSpec],
+    seed: int = 0,
+) -> tuple[Feeds, str]:
+    """``count`` windows drawn in turn from the built-in domains of ``mix``: the calibration parts of
+    Python's docs and standard-library code (``builtin_text``), and text the model samples itself
+    (``self_text``; only from a model file with a KV cache, else that share goes to the others).
+    Interleaved, so the first samples (the smoothing statistics) already span every domain."""
+    unknown = sorted(set(mix) - set(BUILTIN_MIX))
+    if unknown or not mix:
+        raise CalibrationError(
+            f"the built-in calibration mix takes {', '.join(BUILTIN_MIX)}; got {', '.join(mix) or 'nothing'}."
+        )
+    domains = list(dict.fromkeys(mix))
+    can_sample = model_path is not None and any(s.is_past_kv for s in specs)
+    if "self" in domains and not can_sample:
+        domains.remove("self")
+        if not domains:
+            raise CalibrationError(
+                "the model cannot sample its own calibration text (no KV cache, or no model file); "
+                "add docs or code to the built-in mix, or give --calib FILE."
+            )
+    per = -(-count // len(domains))
+    parts = []
+    for domain in domains:
+        if domain == "self":
+            parts.append(self_windows(model_path, tokenizer_file, specs, per, seq_len, seed))
+        else:
+            parts.append(
+                windows_from_ids(tokenize(builtin_text("calibration", domain), tokenizer_file), per, seq_len)
+            )
+    feeds = [part[i] for i in range(per) for part in parts if i < len(part)][:count]
+    return feeds, "built-in mix: " + ", ".join(BUILTIN_NAMES[d] for d in domains)
+
+
+def self_windows(
+    model_path: str | os.PathLike,
+    tokenizer_file: Path,
+    specs: list[InputSpec],
+    count: int,
+    seq_len: int,
+    seed: int,
+) -> Feeds:
+    """``count`` windows the float model samples from random word starts (``sq_onnx.self_text``)."""
+    rng = np.random.default_rng(seed)
+    first = word_tokens(tokenizer_file, rng, count)
+    sess = session(model_path)
+    return [{"input_ids": w} for w in sample_windows(sess, specs, first, seq_len, seed=seed)]
+
+
+def builtin_heldout_feeds(count: int, seq_len: int, tokenizer_file: Path) -> tuple[Feeds, str]:
+    """Verification windows from the held-out parts of the built-in texts (docs and code in turn),
+    which the built-in calibration never reads."""
+    parts = [
+        windows_from_ids(tokenize(builtin_text("heldout", d), tokenizer_file), count, seq_len)
+        for d in ("docs", "code")
+    ]
+    feeds = [part[i] for i in range(count) for part in parts if i < len(part)][:count]
+    return feeds, "held-out built-in text (Python docs, standard-library modules calibration never reads)"
+
+
 def feeds_from_arrays(arrays: Mapping[str, np.ndarray], specs: list[InputSpec]) -> Feeds:
     """Split arrays along their first axis into per-sample feeds (batch 1 where the model has a batch axis)."""
     if not arrays:
@@ -130,16 +206,20 @@ def load_calibration(
     tokenizer_dir: str | os.PathLike | None,
     count: int,
     seq_len: int,
+    mix: Sequence[str] = BUILTIN_MIX,
+    seed: int = 0,
 ) -> tuple[Feeds, str]:
-    """Return up to ``count`` complete, checked feeds and a one-line description of their origin."""
+    """Return up to ``count`` complete, checked feeds and a one-line description of their origin.
+    ``mix``: the built-in domains the default calibration draws on (see ``builtin_feeds``)."""
     if source is None or isinstance(source, (str, os.PathLike)):
         if source is None:
             if not is_language_model(specs):
                 raise CalibrationError(
                     "the model has no input_ids input, so the built-in text cannot calibrate it; give --calib FILE.npz."
                 )
-            ids = tokenize(builtin_text("calibration"), find_tokenizer(model_path, tokenizer_dir))
-            feeds, origin = windows_from_ids(ids, count, seq_len), "built-in text (pydoc_data.topics)"
+            feeds, origin = builtin_feeds(
+                mix, count, seq_len, model_path, find_tokenizer(model_path, tokenizer_dir), specs, seed
+            )
         else:
             path = Path(source)
             if not path.is_file():

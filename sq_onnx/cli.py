@@ -6,6 +6,7 @@ import argparse
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from sq_onnx.errors import SqOnnxError
@@ -148,7 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep matching node/weight names in float (repeatable)",
     )
     c.add_argument(
-        "--calib", default=None, help="calibration data: .txt, .jsonl or .npz (default: built-in text)"
+        "--calib", default=None, help="calibration data: .txt, .jsonl or .npz (default: the built-in mix)"
+    )
+    c.add_argument(
+        "--calib-mix",
+        default="docs,code,self",
+        help="without --calib: built-in domains to draw on, comma-separated: docs (Python's documentation), "
+        "code (standard-library source), self (text the model samples itself) (default docs,code,self)",
     )
     c.add_argument("--tokenizer", default=None, help="folder with tokenizer.json (default: beside the model)")
     c.add_argument("--samples", type=int, default=16, help="calibration samples (default 16)")
@@ -177,7 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("eval", help="perplexity through ONNX Runtime on held-out text")
     v.add_argument("model")
-    v.add_argument("--text", default=None, help="text file (default: the built-in held-out text)")
+    v.add_argument(
+        "--text",
+        "--texts",
+        dest="text",
+        action="append",
+        default=None,
+        help="text file, or a folder of .txt files (one domain each); repeatable: one row per domain, "
+        "then their mean and worst (default: the built-in held-out text)",
+    )
     v.add_argument("--seq-len", type=int, default=512)
     v.add_argument("--windows", type=int, default=16)
     v.add_argument("--tokenizer", default=None)
@@ -251,6 +266,7 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         act=args.act,
         kernels=args.kernels,
         exclude=tuple(args.exclude),
+        calib_mix=tuple(x.strip() for x in args.calib_mix.split(",") if x.strip()),
         samples=args.samples,
         seq_len=args.seq_len,
         verify_samples=args.verify_samples,
@@ -279,9 +295,10 @@ def _print_summary(result: dict[str, Any]) -> None:
     v = result.get("verify")
     if v:
         top1 = "n/a" if v["top1_agreement"] is None else f"{100 * v['top1_agreement']:.1f}%"
+        calib = result["calibration"]
         held = (
-            "held-out"
-            if result["calibration"]["held_out"]
+            f"held-out ({calib.get('verify_source', 'the calibration source')})"
+            if calib["held_out"]
             else "calibration (too few samples to hold any out)"
         )
         console.print(
@@ -341,32 +358,72 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from sq_onnx.evaluate import perplexity
+    from sq_onnx.evaluate import evaluate_domains, text_sources
 
-    result = perplexity(
+    texts = text_sources(args.text) if args.text else {"built-in held-out text": None}
+    result = evaluate_domains(
         args.model,
-        args.text,
+        texts,
         seq_len=args.seq_len,
         windows=args.windows,
         tokenizer=args.tokenizer,
         threads=args.threads,
         show_progress=not args.json and sys.stderr.isatty(),
         compare=args.compare,
-    ).to_dict()
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    print(
-        f"{result['model']}: perplexity {result['perplexity']:.3f} over {result['tokens']} tokens "
-        f"({result['windows']} windows of {result['seq_len']}) in {result['seconds']:.1f}s"
     )
-    c = result["compare"]
-    if c:
+    if args.json:
+        one = len(result.domains) == 1 and not (args.text and Path(args.text[0]).is_dir())
+        print(json.dumps(result.domains[0].to_dict() if one else result.to_dict(), indent=2))
+        return 0
+    if len(result.domains) == 1:
+        r = result.domains[0]
         print(
-            f"{c['model']}: perplexity {c['perplexity']:.3f}; ratio {c['perplexity_ratio']:.4f}, "
-            f"top-1 agreement {100 * c['top1_agreement']:.1f}%, KL divergence {c['kl_divergence']:.4f}"
+            f"{r.model}: perplexity {r.perplexity:.3f} over {r.tokens} tokens "
+            f"({r.windows} windows of {r.seq_len}) in {r.seconds:.1f}s"
         )
+        c = r.compare
+        if c:
+            print(
+                f"{c['model']}: perplexity {c['perplexity']:.3f}; ratio {c['perplexity_ratio']:.4f}, "
+                f"top-1 agreement {100 * c['top1_agreement']:.1f}%, KL divergence {c['kl_divergence']:.4f}"
+            )
+        return 0
+    print(domains_table(result))
     return 0
+
+
+def domains_table(result) -> str:
+    """One row per domain (and the mean and worst when there is a reference), as aligned text."""
+    compared = result.mean is not None
+    head = ["domain", "perplexity", "windows"] + (["reference", "ratio", "KL", "top-1"] if compared else [])
+    rows = []
+    for r in result.domains:
+        row = [r.domain, f"{r.perplexity:.3f}", str(r.windows)]
+        if compared:
+            c = r.compare
+            row += [
+                f"{c['perplexity']:.3f}",
+                f"{c['perplexity_ratio']:.4f}",
+                f"{c['kl_divergence']:.4f}",
+                f"{100 * c['top1_agreement']:.1f}%",
+            ]
+        rows.append(row)
+    for label, agg in (("mean", result.mean), ("worst", result.worst)) if compared else ():
+        rows.append(
+            [
+                label,
+                "",
+                "",
+                "",
+                f"{agg['perplexity_ratio']:.4f}",
+                f"{agg['kl_divergence']:.4f}",
+                f"{100 * agg['top1_agreement']:.1f}%",
+            ]
+        )
+    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)).rstrip() for x in [head, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

@@ -16,11 +16,11 @@ import onnx_ir as ir
 from sq_onnx import __version__
 from sq_onnx.alpha_search import search_alpha_layer, search_alpha_model
 from sq_onnx.calibrate import calibrate
-from sq_onnx.calibration_data import load_calibration
+from sq_onnx.calibration_data import builtin_heldout_feeds, find_tokenizer, load_calibration
 from sq_onnx.errors import NothingToQuantizeError, SqOnnxError
 from sq_onnx.hessian import ChunkedHessians
 from sq_onnx.layer_error import LayerError, layer_errors
-from sq_onnx.model_inputs import input_specs
+from sq_onnx.model_inputs import check_feed, complete_feed, input_specs
 from sq_onnx.model_io import check_output_path, has_external_tensors, load_model, save_model
 from sq_onnx.opset_upgrade import upgrade_if_needed
 from sq_onnx.passes.analyze import analyze
@@ -161,10 +161,17 @@ def _run_pipeline(
         specs,
         model_path=input_path,
         tokenizer_dir=tokenizer,
-        count=pool + recipe.verify_samples,
+        count=pool if calibration is None else pool + recipe.verify_samples,
         seq_len=recipe.seq_len,
+        mix=recipe.calib_mix,
+        seed=recipe.seed,
     )
-    pool_feeds, verify_feeds, held_out = _split(feeds, pool, recipe.verify_samples)
+    if calibration is None:  # verify on built-in text the calibration never reads, not on its own kind
+        verify_feeds, verify_origin = held_out_feeds(recipe, specs, input_path, tokenizer)
+        pool_feeds, held_out = feeds, True
+    else:
+        pool_feeds, verify_feeds, held_out = _split(feeds, pool, recipe.verify_samples)
+        verify_origin = f"held-out part of {origin}"
     calib_feeds = pool_feeds[: recipe.samples]
     src, upgrade = upgrade_if_needed(src, recipe, calib_feeds[0] if calib_feeds else None)
     if upgrade is not None:  # node objects changed: analyse the upgraded graph
@@ -180,6 +187,7 @@ def _run_pipeline(
             "samples": len(calib_feeds),
             "verify_samples": len(verify_feeds),
             "held_out": held_out,
+            "verify_source": verify_origin,
         },
         skipped=[asdict(s) for s in analysis.skipped],
         kept_float=[{"node": p.name, "reason": p.reason} for p in plans if p.action == "keep"],
@@ -277,6 +285,18 @@ def _run_pipeline(
     keep_layout = input_path is not None and has_external_tensors(src)
     save_model(work, out, external_data=recipe.external_data or keep_layout)
     return result, parts
+
+
+def held_out_feeds(
+    recipe: Recipe, specs: list, model_path: Path | None, tokenizer: str | os.PathLike | None
+) -> tuple[list[dict[str, np.ndarray]], str]:
+    """Verification samples for the built-in calibration: held-out docs and code (``builtin_heldout_feeds``)."""
+    if recipe.verify_samples == 0:
+        return [], "none"
+    feeds, origin = builtin_heldout_feeds(
+        recipe.verify_samples, recipe.seq_len, find_tokenizer(model_path, tokenizer)
+    )
+    return [complete_feed(check_feed(f, specs), specs) for f in feeds], origin
 
 
 def _weight_dtype(analysis: Any) -> str:

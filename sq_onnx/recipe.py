@@ -15,6 +15,7 @@ ACT_MODES = ("per-token", "per-tensor", "static")
 KERNELS = ("ort", "sq_onnx")
 LM_HEAD_MODES = ("4", "8", "fp")
 ALPHA_SEARCHES = ("none", "model", "layer")
+CALIB_DOMAINS = ("docs", "code", "self")
 
 # Default α per scheme. w8a8: the SmoothQuant paper's 0.5. w4: 0.4, the best of a sweep on SmolLM2
 # (tools/RESULTS.md, "Choosing the W4 default α").
@@ -70,6 +71,9 @@ class Recipe:
     # "ort": stock ONNX Runtime ops; "sq_onnx": the custom-op library (fused norm + quantize, CUDA kernels)
     kernels: str = "ort"
     exclude: tuple[str, ...] = field(default_factory=tuple)
+    # Without --calib: the built-in domains calibration draws on, in turn (docs, code, the model's own
+    # samples). One domain calibrates GPTQ to that domain only (tools/RESULTS.md, multi-domain table).
+    calib_mix: tuple[str, ...] = ("docs", "code", "self")
     samples: int = 16
     seq_len: int = 256
     verify_samples: int = 2
@@ -78,6 +82,7 @@ class Recipe:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "calib_mix", tuple(self.calib_mix))
         self.validate()
 
     def validate(self) -> None:
@@ -115,6 +120,11 @@ class Recipe:
             raise RecipeError(f"--kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}.")
         if self.kernels == "sq_onnx" and (self.scheme != "w8a8" or self.act != "per-token"):
             raise RecipeError("--kernels sq_onnx is for --scheme w8a8 with --act per-token.")
+        if not self.calib_mix or set(self.calib_mix) - set(CALIB_DOMAINS):
+            raise RecipeError(
+                f"--calib-mix takes a comma-separated subset of {', '.join(CALIB_DOMAINS)}, "
+                f"got {','.join(self.calib_mix) or 'nothing'}."
+            )
         if self.samples < 1:
             raise RecipeError(f"samples must be at least 1, got {self.samples}.")
         if self.seq_len < 2:
@@ -147,6 +157,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["exclude"] = list(self.exclude)
+        data["calib_mix"] = list(self.calib_mix)
         return data
 
     def to_json(self) -> str:

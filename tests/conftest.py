@@ -45,6 +45,19 @@ def opt_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llama_kv(tmp_path_factory):
+    """(torch model, folder from `sq-onnx export` of its HF folder: model.onnx with a KV cache, tokenizer)."""
+    from sq_onnx.cli import main
+
+    folder = tmp_path_factory.mktemp("hf_llama_kv")
+    model = tiny_models.build_torch_model("llama", seed=4, layers=2)
+    tiny_models.save_hf_folder(model, folder)
+    out = folder.parent / "llama_kv_export"
+    assert main(["export", str(folder), "-o", str(out), "--quiet"]) == 0
+    return model, out
+
+
+@pytest.fixture(scope="session")
 def calib_ids() -> dict[str, np.ndarray]:
     """Token-id calibration arrays (first axis = samples)."""
     return {"input_ids": tiny_models.random_ids(10, 32)}

@@ -123,7 +123,7 @@ def test_inspect_calib_ranks_outlier_channels(llama_dir, tmp_path, capsys, monke
     assert sum(hits) >= 4, "both norms of both layers have injected outlier channels"
     assert main(["inspect", str(llama_dir / "model.onnx"), "--calib"]) == 0
     out = capsys.readouterr().out
-    assert "Activation outliers" in out and "built-in text" in out and "self_attn" in out
+    assert "Activation outliers" in out and "built-in mix" in out and "self_attn" in out
 
 
 def _no_quant_model(tmp_path):

@@ -1,49 +1,41 @@
-"""Accuracy table on the real model: sq-onnx against ONNX Runtime's own quantizers, one command.
+"""Accuracy table on the real model, per text domain: sq-onnx against ONNX Runtime's own quantizers.
 
-    python tools/accuracy_table.py [--model demo_out/fp32/model.onnx] [--windows 16]
+    python tools/accuracy_table.py [--split test|validation|builtin] [--windows 8] [--only REGEX]
 
-Exports SmolLM2-135M-Instruct first when the model is missing (as tools/demo.py does). Each conversion
-runs in its own process (so its peak RSS is its own); each row is evaluated with ``sq-onnx eval --compare
-fp32`` on the held-out built-in text (never used for calibration), 512-token windows: perplexity and the
-mean KL divergence from fp32's next-token distribution (the steadier of the two). Prints a table and writes
-markdown beside the model (accuracy.md).
+Exports SmolLM2-135M-Instruct first when the model is missing (as tools/demo.py does) and writes the
+multi-domain yardstick (tools/yardstick.py) when it is missing. Each conversion runs in its own process (so
+its peak RSS is its own) and is kept under demo_out/accuracy/ (``--reuse`` skips conversions already
+there); each row is evaluated like ``sq-onnx eval --texts yardstick/SPLIT --compare fp32`` (512-token
+windows): per domain, the perplexity increase over fp32 and the mean KL divergence from fp32's next-token
+distribution (the steadier of the two); then the mean and worst KL. Tune on ``validation``, report on
+``test``. Prints the table and writes markdown beside the model (accuracy-SPLIT.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 W4 = ["convert", "--scheme", "w4"]
+OLD = [*W4, "--calib-mix", "docs"]  # the default calibration until 2026-12-04: Python's docs alone
 W4_RTN = [*W4, "--no-gptq", "--no-clip-search"]
 PLAIN = [*W4, "--no-gptq-asymmetric"]  # GPTQ on its own layer loss (the default before 2026-11-24)
 W8A8 = ["convert", "--scheme", "w8a8"]
 ROWS: dict[str, list[str] | None] = {
     "fp32": None,
     "ORT MatMulNBitsQuantizer (RTN, b128, asym)": ["ort-rtn"],
-    "sq-onnx w4, no smoothing, RTN": [*W4_RTN, "--no-smooth"],
-    "sq-onnx w4, alpha 0.4, RTN": W4_RTN,
-    "sq-onnx w4, --alpha auto, RTN": [*W4_RTN, "--alpha", "auto"],
-    "sq-onnx w4, --alpha-search layer, RTN": [*W4_RTN, "--alpha-search", "layer"],
-    "sq-onnx w4, alpha 0.4 + clip search": [*W4, "--no-gptq"],
-    "sq-onnx w4, alpha 0.4 + clip + plain GPTQ, 128 samples": [*PLAIN, "--gptq-refine", "0"],
-    "sq-onnx w4, alpha 0.4 + clip + plain GPTQ + 4 refine rounds": PLAIN,
-    "sq-onnx w4, alpha 0.4 + clip + plain GPTQ, --gptq-sequential": [*PLAIN, "--gptq-sequential"],
-    "sq-onnx w4, clip + asymmetric GPTQ, --gptq-refine 0": [*W4, "--gptq-refine", "0"],
-    "sq-onnx w4, alpha 0.4 + clip + asymmetric GPTQ + 4 refine rounds (default, 128 samples)": W4,
-    "sq-onnx w4, clip + asymmetric GPTQ, 256 samples": [*W4, "--gptq-samples", "256"],
-    "sq-onnx w4, no smoothing, clip + asymmetric GPTQ": [*W4, "--no-smooth"],
-    "sq-onnx w4, --alpha auto, clip + asymmetric GPTQ": [*W4, "--alpha", "auto"],
-    "sq-onnx w4, clip + asymmetric GPTQ, every sample": [*W4, "--gptq-samples", "512"],
-    "ORT quantize_dynamic (int8 weights)": ["ort-dynamic"],
-    "sq-onnx w8a8, no smoothing": [*W8A8, "--no-smooth"],
-    "sq-onnx w8a8, alpha 0.5 (default)": W8A8,
-    "sq-onnx w8a8, --alpha auto": [*W8A8, "--alpha", "auto"],
+    "sq-onnx w4 --no-gptq, docs calibration (old)": [*OLD, "--no-gptq"],
+    "sq-onnx w4 default until 2026-12-04 (GPTQ asym + 4 refine, docs calibration)": OLD,
+    "sq-onnx w4 --no-gptq (built-in mix)": [*W4, "--no-gptq"],
+    "sq-onnx w4 default (built-in mix)": W4,
+    "sq-onnx w8a8 default": W8A8,
 }
 
 
@@ -78,6 +70,49 @@ def size_mb(path: Path) -> float:
     return round((path.stat().st_size + (data.stat().st_size if data.exists() else 0)) / 1e6, 1)
 
 
+def slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:80]
+
+
+def convert_row(
+    label: str, spec: list[str], src: Path, out_dir: Path, reuse: bool, console
+) -> tuple[Path, dict]:
+    path = out_dir / f"{slug(label)}.onnx"
+    cost_file = path.with_suffix(".cost.json")
+    if reuse and path.exists() and cost_file.exists():
+        return path, json.loads(cost_file.read_text())
+    console.print(f"converting: {label} ...")
+    cmd = [sys.executable, __file__, "--worker", spec[0], str(src), str(path), *spec[1:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{label}: {proc.stderr.strip().splitlines()[-1:]}")
+    cost = json.loads(proc.stdout.strip().splitlines()[-1])
+    cost_file.write_text(json.dumps(cost))
+    return path, cost
+
+
+def texts_for(split: str, yardstick: Path) -> dict[str, Path | None]:
+    from sq_onnx.evaluate import text_sources
+
+    if split == "builtin":
+        return {"python-docs (held out)": None}
+    folder = yardstick / split
+    if not folder.is_dir():
+        subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("yardstick.py")), "--out", str(yardstick)],
+            check=True,
+        )
+    return dict(text_sources([folder]))
+
+
+def markdown(rows: list[dict], domains: list[str]) -> str:
+    cols = ["method", *domains, "mean KL", "worst KL", "convert s", "peak MB", "size MB"]
+    md = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    for r in rows:
+        md += "| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |\n"
+    return md
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(sys.argv[2:])
@@ -86,8 +121,18 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="demo_out/fp32/model.onnx")
-    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--split", choices=("test", "validation", "builtin"), default="test")
+    parser.add_argument("--yardstick", default="yardstick", help="folder of tools/yardstick.py's texts")
+    parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--only", default=None, help="regex: run only matching rows (fp32 always runs)")
+    parser.add_argument("--reuse", action="store_true", help="reuse conversions already written")
+    parser.add_argument(
+        "--row",
+        action="append",
+        default=[],
+        metavar="LABEL=ARGS",
+        help="an extra row: a label, '=', then convert arguments (e.g. 'ridge=--scheme w4 --no-gptq')",
+    )
     args = parser.parse_args()
     src = Path(args.model)
     if not src.exists():
@@ -99,58 +144,50 @@ def main() -> None:
         export(find_gguf(), src.parent)
     out_dir = src.parent.parent / "accuracy"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "tokenizer.json").write_bytes((src.parent / "tokenizer.json").read_bytes())
-    import re
-
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json"):
+        if (src.parent / name).exists():
+            (out_dir / name).write_bytes((src.parent / name).read_bytes())
     from rich.console import Console
-    from rich.table import Table
 
-    from sq_onnx.evaluate import perplexity
+    from sq_onnx.evaluate import evaluate_domains
 
+    rows_spec = dict(ROWS)
+    for extra in args.row:
+        label, _, rest = extra.partition("=")
+        rows_spec[label] = ["convert", *shlex.split(rest)]
     console = Console(stderr=True)
+    texts = texts_for(args.split, Path(args.yardstick))
     rows = []
-    for i, (label, spec) in enumerate(ROWS.items()):
-        if spec is not None and args.only and not re.search(args.only, label):
+    base = evaluate_domains(src, texts, windows=args.windows)
+    fp32_ppl = {d.domain: d.perplexity for d in base.domains}
+    rows.append({"method": "fp32 (perplexity)", **{k: f"{v:.2f}" for k, v in fp32_ppl.items()}})
+    for label, spec in rows_spec.items():
+        if spec is None or (args.only and not re.search(args.only, label)):
             continue
-        if spec is None:
-            path, cost = src, {"seconds": None, "peak_rss_mb": None}
-        else:
-            path = out_dir / f"row{i}.onnx"
-            console.print(f"[{i + 1}/{len(ROWS)}] {label} ...")
-            kind = spec[0]
-            cmd = [sys.executable, __file__, "--worker", kind, str(src), str(path), *spec[1:]]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode:
-                console.print(f"  failed: {proc.stderr.strip().splitlines()[-1:]}")
-                continue
-            cost = json.loads(proc.stdout.strip().splitlines()[-1])
-        ev = perplexity(path, windows=args.windows, compare=None if spec is None else src)
-        # KL to fp32: perplexity moves by tenths of a point with rounding luck, KL does not
-        kl = None if ev.compare is None else round(ev.compare["kl_divergence"], 4)
-        rows.append(
-            {
-                "method": label,
-                "perplexity": round(ev.perplexity, 3),
-                "kl_to_fp32": kl,
-                "size_mb": size_mb(path),
-                **cost,
-            }
-        )
-        console.print(f"  perplexity {ev.perplexity:.3f}, KL to fp32 {kl}")
-    base = rows[0]["perplexity"]
-    for row in rows:
-        row["vs_fp32"] = f"{100 * (row['perplexity'] / base - 1):+.1f}%"
-    table = Table(title=f"SmolLM2-135M-Instruct, held-out text, {args.windows} x 512 tokens")
-    for col in rows[0]:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*["-" if v is None else str(v) for v in row.values()])
-    Console().print(table)
-    cols = list(rows[0])
-    md = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-    md += "".join("| " + " | ".join("-" if r[c] is None else str(r[c]) for c in cols) + " |\n" for r in rows)
-    (out_dir / "accuracy.md").write_text(md)
-    console.print(f"markdown written to {out_dir / 'accuracy.md'}")
+        try:
+            path, cost = convert_row(label, spec, src, out_dir, args.reuse, console)
+        except RuntimeError as exc:
+            console.print(f"  failed: {exc}")
+            continue
+        ev = evaluate_domains(path, texts, windows=args.windows, compare=src)
+        row = {"method": label}
+        for d in ev.domains:
+            row[d.domain] = (
+                f"{100 * (d.perplexity / fp32_ppl[d.domain] - 1):+.1f}% ({d.compare['kl_divergence']:.3f})"
+            )
+        row["mean KL"] = f"{ev.mean['kl_divergence']:.4f}"
+        row["worst KL"] = f"{ev.worst['kl_divergence']:.4f} ({ev.worst['kl_divergence_domain']})"
+        row.update({"convert s": cost["seconds"], "peak MB": cost["peak_rss_mb"], "size MB": size_mb(path)})
+        rows.append(row)
+        console.print(f"  {label}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "method"))
+    domains = list(fp32_ppl)
+    md = markdown(rows, domains)
+    print(md)
+    note = (
+        f"{args.split} domains, {args.windows} x 512 tokens each; cell = perplexity increase over fp32 (KL)"
+    )
+    (out_dir / f"accuracy-{args.split}.md").write_text(f"{note}\n\n{md}")
+    console.print(f"markdown written to {out_dir / f'accuracy-{args.split}.md'}")
 
 
 if __name__ == "__main__":
