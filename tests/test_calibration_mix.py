@@ -17,8 +17,6 @@ from sq_onnx.model_io import load_model
 from sq_onnx.ort_session import session
 from sq_onnx.self_text import TOP_K, _softmax_sample, sample_windows
 
-import tiny_models
-
 
 def _decode(tok_file, feed) -> str:
     return Tokenizer.from_file(str(tok_file)).decode(feed["input_ids"][0].tolist())
@@ -95,7 +93,9 @@ def test_mix_without_a_kv_cache_drops_self_and_says_so(llama_dir):
 
 def test_convert_default_calibrates_on_the_mix_and_verifies_on_heldout_text(llama_kv, tmp_path):
     _, folder = llama_kv
-    result = convert(folder / "model.onnx", tmp_path / "w.onnx", Recipe(samples=3, seq_len=16, gptq_samples=6))
+    result = convert(
+        folder / "model.onnx", tmp_path / "w.onnx", Recipe(samples=3, seq_len=16, gptq_samples=6)
+    )
     assert result.calibration["source"].endswith("the model's own samples")
     assert result.calibration["verify_source"].startswith("held-out built-in text")
     assert result.verify["samples"] == 2
@@ -104,5 +104,7 @@ def test_convert_default_calibrates_on_the_mix_and_verifies_on_heldout_text(llam
 def test_bad_mix_is_one_sentence_and_exit_2(llama_dir, tmp_path, capsys):
     with pytest.raises(RecipeError, match="--calib-mix"):
         Recipe(calib_mix=("docs", "news"))
-    code = main(["convert", str(llama_dir / "model.onnx"), "-o", str(tmp_path / "o.onnx"), "--calib-mix", "web"])
+    code = main(
+        ["convert", str(llama_dir / "model.onnx"), "-o", str(tmp_path / "o.onnx"), "--calib-mix", "web"]
+    )
     assert code == 2 and "--calib-mix" in capsys.readouterr().err

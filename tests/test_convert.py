@@ -133,7 +133,9 @@ def test_jsonl_and_default_text_calibration(llama_dir, tmp_path):
     convert(llama_dir / "model.onnx", tmp_path / "a.onnx", Recipe(samples=2, seq_len=32), calibration=str(jl))
     result = convert(llama_dir / "model.onnx", tmp_path / "b.onnx", Recipe(samples=2, seq_len=32))
     # no KV cache: the model cannot sample its own text, so the mix is docs and code
-    assert result.calibration["source"] == "built-in mix: Python docs (pydoc_data.topics), standard-library code"
+    assert (
+        result.calibration["source"] == "built-in mix: Python docs (pydoc_data.topics), standard-library code"
+    )
     assert result.calibration["verify_source"].startswith("held-out built-in text")
 
 

@@ -75,7 +75,10 @@ def test_mean_and_worst_over_domains_against_a_reference(llama_kv, w4, texts):
 def test_cli_prints_a_row_per_domain_and_json(llama_kv, w4, texts, capsys):
     _, folder = llama_kv
     ref = str(folder / "model.onnx")
-    assert main(["eval", str(w4), "--texts", str(texts), "--seq-len", "32", "--windows", "2", "--compare", ref]) == 0
+    assert (
+        main(["eval", str(w4), "--texts", str(texts), "--seq-len", "32", "--windows", "2", "--compare", ref])
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:2] == ["domain", "perplexity"]
     assert [ln.split()[0] for ln in lines[2:]] == ["code", "prose", "mean", "worst"]
