@@ -12,7 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sq_onnx.passes.blockwise import BlockQuantized, quantize_blockwise
-from sq_onnx.passes.gptq import gptq_quantize
+from sq_onnx.passes.gptq import DAMP, gptq_quantize
 from sq_onnx.passes.graph_edit import add_initializer, replace_node
 from sq_onnx.passes.linears import Linear
 
@@ -38,6 +38,7 @@ def quantize_weight(
     hessian: np.ndarray | None = None,
     act_order: bool = False,
     refine_rounds: int = 0,
+    damp: float = DAMP,
 ) -> BlockQuantized:
     """A [K, N] float32 weight in MatMulNBits' layout: GPTQ's error feedback when the input's ``hessian``
     is given, else per-block rounding (with the clip search weighted by ``importance``)."""
@@ -51,6 +52,7 @@ def quantize_weight(
             clip_search=clip_search,
             act_order=act_order,
             refine_rounds=refine_rounds,
+            damp=damp,
         )
     return quantize_blockwise(w, bits, block_size, symmetric, clip_search=clip_search, importance=importance)
 

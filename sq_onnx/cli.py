@@ -114,6 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
         "GPTQ, on the same layer loss (default 4; 0 = plain GPTQ, faster)",
     )
     c.add_argument(
+        "--gptq-damp",
+        type=float,
+        default=Recipe.gptq_damp,
+        help=f"W4: GPTQ's dampening, a fraction of mean(diag H) (default {Recipe.gptq_damp})",
+    )
+    c.add_argument(
+        "--gptq-target-ridge",
+        type=float,
+        default=Recipe.gptq_target_ridge,
+        help="W4: ridge of the asymmetric target's correction, a fraction of mean(diag H) "
+        f"(default {Recipe.gptq_target_ridge})",
+    )
+    c.add_argument(
         "--no-act-order",
         action="store_true",
         help="GPTQ: quantize channels in their order instead of the most active first",
@@ -257,6 +270,8 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         gptq=not args.no_gptq,
         gptq_samples=args.gptq_samples,
         gptq_refine=args.gptq_refine,
+        gptq_damp=args.gptq_damp,
+        gptq_target_ridge=args.gptq_target_ridge,
         gptq_sequential=args.gptq_sequential,
         gptq_asymmetric=args.gptq_asymmetric,
         act_order=not args.no_act_order,

@@ -253,7 +253,11 @@ def _run_pipeline(
             result.calibration["hessian_samples"] = len(hessian_feeds)
             if recipe.gptq_sequential or recipe.gptq_asymmetric:
                 hessians = SequentialHessians(
-                    work, gptq_batches(work, recipe), hessian_feeds, float_target=recipe.gptq_asymmetric
+                    work,
+                    gptq_batches(work, recipe),
+                    hessian_feeds,
+                    float_target=recipe.gptq_asymmetric,
+                    target_ridge=recipe.gptq_target_ridge,
                 )
                 weight_target = hessians.float_target if recipe.gptq_asymmetric else None
             else:

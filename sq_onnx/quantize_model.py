@@ -83,6 +83,7 @@ def quantize_graph(
             hessian=hessian,
             act_order=recipe.act_order,
             refine_rounds=recipe.gptq_refine,
+            damp=recipe.gptq_damp,
         )
         level = recipe.lm_head_accuracy_level if first.lm_head else recipe.accuracy_level
         lo = 0

@@ -62,6 +62,10 @@ class Recipe:
     # mean KL to fp32 on the whole held-out text 0.0811 -> 0.0753 with 4 rounds for ~70 s, while
     # 256 samples instead of 128 give 0.0781 for ~120-170 s (tools/RESULTS.md)
     gptq_refine: int = 4
+    # GPTQ: dampening of H (fraction of mean(diag H)) in the error feedback and the refinement
+    gptq_damp: float = 0.01
+    # GPTQ asymmetric target: ridge of the correction H⁻¹X_qᵀ(X_f − X_q)W, as a fraction of mean(diag H)
+    gptq_target_ridge: float = 0.1
     accuracy_level: int = 0
     lm_head: str = "8"
     # ORT's 8-bit MatMulNBits at level 0 is ~5x slower than fp32 for decode on AVX2 CPUs; level 4
@@ -114,6 +118,8 @@ class Recipe:
             raise RecipeError(f"--act must be one of {', '.join(ACT_MODES)}, got {self.act!r}.")
         if not 0 <= self.gptq_refine <= 100:
             raise RecipeError(f"--gptq-refine must be between 0 and 100, got {self.gptq_refine}.")
+        if not (0.0 < self.gptq_damp <= 10.0 and 0.0 < self.gptq_target_ridge <= 10.0):
+            raise RecipeError("--gptq-damp and --gptq-target-ridge must be in (0, 10].")
         if self.gptq_samples < 1:
             raise RecipeError(f"--gptq-samples must be at least 1, got {self.gptq_samples}.")
         if self.kernels not in KERNELS:

@@ -141,11 +141,13 @@ class SequentialHessians:
         batches: list[list[Linear]],
         feeds: list[dict[str, np.ndarray]],
         float_target: bool = False,
+        target_ridge: float = TARGET_DAMP,
     ) -> None:
         self._feeds = feeds
         model.graph.sort()  # plan_runs walks the nodes in topological order
         self._runs = plan_runs(model.graph, batches)
         self._channels = [linears[0].shape[0] for linears in batches]
+        self.target_ridge = target_ridge
         self._streams = [_Stream(model)] + ([_Stream(copy_model(model))] if float_target else [])
         self.cross: np.ndarray | None = None  # X_qᵀX_f of the last batch's input
         self._hessian: np.ndarray | None = None
@@ -167,7 +169,7 @@ class SequentialHessians:
         copy)."""
         if self.cross is None or self._hessian is None:
             return w
-        return float_target_weight(w, self._hessian, self.cross)
+        return float_target_weight(w, self._hessian, self.cross, self.target_ridge)
 
 
 class _Stream:

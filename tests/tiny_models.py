@@ -30,6 +30,17 @@ def _inject_outliers(model) -> None:
                 param[list(OUTLIER_CHANNELS)] *= OUTLIER_GAIN
 
 
+def _randomize_biases(model) -> None:
+    """transformers initialises every bias to 0, and a zero bias cannot show that a quantizer dropped it:
+    give each linear and norm bias (Qwen2's q/k/v, all of OPT's) random values of a realistic size."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.1)
+
+
 def build_torch_model(arch: str = "llama", seed: int = 0, layers: int = 2):
     import torch
     import transformers as tf
@@ -64,6 +75,7 @@ def build_torch_model(arch: str = "llama", seed: int = 0, layers: int = 2):
         raise ValueError(arch)
     model.eval()
     _inject_outliers(model)
+    _randomize_biases(model)
     return model
 
 

@@ -124,7 +124,11 @@ def main() -> None:
     parser.add_argument("--split", choices=("test", "validation", "builtin"), default="test")
     parser.add_argument("--yardstick", default="yardstick", help="folder of tools/yardstick.py's texts")
     parser.add_argument("--windows", type=int, default=8)
-    parser.add_argument("--only", default=None, help="regex: run only matching rows (fp32 always runs)")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="regex: run only the matching built-in rows (fp32 and --row rows always run)",
+    )
     parser.add_argument("--reuse", action="store_true", help="reuse conversions already written")
     parser.add_argument(
         "--row",
@@ -151,7 +155,7 @@ def main() -> None:
 
     from sq_onnx.evaluate import evaluate_domains
 
-    rows_spec = dict(ROWS)
+    rows_spec = {k: v for k, v in ROWS.items() if not args.only or re.search(args.only, k)}
     for extra in args.row:
         label, _, rest = extra.partition("=")
         rows_spec[label] = ["convert", *shlex.split(rest)]
@@ -162,7 +166,7 @@ def main() -> None:
     fp32_ppl = {d.domain: d.perplexity for d in base.domains}
     rows.append({"method": "fp32 (perplexity)", **{k: f"{v:.2f}" for k, v in fp32_ppl.items()}})
     for label, spec in rows_spec.items():
-        if spec is None or (args.only and not re.search(args.only, label)):
+        if spec is None:
             continue
         try:
             path, cost = convert_row(label, spec, src, out_dir, args.reuse, console)
