@@ -34,7 +34,10 @@ def test_w4_runs_with_matmulnbits_only(fixture, request, tmp_path, calib_ids):
     assert head[0].attributes["accuracy_level"].value == 4
     assert {n.attributes["accuracy_level"].value for n in model.graph if n.op_type == "MatMulNBits"} == {0, 4}
     feed = ids_feed()
-    assert rel_error(run(folder / "model.onnx", feed), run(out, feed)) < 0.6
+    # measured 0.0849 / 0.0839 / 0.0323 (llama / llama_fused / opt; 2026-12-04, AVX-512 VNNI;
+    # SQ_ONNX_PRINT_ERRORS=1 pytest -s tests/test_convert.py -k w4_runs): bounds about 2x
+    bound = {"llama_dir": 0.17, "llama_fused": 0.17, "opt_dir": 0.065}[fixture]
+    assert rel_error(run(folder / "model.onnx", feed), run(out, feed)) < bound
     assert result.verify["top1_agreement"] > 0.5
 
 
@@ -50,7 +53,9 @@ def test_w8a8_runs_with_integer_ops_only(fixture, request, tmp_path, calib_ids):
     assert ops.count("MatMulIntegerToFloat") == n_linears - 1 and ops.count("MatMulNBits") == 1
     assert _float_linears_on_constants(out) == []
     feed = ids_feed()
-    assert rel_error(run(folder / "model.onnx", feed), run(out, feed)) < 0.1
+    # measured 0.0268 / 0.0268 / 0.0128 (SQ_ONNX_PRINT_ERRORS=1 pytest -s tests/test_convert.py -k w8a8_runs)
+    bound = {"llama_dir": 0.054, "llama_fused": 0.054, "opt_dir": 0.026}[fixture]
+    assert rel_error(run(folder / "model.onnx", feed), run(out, feed)) < bound
 
 
 @pytest.mark.parametrize("fixture", ["llama_dir", "opt_dir"])
@@ -78,14 +83,17 @@ def test_w8a8_activation_modes(act, llama_dir, tmp_path, calib_ids):
     if act == "static":
         assert "QuantizeLinear" in ops and "ReduceMax" not in ops
     feed = ids_feed()
-    assert rel_error(run(llama_dir / "model.onnx", feed), run(out, feed)) < 0.2
+    # measured 0.0527 per-tensor, 0.0840 static (SQ_ONNX_PRINT_ERRORS=1 pytest -s tests/test_convert.py -k modes)
+    bound = {"per-tensor": 0.105, "static": 0.17}[act]
+    assert rel_error(run(llama_dir / "model.onnx", feed), run(out, feed)) < bound
 
 
 def test_w8a8_gemm_bias_is_kept(opt_dir, tmp_path, calib_ids):
     out = tmp_path / "opt.onnx"
     convert(opt_dir / "model.onnx", out, Recipe(scheme="w8a8", samples=4), calibration=calib_ids)
     feed = ids_feed()
-    assert rel_error(run(opt_dir / "model.onnx", feed), run(out, feed)) < 0.05
+    # measured 0.0128 with OPT's random biases (SQ_ONNX_PRINT_ERRORS=1 pytest -s tests/test_convert.py -k gemm_bias)
+    assert rel_error(run(opt_dir / "model.onnx", feed), run(out, feed)) < 0.026
 
 
 def test_lm_head_and_exclude_options(llama_dir, tmp_path, calib_ids):

@@ -127,7 +127,9 @@ def test_convert_with_each_hessian_mode(llama_dir, tmp_path, calib_ids, options)
     assert all(result.recipe[k] == v for k, v in options.items())
     feed = ids_feed(12, seed=9)
     ref = run(llama_dir / "model.onnx", feed)
-    assert rel_error(ref, run(out, feed)) < 0.2
+    # measured 0.0564-0.0604 over the three modes (SQ_ONNX_PRINT_ERRORS=1 pytest -s
+    # tests/test_sequential_hessians.py -k each_hessian_mode)
+    assert rel_error(ref, run(out, feed)) < 0.12
 
 
 def test_sequential_hessians_on_a_bfloat16_model(llama_dir, tmp_path, calib_ids):
