@@ -119,16 +119,32 @@ def test_report_files_fields_and_plots(scheme, alpha, llama_dir, calib_ids, tmp_
     assert set(report) >= TOP_FIELDS
     assert report["sizes"]["output_bytes"] == out.stat().st_size
     assert report["groups"], "the tiny Llama has smoothable groups"
+    # Every field against values taken here, from the original graph, ORT and the saved graph
+    calibrated = report["calibration"]["samples"]
+    act = _act_absmax(
+        llama_dir / "model.onnx", [g["tensor"] for g in report["groups"]], calib_ids, calibrated
+    )
+    weights = {lin.name: lin.weight_kn() for lin in find_linears(ir.load(llama_dir / "model.onnx").graph)}
+    saved = [
+        v.const_value.numpy() for v in ir.load(out).graph.initializers.values() if v.const_value is not None
+    ]
+    original = {
+        v.name: v.const_value.numpy() for v in ir.load(llama_dir / "model.onnx").graph.initializers.values()
+    }
     for group in report["groups"]:
         assert set(group) >= GROUP_FIELDS
-        before, after, s = (np.asarray(group[f]) for f in ("act_absmax_before", "act_absmax_after", "scales"))
-        np.testing.assert_allclose(after, before / s, rtol=1e-5)
-        w_before, w_after = (
-            np.asarray(group["weight_absmax_before"]),
-            np.asarray(group["weight_absmax_after"]),
-        )
-        np.testing.assert_allclose(w_after, w_before * s, rtol=1e-5)
+        before = act[group["tensor"]]
+        w_before = np.max([np.abs(weights[c]).max(axis=1) for c in group["consumers"]], axis=0)
+        s = before ** group["alpha"] / w_before ** (1 - group["alpha"])  # SmoothQuant's s, written here
+        np.testing.assert_allclose(group["act_absmax_before"], before, rtol=1e-5)
+        np.testing.assert_allclose(group["weight_absmax_before"], w_before, rtol=1e-6)
+        np.testing.assert_allclose(group["scales"], s, rtol=1e-4)
+        np.testing.assert_allclose(group["act_absmax_after"], before / s, rtol=1e-4)
+        np.testing.assert_allclose(group["weight_absmax_after"], w_before * s, rtol=1e-4)
         assert group["top_channels"][0] == int(np.argmax(before))
+        # the norm's γ in the saved graph is the original γ divided by those scales
+        gammas = [g for g in original.values() if g.shape == s.shape and not np.allclose(g, 0)]
+        assert any(np.allclose(x, g / s, rtol=1e-5) for g in gammas for x in saved if x.shape == s.shape)
     errors = [layer["relative_error"] for layer in report["layers"]]
     assert errors == sorted(errors, reverse=True)
     assert {layer["name"] for layer in report["layers"]} == _quantized_nodes(out)
@@ -138,6 +154,22 @@ def test_report_files_fields_and_plots(scheme, alpha, llama_dir, calib_ids, tmp_
     assert len(images) == len(report["plots"]) == len(report["groups"]) + 1 + (alpha == "auto")
     assert ("alpha_search" in report["plots"]) == (alpha == "auto")
     assert "http" not in page.replace("http-equiv", "")
+
+
+def _act_absmax(path, tensors: list[str], calib: dict, samples: int) -> dict[str, np.ndarray]:
+    """Per-channel abs-max of each tensor over the first ``samples`` calibration samples, by ORT on the
+    original model with those tensors made outputs (not through sq-onnx's calibration)."""
+    model = ir.load(path)
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    model.graph.outputs.extend(values[t] for t in tensors)
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    best = {t: 0.0 for t in tensors}
+    for i in range(samples):
+        ids = calib["input_ids"][i : i + 1]
+        outs = sess.run(tensors, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        for t, o in zip(tensors, outs, strict=True):
+            best[t] = np.maximum(best[t], np.abs(o).reshape(-1, o.shape[-1]).max(axis=0))
+    return best
 
 
 def _quantized_nodes(path) -> set[str]:
