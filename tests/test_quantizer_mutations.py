@@ -24,6 +24,8 @@ import sq_onnx.passes.quantize_w8a8 as w8a8
 import sq_onnx.passes.smooth as smooth
 from sq_onnx import Recipe, convert
 
+from quant_reference import ref_per_channel, ref_per_token, ref_rtn, ref_unpack
+
 K, HID, VOCAB, ROWS = 100, 24, 10, 6
 OUTLIERS = (7, 60)
 EXACT = dict(smooth=False, gptq=False, clip_search=False, lm_head_accuracy_level=0)
@@ -78,63 +80,6 @@ def _forward(x: np.ndarray, w: dict, linear: Callable[[np.ndarray, str], np.ndar
     h = _layer_norm(x, w)
     t = linear(h, "a") + w["ba"] + np.maximum(linear(h, "b") + w["bb"], 0)
     return linear(t, "o") + w["bo"]
-
-
-# --- references from the spec ------------------------------------------------------------------
-
-
-def ref_rtn(w_kn: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Asymmetric round-to-nearest per block of ``block`` along K (range widened to hold 0, the padding
-    zeros included): codes uint8 [N, k_blocks, block], scales and zero points [N, k_blocks]."""
-    k, n = w_kn.shape
-    nb = -(-k // block)
-    qmax = 2**bits - 1
-    codes = np.zeros((n, nb, block), np.uint8)
-    scales = np.zeros((n, nb), np.float32)
-    zps = np.zeros((n, nb), np.uint8)
-    for col in range(n):
-        for j in range(nb):
-            vals = np.zeros(block, np.float32)
-            part = w_kn[j * block : (j + 1) * block, col]
-            vals[: len(part)] = part
-            lo, hi = min(float(vals.min()), 0.0), max(float(vals.max()), 0.0)
-            scale = np.float32((hi - lo) / qmax) if hi > lo else np.float32(1.0)
-            zp = int(np.clip(np.rint(-lo / scale), 0, qmax))
-            codes[col, j] = np.clip(np.rint(vals / scale) + zp, 0, qmax)
-            scales[col, j], zps[col, j] = scale, zp
-    return codes, scales, zps
-
-
-def ref_unpack(node_inputs: list[np.ndarray | None], k: int, n: int, bits: int, block: int) -> np.ndarray:
-    """MatMulNBits' B, scales, zero points -> the float [K, N] weight the op multiplies by."""
-    b, scales, zp = node_inputs[1], node_inputs[2], node_inputs[3] if len(node_inputs) > 3 else None
-    nb = -(-k // block)
-    b = b.reshape(n, nb, block * bits // 8)
-    if bits == 4:
-        q = np.empty((n, nb, block), np.uint8)
-        q[..., 0::2], q[..., 1::2] = b & 0x0F, b >> 4
-    else:
-        q = b
-    if zp is None:
-        z = np.full((n, nb), 2 ** (bits - 1), np.float32)
-    elif bits == 4:
-        z = np.stack([zp & 0x0F, zp >> 4], -1).reshape(n, -1)[:, :nb].astype(np.float32)
-    else:
-        z = zp.reshape(n, nb).astype(np.float32)
-    w = (q.astype(np.float32) - z[..., None]) * scales.reshape(n, nb)[..., None]
-    return w.reshape(n, -1)[:, :k].T
-
-
-def ref_per_channel(w_kn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per output channel: scale = max|W[:, n]| / 127."""
-    scale = np.abs(w_kn).max(axis=0) / 127.0
-    return np.clip(np.rint(w_kn / scale), -127, 127).astype(np.int8), scale.astype(np.float32)
-
-
-def ref_per_token(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per row (token): scale = max|x_row| / 127."""
-    scale = np.abs(x).max(axis=-1, keepdims=True) / np.float32(127.0)
-    return np.rint(x / scale), scale
 
 
 # --- the honest checks -------------------------------------------------------------------------
