@@ -30,6 +30,12 @@ def llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llama_bias_dir(tmp_path_factory) -> Path:
+    """The tiny Llama with random biases on every linear but the lm_head (attention_bias, mlp_bias)."""
+    return _exported(tmp_path_factory, "llama_bias")
+
+
+@pytest.fixture(scope="session")
 def llama_fused(llama_dir, tmp_path_factory) -> Path:
     """The same Llama after onnxscript's ORT fusions (SkipSimplifiedLayerNormalization, FusedMatMul)."""
     folder = tmp_path_factory.mktemp("llama_fused")

@@ -46,7 +46,7 @@ def test_smoothing_keeps_the_function(kind, form):
     assert rel_error(before, after) < 1e-5
 
 
-@pytest.mark.parametrize("fixture", ["llama_dir", "llama_fused", "opt_dir"])
+@pytest.mark.parametrize("fixture", ["llama_dir", "llama_fused", "opt_dir", "llama_bias_dir"])
 def test_smooth_scheme_on_exported_models(fixture, request, tmp_path, calib_ids):
     folder = request.getfixturevalue(fixture)
     out = tmp_path / "smooth.onnx"

@@ -57,6 +57,9 @@ def build_torch_model(arch: str = "llama", seed: int = 0, layers: int = 2):
     )
     if arch == "llama":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**decoder, tie_word_embeddings=True))
+    elif arch == "llama_bias":  # biased q/k/v/o and MLP linears, as Qwen2's attention has
+        cfg = tf.LlamaConfig(**decoder, tie_word_embeddings=True, attention_bias=True, mlp_bias=True)
+        model = tf.LlamaForCausalLM(cfg)
     elif arch == "qwen2":
         model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**decoder, tie_word_embeddings=False))
     elif arch == "opt":
