@@ -307,17 +307,20 @@ def _print_summary(result: dict[str, Any]) -> None:
         console.print(
             f"  smoothing check: relative error {check['relative_error']:.2e} (equivalent: {check['equivalent']})"
         )
+    calibration = result["calibration"]
+    gptq = f", GPTQ {calibration['hessian_samples']}" if calibration.get("hessian_samples") else ""
+    console.print(f"  calibration: {calibration['samples']} sample(s){gptq} of {calibration['source']}")
     v = result.get("verify")
     if v:
         top1 = "n/a" if v["top1_agreement"] is None else f"{100 * v['top1_agreement']:.1f}%"
         calib = result["calibration"]
         held = (
-            f"held-out ({calib.get('verify_source', 'the calibration source')})"
+            calib.get("verify_source", "held-out samples")
             if calib["held_out"]
-            else "calibration (too few samples to hold any out)"
+            else "calibration samples (too few to hold any out)"
         )
         console.print(
-            f"  verify on {v['samples']} {held} sample(s): relative error {v['relative_error']:.4f}, "
+            f"  verify on {v['samples']} sample(s) of {held}: relative error {v['relative_error']:.4f}, "
             f"cosine {v['cosine']:.5f}, top-1 agreement {top1}"
         )
     if result.get("report"):
