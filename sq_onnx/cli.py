@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"W4: GPTQ's dampening, a fraction of mean(diag H) (default {Recipe.gptq_damp})",
     )
     c.add_argument(
+        "--gptq-holdout",
+        type=int,
+        default=Recipe.gptq_holdout,
+        help="W4: GPTQ samples held out; a layer keeps GPTQ's weights only where they beat round-to-nearest "
+        f"with the clip search on them (default {Recipe.gptq_holdout}: off)",
+    )
+    c.add_argument(
         "--gptq-target-ridge",
         type=float,
         default=Recipe.gptq_target_ridge,
@@ -272,6 +279,7 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         gptq_refine=args.gptq_refine,
         gptq_damp=args.gptq_damp,
         gptq_target_ridge=args.gptq_target_ridge,
+        gptq_holdout=args.gptq_holdout,
         gptq_sequential=args.gptq_sequential,
         gptq_asymmetric=args.gptq_asymmetric,
         act_order=not args.no_act_order,

@@ -258,14 +258,20 @@ def _run_pipeline(
                     hessian_feeds,
                     float_target=recipe.gptq_asymmetric,
                     target_ridge=recipe.gptq_target_ridge,
+                    holdout=recipe.gptq_holdout,
                 )
                 weight_target = hessians.float_target if recipe.gptq_asymmetric else None
             else:
                 inputs = {p.linear.input.name: p.linear.shape[0] for p in plans if p.action in ("w4", "w8")}
                 hessians = ChunkedHessians(src, inputs, hessian_feeds, scales, show_progress=show_progress)
-        result.quantized_matmuls = quantize_graph(
-            work, recipe, ranges, show_progress, importance, hessians, weight_target
+        held_out = (
+            hessians.held_out_loss if recipe.gptq_holdout and hasattr(hessians, "held_out_loss") else None
         )
+        result.quantized_matmuls = quantize_graph(
+            work, recipe, ranges, show_progress, importance, hessians, weight_target, held_out
+        )
+        if held_out is not None:
+            result.calibration["gptq_fell_back"] = json.loads(work.metadata_props["sq_onnx.gptq_fell_back"])
     else:
         cleanup(work)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -55,27 +56,31 @@ def quantize_graph(
     importance: dict[str, np.ndarray] | None = None,
     hessians: Callable[[str], np.ndarray] | None = None,
     weight_target: Callable[[np.ndarray], np.ndarray] | None = None,
+    held_out_loss: Callable[[np.ndarray, np.ndarray], float] | None = None,
 ) -> list[str]:
     """Quantize ``work`` in place according to the recipe's plan; returns the replaced node names.
     ``hessians``: input tensor name -> XᵀX as the quantizer sees it, for GPTQ (W4/W8 weight-only).
     ``weight_target``: a batch's joined [K, N] weight -> the weight GPTQ fits instead, called right after
-    that batch's Hessian (``SequentialHessians.float_target``)."""
+    that batch's Hessian (``SequentialHessians.float_target``). ``held_out_loss(W, Ŵ)``: a batch keeps
+    GPTQ's weights only where they beat round-to-nearest with the clip search on samples GPTQ never saw
+    (``SequentialHessians.held_out_loss``); the batches that fell back are named in ``work``'s metadata."""
     graph = work.graph
     plans = plan_linears(graph, find_linears(graph), recipe)
     ensure_opset(work, "com.microsoft", 1)
     done: list[str] = []
+    fell_back: list[str] = []
     batches = weight_batches(plans, together=hessians is not None)
     for batch in track(batches, "quantizing", total=len(batches), enabled=show_progress):
         first = batch[0]
         name = first.linear.input.name
         weights = [p.linear.weight_kn().astype(np.float32) for p in batch]
-        joined = weights[0] if len(weights) == 1 else np.concatenate(weights, axis=1)
+        original = weights[0] if len(weights) == 1 else np.concatenate(weights, axis=1)
         hessian = hessians(name) if hessians is not None else None
-        if weight_target is not None:
-            joined = weight_target(joined)
+        joined = weight_target(original) if weight_target is not None else original
+        bits = 4 if first.action == "w4" else 8
         bq = quantize_weight(
             joined,
-            4 if first.action == "w4" else 8,
+            bits,
             recipe.block_size,
             recipe.symmetric,
             clip_search=recipe.clip_search,
@@ -85,6 +90,18 @@ def quantize_graph(
             refine_rounds=recipe.gptq_refine,
             damp=recipe.gptq_damp,
         )
+        if held_out_loss is not None and hessian is not None:
+            plain = quantize_weight(
+                original,
+                bits,
+                recipe.block_size,
+                recipe.symmetric,
+                clip_search=True,
+                importance=np.diag(hessian),
+            )
+            if held_out_loss(original, plain.dequantize()) < held_out_loss(original, bq.dequantize()):
+                bq = plain
+                fell_back.append(name)
         level = recipe.lm_head_accuracy_level if first.lm_head else recipe.accuracy_level
         lo = 0
         for p, w in zip(batch, weights, strict=True):
@@ -97,6 +114,8 @@ def quantize_graph(
         done += quantize_w8a8(
             graph, w8a8, work.opset_imports.get("", 18), recipe.act, static_ranges, kernels=recipe.kernels
         )
+    if held_out_loss is not None:
+        work.metadata_props["sq_onnx.gptq_fell_back"] = json.dumps(fell_back)
     cleanup(work)
     return done
 

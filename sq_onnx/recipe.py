@@ -66,6 +66,9 @@ class Recipe:
     gptq_damp: float = 0.01
     # GPTQ asymmetric target: ridge of the correction H⁻¹X_qᵀ(X_f − X_q)W, as a fraction of mean(diag H)
     gptq_target_ridge: float = 0.1
+    # GPTQ: hold this many of the GPTQ samples out; each batch of linears keeps GPTQ's result only where it
+    # beats round-to-nearest (clip search) on them (0 = off)
+    gptq_holdout: int = 0
     accuracy_level: int = 0
     lm_head: str = "8"
     # ORT's 8-bit MatMulNBits at level 0 is ~5x slower than fp32 for decode on AVX2 CPUs; level 4
@@ -120,6 +123,12 @@ class Recipe:
             raise RecipeError(f"--gptq-refine must be between 0 and 100, got {self.gptq_refine}.")
         if not (0.0 < self.gptq_damp <= 10.0 and 0.0 < self.gptq_target_ridge <= 10.0):
             raise RecipeError("--gptq-damp and --gptq-target-ridge must be in (0, 10].")
+        if not 0 <= self.gptq_holdout < self.gptq_samples:
+            raise RecipeError("--gptq-holdout must be at least 0 and below --gptq-samples.")
+        if self.gptq_holdout and not (self.gptq_asymmetric or self.gptq_sequential):
+            raise RecipeError(
+                "--gptq-holdout needs the sequential Hessians (--gptq-asymmetric, the default)."
+            )
         if self.gptq_samples < 1:
             raise RecipeError(f"--gptq-samples must be at least 1, got {self.gptq_samples}.")
         if self.kernels not in KERNELS:

@@ -142,8 +142,10 @@ class SequentialHessians:
         feeds: list[dict[str, np.ndarray]],
         float_target: bool = False,
         target_ridge: float = TARGET_DAMP,
+        holdout: int = 0,
     ) -> None:
         self._feeds = feeds
+        self.holdout = holdout if 0 < holdout < len(feeds) else 0
         model.graph.sort()  # plan_runs walks the nodes in topological order
         self._runs = plan_runs(model.graph, batches)
         self._channels = [linears[0].shape[0] for linears in batches]
@@ -151,6 +153,7 @@ class SequentialHessians:
         self._streams = [_Stream(model)] + ([_Stream(copy_model(model))] if float_target else [])
         self.cross: np.ndarray | None = None  # X_qᵀX_f of the last batch's input
         self._hessian: np.ndarray | None = None
+        self._held: tuple[np.ndarray, np.ndarray | None] | None = None  # the held-out samples' XᵀX, X_qᵀX_f
         self.next_run = 0
 
     def __call__(self, name: str) -> np.ndarray:
@@ -161,8 +164,21 @@ class SequentialHessians:
         run = self._runs[r]
         sources = [stream.advance(run, self._feeds) for stream in self._streams]
         self.next_run += 1
-        self._hessian, self.cross = gram(sources[0], self._channels[r], *sources[1:])
+        fit = len(self._feeds) - self.holdout
+        self._hessian, self.cross = gram(sources[0][:fit], self._channels[r], *(s[:fit] for s in sources[1:]))
+        if self.holdout:
+            self._held = gram(sources[0][fit:], self._channels[r], *(s[fit:] for s in sources[1:]))
         return self._hessian
+
+    def held_out_loss(self, w: np.ndarray, w_hat: np.ndarray) -> float:
+        """The last batch's output error on the held-out samples, up to a constant: ‖X_q Ŵ − X_f W‖² with
+        the float target, ‖X Ŵ − X W‖² without (X_f = X). Compares candidate Ŵ for the same W."""
+        if self._held is None:
+            raise RuntimeError("no samples were held out")
+        h, cross = self._held
+        c = h if cross is None else cross
+        d = w_hat.astype(np.float64)
+        return float(np.sum(d * (h.astype(np.float64) @ d)) - 2.0 * np.sum(d * (c.astype(np.float64) @ w)))
 
     def float_target(self, w: np.ndarray) -> np.ndarray:
         """``float_target_weight`` of the last batch's joined [K, N] weight (``w`` itself without a float

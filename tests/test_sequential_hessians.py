@@ -9,6 +9,7 @@ import pytest
 
 from sq_onnx import Recipe, convert
 from sq_onnx.calibration_data import load_calibration
+from sq_onnx.errors import RecipeError
 from sq_onnx.hessian import collect_hessians
 from sq_onnx.model_inputs import input_specs
 from sq_onnx.ort_session import in_memory_session
@@ -182,3 +183,39 @@ def test_cross_is_the_quantized_input_against_the_float_input(llama_dir):
 
     quantize_graph(model, recipe, hessians=checked, weight_target=sequential.float_target)
     assert errors[0] == 0.0 and errors[-1] > 1e-3  # the float copy never sees the quantized layers
+
+
+def test_held_out_loss_ranks_candidates_by_the_output_error():
+    """Up to a constant, held_out_loss(W, Ŵ) is ‖X_q Ŵ − X_f W‖² on the held-out rows (X_f = X_q without
+    a float copy): differences between candidates must be exactly the differences of that error."""
+    from sq_onnx.sequential_hessians import SequentialHessians, gram
+
+    rng = np.random.default_rng(0)
+    xq = rng.normal(size=(200, 12)).astype(np.float32)
+    xf = xq + 0.1 * rng.normal(size=xq.shape).astype(np.float32)
+    w = rng.normal(size=(12, 5)).astype(np.float32)
+    a, b = (w + 0.05 * rng.normal(size=w.shape)).astype(np.float32), np.round(w * 4) / 4
+    for float_copy in (True, False):
+        sh = object.__new__(SequentialHessians)
+        sh._held = gram([xq], 12, [xf] if float_copy else None)
+        ref = xf if float_copy else xq
+        direct = [
+            float(np.sum((xq.astype(np.float64) @ c - ref.astype(np.float64) @ w) ** 2)) for c in (a, b)
+        ]
+        got = [sh.held_out_loss(w, c) for c in (a, b)]
+        assert got[0] - got[1] == pytest.approx(direct[0] - direct[1], rel=1e-4)
+
+
+def test_holdout_falls_back_to_round_to_nearest_where_it_wins(llama_dir, tmp_path, calib_ids, monkeypatch):
+    from sq_onnx.sequential_hessians import SequentialHessians
+
+    recipe = Recipe(samples=4, gptq_samples=8, gptq_holdout=2, gptq_refine=0)
+    result = convert(llama_dir / "model.onnx", tmp_path / "a.onnx", recipe, calibration=calib_ids)
+    assert isinstance(result.calibration["gptq_fell_back"], list)
+    calls = iter(range(1000))  # RTN's loss is asked first: make it always win
+    monkeypatch.setattr(SequentialHessians, "held_out_loss", lambda self, w, w_hat: float(next(calls) % 2))
+    result = convert(llama_dir / "model.onnx", tmp_path / "b.onnx", recipe, calibration=calib_ids)
+    inputs = {p for p in result.calibration["gptq_fell_back"]}
+    assert len(inputs) == len(result.calibration["gptq_fell_back"]) > 5  # every batch of linears fell back
+    with pytest.raises(RecipeError, match="gptq-holdout"):
+        Recipe(gptq_holdout=2, gptq_asymmetric=False)
