@@ -46,7 +46,7 @@ def plan_linears(graph: ir.Graph, linears: list[Linear], recipe: Recipe) -> list
             plans.append(LinearPlan(lin, "w4", "", head))
         elif head and recipe.lm_head == "8":
             # weight-only 8-bit MatMulNBits in both schemes: on CPU its int8 kernel (accuracy_level 4)
-            # decodes ~7x faster than MatMulIntegerToFloat on a vocabulary-sized matrix (tools/RESULTS.md)
+            # decodes ~7x faster than MatMulIntegerToFloat on a vocabulary-sized matrix (docs/EXPERIMENTS.md)
             plans.append(LinearPlan(lin, "w8", "", head))
         else:
             plans.append(LinearPlan(lin, "w4" if recipe.scheme == "w4" else "w8a8", "", head))

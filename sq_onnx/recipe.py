@@ -18,7 +18,7 @@ ALPHA_SEARCHES = ("none", "model", "layer")
 CALIB_DOMAINS = ("docs", "code", "self")
 
 # Default α per scheme. w8a8: the SmoothQuant paper's 0.5. w4: 0.4, the best of a sweep on SmolLM2
-# (tools/RESULTS.md, "Choosing the W4 default α").
+# (docs/EXPERIMENTS.md, "Choosing the W4 default α").
 DEFAULT_ALPHA = {"w8a8": 0.5, "w4": 0.4, "smooth": 0.5}
 
 
@@ -35,15 +35,15 @@ class Recipe:
     smooth: bool = True
     block_size: int = 128
     symmetric: bool = False
-    # measured on SmolLM2 (tools/RESULTS.md): perplexity +27% -> +19% over fp32 at block 128
+    # measured on SmolLM2 (docs/EXPERIMENTS.md): perplexity +27% -> +19% over fp32 at block 128
     clip_search: bool = True
     # W4: GPTQ error feedback (Hessians of each linear's input from calibration); on SmolLM2
-    # perplexity +19% -> +8.4% over fp32 at block 128 (tools/RESULTS.md)
+    # perplexity +19% -> +8.4% over fp32 at block 128 (docs/EXPERIMENTS.md)
     gptq: bool = True
     # GPTQ's Hessians use this many calibration samples (more than the statistics need). On SmolLM2,
     # whole held-out text: 64 x 256 tokens +6.5% over fp32 in 136 s, 128 +5.9% in 207 s, 512 (every
     # built-in sample) with 4 refine rounds +4.8% (plain GPTQ); with the asymmetric target KL to fp32
-    # 0.0539 at 128 samples in ~300 s, 0.0491 at 256 in ~480 s (tools/RESULTS.md)
+    # 0.0539 at 128 samples in ~300 s, 0.0491 at 256 in ~480 s (docs/EXPERIMENTS.md)
     gptq_samples: int = 128
     # GPTQ: each batch of linears gets the Hessian of its input with every earlier batch already
     # quantized (GPTQ's own sequential mode), computed segment by segment in about one forward pass.
@@ -53,14 +53,14 @@ class Recipe:
     # GPTQ: fit each layer to the float model's output from the input the quantized model gives it
     # (GPTAQ's asymmetric calibration; implies the sequential Hessians, with a float copy run beside them).
     # On SmolLM2 at 128 samples with 4 refine rounds, KL to fp32 on the whole held-out text 0.0753 ->
-    # 0.0539 (perplexity +5.5% -> +3.7%) for about 80 s more (tools/RESULTS.md)
+    # 0.0539 (perplexity +5.5% -> +3.7%) for about 80 s more (docs/EXPERIMENTS.md)
     gptq_asymmetric: bool = True
     # GPTQ: quantize the most active input channels first (grids fixed up front, same layout)
     act_order: bool = True
     # GPTQ: rounds of coordinate descent over the codes + least-squares block scales on the same layer
     # loss after GPTQ's single greedy pass (each round can only lower it). On SmolLM2 at 128 samples,
     # mean KL to fp32 on the whole held-out text 0.0811 -> 0.0753 with 4 rounds for ~70 s, while
-    # 256 samples instead of 128 give 0.0781 for ~120-170 s (tools/RESULTS.md)
+    # 256 samples instead of 128 give 0.0781 for ~120-170 s (docs/EXPERIMENTS.md)
     gptq_refine: int = 4
     # GPTQ: dampening of H (fraction of mean(diag H)) in the error feedback and the refinement
     gptq_damp: float = 0.01
@@ -72,7 +72,7 @@ class Recipe:
     accuracy_level: int = 0
     lm_head: str = "8"
     # ORT's 8-bit MatMulNBits at level 0 is ~5x slower than fp32 for decode on AVX2 CPUs; level 4
-    # (int8 activations per block) is fast and measured lossless for the lm_head (tools/RESULTS.md).
+    # (int8 activations per block) is fast and measured lossless for the lm_head (docs/EXPERIMENTS.md).
     lm_head_accuracy_level: int = 4
     act: str = "per-token"
     # "ort": stock ONNX Runtime ops; "sq_onnx": the custom-op library (fused norm + quantize, CUDA kernels)

@@ -28,7 +28,7 @@ from sq_onnx.passes.linears import Linear
 
 # Ridge of the float target's correction, as a fraction of mean(diag H): ten times GPTQ's dampening. The
 # correction is fitted on the calibration rows, and less of it generalises better. On SmolLM2 (KL to fp32
-# on the whole held-out text, default recipe) 0.01: 0.0591, 0.1: 0.0539, 0.3: 0.0553 (tools/RESULTS.md).
+# on the whole held-out text, default recipe) 0.01: 0.0591, 0.1: 0.0539, 0.3: 0.0553 (docs/EXPERIMENTS.md).
 TARGET_DAMP = 0.1
 # Rows of activations multiplied at once when summing XᵀX over the cached samples.
 GRAM_ROWS = 1 << 14

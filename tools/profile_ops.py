@@ -5,7 +5,7 @@ Prints a table, largest first (ms per run, share of the runs' wall time).
     python tools/profile_ops.py MODEL.onnx [--tokens 512] [--runs 3] [--threads 2] [--top 15]
 
 SQ_ONNX_OPS_LIB=<lib> profiles another build of the op library; SQ_ONNX_CPU_ISA holds its CPU kernels to a
-lower instruction set (tools/RESULTS.md uses both for A/B readings).
+lower instruction set (docs/EXPERIMENTS.md uses both for A/B readings).
 """
 
 from __future__ import annotations
