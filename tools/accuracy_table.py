@@ -91,6 +91,18 @@ def convert_row(
     return path, cost
 
 
+def evaluate_cached(path: Path, texts: dict, windows: int, ref: Path, split: str, reuse: bool) -> dict:
+    """``evaluate_domains`` against the reference, kept beside the model per split and window count."""
+    from sq_onnx.evaluate import evaluate_domains
+
+    cache = path.with_suffix(f".eval-{split}-{windows}.json")
+    if reuse and cache.exists() and cache.stat().st_mtime > path.stat().st_mtime:
+        return json.loads(cache.read_text())
+    result = evaluate_domains(path, texts, windows=windows, compare=ref).to_dict()
+    cache.write_text(json.dumps(result))
+    return result
+
+
 def texts_for(split: str, yardstick: Path) -> dict[str, Path | None]:
     from sq_onnx.evaluate import text_sources
 
@@ -173,14 +185,13 @@ def main() -> None:
         except RuntimeError as exc:
             console.print(f"  failed: {exc}")
             continue
-        ev = evaluate_domains(path, texts, windows=args.windows, compare=src)
+        ev = evaluate_cached(path, texts, args.windows, src, args.split, args.reuse)
         row = {"method": label}
-        for d in ev.domains:
-            row[d.domain] = (
-                f"{100 * (d.perplexity / fp32_ppl[d.domain] - 1):+.1f}% ({d.compare['kl_divergence']:.3f})"
-            )
-        row["mean KL"] = f"{ev.mean['kl_divergence']:.4f}"
-        row["worst KL"] = f"{ev.worst['kl_divergence']:.4f} ({ev.worst['kl_divergence_domain']})"
+        for d in ev["domains"]:
+            ratio, kl = d["perplexity"] / fp32_ppl[d["domain"]] - 1, d["compare"]["kl_divergence"]
+            row[d["domain"]] = f"{100 * ratio:+.1f}% ({kl:.3f})"
+        row["mean KL"] = f"{ev['mean']['kl_divergence']:.4f}"
+        row["worst KL"] = f"{ev['worst']['kl_divergence']:.4f} ({ev['worst']['kl_divergence_domain']})"
         row.update({"convert s": cost["seconds"], "peak MB": cost["peak_rss_mb"], "size MB": size_mb(path)})
         rows.append(row)
         console.print(f"  {label}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "method"))
