@@ -153,6 +153,11 @@ def _run_pipeline(
         )
     if recipe.scheme == "smooth" and (not recipe.smooth or not analysis.groups):
         raise NothingToQuantizeError("the model has no norm -> MatMul group that smoothing could fold into.")
+    if recipe.kernels == "sq_onnx" and _weight_dtype(analysis) == "bfloat16":
+        raise SqOnnxError(
+            "--kernels sq_onnx takes float32 or float16 models, not bfloat16; use the stock ops (--kernels ort) "
+            "or export the model in float16."
+        )
     alpha = recipe.effective_alpha if recipe.smooth else None
     specs = input_specs(src)
     pool = max(recipe.samples, recipe.gptq_samples if recipe.uses_gptq else 0)

@@ -193,3 +193,13 @@ def test_bfloat16_models_are_converted(scheme, llama_dir, tmp_path, calib_ids):
     assert rel_error(run(llama_dir / "model.onnx", feed), run(twin, feed)) < (
         0.19 if scheme == "w4" else 0.058
     )
+
+
+def test_bfloat16_with_the_kernels_is_refused_before_any_work(llama_dir, tmp_path, calib_ids, capsys):
+    src = tiny_models.to_bfloat16(llama_dir / "model.onnx", tmp_path / "bf16.onnx")
+    np.savez(tmp_path / "c.npz", **calib_ids)
+    args = ["convert", str(src), "-o", str(tmp_path / "q.onnx"), "--scheme", "w8a8", "--kernels", "sq_onnx"]
+    assert main([*args, "--calib", str(tmp_path / "c.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "bfloat16" in err and "Traceback" not in err
+    assert not (tmp_path / "q.onnx").exists()
