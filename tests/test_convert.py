@@ -38,7 +38,9 @@ def test_w4_runs_with_matmulnbits_only(fixture, request, tmp_path, calib_ids):
     # AVX-512 VNNI; SQ_ONNX_PRINT_ERRORS=1 pytest -s tests/test_convert.py -k w4_runs): bounds about 2x
     bound = {"llama_dir": 0.17, "llama_fused": 0.17, "opt_dir": 0.065, "llama_bias_dir": 0.105}[fixture]
     assert rel_error(run(folder / "model.onnx", feed), run(out, feed)) < bound
-    assert result.verify["top1_agreement"] > 0.5
+    # verification's top-1 agreement measured 0.875 / 0.953 / 0.984 (llama / opt / llama_bias): about twice
+    # the disagreement allowed
+    assert result.verify["top1_agreement"] > {"opt_dir": 0.9, "llama_bias_dir": 0.95}.get(fixture, 0.75)
 
 
 @pytest.mark.parametrize("fixture", MODELS)

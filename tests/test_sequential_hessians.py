@@ -140,7 +140,7 @@ def test_sequential_hessians_on_a_bfloat16_model(llama_dir, tmp_path, calib_ids)
     src = to_bfloat16(llama_dir / "model.onnx", tmp_path / "bf16.onnx")
     recipe = Recipe(samples=4, gptq_samples=6, block_size=32, gptq_sequential=True)
     result = convert(src, tmp_path / "q.onnx", recipe, calibration=calib_ids)
-    assert result.verify["relative_error"] < 0.5
+    assert result.verify["relative_error"] < 0.16  # measured 0.0798 (2026-12-04)
 
 
 def _tensor(model: ir.Model, name: str, feeds) -> list[np.ndarray]:
