@@ -100,6 +100,12 @@ BUILTIN_NAMES = {
 }
 
 
+def interleave(parts: list[Feeds], count: int) -> Feeds:
+    """The first ``count`` of parts[0][0], parts[1][0], ..., parts[0][1], ...: every source early on."""
+    longest = max((len(p) for p in parts), default=0)
+    return [part[i] for i in range(longest) for part in parts if i < len(part)][:count]
+
+
 def builtin_feeds(
     mix: Sequence[str],
     count: int,
@@ -136,8 +142,7 @@ def builtin_feeds(
             parts.append(
                 windows_from_ids(tokenize(builtin_text("calibration", domain), tokenizer_file), per, seq_len)
             )
-    feeds = [part[i] for i in range(per) for part in parts if i < len(part)][:count]
-    return feeds, "built-in mix: " + ", ".join(BUILTIN_NAMES[d] for d in domains)
+    return interleave(parts, count), "built-in mix: " + ", ".join(BUILTIN_NAMES[d] for d in domains)
 
 
 def self_windows(
@@ -162,8 +167,9 @@ def builtin_heldout_feeds(count: int, seq_len: int, tokenizer_file: Path) -> tup
         windows_from_ids(tokenize(builtin_text("heldout", d), tokenizer_file), count, seq_len)
         for d in ("docs", "code")
     ]
-    feeds = [part[i] for i in range(count) for part in parts if i < len(part)][:count]
-    return feeds, "held-out built-in text (Python docs, standard-library modules calibration never reads)"
+    return interleave(
+        parts, count
+    ), "held-out built-in text (Python docs, standard-library modules calibration never reads)"
 
 
 def feeds_from_arrays(arrays: Mapping[str, np.ndarray], specs: list[InputSpec]) -> Feeds:

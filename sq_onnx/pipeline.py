@@ -269,9 +269,8 @@ def _run_pipeline(
             else:
                 inputs = {p.linear.input.name: p.linear.shape[0] for p in plans if p.action in ("w4", "w8")}
                 hessians = ChunkedHessians(src, inputs, hessian_feeds, scales, show_progress=show_progress)
-        held_out = (
-            hessians.held_out_loss if recipe.gptq_holdout and hasattr(hessians, "held_out_loss") else None
-        )
+        # Recipe.validate ties a holdout to the sequential Hessians, the one source that keeps samples out
+        held_out = hessians.held_out_loss if recipe.gptq_holdout else None
         result.quantized_matmuls = quantize_graph(
             work, recipe, ranges, show_progress, importance, hessians, weight_target, held_out
         )
