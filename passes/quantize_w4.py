@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from sq_onnx.passes.blockwise import BlockQuantized, quantize_blockwise
-from sq_onnx.passes.gptq import DAMP, gptq_quantize
 from sq_onnx.passes.graph_edit import add_initializer, replace_node
 from sq_onnx.passes.linears import Linear
+from sq_onnx.quant.blockwise import BlockQuantized, quantize_blockwise
+from sq_onnx.quant.gptq import DAMP, gptq_quantize
 
 MS = "com.microsoft"
 

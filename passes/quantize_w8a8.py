@@ -21,18 +21,9 @@ import onnx_ir as ir
 
 from sq_onnx.passes.graph_edit import add_initializer, replace_node
 from sq_onnx.passes.linears import Linear
+from sq_onnx.quant.int8 import EPS, quantize_per_channel
 
 MS = "com.microsoft"
-EPS = 1e-12
-
-
-def quantize_per_channel(w_kn: np.ndarray, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per output channel: returns (Wq int8 [K, N], scale float32 [N])."""
-    w = w_kn.astype(np.float32)
-    absmax = np.abs(w).max(axis=0)
-    scale = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)
-    wq = np.clip(np.rint(w / scale), -qmax, qmax).astype(np.int8)
-    return wq, scale
 
 
 class _Builder:

@@ -20,7 +20,7 @@ from sq_onnx.custom_ops import DOMAIN as SQ
 from sq_onnx.passes.decomposed_rmsnorm import match_decomposed_rmsnorm
 from sq_onnx.passes.graph_edit import add_initializer, replace_node
 from sq_onnx.passes.linears import Linear, _attr_float, _attr_int, constant_array
-from sq_onnx.passes.quantize_w8a8 import quantize_per_channel
+from sq_onnx.quant.int8 import quantize_per_channel
 
 SUPPORTED = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
 

@@ -14,8 +14,7 @@ import onnx_ir as ir
 from sq_onnx.passes.analyze import SmoothGroup
 from sq_onnx.passes.graph_edit import add_initializer, set_weight_lazy
 from sq_onnx.passes.linears import Linear, constant_array
-
-MIN_SCALE = 1e-5
+from sq_onnx.quant.smoothing import smoothing_scales
 
 
 def weight_row_absmax(group: SmoothGroup) -> np.ndarray:
@@ -25,17 +24,6 @@ def weight_row_absmax(group: SmoothGroup) -> np.ndarray:
         rows.append(np.abs(c.weight_kn().astype(np.float32)).max(axis=1))
         c.release()
     return np.max(np.stack(rows), axis=0)
-
-
-def smoothing_scales(act_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float) -> np.ndarray:
-    """s_j = max|X_j|^α / max|W_j|^(1−α); 1 for dead or non-finite channels, clamped away from 0."""
-    act = np.asarray(act_absmax, dtype=np.float64)
-    w = np.asarray(w_absmax, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        s = np.power(act, alpha) / np.power(w, 1.0 - alpha)
-    bad = ~np.isfinite(s) | (act <= 0) | (w <= 0)
-    s = np.where(bad, 1.0, s)
-    return np.maximum(s, MIN_SCALE).astype(np.float32)
 
 
 @dataclass

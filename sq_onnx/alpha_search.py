@@ -19,11 +19,12 @@ import onnx_ir as ir
 from sq_onnx.evaluate import token_nll
 from sq_onnx.ort_session import in_memory_session
 from sq_onnx.passes.analyze import SmoothGroup
-from sq_onnx.passes.blockwise import quantize_blockwise
-from sq_onnx.passes.quantize_w8a8 import quantize_per_channel
-from sq_onnx.passes.smooth import smoothing_scales, weight_row_absmax
+from sq_onnx.passes.smooth import weight_row_absmax
 from sq_onnx.plan import LinearPlan
 from sq_onnx.progress import track
+from sq_onnx.quant.blockwise import quantize_blockwise
+from sq_onnx.quant.int8 import fake_per_channel, fake_per_token
+from sq_onnx.quant.smoothing import smoothing_scales
 from sq_onnx.quantize_model import quantize_graph, smooth_copy
 from sq_onnx.recipe import Recipe
 from sq_onnx.verify import first_outputs
@@ -81,17 +82,13 @@ def _fake_quant_weight(w: np.ndarray, action: str, recipe: Recipe) -> np.ndarray
             w, 4 if action == "w4" else 8, recipe.block_size, recipe.symmetric
         ).dequantize()
     if action == "w8a8":
-        wq, ws = quantize_per_channel(w)
-        return wq.astype(np.float32) * ws
+        return fake_per_channel(w)
     return w
 
 
 def _fake_quant_rows(x: np.ndarray, action: str) -> np.ndarray:
     """Per-token int8 activations for W8A8; weight-only schemes see X unchanged."""
-    if action != "w8a8":
-        return x
-    scale = np.maximum(np.abs(x).max(axis=1, keepdims=True), 1e-12) / 127.0
-    return np.rint(x / scale) * scale
+    return fake_per_token(x) if action == "w8a8" else x
 
 
 def group_error(

@@ -13,6 +13,8 @@ import numpy as np
 import onnx_ir as ir
 
 from sq_onnx.passes.linears import Linear, constant_array
+from sq_onnx.quant.blockwise import BlockQuantized
+from sq_onnx.quant.int8 import fake_dynamic_uint8, fake_per_token, fake_static
 
 
 @dataclass(frozen=True)
@@ -29,27 +31,20 @@ class LayerError:
 def unpack_matmulnbits(node: ir.Node) -> np.ndarray:
     """A ``com.microsoft::MatMulNBits`` node's weight as float32 [K, N] (ORT's layout and zero-point rules)."""
     attrs = node.attributes
-    k, n = attrs["K"].as_int(), attrs["N"].as_int()
-    bits, block = attrs["bits"].as_int(), attrs["block_size"].as_int()
     packed = constant_array(node.inputs[1])
     scales = constant_array(node.inputs[2])
     assert packed is not None and scales is not None
-    n_blocks = -(-k // block)
-    packed = packed.reshape(n, n_blocks, -1)
-    # 4-bit: two codes per byte, low nibble first.
-    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, n_blocks, -1) if bits == 4 else packed
     zp_in = node.inputs[3] if len(node.inputs) > 3 else None
-    zp_arr = constant_array(zp_in) if zp_in is not None else None
-    if zp_arr is None:
-        zp = np.full((n, n_blocks), 1 << (bits - 1), np.float32)
-    elif bits == 4:
-        per_row = -(-n_blocks // 2)
-        zp_arr = zp_arr.reshape(n, per_row)
-        zp = np.stack([zp_arr & 0x0F, zp_arr >> 4], axis=-1).reshape(n, -1)[:, :n_blocks].astype(np.float32)
-    else:
-        zp = zp_arr.reshape(n, n_blocks).astype(np.float32)
-    deq = (q.astype(np.float32) - zp[..., None]) * scales.astype(np.float32).reshape(n, n_blocks, 1)
-    return deq.reshape(n, -1)[:, :k].T
+    zero_points = constant_array(zp_in) if zp_in is not None else None
+    return BlockQuantized.from_matmulnbits(
+        packed,
+        scales,
+        zero_points,
+        attrs["K"].as_int(),
+        attrs["N"].as_int(),
+        attrs["bits"].as_int(),
+        attrs["block_size"].as_int(),
+    ).dequantize()
 
 
 def _int8_weight(node: ir.Node) -> np.ndarray:
@@ -69,17 +64,11 @@ def _int8_weight(node: ir.Node) -> np.ndarray:
 def _quant_rows(node: ir.Node, x: np.ndarray) -> np.ndarray:
     """The activation rows as the integer kernel sees them (per-token, static or per-tensor dynamic)."""
     if node.op_type == "DynamicQuantizeMatMul":
-        # DynamicQuantizeLinear: uint8, asymmetric, range always containing 0.
-        lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-        scale = (hi - lo) / 255.0 or 1.0
-        zp = np.clip(np.rint(-lo / scale), 0, 255)
-        return (np.clip(np.rint(x / scale) + zp, 0, 255) - zp) * scale
+        return fake_dynamic_uint8(x)
     static_scale = constant_array(node.inputs[2]) if node.op_type == "MatMulIntegerToFloat" else None
     if static_scale is not None and static_scale.size == 1:
-        scale = float(static_scale.reshape(-1)[0])
-        return np.clip(np.rint(x / scale), -128, 127) * scale
-    scale = np.maximum(np.abs(x).max(axis=1, keepdims=True), 1e-12) / 127.0
-    return np.rint(x / scale) * scale
+        return fake_static(x, float(static_scale.reshape(-1)[0]))
+    return fake_per_token(x)
 
 
 def emulate(node: ir.Node, x: np.ndarray) -> np.ndarray | None:

@@ -23,8 +23,8 @@ import onnx_ir as ir
 
 from sq_onnx.calibrate import copy_model
 from sq_onnx.ort_session import in_memory_session
-from sq_onnx.passes.gptq import dampened_hessian
 from sq_onnx.passes.linears import Linear
+from sq_onnx.quant.gptq import dampened_hessian
 
 # Ridge of the float target's correction, as a fraction of mean(diag H) (chosen when GPTQ's dampening was 0.01). The
 # correction is fitted on the calibration rows, and less of it generalises better. On SmolLM2 (KL to fp32

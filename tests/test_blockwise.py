@@ -7,7 +7,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from sq_onnx.passes.blockwise import quantize_blockwise
+from sq_onnx.quant.blockwise import quantize_blockwise
 
 
 def _matmulnbits_model(k: int, n: int, bits: int, block: int, symmetric: bool, w: np.ndarray, bq=None):

@@ -14,10 +14,10 @@ from sq_onnx.calibrate import copy_model
 from sq_onnx.errors import RecipeError
 from sq_onnx.hessian import ChunkedHessians, chunks_within_budget, collect_hessians, smoothed_hessian
 from sq_onnx.passes.analyze import analyze
-from sq_onnx.passes.blockwise import quantize_blockwise
-from sq_onnx.passes.gptq import dampened_hessian, gptq_quantize, refine_codes, refit_scales
 from sq_onnx.passes.linears import find_linears
 from sq_onnx.plan import plan_linears
+from sq_onnx.quant.blockwise import quantize_blockwise
+from sq_onnx.quant.gptq import dampened_hessian, gptq_quantize, refine_codes, refit_scales
 from sq_onnx.quantize_model import weight_batches
 
 from conftest import ids_feed, rel_error, run

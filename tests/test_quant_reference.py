@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sq_onnx.passes.blockwise import quantize_blockwise
-from sq_onnx.passes.quantize_w8a8 import quantize_per_channel
+from sq_onnx.quant.blockwise import BlockQuantized, quantize_blockwise
+from sq_onnx.quant.int8 import quantize_per_channel
 
 from quant_reference import ref_dequant, ref_pack, ref_per_channel, ref_rtn, ref_symmetric, ref_unpack
 
@@ -34,6 +34,9 @@ def test_blockwise_rtn_is_the_reference(bits, symmetric, k, block):
     # and the bytes ORT reads, unpacked by the spec, are the same weight
     inputs = [None, bq.packed, bq.scales, bq.packed_zero_points()]
     np.testing.assert_array_equal(ref_unpack(inputs, k, 9, bits, block), want)
+    # reading the blobs back (the per-layer error does) gives the same weight
+    read = BlockQuantized.from_matmulnbits(bq.packed, bq.scales, bq.packed_zero_points(), k, 9, bits, block)
+    np.testing.assert_array_equal(read.dequantize(), want)
 
 
 def test_asymmetric_codes_known_by_hand():

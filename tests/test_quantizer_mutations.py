@@ -18,10 +18,10 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-import sq_onnx.passes.blockwise as blockwise
 import sq_onnx.passes.linears as linears
 import sq_onnx.passes.quantize_w8a8 as w8a8
 import sq_onnx.passes.smooth as smooth
+import sq_onnx.quant.blockwise as blockwise
 from sq_onnx import Recipe, convert
 
 from quant_reference import ref_per_channel, ref_per_token, ref_rtn, ref_unpack

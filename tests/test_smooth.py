@@ -10,7 +10,8 @@ import pytest
 from sq_onnx import Recipe, convert
 from sq_onnx.calibrate import collect_absmax
 from sq_onnx.passes.analyze import analyze
-from sq_onnx.passes.smooth import smooth_groups, smoothing_scales
+from sq_onnx.passes.smooth import smooth_groups
+from sq_onnx.quant.smoothing import smoothing_scales
 
 import ir_graphs
 from conftest import ids_feed, rel_error, run

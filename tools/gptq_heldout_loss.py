@@ -27,9 +27,9 @@ from sq_onnx.hessian import collect_hessians, smoothed_hessian
 from sq_onnx.model_inputs import input_specs
 from sq_onnx.model_io import load_model
 from sq_onnx.passes.analyze import analyze
-from sq_onnx.passes.gptq import gptq_quantize
 from sq_onnx.passes.linears import find_linears
 from sq_onnx.plan import plan_linears
+from sq_onnx.quant.gptq import gptq_quantize
 from sq_onnx.quantize_model import smooth_copy
 from sq_onnx.recipe import Recipe
 

@@ -54,10 +54,10 @@ def initializer_hash(path: Path) -> str:
 
 def output_hash(path: Path) -> str:
     """sha256 of every output on fixed token ids (batch 1, 12 tokens; empty KV cache where there is one)."""
+    import onnx_ir as ir
+
     from sq_onnx.model_inputs import complete_feed, input_specs
     from sq_onnx.ort_session import session
-
-    import onnx_ir as ir
 
     specs = input_specs(ir.load(path))
     ids = np.random.default_rng(0).integers(3, 60, size=(1, 12)).astype(np.int64)
@@ -71,9 +71,9 @@ def output_hash(path: Path) -> str:
 
 def tiny_models_in(folder: Path) -> dict[str, Path]:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    import tiny_models
-
     from sq_onnx.cli import main
+
+    import tiny_models
 
     made = {}
     for arch in ("llama", "llama_bias", "opt"):
@@ -112,7 +112,9 @@ def fingerprints(models: dict[str, Path], recipes: dict[str, list[str]], work: P
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default=None, help="write the fingerprints as JSON here")
     parser.add_argument("--model", action="append", default=[], help="a real model to add (quick recipes)")
     parser.add_argument("--no-tiny", action="store_true", help="only the --model models")

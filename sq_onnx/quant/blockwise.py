@@ -32,7 +32,7 @@ class BlockQuantized:
             return zp.reshape(-1).copy()
         if zp.shape[1] % 2:
             zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=1)
-        return (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
+        return pack_nibbles(zp).reshape(-1)
 
     def columns(self, lo: int, hi: int) -> BlockQuantized:
         """Output channels [lo, hi) on their own: each channel's codes and grid are independent, so a
@@ -44,12 +44,49 @@ class BlockQuantized:
 
     def dequantize(self) -> np.ndarray:
         """Back to a float32 [K, N] array, as the kernel sees it."""
-        zp = self.zero_points if self.zero_points is not None else np.uint8(1 << (self.bits - 1))
-        zp = np.asarray(zp, np.float32)
-        if zp.ndim:
-            zp = zp[..., None]
-        deq = (self.q.astype(np.float32) - zp) * self.scales[..., None]
+        deq = dequantize_blocks(self.q, self.scales, self.zero_points, self.bits)
         return deq.reshape(deq.shape[0], -1)[:, : self.k].T
+
+    @classmethod
+    def from_matmulnbits(
+        cls,
+        packed: np.ndarray,
+        scales: np.ndarray,
+        zero_points: np.ndarray | None,
+        k: int,
+        n: int,
+        bits: int,
+        block_size: int,
+    ) -> BlockQuantized:
+        """Read back a MatMulNBits node's blobs (ORT's layout: two 4-bit codes per byte, low nibble
+        first, zero points packed the same way along the blocks; none means 2^(bits-1))."""
+        n_blocks = -(-k // block_size)
+        packed = np.asarray(packed, np.uint8).reshape(n, n_blocks, -1)
+        q = unpack_nibbles(packed).reshape(n, n_blocks, -1) if bits == 4 else packed
+        zp = None
+        if zero_points is not None:
+            zp = np.asarray(zero_points, np.uint8).reshape(n, -1)
+            zp = unpack_nibbles(zp).reshape(n, -1)[:, :n_blocks] if bits == 4 else zp
+        scales = np.asarray(scales).astype(np.float32).reshape(n, n_blocks)
+        return cls(packed, scales, zp, q, k, bits, block_size)
+
+
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """uint8 codes [..., 2B] (each < 16) -> [..., B]: two per byte, the first in the low nibble."""
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """uint8 [..., B] -> uint8 [..., B, 2]: the low nibble, then the high one."""
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1)
+
+
+def dequantize_blocks(
+    q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int
+) -> np.ndarray:
+    """Codes [N, B, size] back to float32 (q − zero point) x scale; no zero points means 2^(bits-1)."""
+    zp = zero_points.astype(np.float32)[..., None] if zero_points is not None else np.float32(1 << (bits - 1))
+    return (q.astype(np.float32) - zp) * scales[..., None]
 
 
 def _grid(blocks: np.ndarray, bits: int, symmetric: bool, shrink: float | np.ndarray):
@@ -72,11 +109,6 @@ def _grid(blocks: np.ndarray, bits: int, symmetric: bool, shrink: float | np.nda
     return scales, zero_points, q
 
 
-def _dequant(scales, zero_points, q, bits):
-    zp = zero_points.astype(np.float32)[..., None] if zero_points is not None else float(1 << (bits - 1))
-    return (q.astype(np.float32) - zp) * scales[..., None]
-
-
 CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.00 .. 0.50
 
 
@@ -91,7 +123,7 @@ def choose_grid(
     best_shrink = np.ones(blocks.shape[:2], np.float32)
     for shrink in CLIP_GRID:
         sc, zp, qq = _grid(blocks, bits, symmetric, shrink)
-        err = (_dequant(sc, zp, qq, bits) - blocks) ** 2
+        err = (dequantize_blocks(qq, sc, zp, bits) - blocks) ** 2
         err = (err * weight if weight is not None else err).sum(axis=-1)
         better = err < best_err
         best_err = np.where(better, err, best_err)
@@ -135,5 +167,5 @@ def pack_blocks(
     q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, bits: int, block_size: int
 ) -> BlockQuantized:
     """Codes [N, n_blocks, block_size] and their grid, packed for MatMulNBits."""
-    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else q.copy()
+    packed = pack_nibbles(q) if bits == 4 else q.copy()
     return BlockQuantized(packed, scales, zero_points, q, k, bits, block_size)

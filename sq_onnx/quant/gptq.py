@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sq_onnx.passes.blockwise import BlockQuantized, choose_grid, pack_blocks
+from sq_onnx.quant.blockwise import BlockQuantized, choose_grid, pack_blocks
 
 # Dampening of H's diagonal, as a fraction of its mean (the GPTQ paper's default): keeps the Cholesky
 # factorisation stable when calibration leaves some directions of X unexplored.
