@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from sq_onnx.passes.graph_edit import MS
 from sq_onnx.passes.linears import Linear, constant_array, find_linears, is_constant
-
-MS = "com.microsoft"
 
 
 @dataclass

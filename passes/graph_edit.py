@@ -9,6 +9,10 @@ import onnx_ir as ir
 
 from sq_onnx.passes.linears import Linear
 
+# Operator domains: ORT's contrib ops, and the custom-op library built from custom_ops/.
+MS = "com.microsoft"
+SQ = "sq_onnx"
+
 
 def unique_name(graph: ir.Graph, base: str) -> str:
     """A value name not yet used by an initializer in ``graph``."""

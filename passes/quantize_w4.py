@@ -1,22 +1,23 @@
 """Weight-only quantization: every selected linear -> ``com.microsoft::MatMulNBits`` (runs on stock ORT).
 
-Precondition: ``linears`` were found on this graph (after any smoothing). Gemm biases are kept as the
-op's bias input. Returns the names of the replaced nodes.
+``QuantizeWeightsPass`` replaces batches of linears that read one tensor; how a batch's weight is
+quantized (round-to-nearest, clip search, GPTQ with its Hessian) is the caller's function, so the pass
+knows the layout and the graph, the method knows the maths. Gemm biases are kept as the op's bias input.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from sq_onnx.passes.graph_edit import add_initializer, replace_node
+from sq_onnx.passes.graph_edit import MS, add_initializer, ensure_opset, replace_node
 from sq_onnx.passes.linears import Linear
 from sq_onnx.quant.blockwise import BlockQuantized, quantize_blockwise
 from sq_onnx.quant.gptq import DAMP, gptq_quantize
-
-MS = "com.microsoft"
 
 
 def _float_dtype(linear: Linear) -> np.dtype:
@@ -107,3 +108,60 @@ def emit_matmulnbits(graph: ir.Graph, linear: Linear, bq: BlockQuantized, accura
     )
     replace_node(graph, old, [node], node.outputs[0])
     return node
+
+
+@dataclass
+class WeightBatch:
+    """Linears that read the same tensor, quantized together (one Hessian, one GPTQ pass) to ``bits``."""
+
+    linears: list[Linear]
+    bits: int
+    accuracy_level: int
+
+
+class QuantizeWeightsPass(ir.passes.InPlacePass):
+    """Replace every batch's linears by MatMulNBits nodes.
+
+    ``quantize(batch, w)`` turns the batch's joined float32 [K, ΣN] weight (its linears' columns side by
+    side, in order) into a ``BlockQuantized`` of the same shape; each linear gets its own columns back.
+    Batches run in order, so a method may read the graph as the earlier batches left it (sequential GPTQ).
+    Precondition (``requires``): every linear is a node of this graph, a batch's linears read one tensor
+    and share K, and bits are 4 or 8. After the call, ``replaced`` names the replaced nodes in order.
+    """
+
+    def __init__(
+        self,
+        batches: list[WeightBatch],
+        quantize: Callable[[WeightBatch, np.ndarray], BlockQuantized],
+        progress: Callable[[Iterable[WeightBatch]], Iterable[WeightBatch]] = iter,
+    ):
+        super().__init__()
+        self.batches, self.quantize, self.progress = batches, quantize, progress
+        self.replaced: list[str] = []
+
+    def requires(self, model: ir.Model) -> None:
+        nodes = {id(n) for n in model.graph}
+        for batch in self.batches:
+            names = ", ".join(linear.name for linear in batch.linears)
+            if any(id(linear.node) not in nodes for linear in batch.linears):
+                raise ir.passes.PreconditionError(f"linears not in this graph: {names}")
+            if len({id(linear.input) for linear in batch.linears}) != 1:
+                raise ir.passes.PreconditionError(f"a batch must read one tensor: {names}")
+            if len({linear.shape[0] for linear in batch.linears}) != 1 or batch.bits not in (4, 8):
+                raise ir.passes.PreconditionError(f"a batch needs one K and 4 or 8 bits: {names}")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.replaced = []
+        if self.batches:
+            ensure_opset(model, MS, 1)
+        for batch in self.progress(self.batches):
+            weights = [linear.weight_kn().astype(np.float32) for linear in batch.linears]
+            joined = weights[0] if len(weights) == 1 else np.concatenate(weights, axis=1)
+            bq = self.quantize(batch, joined)
+            lo = 0
+            for linear, w in zip(batch.linears, weights, strict=True):
+                emit_matmulnbits(model.graph, linear, bq.columns(lo, lo + w.shape[1]), batch.accuracy_level)
+                linear.release()
+                self.replaced.append(linear.name)
+                lo += w.shape[1]
+        return ir.passes.PassResult(model, modified=bool(self.replaced))

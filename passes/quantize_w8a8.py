@@ -19,11 +19,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from sq_onnx.passes.graph_edit import add_initializer, replace_node
+from sq_onnx.passes.graph_edit import MS, add_initializer, ensure_opset, replace_node
 from sq_onnx.passes.linears import Linear
+from sq_onnx.passes.quantize_w8a8_custom import quantize_w8a8_custom
 from sq_onnx.quant.int8 import EPS, quantize_per_channel
-
-MS = "com.microsoft"
 
 
 class _Builder:
@@ -92,8 +91,6 @@ def quantize_w8a8(
 ) -> list[str]:
     """Replace each linear by its int8 form; returns the names of the replaced nodes."""
     if kernels == "sq_onnx":
-        from sq_onnx.passes.quantize_w8a8_custom import quantize_w8a8_custom
-
         if act != "per-token":
             raise ValueError("--kernels sq_onnx implements per-token activations only")
         return quantize_w8a8_custom(graph, linears)
@@ -171,3 +168,46 @@ def quantize_w8a8(
         linear.release()
         done.append(node.name or "")
     return done
+
+
+class QuantizeW8A8Pass(ir.passes.InPlacePass):
+    """Replace ``linears`` by their W8A8 form: stock ORT contrib ops, or with ``kernels="sq_onnx"`` the
+    custom ops (norms that feed only quantized linears fused with the activation quantization).
+
+    Precondition (``requires``): every linear is a node of this graph; ``static`` activations have a
+    calibrated range for every input; the sq_onnx kernels take per-token activations only. After the call,
+    ``replaced`` names the replaced nodes.
+    """
+
+    def __init__(
+        self,
+        linears: list[Linear],
+        act: str = "per-token",
+        static_absmax: dict[str, float] | None = None,
+        kernels: str = "ort",
+    ):
+        super().__init__()
+        self.linears, self.act, self.static_absmax, self.kernels = linears, act, static_absmax, kernels
+        self.replaced: list[str] = []
+
+    def requires(self, model: ir.Model) -> None:
+        nodes = {id(n) for n in model.graph}
+        foreign = [linear.name for linear in self.linears if id(linear.node) not in nodes]
+        if foreign:
+            raise ir.passes.PreconditionError(f"linears not in this graph: {', '.join(foreign[:3])}")
+        if self.act == "static":
+            ranges = self.static_absmax or {}
+            missing = [linear.input.name for linear in self.linears if linear.input.name not in ranges]
+            if missing:
+                raise ir.passes.PreconditionError(f"no calibrated activation range for {missing[0]}")
+        if self.kernels == "sq_onnx" and self.act != "per-token":
+            raise ir.passes.PreconditionError("the sq_onnx kernels implement per-token activations only")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        opset = model.opset_imports.get("", 18)
+        self.replaced = quantize_w8a8(
+            model.graph, self.linears, opset, self.act, self.static_absmax, self.kernels
+        )
+        if self.kernels == "ort" and self.replaced:
+            ensure_opset(model, MS, 1)
+        return ir.passes.PassResult(model, modified=bool(self.replaced))

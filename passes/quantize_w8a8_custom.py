@@ -16,9 +16,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from sq_onnx.custom_ops import DOMAIN as SQ
 from sq_onnx.passes.decomposed_rmsnorm import match_decomposed_rmsnorm
-from sq_onnx.passes.graph_edit import add_initializer, replace_node
+from sq_onnx.passes.graph_edit import SQ, add_initializer, replace_node
 from sq_onnx.passes.linears import Linear, _attr_float, _attr_int, constant_array
 from sq_onnx.quant.int8 import quantize_per_channel
 

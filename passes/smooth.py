@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from sq_onnx.passes.analyze import SmoothGroup
+from sq_onnx.passes.analyze import SmoothGroup, analyze
 from sq_onnx.passes.graph_edit import add_initializer, set_weight_lazy
 from sq_onnx.passes.linears import Linear, constant_array
 from sq_onnx.quant.smoothing import smoothing_scales
@@ -72,18 +72,16 @@ def smooth_groups(
     groups: list[SmoothGroup],
     act_absmax: dict[str, np.ndarray],
     alpha: float | dict[str, float],
-    scales_out: dict[str, np.ndarray] | None = None,
-) -> list[SmoothedGroup]:
+) -> tuple[list[SmoothedGroup], dict[str, np.ndarray]]:
     """Smooth every group with calibration statistics; ``alpha`` is one value or one per group tensor.
-    The scales used are written to ``scales_out`` (tensor -> s) when given."""
-    done = []
+    Returns one record per group and the scales used (group tensor -> s)."""
+    done, scales = [], {}
     for group in groups:
         act = act_absmax[group.name]
         a = alpha[group.name] if isinstance(alpha, dict) else alpha
         s = smoothing_scales(act, weight_row_absmax(group), a)
         apply_smoothing(graph, group, s)
-        if scales_out is not None:
-            scales_out[group.name] = s
+        scales[group.name] = s
         done.append(
             SmoothedGroup(
                 name=group.name,
@@ -96,4 +94,38 @@ def smooth_groups(
                 act_absmax_after=float((act / s).max()),
             )
         )
-    return done
+    return done, scales
+
+
+class SmoothPass(ir.passes.InPlacePass):
+    """Smooth every norm -> linears group that ``analyze`` finds on the model.
+
+    Precondition (``requires``): ``act_absmax`` holds, for every group, a finite, non-negative per-channel
+    abs-max of the group's tensor with one value per channel, and ``alpha`` (one value, or one per group
+    tensor) covers every group. After the call, ``smoothed`` holds one record per group and ``scales``
+    the s of each group tensor.
+    """
+
+    def __init__(self, act_absmax: dict[str, np.ndarray], alpha: float | dict[str, float]):
+        super().__init__()
+        self.act_absmax = act_absmax
+        self.alpha = alpha
+        self.smoothed: list[SmoothedGroup] = []
+        self.scales: dict[str, np.ndarray] = {}
+
+    def requires(self, model: ir.Model) -> None:
+        for group in analyze(model.graph).groups:
+            stats = self.act_absmax.get(group.name)
+            if stats is None or np.shape(stats) != (group.channels,):
+                raise ir.passes.PreconditionError(
+                    f"no per-channel statistics of {group.channels} values for group {group.name!r}"
+                )
+            if not (np.all(np.isfinite(stats)) and np.all(np.asarray(stats) >= 0)):
+                raise ir.passes.PreconditionError(f"statistics of {group.name!r} are negative or not finite")
+            if isinstance(self.alpha, dict) and group.name not in self.alpha:
+                raise ir.passes.PreconditionError(f"no alpha for group {group.name!r}")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        groups = analyze(model.graph).groups
+        self.smoothed, self.scales = smooth_groups(model.graph, groups, self.act_absmax, self.alpha)
+        return ir.passes.PassResult(model, modified=bool(self.smoothed))

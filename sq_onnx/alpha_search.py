@@ -61,7 +61,7 @@ def search_alpha_model(
     fixed = replace(recipe, alpha_search="none", gptq=False)  # candidates: the fast quantizer
 
     def score(alpha: float | None) -> float:
-        work, _ = smooth_copy(src, stats, alpha)
+        work, _, _ = smooth_copy(src, stats, alpha)
         quantize_graph(work, fixed)
         with in_memory_session(work) as sess:
             return loss_of(sess)

@@ -13,8 +13,10 @@ import os
 from pathlib import Path
 
 from sq_onnx.errors import SqOnnxError
+from sq_onnx.passes.graph_edit import SQ
 
-DOMAIN = "sq_onnx"
+DOMAIN = SQ  # the passes emit the ops in this domain; the library registers it
+
 LIBRARY_NAME = "libsq_onnx_ops.so"
 ENV_LIBRARY = "SQ_ONNX_OPS_LIB"
 

@@ -234,8 +234,7 @@ def _run_pipeline(
             analysis.groups, plans, stats, calib.rows, recipe, show_progress
         )
         result.alpha = float(np.mean(list(alpha.values())))
-    scales: dict[str, np.ndarray] = {}
-    work, result.smoothed_groups = smooth_copy(src, stats, alpha if analysis.groups else None, scales)
+    work, result.smoothed_groups, scales = smooth_copy(src, stats, alpha if analysis.groups else None)
     if result.smoothed_groups and verify_feeds:
         check = compare(reference, first_outputs(work, verify_feeds, "smoothed", show_progress))
         tolerance = EQUIVALENCE_TOLERANCE.get(_weight_dtype(analysis), 1e-4)

@@ -12,14 +12,14 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from sq_onnx.calibrate import copy_model
-from sq_onnx.passes.analyze import analyze
 from sq_onnx.passes.graph_edit import ensure_opset
 from sq_onnx.passes.linears import Linear, find_linears
-from sq_onnx.passes.quantize_w4 import emit_matmulnbits, quantize_weight
-from sq_onnx.passes.quantize_w8a8 import quantize_w8a8
-from sq_onnx.passes.smooth import smooth_groups
+from sq_onnx.passes.quantize_w4 import QuantizeWeightsPass, WeightBatch, quantize_weight
+from sq_onnx.passes.quantize_w8a8 import QuantizeW8A8Pass
+from sq_onnx.passes.smooth import SmoothPass
 from sq_onnx.plan import LinearPlan, plan_linears
 from sq_onnx.progress import track
+from sq_onnx.quant.blockwise import BlockQuantized
 from sq_onnx.recipe import Recipe
 
 # Most float64 bytes of weight that one GPTQ pass quantizes at once when linears share an input.
@@ -27,18 +27,16 @@ SHARED_WEIGHT_BYTES = 1 << 28
 
 
 def smooth_copy(
-    src: ir.Model,
-    stats: dict[str, np.ndarray],
-    alpha: float | dict[str, float] | None,
-    scales_out: dict[str, np.ndarray] | None = None,
-) -> tuple[ir.Model, list[dict[str, Any]]]:
-    """A copy of ``src`` with every foldable group smoothed (``alpha`` None: an unsmoothed copy)."""
+    src: ir.Model, stats: dict[str, np.ndarray], alpha: float | dict[str, float] | None
+) -> tuple[ir.Model, list[dict[str, Any]], dict[str, np.ndarray]]:
+    """A copy of ``src`` with every foldable group smoothed (``alpha`` None: an unsmoothed copy): the
+    model, one record per group and the scales (group tensor -> s)."""
     work = copy_model(src)
     if alpha is None:
-        return work, []
-    groups = analyze(work.graph).groups
-    done = smooth_groups(work.graph, groups, stats, alpha, scales_out)
-    return work, [asdict(d) for d in done]
+        return work, [], {}
+    smooth = SmoothPass(stats, alpha)
+    smooth(work)
+    return work, [asdict(d) for d in smooth.smoothed], smooth.scales
 
 
 def input_importance(
@@ -64,23 +62,17 @@ def quantize_graph(
     that batch's Hessian (``SequentialHessians.float_target``). ``held_out_loss(W, Ŵ)``: a batch keeps
     GPTQ's weights only where they beat round-to-nearest with the clip search on samples GPTQ never saw
     (``SequentialHessians.held_out_loss``); the batches that fell back are named in ``work``'s metadata."""
-    graph = work.graph
-    plans = plan_linears(graph, find_linears(graph), recipe)
+    plans = plan_linears(work.graph, find_linears(work.graph), recipe)
     ensure_opset(work, "com.microsoft", 1)
-    done: list[str] = []
     fell_back: list[str] = []
-    batches = weight_batches(plans, together=hessians is not None)
-    for batch in track(batches, "quantizing", total=len(batches), enabled=show_progress):
-        first = batch[0]
-        name = first.linear.input.name
-        weights = [p.linear.weight_kn().astype(np.float32) for p in batch]
-        original = weights[0] if len(weights) == 1 else np.concatenate(weights, axis=1)
+
+    def quantize(batch: WeightBatch, original: np.ndarray) -> BlockQuantized:
+        name = batch.linears[0].input.name or ""
         hessian = hessians(name) if hessians is not None else None
         joined = weight_target(original) if weight_target is not None else original
-        bits = 4 if first.action == "w4" else 8
         bq = quantize_weight(
             joined,
-            bits,
+            batch.bits,
             recipe.block_size,
             recipe.symmetric,
             clip_search=recipe.clip_search,
@@ -93,7 +85,7 @@ def quantize_graph(
         if held_out_loss is not None and hessian is not None:
             plain = quantize_weight(
                 original,
-                bits,
+                batch.bits,
                 recipe.block_size,
                 recipe.symmetric,
                 clip_search=True,
@@ -102,22 +94,26 @@ def quantize_graph(
             if held_out_loss(original, plain.dequantize()) < held_out_loss(original, bq.dequantize()):
                 bq = plain
                 fell_back.append(name)
-        level = recipe.lm_head_accuracy_level if first.lm_head else recipe.accuracy_level
-        lo = 0
-        for p, w in zip(batch, weights, strict=True):
-            emit_matmulnbits(graph, p.linear, bq.columns(lo, lo + w.shape[1]), level)
-            p.linear.release()
-            done.append(p.name)
-            lo += w.shape[1]
-    w8a8 = [p.linear for p in plans if p.action == "w8a8"]
-    if w8a8:
-        done += quantize_w8a8(
-            graph, w8a8, work.opset_imports.get("", 18), recipe.act, static_ranges, kernels=recipe.kernels
+        return bq
+
+    batches = [
+        WeightBatch(
+            [p.linear for p in batch],
+            4 if batch[0].action == "w4" else 8,
+            recipe.lm_head_accuracy_level if batch[0].lm_head else recipe.accuracy_level,
         )
+        for batch in weight_batches(plans, together=hessians is not None)
+    ]
+    weights = QuantizeWeightsPass(
+        batches, quantize, lambda b: track(b, "quantizing", total=len(batches), enabled=show_progress)
+    )
+    w8a8 = QuantizeW8A8Pass(
+        [p.linear for p in plans if p.action == "w8a8"], recipe.act, static_ranges, recipe.kernels
+    )
+    ir.passes.Sequential(weights, w8a8, *CLEANUP)(work)
     if held_out_loss is not None:
         work.metadata_props["sq_onnx.gptq_fell_back"] = json.dumps(fell_back)
-    cleanup(work)
-    return done
+    return weights.replaced + w8a8.replaced
 
 
 def weight_batches(plans: list[LinearPlan], together: bool) -> list[list[LinearPlan]]:
@@ -152,10 +148,13 @@ def _float64_bytes(plans: list[LinearPlan]) -> int:
     return 8 * plans[0].linear.shape[0] * sum(p.linear.shape[1] for p in plans)
 
 
+# Drop constants and nodes nobody uses any more, and keep the graph topologically sorted.
+CLEANUP = (RemoveUnusedNodesPass(), TopologicalSortPass())
+
+
 def cleanup(work: ir.Model) -> None:
-    """Drop constants and nodes nobody uses any more, and keep the graph topologically sorted."""
-    RemoveUnusedNodesPass()(work)
-    TopologicalSortPass()(work)
+    """``CLEANUP`` on its own (the smooth scheme quantizes nothing)."""
+    ir.passes.Sequential(*CLEANUP)(work)
 
 
 def static_ranges(stats: dict[str, np.ndarray], smoothed: list[dict[str, Any]]) -> dict[str, float]:

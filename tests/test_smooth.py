@@ -10,7 +10,7 @@ import pytest
 from sq_onnx import Recipe, convert
 from sq_onnx.calibrate import collect_absmax
 from sq_onnx.passes.analyze import analyze
-from sq_onnx.passes.smooth import smooth_groups
+from sq_onnx.passes.smooth import SmoothPass, smooth_groups
 from sq_onnx.quant.smoothing import smoothing_scales
 
 import ir_graphs
@@ -41,10 +41,25 @@ def test_smoothing_keeps_the_function(kind, form):
     stats = collect_absmax(model, {g.name: g.channels for g in result.groups}, feeds, show_progress=False)
     group = result.groups[0]
     assert stats[group.name].max() > 10  # the outlier channels are really there
-    done = smooth_groups(model.graph, result.groups, stats, alpha=0.5)
+    smooth = SmoothPass(stats, alpha=0.5)
+    assert smooth(model).modified
+    done = smooth.smoothed
     assert done[0].act_absmax_after < done[0].act_absmax_before / 3
+    assert set(smooth.scales) == {g.name for g in result.groups}
     after = _run_model(model, feeds[0])
     assert rel_error(before, after) < 1e-5
+
+
+def test_smooth_pass_refuses_missing_or_wrong_statistics():
+    model = ir_graphs.build_norm_graph("LayerNormalization")
+    group = analyze(model.graph).groups[0]
+    good = np.ones(group.channels, np.float32)
+    for stats in ({}, {group.name: good[:-1]}, {group.name: -good}, {group.name: good * np.nan}):
+        with pytest.raises(ir.passes.PreconditionError):
+            SmoothPass(stats, alpha=0.5)(model)
+    with pytest.raises(ir.passes.PreconditionError):
+        SmoothPass({group.name: good}, alpha={"other": 0.5})(model)
+    assert SmoothPass({group.name: good}, alpha={group.name: 0.5})(model).modified
 
 
 @pytest.mark.parametrize("fixture", ["llama_dir", "llama_fused", "opt_dir", "llama_bias_dir"])

@@ -58,8 +58,7 @@ def layer_hessians(model_path: Path, train: int, held_out: int) -> tuple[list, d
     if len(feeds) < train + held_out:
         raise SystemExit(f"the built-in text holds {len(feeds)} samples; ask for fewer")
     calib = calibrate(src, {g.name: g.channels for g in analysis.groups}, feeds[: recipe.samples], [])
-    scales: dict[str, np.ndarray] = {}
-    work, _ = smooth_copy(src, calib.absmax, recipe.effective_alpha, scales)
+    work, _, scales = smooth_copy(src, calib.absmax, recipe.effective_alpha)
     plans = plan_linears(work.graph, find_linears(work.graph), recipe)
     layers = [
         (p.name, p.linear.input.name, p.linear.weight_kn().astype(np.float32))
