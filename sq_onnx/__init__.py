@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__version__ = "0.1.0"
+from sq_onnx.version import __version__
 
 # Running from a source checkout: the top-level ``passes/`` folder is ``sq_onnx.passes``
 # (the wheel installs it there). Appending the repository root to our package path makes

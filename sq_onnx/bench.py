@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sq_onnx import custom_ops
 from sq_onnx.errors import SqOnnxError
 from sq_onnx.lm_runner import LMRunner
 from sq_onnx.model_inputs import input_specs, is_language_model
@@ -52,7 +53,6 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def _cpu_kernels(model, provider: str) -> str | None:
-    from sq_onnx import custom_ops
 
     if provider != "cpu" or custom_ops.DOMAIN not in model.opset_imports or not custom_ops.available():
         return None

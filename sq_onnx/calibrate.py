@@ -12,6 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sq_onnx.errors import CalibrationError
+from sq_onnx.model_io import copy_model
 from sq_onnx.ort_session import in_memory_session
 from sq_onnx.progress import track
 
@@ -133,13 +134,3 @@ def calibrate(
     sampled = {name: np.concatenate(parts)[:max_rows] for name, parts in rows.items() if parts}
     mean_square = {t: (v / len(feeds)).astype(np.float32) for t, v in sums.items()}
     return Calibration(stats, mean_square, reference, sampled)
-
-
-def copy_model(model: ir.Model) -> ir.Model:
-    """A structural copy that shares (lazy) tensors with ``model``: no weights are read or duplicated."""
-    return ir.Model(
-        model.graph.clone(),
-        ir_version=model.ir_version,
-        producer_name=model.producer_name,
-        functions=list(model.functions.values()),
-    )

@@ -39,7 +39,7 @@ def _alpha(text: str) -> float | str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sq-onnx", description="SmoothQuant / SmoothQuant+ for ONNX LLMs.")
-    from sq_onnx import __version__
+    from sq_onnx.version import __version__
 
     parser.add_argument("--version", action="version", version=f"sq-onnx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)

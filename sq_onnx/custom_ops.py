@@ -27,11 +27,9 @@ def library_path() -> Path | None:
     if os.environ.get(ENV_LIBRARY):
         path = Path(os.environ[ENV_LIBRARY])
         return path if path.is_file() else None
-    import sq_onnx
-
-    for folder in getattr(sq_onnx, "__path__", []):
-        if (Path(folder) / LIBRARY_NAME).is_file():
-            return Path(folder) / LIBRARY_NAME
+    beside = Path(__file__).resolve().parent / LIBRARY_NAME  # a wheel installs it in the package
+    if beside.is_file():
+        return beside
     try:  # editable installs keep compiled files in site-packages, away from the sources
         from importlib.metadata import distribution
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from sq_onnx.model_io import copy_model
+
 BF16 = ir.DataType.BFLOAT16
 FLOAT = ir.DataType.FLOAT
 
@@ -35,7 +37,6 @@ def _widened(tensor: ir.TensorProtocol) -> ir.LazyTensor:
 
 def float32_twin(model: ir.Model) -> ir.Model:
     """A copy of ``model`` with every bfloat16 value, initializer and Cast target made float32."""
-    from sq_onnx.calibrate import copy_model
 
     twin = copy_model(model)
     graph = twin.graph

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from sq_onnx.calibrate import copy_model
 from sq_onnx.errors import CalibrationError
+from sq_onnx.model_io import copy_model
 from sq_onnx.ort_session import in_memory_session
 from sq_onnx.progress import track
 

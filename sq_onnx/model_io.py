@@ -180,3 +180,13 @@ def save_model(model: ir.Model, output: str | os.PathLike, external_data: bool =
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return out
+
+
+def copy_model(model: ir.Model) -> ir.Model:
+    """A structural copy that shares (lazy) tensors with ``model``: no weights are read or duplicated."""
+    return ir.Model(
+        model.graph.clone(),
+        ir_version=model.ir_version,
+        producer_name=model.producer_name,
+        functions=list(model.functions.values()),
+    )

@@ -10,7 +10,11 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from sq_onnx.model_io import has_external_tensors, weight_bytes
+from sq_onnx import custom_ops
+from sq_onnx.custom_ops import register_custom_ops
+from sq_onnx.errors import ModelLoadError, SqOnnxError
+from sq_onnx.float32_twin import float32_twin, has_bfloat16
+from sq_onnx.model_io import copy_model, has_external_tensors, weight_bytes
 
 # Above this, sessions for in-memory models go through a temporary file (see in_memory_session).
 IN_MEMORY_LIMIT = 64 * 1024**2
@@ -20,8 +24,6 @@ def _ort():
     try:
         import onnxruntime
     except ImportError:
-        from sq_onnx.errors import SqOnnxError
-
         raise SqOnnxError(
             "onnxruntime is not installed; install sq-onnx[cpu] (or sq-onnx[gpu] on NVIDIA machines)."
         ) from None
@@ -36,8 +38,6 @@ def session_options(threads: int | None = None, custom_ops: bool = False):
     if threads:
         so.intra_op_num_threads = threads
     if custom_ops:
-        from sq_onnx.custom_ops import register_custom_ops
-
         register_custom_ops(so)
     return so
 
@@ -46,8 +46,6 @@ def session(path: str | os.PathLike, providers: list[str] | None = None, threads
     """An ``onnxruntime.InferenceSession`` for a model file (CPU unless providers say otherwise). The sq_onnx
     custom-op library, when built, is always registered: that costs milliseconds, while reading the model's
     opsets first would cost a full parse of a single-file model."""
-    from sq_onnx import custom_ops
-
     ort = _ort()
     so = session_options(threads, custom_ops=custom_ops.available())
     try:
@@ -68,13 +66,9 @@ def in_memory_session(model: ir.Model, threads: int | None = None) -> Iterator[o
     - otherwise: everything streamed to a temporary folder (ORT needs files for models over 2 GB).
     bfloat16 models run as their float32 twin (``sq_onnx.float32_twin``): the CPU provider has no bf16 kernels.
     Feeds and outputs of a twin are float32 where the model's are bfloat16."""
-    from sq_onnx.float32_twin import float32_twin, has_bfloat16
-
     if has_bfloat16(model):
         model = float32_twin(model)
-    from sq_onnx.custom_ops import DOMAIN
-
-    custom = DOMAIN in model.opset_imports
+    custom = custom_ops.DOMAIN in model.opset_imports
     if weight_bytes(model) < IN_MEMORY_LIMIT and not has_external_tensors(model):
         data = ir.to_proto(model).SerializeToString()
         yield _checked_session(data, threads, custom)
@@ -112,8 +106,6 @@ def _files_beside(model: ir.Model, home: Path) -> Iterator[Path]:
     """Write a structural copy of ``model`` as a hidden .onnx in ``home``: external tensors keep their
     references, other tensors above INLINE_BYTES stream (one at a time) into a hidden .data beside it.
     Both files are removed afterwards, also on errors and interrupts."""
-    from sq_onnx.calibrate import copy_model
-
     work = copy_model(model)
     fd, name = tempfile.mkstemp(prefix=".sq-onnx-", suffix=".onnx", dir=home)
     os.close(fd)
@@ -153,7 +145,5 @@ def _checked_session(model: bytes | str, threads: int | None, custom_ops: bool =
     try:
         return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own pybind types (Fail, InvalidGraph, NotImplemented, ...)
-        from sq_onnx.errors import ModelLoadError
-
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"ONNX Runtime cannot load the model: {first}") from None

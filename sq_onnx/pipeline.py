@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from sq_onnx import __version__
 from sq_onnx.alpha_search import search_alpha_layer, search_alpha_model
 from sq_onnx.calibrate import calibrate
 from sq_onnx.calibration_data import builtin_heldout_feeds, find_tokenizer, load_calibration
@@ -38,6 +37,7 @@ from sq_onnx.recipe import Recipe
 from sq_onnx.report import build_report, check_report_dir, group_record, write_report
 from sq_onnx.sequential_hessians import SequentialHessians
 from sq_onnx.verify import Agreement, compare, first_outputs
+from sq_onnx.version import __version__
 
 # A smoothed float model must reproduce the original to float rounding: fp32 ~1e-7 per op, fp16/bf16
 # weights re-rounded after scaling ~1e-3 (measured 1.6e-3 on a tiny fp16 Llama).

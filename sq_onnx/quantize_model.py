@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
-from sq_onnx.calibrate import copy_model
+from sq_onnx.model_io import copy_model
 from sq_onnx.passes.graph_edit import ensure_opset
 from sq_onnx.passes.linears import Linear, find_linears
 from sq_onnx.passes.quantize_w4 import QuantizeWeightsPass, WeightBatch, quantize_weight

@@ -75,7 +75,7 @@ def build_report(
     result: dict[str, Any], model: str, groups: list[dict[str, Any]], layers: list[LayerError]
 ) -> dict[str, Any]:
     """The report.json object from a ConvertResult dict, group records and measured layer errors."""
-    from sq_onnx import __version__
+    from sq_onnx.version import __version__
 
     size_in, size_out = result["input_bytes"], result["output_bytes"]
     return {

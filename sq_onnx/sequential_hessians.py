@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from sq_onnx.calibrate import copy_model
+from sq_onnx.model_io import copy_model
 from sq_onnx.ort_session import in_memory_session
 from sq_onnx.passes.linears import Linear
 from sq_onnx.quant.gptq import dampened_hessian

@@ -10,9 +10,9 @@ import pytest
 from test_blockwise import _matmulnbits_model
 
 from sq_onnx import Recipe, convert, quantize_model
-from sq_onnx.calibrate import copy_model
 from sq_onnx.errors import RecipeError
 from sq_onnx.hessian import ChunkedHessians, chunks_within_budget, collect_hessians, smoothed_hessian
+from sq_onnx.model_io import copy_model
 from sq_onnx.passes.analyze import analyze
 from sq_onnx.passes.linears import find_linears
 from sq_onnx.plan import plan_linears

@@ -1,0 +1,110 @@
+"""Dependencies point one way (DESIGN.md): CLI / API -> pipeline -> app modules -> passes -> maths.
+
+Read from the source with ``ast``, so function-level imports count too. The layers, lowest first:
+- ``sq_onnx.quant`` (quantization arithmetic) and ``sq_onnx.errors``, ``sq_onnx.version``: nothing else of ours;
+- ``sq_onnx.passes`` (graph passes, the top-level ``passes/`` folder): the layer below only;
+- the app modules (calibration, LM tools, report, ...): the layers below and each other;
+- ``sq_onnx.pipeline``; then ``sq_onnx.cli``, the package's ``__init__`` and ``__main__`` at the top.
+A module never imports a higher layer, and there is no import cycle at all.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BOTTOM = {"sq_onnx.errors", "sq_onnx.version"}
+TOP = {"sq_onnx", "sq_onnx.cli", "sq_onnx.__main__"}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in [*(ROOT / "sq_onnx").rglob("*.py"), *(ROOT / "passes").glob("*.py")]:
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[0] == "passes":
+            parts.insert(0, "sq_onnx")
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join(parts)] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every sq_onnx module ``path`` imports, anywhere in the file (``from pkg import mod`` names mod)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "sq_onnx":
+            subs = {f"{node.module}.{a.name}" for a in node.names} & MODULES.keys()
+            out |= subs or {node.module}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] == "sq_onnx"}
+    return out
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def layer(module: str) -> int:
+    if _within(module, "sq_onnx.quant") or module in BOTTOM:
+        return 0
+    if _within(module, "sq_onnx.passes"):
+        return 1
+    if module == "sq_onnx.pipeline":
+        return 3
+    if module in TOP:
+        return 4
+    return 2
+
+
+GRAPH = {m: {t for t in imports_of(p) if t != m} for m, p in MODULES.items()}
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_import_reaches_up(module):
+    up = sorted(t for t in GRAPH[module] if layer(t) > layer(module))
+    assert not up, f"{module} (layer {layer(module)}) imports higher layers: {up}"
+
+
+def test_each_layer_below_the_app_stays_inside_its_own_imports():
+    # the maths knows nothing of graphs; the passes know nothing of calibration, ORT sessions or the CLI
+    for module, targets in GRAPH.items():
+        if layer(module) == 0:
+            assert all(layer(t) == 0 for t in targets), (module, targets)
+        if layer(module) == 1:
+            assert all(layer(t) <= 1 for t in targets), (module, targets)
+
+
+def test_no_import_cycles():
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            raise AssertionError("import cycle: " + " -> ".join([*path[path.index(module) :], module]))
+        if module in done:
+            return
+        for target in sorted(GRAPH.get(module, ())):
+            visit(target, [*path, module])
+        done.add(module)
+
+    for module in sorted(GRAPH):
+        visit(module, [])
+
+
+def test_the_contract_sees_the_tree():
+    # a broken module map would make every check above pass vacuously
+    assert {
+        "sq_onnx.quant.blockwise",
+        "sq_onnx.passes.smooth",
+        "sq_onnx.pipeline",
+        "sq_onnx.cli",
+    } <= MODULES.keys()
+    assert "sq_onnx.quant.blockwise" in GRAPH["sq_onnx.passes.quantize_w4"]
+    assert "sq_onnx.pipeline" in GRAPH["sq_onnx.cli"]
+    assert layer("sq_onnx.quantize_model") == 2 and layer("sq_onnx.quant.gptq") == 0
