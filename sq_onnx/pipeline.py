@@ -35,7 +35,7 @@ from sq_onnx.quantize_model import (
 )
 from sq_onnx.recipe import Recipe
 from sq_onnx.report import build_report, check_report_dir, group_record, write_report
-from sq_onnx.sequential_hessians import SequentialHessians
+from sq_onnx.segment_runner import SegmentRunner
 from sq_onnx.verify import Agreement, compare, first_outputs
 from sq_onnx.version import __version__
 
@@ -251,30 +251,20 @@ def _run_pipeline(
     if recipe.scheme != "smooth":
         ranges = static_ranges(stats, result.smoothed_groups) if recipe.act == "static" else None
         importance = input_importance(calib.mean_square, scales) if recipe.clip_search else None
-        hessians = weight_target = None
+        hessians = segments = None
         if recipe.uses_gptq:
             hessian_feeds = pool_feeds[: recipe.gptq_samples]
             result.calibration["hessian_samples"] = len(hessian_feeds)
             if recipe.gptq_sequential or recipe.gptq_asymmetric:
-                hessians = SequentialHessians(
-                    work,
-                    gptq_batches(work, recipe),
-                    hessian_feeds,
-                    float_target=recipe.gptq_asymmetric,
-                    target_ridge=recipe.gptq_target_ridge,
-                    holdout=recipe.gptq_holdout,
-                )
-                weight_target = hessians.float_target if recipe.gptq_asymmetric else None
+                batches = gptq_batches(work, recipe)
+                segments = SegmentRunner(work, batches, hessian_feeds, float_copy=recipe.gptq_asymmetric)
             else:
                 inputs = {p.linear.input.name: p.linear.shape[0] for p in plans if p.action in ("w4", "w8")}
                 hessians = ChunkedHessians(src, inputs, hessian_feeds, scales, show_progress=show_progress)
-        # Recipe.validate ties a holdout to the sequential Hessians, the one source that keeps samples out
-        held_out = hessians.held_out_loss if recipe.gptq_holdout else None
-        result.quantized_matmuls = quantize_graph(
-            work, recipe, ranges, show_progress, importance, hessians, weight_target, held_out
-        )
-        if held_out is not None:
-            result.calibration["gptq_fell_back"] = json.loads(work.metadata_props["sq_onnx.gptq_fell_back"])
+        quantized = quantize_graph(work, recipe, ranges, show_progress, importance, hessians, segments)
+        result.quantized_matmuls = quantized.replaced
+        if quantized.fell_back is not None:
+            result.calibration["gptq_fell_back"] = quantized.fell_back
     else:
         cleanup(work)
 

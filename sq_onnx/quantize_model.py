@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
+from sq_onnx.gptq_method import batch_grams
 from sq_onnx.model_io import copy_model
 from sq_onnx.passes.graph_edit import ensure_opset
 from sq_onnx.passes.linears import Linear, find_linears
@@ -21,6 +21,7 @@ from sq_onnx.plan import LinearPlan, plan_linears
 from sq_onnx.progress import track
 from sq_onnx.quant.blockwise import BlockQuantized
 from sq_onnx.recipe import Recipe
+from sq_onnx.segment_runner import SegmentInputs
 
 # Most float64 bytes of weight that one GPTQ pass quantizes at once when linears share an input.
 SHARED_WEIGHT_BYTES = 1 << 28
@@ -46,6 +47,15 @@ def input_importance(
     return {name: ms / np.square(scales[name]) if name in scales else ms for name, ms in mean_square.items()}
 
 
+@dataclass(frozen=True)
+class Quantized:
+    """What ``quantize_graph`` replaced, and the batches (by input tensor) where the held-out check kept
+    round-to-nearest over GPTQ (None when there was no check)."""
+
+    replaced: list[str]
+    fell_back: list[str] | None = None
+
+
 def quantize_graph(
     work: ir.Model,
     recipe: Recipe,
@@ -53,56 +63,55 @@ def quantize_graph(
     show_progress: bool = False,
     importance: dict[str, np.ndarray] | None = None,
     hessians: Callable[[str], np.ndarray] | None = None,
-    weight_target: Callable[[np.ndarray], np.ndarray] | None = None,
-    held_out_loss: Callable[[np.ndarray, np.ndarray], float] | None = None,
-) -> list[str]:
-    """Quantize ``work`` in place according to the recipe's plan; returns the replaced node names.
-    ``hessians``: input tensor name -> XᵀX as the quantizer sees it, for GPTQ (W4/W8 weight-only).
-    ``weight_target``: a batch's joined [K, N] weight -> the weight GPTQ fits instead, called right after
-    that batch's Hessian (``SequentialHessians.float_target``). ``held_out_loss(W, Ŵ)``: a batch keeps
-    GPTQ's weights only where they beat round-to-nearest with the clip search on samples GPTQ never saw
-    (``SequentialHessians.held_out_loss``); the batches that fell back are named in ``work``'s metadata."""
+    segments: Iterable[SegmentInputs] | None = None,
+) -> Quantized:
+    """Quantize ``work`` in place according to the recipe's plan.
+
+    GPTQ takes its Hessians from ``hessians`` (input tensor name -> XᵀX, computed on the float model) or,
+    sequentially, from ``segments`` (a ``SegmentRunner`` over ``work`` for ``gptq_batches``): each step is
+    taken after the batches before it are quantized, so every Hessian sees the quantized layers upstream.
+    With a float copy in the runner and ``recipe.gptq_asymmetric`` GPTQ fits the float target; with
+    ``recipe.gptq_holdout`` a batch keeps GPTQ's weights only where they beat round-to-nearest with the clip
+    search on the held-out samples."""
     plans = plan_linears(work.graph, find_linears(work.graph), recipe)
     ensure_opset(work, "com.microsoft", 1)
-    fell_back: list[str] = []
+    steps = iter(segments) if segments is not None else None
+    fell_back: list[str] | None = [] if steps is not None and recipe.gptq_holdout else None
+
+    def options(name: str) -> dict[str, Any]:
+        return dict(clip_search=recipe.clip_search, importance=(importance or {}).get(name))
 
     def quantize(batch: WeightBatch, original: np.ndarray) -> BlockQuantized:
         name = batch.linears[0].input.name or ""
-        hessian = hessians(name) if hessians is not None else None
-        joined = weight_target(original) if weight_target is not None else original
-        bq = quantize_weight(
-            joined,
-            batch.bits,
-            recipe.block_size,
-            recipe.symmetric,
-            clip_search=recipe.clip_search,
-            importance=(importance or {}).get(name),
-            hessian=hessian,
-            act_order=recipe.act_order,
-            refine_rounds=recipe.gptq_refine,
-            damp=recipe.gptq_damp,
+        grid = (recipe.block_size, recipe.symmetric)
+        if steps is None and hessians is None:
+            return quantize_weight(original, batch.bits, *grid, **options(name))
+        grams = batch_grams(_step_for(steps, name), recipe.gptq_holdout) if steps is not None else None
+        hessian = grams.hessian if grams is not None else hessians(name)  # type: ignore[misc]
+        target = (
+            grams.target(original, recipe.gptq_target_ridge) if grams and recipe.gptq_asymmetric else original
         )
-        if held_out_loss is not None and hessian is not None:
+        gptq = dict(act_order=recipe.act_order, refine_rounds=recipe.gptq_refine, damp=recipe.gptq_damp)
+        bq = quantize_weight(target, batch.bits, *grid, **options(name), hessian=hessian, **gptq)
+        if fell_back is not None and grams is not None and grams.held is not None:
             plain = quantize_weight(
-                original,
-                batch.bits,
-                recipe.block_size,
-                recipe.symmetric,
-                clip_search=True,
-                importance=np.diag(hessian),
+                original, batch.bits, *grid, clip_search=True, importance=np.diag(hessian)
             )
-            if held_out_loss(original, plain.dequantize()) < held_out_loss(original, bq.dequantize()):
+            if grams.held_out_loss(original, plain.dequantize()) < grams.held_out_loss(
+                original, bq.dequantize()
+            ):
                 bq = plain
                 fell_back.append(name)
         return bq
 
+    together = hessians is not None or segments is not None
     batches = [
         WeightBatch(
             [p.linear for p in batch],
             4 if batch[0].action == "w4" else 8,
             recipe.lm_head_accuracy_level if batch[0].lm_head else recipe.accuracy_level,
         )
-        for batch in weight_batches(plans, together=hessians is not None)
+        for batch in weight_batches(plans, together=together)
     ]
     weights = QuantizeWeightsPass(
         batches, quantize, lambda b: track(b, "quantizing", total=len(batches), enabled=show_progress)
@@ -111,9 +120,17 @@ def quantize_graph(
         [p.linear for p in plans if p.action == "w8a8"], recipe.act, static_ranges, recipe.kernels
     )
     ir.passes.Sequential(weights, w8a8, *CLEANUP)(work)
-    if held_out_loss is not None:
-        work.metadata_props["sq_onnx.gptq_fell_back"] = json.dumps(fell_back)
-    return weights.replaced + w8a8.replaced
+    return Quantized(weights.replaced + w8a8.replaced, fell_back)
+
+
+def _step_for(steps: Iterator[SegmentInputs], name: str) -> SegmentInputs:
+    """The runner's next step, which must be the one for the batch reading ``name``."""
+    step = next(steps, None)
+    if step is None or step.target != name:
+        raise RuntimeError(
+            f"the segment runner gave {step.target if step else 'nothing'!r}, expected {name!r}"
+        )
+    return step
 
 
 def weight_batches(plans: list[LinearPlan], together: bool) -> list[list[LinearPlan]]:

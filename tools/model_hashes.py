@@ -7,7 +7,7 @@ KV-cache export), converts each with fixed recipes (W4 default, W4 --no-gptq, W4
 W8A8 stock per-token and static, W8A8 --kernels sq_onnx, smooth) and prints one line per model: the sha256
 of every initializer's bytes (by name order) and of the outputs on fixed inputs (ORT, CPU, one thread).
 ``--model`` adds real models (e.g. demo_out/fp32/model.onnx) with the quick recipes. Run it before and after
-a change and diff the two JSON files.
+a change and diff the two JSON files; ``--source`` runs an older checkout (``git worktree add /tmp/old REV``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import numpy as np
 TINY_RECIPES = {
     "w4": ["--scheme", "w4"],
     "w4-no-gptq": ["--scheme", "w4", "--no-gptq"],
+    "w4-one-pass-gptq": ["--scheme", "w4", "--no-gptq-asymmetric"],
+    "w4-gptq-holdout": ["--scheme", "w4", "--gptq-holdout", "4"],
     "w4-alpha-layer": ["--scheme", "w4", "--no-gptq", "--alpha-search", "layer"],
     "w8a8": ["--scheme", "w8a8"],
     "w8a8-static": ["--scheme", "w8a8", "--act", "static"],
@@ -119,7 +121,15 @@ def main() -> None:
     parser.add_argument("--model", action="append", default=[], help="a real model to add (quick recipes)")
     parser.add_argument("--no-tiny", action="store_true", help="only the --model models")
     parser.add_argument("--keep", default=None, help="keep the converted models in this folder")
+    parser.add_argument(
+        "--source",
+        default=None,
+        help="import sq_onnx from this checkout instead (e.g. a git worktree of the commit before a change)",
+    )
     args = parser.parse_args()
+    if args.source:  # the editable install's finder would win over sys.path: drop it
+        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__]
+        sys.path.insert(0, str(Path(args.source).resolve()))
     with tempfile.TemporaryDirectory(prefix="sq-onnx-hashes-") as tmp:
         work = Path(args.keep) if args.keep else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

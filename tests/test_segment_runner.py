@@ -1,5 +1,5 @@
-"""Sequential Hessians: run segment by segment from a cache, they equal XᵀX of the whole (partly quantized)
-model's tensors, and a convert with them gives a working model."""
+"""Sequential Hessians: a SegmentRunner's steps, run segment by segment from a cache, give XᵀX equal to the
+whole (partly quantized) model's tensors, and a convert with them gives a working model."""
 
 from __future__ import annotations
 
@@ -10,17 +10,12 @@ import pytest
 from sq_onnx import Recipe, convert
 from sq_onnx.calibration_data import load_calibration
 from sq_onnx.errors import RecipeError
+from sq_onnx.gptq_method import BatchGrams, batch_grams, float_target_weight, gram
 from sq_onnx.hessian import collect_hessians
 from sq_onnx.model_inputs import input_specs
 from sq_onnx.ort_session import in_memory_session
 from sq_onnx.quantize_model import gptq_batches, quantize_graph
-from sq_onnx.sequential_hessians import (
-    SequentialHessians,
-    float_target_weight,
-    gram,
-    plan_runs,
-    segment_model,
-)
+from sq_onnx.segment_runner import SegmentRunner, plan_runs, segment_model
 
 from conftest import ids_feed, rel_error, run
 from tiny_models import random_ids
@@ -47,10 +42,11 @@ def test_segments_reproduce_the_one_pass_hessians(llama_dir):
     model, feeds = _setup(llama_dir)
     batches = gptq_batches(model, Recipe())
     assert len(batches) > 4
-    hessians = SequentialHessians(model, batches, feeds)
-    for batch in batches:
+    steps = list(zip(batches, SegmentRunner(model, batches, feeds), strict=True))
+    for batch, inputs in steps:
         name, channels = batch[0].input.name, batch[0].shape[0]
-        got = hessians(name)
+        assert (inputs.target, inputs.channels) == (name, channels)
+        got = batch_grams(inputs).hessian
         want = _full_model_hessian(model, name, channels, feeds)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
@@ -73,19 +69,20 @@ def test_each_hessian_sees_the_earlier_batches_quantized(llama_dir):
     recipe = Recipe(block_size=32, gptq_samples=3, gptq_sequential=True)
     batches = gptq_batches(model, recipe)
     last, channels = batches[-1][0].input.name, batches[-1][0].shape[0]
-    sequential = SequentialHessians(model, batches, feeds)
+    names = [b[0].input.name for b in batches]
     seen: list[str] = []
 
-    def checked(name: str) -> np.ndarray:
-        """Compare each segment's Hessian with the whole model as it stands at that moment."""
-        got = sequential(name)
-        want = _full_model_hessian(model, name, got.shape[0], feeds)
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-        seen.append(name)
-        return got
+    def checked():
+        """Compare each step's Hessian with the whole model as it stands at that moment."""
+        for inputs in SegmentRunner(model, batches, feeds):
+            got = batch_grams(inputs).hessian
+            want = _full_model_hessian(model, inputs.target, got.shape[0], feeds)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+            seen.append(inputs.target)
+            yield inputs
 
-    quantize_graph(model, recipe, hessians=checked)
-    assert len(seen) == len(batches) == sequential.next_run
+    quantize_graph(model, recipe, segments=checked())
+    assert seen == names
     assert sum(n.op_type == "MatMulNBits" for n in model.graph) >= len(batches)
     # the last input is not the float model's any more: the quantized layers upstream changed it
     float_model, _ = _setup(llama_dir)
@@ -94,21 +91,22 @@ def test_each_hessian_sees_the_earlier_batches_quantized(llama_dir):
     assert rel_error(h_float, h_quantized) > 1e-4
 
 
-def test_asking_out_of_order_is_a_programming_error(llama_dir):
+def test_a_runner_for_other_batches_is_a_programming_error(llama_dir):
     model, feeds = _setup(llama_dir)
-    batches = gptq_batches(model, Recipe())
-    hessians = SequentialHessians(model, batches, feeds)
-    with pytest.raises(RuntimeError, match="expected"):
-        hessians(batches[1][0].input.name + "_not_this_one")
+    recipe = Recipe(block_size=32, gptq_samples=3, gptq_sequential=True)
+    batches = gptq_batches(model, recipe)
+    with pytest.raises(ir.passes.PassError) as info:
+        quantize_graph(model, recipe, segments=SegmentRunner(model, batches[1:], feeds))
+    assert isinstance(info.value.__cause__, RuntimeError) and "expected" in str(info.value.__cause__)
 
 
 def test_gram_sums_blocks_like_one_product(monkeypatch):
-    from sq_onnx import sequential_hessians
+    from sq_onnx import gptq_method
 
     rng = np.random.default_rng(0)
     arrays = [rng.normal(size=(1, 7, 5)).astype(np.float32) for _ in range(6)]
     x = np.concatenate([a.reshape(-1, 5) for a in arrays])
-    monkeypatch.setattr(sequential_hessians, "GRAM_ROWS", 10)
+    monkeypatch.setattr(gptq_method, "GRAM_ROWS", 10)
     np.testing.assert_allclose(gram(arrays, 5)[0], x.T @ x, rtol=1e-5)
 
 
@@ -168,36 +166,33 @@ def test_cross_is_the_quantized_input_against_the_float_input(llama_dir):
     float_model, _ = _setup(llama_dir)
     recipe = Recipe(block_size=32, gptq_samples=3, gptq_asymmetric=True)
     batches = gptq_batches(model, recipe)
-    sequential = SequentialHessians(model, batches, feeds, float_target=True)
     errors: list[float] = []
 
-    def checked(name: str) -> np.ndarray:
-        got = sequential(name)
-        channels = got.shape[0]
-        x_q = np.concatenate([a.reshape(-1, channels) for a in _tensor(model, name, feeds)])
-        x_f = np.concatenate([a.reshape(-1, channels) for a in _tensor(float_model, name, feeds)])
-        want = x_q.T @ x_f
-        np.testing.assert_allclose(sequential.cross, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-        errors.append(rel_error(x_f, x_q))
-        return got
+    def checked():
+        for inputs in SegmentRunner(model, batches, feeds, float_copy=True):
+            name, channels = inputs.target, inputs.channels
+            x_q = np.concatenate([a.reshape(-1, channels) for a in _tensor(model, name, feeds)])
+            x_f = np.concatenate([a.reshape(-1, channels) for a in _tensor(float_model, name, feeds)])
+            want = x_q.T @ x_f
+            cross = batch_grams(inputs).cross
+            np.testing.assert_allclose(cross, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+            errors.append(rel_error(x_f, x_q))
+            yield inputs
 
-    quantize_graph(model, recipe, hessians=checked, weight_target=sequential.float_target)
+    quantize_graph(model, recipe, segments=checked())
     assert errors[0] == 0.0 and errors[-1] > 1e-3  # the float copy never sees the quantized layers
 
 
 def test_held_out_loss_ranks_candidates_by_the_output_error():
     """Up to a constant, held_out_loss(W, Ŵ) is ‖X_q Ŵ − X_f W‖² on the held-out rows (X_f = X_q without
     a float copy): differences between candidates must be exactly the differences of that error."""
-    from sq_onnx.sequential_hessians import SequentialHessians, gram
-
     rng = np.random.default_rng(0)
     xq = rng.normal(size=(200, 12)).astype(np.float32)
     xf = xq + 0.1 * rng.normal(size=xq.shape).astype(np.float32)
     w = rng.normal(size=(12, 5)).astype(np.float32)
     a, b = (w + 0.05 * rng.normal(size=w.shape)).astype(np.float32), np.round(w * 4) / 4
     for float_copy in (True, False):
-        sh = object.__new__(SequentialHessians)
-        sh._held = gram([xq], 12, [xf] if float_copy else None)
+        sh = BatchGrams(np.eye(12, dtype=np.float32), None, held=gram([xq], 12, [xf] if float_copy else None))
         ref = xf if float_copy else xq
         direct = [
             float(np.sum((xq.astype(np.float64) @ c - ref.astype(np.float64) @ w) ** 2)) for c in (a, b)
@@ -207,13 +202,11 @@ def test_held_out_loss_ranks_candidates_by_the_output_error():
 
 
 def test_holdout_falls_back_to_round_to_nearest_where_it_wins(llama_dir, tmp_path, calib_ids, monkeypatch):
-    from sq_onnx.sequential_hessians import SequentialHessians
-
     recipe = Recipe(samples=4, gptq_samples=8, gptq_holdout=2, gptq_refine=0)
     result = convert(llama_dir / "model.onnx", tmp_path / "a.onnx", recipe, calibration=calib_ids)
     assert isinstance(result.calibration["gptq_fell_back"], list)
     calls = iter(range(1000))  # RTN's loss is asked first: make it always win
-    monkeypatch.setattr(SequentialHessians, "held_out_loss", lambda self, w, w_hat: float(next(calls) % 2))
+    monkeypatch.setattr(BatchGrams, "held_out_loss", lambda self, w, w_hat: float(next(calls) % 2))
     result = convert(llama_dir / "model.onnx", tmp_path / "b.onnx", recipe, calibration=calib_ids)
     inputs = {p for p in result.calibration["gptq_fell_back"]}
     assert len(inputs) == len(result.calibration["gptq_fell_back"]) > 5  # every batch of linears fell back
