@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--gptq-samples",
         type=int,
-        default=128,
-        help="W4: calibration samples for GPTQ's Hessians (default 128; more is slower and more accurate)",
+        default=Recipe.gptq_samples,
+        help=f"W4: calibration samples for GPTQ's Hessians (default {Recipe.gptq_samples}; "
+        "more is slower and generalises better)",
     )
     c.add_argument(
         "--gptq-sequential",

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 W4 = ["convert", "--scheme", "w4"]
-OLD = [*W4, "--calib-mix", "docs", "--gptq-damp", "0.01"]  # the default until 2026-12-04
+S128 = ["--gptq-samples", "128"]  # the default until 2026-12-04 (evening): 256
+OLD = [*W4, "--calib-mix", "docs", "--gptq-damp", "0.01", *S128]  # the default until 2026-12-04
 W8A8 = ["convert", "--scheme", "w8a8"]
 IN_DOMAIN = "yardstick/calib/fiction.txt"  # tools/yardstick.py: other stretches of the novels than the test's
 ROWS: dict[str, list[str] | None] = {
@@ -33,16 +34,19 @@ ROWS: dict[str, list[str] | None] = {
     "sq-onnx w4 --no-gptq, docs calibration (old)": [*OLD, "--no-gptq"],
     "sq-onnx w4 default until 2026-12-04 (GPTQ asym + 4 refine, docs calibration)": OLD,
     "sq-onnx w4 --no-gptq (built-in mix)": [*W4, "--no-gptq"],
-    "sq-onnx w4, built-in mix, GPTQ damp 0.01": [*W4, "--gptq-damp", "0.01"],
-    "sq-onnx w4, built-in mix, GPTQ damp 0.1": [*W4, "--gptq-damp", "0.1"],
-    "sq-onnx w4 default (built-in mix, GPTQ damp 0.3)": W4,
-    "sq-onnx w4, --calib fiction (in-domain text), damp 0.01": [
+    "sq-onnx w4, built-in mix, GPTQ damp 0.01": [*W4, "--gptq-damp", "0.01", *S128],
+    "sq-onnx w4, built-in mix, GPTQ damp 0.1": [*W4, "--gptq-damp", "0.1", *S128],
+    "sq-onnx w4, built-in mix, GPTQ damp 0.3, 128 samples": [*W4, *S128],
+    "sq-onnx w4 default (built-in mix, GPTQ damp 0.3, 256 samples)": W4,
+    "sq-onnx w4, --calib fiction (in-domain text), damp 0.01, 128 samples": [
         *W4,
         "--gptq-damp",
         "0.01",
+        *S128,
         "--calib",
         IN_DOMAIN,
     ],
+    "sq-onnx w4, --calib fiction (in-domain text)": [*W4, "--calib", IN_DOMAIN],
     "sq-onnx w8a8 default": W8A8,
 }
 
