@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sq_onnx.errors import SqOnnxError
-from sq_onnx.recipe import ACT_MODES, KERNELS, LM_HEAD_MODES, SCHEMES, Recipe
+from sq_onnx.recipe_flags import add_recipe_flags, recipe_from_args
 
 EXIT_USER_ERROR = 2
 
@@ -23,20 +23,6 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USER_ERROR)
 
 
-def _alpha(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid alpha {text!r} (a number between 0 and 1, or auto)"
-        ) from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"alpha must be between 0 and 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sq-onnx", description="SmoothQuant / SmoothQuant+ for ONNX LLMs.")
     from sq_onnx.version import __version__
@@ -47,144 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="smooth and quantize a model (W4 by default)")
     c.add_argument("model", help="input .onnx model (never modified)")
     c.add_argument("-o", "--output", required=True, help="output .onnx path")
-    c.add_argument(
-        "--scheme",
-        choices=SCHEMES,
-        default="w4",
-        help="w4 (SmoothQuant+, default), w8a8 (SmoothQuant), smooth (float only)",
-    )
-    c.add_argument(
-        "--alpha",
-        type=_alpha,
-        default=None,
-        help="migration strength 0..1 (default 0.4 for w4, 0.5 for w8a8), or auto: search one α on the model's loss",
-    )
-    c.add_argument(
-        "--alpha-search",
-        choices=("none", "model", "layer"),
-        default=None,
-        help="model: one α end to end (= --alpha auto); layer: one α per group on its output error",
-    )
-    c.add_argument("--alpha-step", type=float, default=0.1, help="grid step of the α search (default 0.1)")
-    c.add_argument(
-        "--search-samples", type=int, default=4, help="calibration samples scored per α (model search)"
-    )
-    c.add_argument(
-        "--search-rows", type=int, default=512, help="activation rows kept per group (layer search)"
-    )
-    c.add_argument("--no-smooth", action="store_true", help="quantize without smoothing (baseline)")
-    c.add_argument("--block-size", type=int, default=128, help="W4 block size along K (default 128)")
-    c.add_argument("--symmetric", action="store_true", help="W4 symmetric blocks (no zero points)")
-    c.add_argument(
-        "--no-clip-search",
-        action="store_true",
-        help="W4: plain round-to-nearest blocks instead of the activation-weighted clipping search",
-    )
-    c.add_argument(
-        "--no-gptq",
-        action="store_true",
-        help="W4: skip GPTQ's error feedback (faster; per-block rounding with the clip search only)",
-    )
-    c.add_argument(
-        "--gptq-samples",
-        type=int,
-        default=Recipe.gptq_samples,
-        help=f"W4: calibration samples for GPTQ's Hessians (default {Recipe.gptq_samples}; "
-        "more is slower and generalises better)",
-    )
-    c.add_argument(
-        "--gptq-sequential",
-        action=argparse.BooleanOptionalAction,
-        default=Recipe.gptq_sequential,
-        help="W4: Hessians of each layer's input from the model with the earlier layers already quantized "
-        "(GPTQ's sequential mode; about the cost of the one-pass Hessians)",
-    )
-    c.add_argument(
-        "--gptq-asymmetric",
-        action=argparse.BooleanOptionalAction,
-        default=Recipe.gptq_asymmetric,
-        help="W4: fit each layer to the float model's output from the input the quantized layers before it "
-        "give it, not to its own output (GPTAQ; default on; implies --gptq-sequential and runs a float copy "
-        "beside it; --no-gptq-asymmetric is plain GPTQ, about 25%% faster)",
-    )
-    c.add_argument(
-        "--gptq-refine",
-        type=int,
-        default=Recipe.gptq_refine,
-        help="W4: rounds of coordinate descent over the codes and refitting of the block scales after "
-        "GPTQ, on the same layer loss (default 4; 0 = plain GPTQ, faster)",
-    )
-    c.add_argument(
-        "--gptq-damp",
-        type=float,
-        default=Recipe.gptq_damp,
-        help=f"W4: GPTQ's dampening, a fraction of mean(diag H) (default {Recipe.gptq_damp})",
-    )
-    c.add_argument(
-        "--gptq-holdout",
-        type=int,
-        default=Recipe.gptq_holdout,
-        help="W4: GPTQ samples held out; a layer keeps GPTQ's weights only where they beat round-to-nearest "
-        f"with the clip search on them (default {Recipe.gptq_holdout}: off)",
-    )
-    c.add_argument(
-        "--gptq-target-ridge",
-        type=float,
-        default=Recipe.gptq_target_ridge,
-        help="W4: ridge of the asymmetric target's correction, a fraction of mean(diag H) "
-        f"(default {Recipe.gptq_target_ridge})",
-    )
-    c.add_argument(
-        "--no-act-order",
-        action="store_true",
-        help="GPTQ: quantize channels in their order instead of the most active first",
-    )
-    c.add_argument("--accuracy-level", type=int, default=0, help="MatMulNBits accuracy_level (default 0)")
-    c.add_argument(
-        "--lm-head", choices=LM_HEAD_MODES, default="8", help="bits for the vocabulary projection (default 8)"
-    )
-    c.add_argument(
-        "--lm-head-accuracy-level",
-        type=int,
-        default=4,
-        help="MatMulNBits accuracy_level of the lm_head (default 4: fast, measured lossless)",
-    )
-    c.add_argument(
-        "--act",
-        choices=ACT_MODES,
-        default="per-token",
-        help="W8A8 activation quantization (default per-token)",
-    )
-    c.add_argument(
-        "--kernels",
-        choices=KERNELS,
-        default="ort",
-        help="W8A8 ops: stock ONNX Runtime (default) or the sq_onnx custom ops (fused norm + quantize; "
-        "CUDA kernels), which sessions load with sq_onnx.register_custom_ops",
-    )
-    c.add_argument(
-        "--exclude",
-        action="append",
-        default=[],
-        metavar="REGEX",
-        help="keep matching node/weight names in float (repeatable)",
-    )
+    add_recipe_flags(c)
     c.add_argument(
         "--calib", default=None, help="calibration data: .txt, .jsonl or .npz (default: the built-in mix)"
     )
-    c.add_argument(
-        "--calib-mix",
-        default="docs,code,self",
-        help="without --calib: built-in domains to draw on, comma-separated: docs (Python's documentation), "
-        "code (standard-library source), self (text the model samples itself) (default docs,code,self)",
-    )
     c.add_argument("--tokenizer", default=None, help="folder with tokenizer.json (default: beside the model)")
-    c.add_argument("--samples", type=int, default=16, help="calibration samples (default 16)")
-    c.add_argument("--seq-len", type=int, default=256, help="tokens per text sample (default 256)")
-    c.add_argument(
-        "--verify-samples", type=int, default=2, help="held-out samples for verification (default 2)"
-    )
-    c.add_argument("--external-data", action="store_true", help="always write weights to OUTPUT.data")
     c.add_argument(
         "--report",
         default=None,
@@ -260,44 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _recipe(args: argparse.Namespace) -> Recipe:
-    search = args.alpha_search or ("model" if args.alpha == "auto" else "none")
-    if args.alpha not in (None, "auto") and search != "none":
-        raise SqOnnxError("give either a fixed --alpha or an α search, not both.")
-    return Recipe(
-        scheme=args.scheme,
-        alpha=None if args.alpha == "auto" else args.alpha,
-        alpha_search=search,
-        alpha_step=args.alpha_step,
-        search_samples=args.search_samples,
-        search_rows=args.search_rows,
-        smooth=not args.no_smooth,
-        block_size=args.block_size,
-        symmetric=args.symmetric,
-        clip_search=not args.no_clip_search,
-        gptq=not args.no_gptq,
-        gptq_samples=args.gptq_samples,
-        gptq_refine=args.gptq_refine,
-        gptq_damp=args.gptq_damp,
-        gptq_target_ridge=args.gptq_target_ridge,
-        gptq_holdout=args.gptq_holdout,
-        gptq_sequential=args.gptq_sequential,
-        gptq_asymmetric=args.gptq_asymmetric,
-        act_order=not args.no_act_order,
-        accuracy_level=args.accuracy_level,
-        lm_head=args.lm_head,
-        lm_head_accuracy_level=args.lm_head_accuracy_level,
-        act=args.act,
-        kernels=args.kernels,
-        exclude=tuple(args.exclude),
-        calib_mix=tuple(x.strip() for x in args.calib_mix.split(",") if x.strip()),
-        samples=args.samples,
-        seq_len=args.seq_len,
-        verify_samples=args.verify_samples,
-        external_data=args.external_data,
-    )
-
-
 def _print_summary(result: dict[str, Any]) -> None:
     from rich.console import Console
 
@@ -339,7 +154,7 @@ def _print_summary(result: dict[str, Any]) -> None:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from sq_onnx.pipeline import convert
 
-    recipe = _recipe(args)
+    recipe = recipe_from_args(args)
     result = convert(
         args.model,
         args.output,

@@ -1,4 +1,6 @@
-"""Every option of a conversion in one frozen dataclass; CLI flags map 1:1 onto its fields."""
+"""Every option of a conversion in one frozen dataclass. Each field carries its help text and its choices,
+so the CLI's ``convert`` flags are generated from it (``sq_onnx.recipe_flags``), and a recipe round-trips
+through JSON / YAML (``--recipe FILE``, ``--json``)."""
 
 from __future__ import annotations
 
@@ -6,103 +8,193 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from sq_onnx.errors import RecipeError
 
-SCHEMES = ("w4", "w8a8", "smooth")
-ACT_MODES = ("per-token", "per-tensor", "static")
-KERNELS = ("ort", "sq_onnx")
-LM_HEAD_MODES = ("4", "8", "fp")
-ALPHA_SEARCHES = ("none", "model", "layer")
-CALIB_DOMAINS = ("docs", "code", "self")
+
+class Choice(str, Enum):
+    """A string option with a closed set of values; compares, prints and serialises as its value."""
+
+    __hash__ = str.__hash__  # a dict or set keyed by the plain strings finds the member
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(str(m.value) for m in cls)
+
+
+class Scheme(Choice):
+    W4 = "w4"
+    W8A8 = "w8a8"
+    SMOOTH = "smooth"
+
+
+class AlphaSearch(Choice):
+    NONE = "none"
+    MODEL = "model"
+    LAYER = "layer"
+
+
+class ActMode(Choice):
+    PER_TOKEN = "per-token"
+    PER_TENSOR = "per-tensor"
+    STATIC = "static"
+
+
+class Kernels(Choice):
+    ORT = "ort"
+    SQ_ONNX = "sq_onnx"
+
+
+class LmHead(Choice):
+    FOUR = "4"
+    EIGHT = "8"
+    FP = "fp"
+
+
+class CalibDomain(Choice):
+    DOCS = "docs"
+    CODE = "code"
+    SELF = "self"
+
+
+SCHEMES = Scheme.values()
+ACT_MODES = ActMode.values()
+KERNELS = Kernels.values()
+LM_HEAD_MODES = LmHead.values()
+ALPHA_SEARCHES = AlphaSearch.values()
+CALIB_DOMAINS = CalibDomain.values()
 
 # Default α per scheme. w8a8: the SmoothQuant paper's 0.5. w4: 0.4, the best of a sweep on SmolLM2
 # (docs/EXPERIMENTS.md, "Choosing the W4 default α").
 DEFAULT_ALPHA = {"w8a8": 0.5, "w4": 0.4, "smooth": 0.5}
 
 
+def option(default: Any, help: str, **meta: Any) -> Any:
+    """A recipe field with its CLI help (and optional ``flag``, ``metavar``, ``list``: how it is parsed)."""
+    if isinstance(default, tuple):
+        return field(default_factory=lambda: default, metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
 @dataclass(frozen=True)
 class Recipe:
     """What to do to a model. ``alpha=None`` means the scheme's default."""
 
-    scheme: str = "w4"
-    alpha: float | None = None
-    alpha_search: str = "none"
-    alpha_step: float = 0.1
-    search_samples: int = 4
-    search_rows: int = 512
-    smooth: bool = True
-    block_size: int = 128
-    symmetric: bool = False
-    # measured on SmolLM2 (docs/EXPERIMENTS.md): perplexity +27% -> +19% over fp32 at block 128
-    clip_search: bool = True
-    # W4: GPTQ error feedback (Hessians of each linear's input from calibration); on SmolLM2
-    # perplexity +19% -> +8.4% over fp32 at block 128 (docs/EXPERIMENTS.md)
-    gptq: bool = True
-    # GPTQ's Hessians use this many calibration samples (more than the statistics need): fewer fit the
-    # calibration text and generalise worse. 256 rather than 128 was chosen on the validation domains
-    # (mean KL to fp32 0.139 -> 0.129) for about twice GPTQ's time (tools/RESULTS.md).
-    gptq_samples: int = 256
-    # GPTQ: each batch of linears gets the Hessian of its input with every earlier batch already
-    # quantized (GPTQ's own sequential mode), computed segment by segment in about one forward pass.
-    # Alone it changes nothing measurable on SmolLM2 (KL to fp32 on the whole held-out text 0.0811 ->
-    # 0.0814 at 128 samples, 0.0781 -> 0.0792 at 256); the default gptq_asymmetric runs it anyway.
-    gptq_sequential: bool = False
-    # GPTQ: fit each layer to the float model's output from the input the quantized model gives it
-    # (GPTAQ's asymmetric calibration; implies the sequential Hessians, with a float copy run beside them).
-    # On SmolLM2 at 128 samples with 4 refine rounds, KL to fp32 on the whole held-out text 0.0753 ->
-    # 0.0539 (perplexity +5.5% -> +3.7%) for about 80 s more (docs/EXPERIMENTS.md)
-    gptq_asymmetric: bool = True
-    # GPTQ: quantize the most active input channels first (grids fixed up front, same layout)
-    act_order: bool = True
-    # GPTQ: rounds of coordinate descent over the codes + least-squares block scales on the same layer
-    # loss after GPTQ's single greedy pass (each round can only lower it). On SmolLM2 at 128 samples,
-    # mean KL to fp32 on the whole held-out text 0.0811 -> 0.0753 with 4 rounds for ~70 s, while
-    # 256 samples instead of 128 give 0.0781 for ~120-170 s (docs/EXPERIMENTS.md)
-    gptq_refine: int = 4
-    # GPTQ: dampening of H (fraction of mean(diag H)) in the error feedback and the refinement. More of it
-    # pulls GPTQ towards round-to-nearest and generalises better to text unlike the calibration's: chosen on
-    # the validation domains (tools/RESULTS.md, mean KL 0.150 at 0.01, 0.142 at 0.1, 0.139 at 0.3)
-    gptq_damp: float = 0.3
-    # GPTQ asymmetric target: ridge of the correction H⁻¹X_qᵀ(X_f − X_q)W, as a fraction of mean(diag H)
-    gptq_target_ridge: float = 0.1
-    # GPTQ: hold this many of the GPTQ samples out; each batch of linears keeps GPTQ's result only where it
-    # beats round-to-nearest (clip search) on them (0 = off)
-    gptq_holdout: int = 0
-    accuracy_level: int = 0
-    lm_head: str = "8"
-    # ORT's 8-bit MatMulNBits at level 0 is ~5x slower than fp32 for decode on AVX2 CPUs; level 4
-    # (int8 activations per block) is fast and measured lossless for the lm_head (docs/EXPERIMENTS.md).
-    lm_head_accuracy_level: int = 4
-    act: str = "per-token"
-    # "ort": stock ONNX Runtime ops; "sq_onnx": the custom-op library (fused norm + quantize, CUDA kernels)
-    kernels: str = "ort"
-    exclude: tuple[str, ...] = field(default_factory=tuple)
-    # Without --calib: the built-in domains calibration draws on, in turn (docs, code, the model's own
-    # samples). One domain calibrates GPTQ to that domain only (tools/RESULTS.md, multi-domain table).
-    calib_mix: tuple[str, ...] = ("docs", "code", "self")
-    samples: int = 16
-    seq_len: int = 256
-    verify_samples: int = 2
-    external_data: bool = False
-    seed: int = 0
+    scheme: Scheme = option(Scheme.W4, "w4 (SmoothQuant+), w8a8 (SmoothQuant), smooth (float only)")
+    alpha: float | None = option(
+        None,
+        "migration strength 0..1 (default 0.4 for w4, 0.5 for w8a8), or auto: search one α on the model's loss",
+    )
+    alpha_search: AlphaSearch = option(
+        AlphaSearch.NONE,
+        "model: one α end to end (= --alpha auto); layer: one α per group on its output error",
+    )
+    alpha_step: float = option(0.1, "grid step of the α search")
+    search_samples: int = option(4, "calibration samples scored per α (model search)")
+    search_rows: int = option(512, "activation rows kept per group (layer search)")
+    smooth: bool = option(True, "smooth before quantizing (--no-smooth: the plain quantization baseline)")
+    block_size: int = option(128, "W4 block size along K")
+    symmetric: bool = option(False, "W4 symmetric blocks (no zero points)")
+    # The range per block that minimises the activation-weighted error, not the full range (docs/EXPERIMENTS.md)
+    clip_search: bool = option(
+        True, "W4: choose each block's range by the activation-weighted error (else plain round-to-nearest)"
+    )
+    # GPTQ's error feedback: the largest single W4 gain on SmolLM2 (docs/EXPERIMENTS.md)
+    gptq: bool = option(
+        True, "W4: GPTQ's error feedback (--no-gptq: per-block rounding with the clip search)"
+    )
+    # More samples fit the calibration text less and generalise better: 256 rather than 128 was chosen on
+    # the validation domains (mean KL to fp32 0.139 -> 0.129) for about twice GPTQ's time (tools/RESULTS.md)
+    gptq_samples: int = option(
+        256, "W4: calibration samples for GPTQ's Hessians (more is slower and generalises better)"
+    )
+    # GPTQ's own sequential mode; alone it changes nothing measurable on SmolLM2, the asymmetric target runs it
+    gptq_sequential: bool = option(
+        False,
+        "W4: Hessians of each layer's input from the model with the earlier layers already quantized "
+        "(GPTQ's sequential mode; about the cost of the one-pass Hessians)",
+    )
+    # GPTAQ (Li et al., 2025): each layer also undoes the error the earlier ones left in its input
+    gptq_asymmetric: bool = option(
+        True,
+        "W4: fit each layer to the float model's output from the input the quantized layers before it give it "
+        "(GPTAQ; implies --gptq-sequential and runs a float copy beside it; --no-gptq-asymmetric is plain GPTQ, "
+        "about 25%% faster)",
+    )
+    act_order: bool = option(True, "GPTQ: quantize the most active input channels first")
+    # Each round can only lower GPTQ's layer loss; 4 rounds cost less than more samples for the same gain
+    gptq_refine: int = option(
+        4, "W4: rounds of coordinate descent over the codes and refitting of the block scales after GPTQ"
+    )
+    # More dampening pulls GPTQ towards round-to-nearest and generalises better to text unlike the
+    # calibration's: chosen on the validation domains (tools/RESULTS.md)
+    gptq_damp: float = option(0.3, "W4: GPTQ's dampening, a fraction of mean(diag H)")
+    gptq_target_ridge: float = option(
+        0.1, "W4: ridge of the asymmetric target's correction, a fraction of mean(diag H)"
+    )
+    gptq_holdout: int = option(
+        0,
+        "W4: GPTQ samples held out; a layer keeps GPTQ's weights only where they beat round-to-nearest with "
+        "the clip search on them (0: off)",
+    )
+    accuracy_level: int = option(0, "MatMulNBits accuracy_level of the W4 linears")
+    lm_head: LmHead = option(LmHead.EIGHT, "bits for the vocabulary projection")
+    # ORT's 8-bit MatMulNBits at level 0 is ~5x slower than fp32 for decode on AVX2 CPUs; level 4 is fast
+    # and measured lossless for the lm_head (docs/EXPERIMENTS.md)
+    lm_head_accuracy_level: int = option(4, "MatMulNBits accuracy_level of the lm_head")
+    act: ActMode = option(ActMode.PER_TOKEN, "W8A8 activation quantization")
+    kernels: Kernels = option(
+        Kernels.ORT,
+        "W8A8 ops: stock ONNX Runtime, or the sq_onnx custom ops (fused norm + quantize; CUDA kernels), which "
+        "sessions load with sq_onnx.register_custom_ops",
+    )
+    exclude: tuple[str, ...] = option(
+        (), "keep matching node/weight names in float (repeatable)", list="append", metavar="REGEX"
+    )
+    # One domain calibrates GPTQ to that domain only (tools/RESULTS.md, multi-domain table)
+    calib_mix: tuple[CalibDomain, ...] = option(
+        (CalibDomain.DOCS, CalibDomain.CODE, CalibDomain.SELF),
+        "without --calib: built-in domains to draw on, comma-separated: docs (Python's documentation), "
+        "code (standard-library source), self (text the model samples itself)",
+        list="comma",
+        metavar="DOMAINS",
+    )
+    samples: int = option(16, "calibration samples")
+    seq_len: int = option(256, "tokens per text sample")
+    verify_samples: int = option(2, "held-out samples for verification")
+    external_data: bool = option(False, "always write weights to OUTPUT.data")
+    seed: int = option(0, "seed of the calibration's sampling")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))
-        object.__setattr__(self, "calib_mix", tuple(self.calib_mix))
+        for name, kind in CHOICE_FIELDS.items():
+            value = getattr(self, name)
+            if value not in kind.values():
+                raise RecipeError(
+                    f"--{name.replace('_', '-')} must be one of {', '.join(kind.values())}, got {value!r}."
+                )
+            object.__setattr__(self, name, kind(value))
+        mix = tuple(self.calib_mix)
+        if not mix or set(mix) - set(CALIB_DOMAINS):
+            raise RecipeError(
+                f"--calib-mix takes a comma-separated subset of {', '.join(CALIB_DOMAINS)}, "
+                f"got {','.join(map(str, mix)) or 'nothing'}."
+            )
+        object.__setattr__(self, "calib_mix", tuple(CalibDomain(d) for d in mix))
         self.validate()
 
     def validate(self) -> None:
         """Raise RecipeError with one sentence for the first invalid field."""
-        if self.scheme not in SCHEMES:
-            raise RecipeError(f"unknown scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}.")
-        if self.alpha is not None and not (0.0 <= float(self.alpha) <= 1.0):
-            raise RecipeError(f"alpha must be between 0 and 1, got {self.alpha}.")
-        if self.alpha_search not in ALPHA_SEARCHES:
-            raise RecipeError(
-                f"--alpha-search must be one of {', '.join(ALPHA_SEARCHES)}, got {self.alpha_search!r}."
-            )
+        if self.alpha is not None and not (_number(self.alpha) and 0.0 <= float(self.alpha) <= 1.0):
+            raise RecipeError(f"alpha must be a number between 0 and 1, got {self.alpha!r}.")
         if self.alpha_search != "none" and self.scheme == "smooth":
             raise RecipeError("an α search needs a quantizing scheme (w4 or w8a8), not smooth.")
         if self.alpha_search != "none" and not self.smooth:
@@ -116,10 +208,6 @@ class Recipe:
         for level in (self.accuracy_level, self.lm_head_accuracy_level):
             if level not in (0, 1, 2, 3, 4):
                 raise RecipeError(f"accuracy level must be 0..4, got {level}.")
-        if self.lm_head not in LM_HEAD_MODES:
-            raise RecipeError(f"--lm-head must be one of {', '.join(LM_HEAD_MODES)}, got {self.lm_head!r}.")
-        if self.act not in ACT_MODES:
-            raise RecipeError(f"--act must be one of {', '.join(ACT_MODES)}, got {self.act!r}.")
         if not 0 <= self.gptq_refine <= 100:
             raise RecipeError(f"--gptq-refine must be between 0 and 100, got {self.gptq_refine}.")
         if not (0.0 < self.gptq_damp <= 10.0 and 0.0 < self.gptq_target_ridge <= 10.0):
@@ -132,15 +220,8 @@ class Recipe:
             )
         if self.gptq_samples < 1:
             raise RecipeError(f"--gptq-samples must be at least 1, got {self.gptq_samples}.")
-        if self.kernels not in KERNELS:
-            raise RecipeError(f"--kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}.")
         if self.kernels == "sq_onnx" and (self.scheme != "w8a8" or self.act != "per-token"):
             raise RecipeError("--kernels sq_onnx is for --scheme w8a8 with --act per-token.")
-        if not self.calib_mix or set(self.calib_mix) - set(CALIB_DOMAINS):
-            raise RecipeError(
-                f"--calib-mix takes a comma-separated subset of {', '.join(CALIB_DOMAINS)}, "
-                f"got {','.join(self.calib_mix) or 'nothing'}."
-            )
         if self.samples < 1:
             raise RecipeError(f"samples must be at least 1, got {self.samples}.")
         if self.seq_len < 2:
@@ -171,9 +252,12 @@ class Recipe:
         return float(self.alpha) if self.alpha is not None else DEFAULT_ALPHA[self.scheme]
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types: choices as their strings, tuples as lists."""
         data = dataclasses.asdict(self)
+        for name in CHOICE_FIELDS:
+            data[name] = str(data[name])
         data["exclude"] = list(self.exclude)
-        data["calib_mix"] = list(self.calib_mix)
+        data["calib_mix"] = [str(d) for d in self.calib_mix]
         return data
 
     def to_json(self) -> str:
@@ -190,3 +274,21 @@ class Recipe:
     @classmethod
     def from_json(cls, text: str) -> Recipe:
         return cls.from_dict(json.loads(text))
+
+
+def _number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, (str, bool))
+
+
+# The fields whose values are a closed set, and the set.
+CHOICE_FIELDS: dict[str, type[Choice]] = {
+    "scheme": Scheme,
+    "alpha_search": AlphaSearch,
+    "act": ActMode,
+    "kernels": Kernels,
+    "lm_head": LmHead,
+}

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+S128 = ["--gptq-samples", "128"]  # the default until 2026-12-04, pinned so older checkouts compare
 TINY_RECIPES = {
-    "w4": ["--scheme", "w4"],
+    "w4": ["--scheme", "w4", *S128],
     "w4-no-gptq": ["--scheme", "w4", "--no-gptq"],
-    "w4-one-pass-gptq": ["--scheme", "w4", "--no-gptq-asymmetric"],
-    "w4-gptq-holdout": ["--scheme", "w4", "--gptq-holdout", "4"],
+    "w4-one-pass-gptq": ["--scheme", "w4", "--no-gptq-asymmetric", *S128],
+    "w4-gptq-holdout": ["--scheme", "w4", "--gptq-holdout", "4", *S128],
     "w4-alpha-layer": ["--scheme", "w4", "--no-gptq", "--alpha-search", "layer"],
     "w8a8": ["--scheme", "w8a8"],
     "w8a8-static": ["--scheme", "w8a8", "--act", "static"],
