@@ -1,0 +1,385 @@
+"""The conversion's stages over one typed state: each stage reads what the earlier ones left in
+``Conversion`` and adds its own part; ``pipeline.convert`` calls them in order.
+
+analyze -> samples -> calibrate -> choose α -> smooth -> quantize -> verify -> (report) -> save
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from sq_onnx.alpha_search import search_alpha_layer, search_alpha_model
+from sq_onnx.calibrate import Calibration, calibrate
+from sq_onnx.calibration_data import builtin_heldout_feeds, find_tokenizer, load_calibration
+from sq_onnx.errors import NothingToQuantizeError, SqOnnxError
+from sq_onnx.hessian import ChunkedHessians
+from sq_onnx.layer_error import LayerError, layer_errors
+from sq_onnx.model_inputs import InputSpec, check_feed, complete_feed, input_specs
+from sq_onnx.model_io import has_external_tensors, save_model
+from sq_onnx.opset_upgrade import upgrade_if_needed
+from sq_onnx.passes.analyze import Analysis, analyze
+from sq_onnx.plan import LinearPlan, plan_linears
+from sq_onnx.quantize_model import (
+    cleanup,
+    gptq_batches,
+    input_importance,
+    quantize_graph,
+    smooth_copy,
+    static_ranges,
+)
+from sq_onnx.recipe import Recipe
+from sq_onnx.report import group_record
+from sq_onnx.segment_runner import SegmentRunner
+from sq_onnx.verify import compare, first_outputs
+from sq_onnx.version import __version__
+
+Feeds = list[dict[str, np.ndarray]]
+# A smoothed float model must reproduce the original to float rounding: fp32 ~1e-7 per op, fp16/bf16
+# weights re-rounded after scaling ~1e-3 (measured 1.6e-3 on a tiny fp16 Llama).
+EQUIVALENCE_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+# Activation rows kept per tensor for the report's per-layer errors (bounded memory, enough for a stable error).
+REPORT_ROWS = 256
+QUANTIZED_OPS = {
+    "MatMulNBits",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "GatherBlockQuantized",
+}
+
+
+@dataclass
+class ConvertResult:
+    """What ``convert`` did; ``to_dict()`` is the CLI's --json object and goes into the output metadata."""
+
+    output: str
+    scheme: str
+    alpha: float | None
+    recipe: dict[str, Any]
+    calibration: dict[str, Any]
+    smoothed_groups: list[dict[str, Any]] = field(default_factory=list)
+    quantized_matmuls: list[str] = field(default_factory=list)
+    kept_float: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    smoothing_check: dict[str, Any] | None = None
+    alpha_search: dict[str, Any] | None = None
+    verify: dict[str, Any] | None = None
+    input_bytes: int = 0
+    output_bytes: int = 0
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    report: list[str] | None = None
+    opset_upgrade: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["scheme"] = str(self.scheme)
+        return data
+
+
+@dataclass(frozen=True)
+class Samples:
+    """The calibration samples (statistics: the first ``recipe.samples``; GPTQ: up to ``gptq_samples``) and
+    the verification samples, which calibration never reads, with where each came from."""
+
+    pool: Feeds
+    verify: Feeds
+    source: str
+    verify_source: str
+    held_out: bool
+
+
+@dataclass
+class Conversion:
+    """Everything one conversion knows. ``analyzed`` makes it; each stage fills in its part."""
+
+    recipe: Recipe
+    src: ir.Model
+    input_path: Path | None
+    tokenizer: str | os.PathLike | None
+    show_progress: bool
+    want_report: bool
+    analysis: Analysis
+    plans: list[LinearPlan]
+    specs: list[InputSpec]
+    result: ConvertResult
+    samples: Samples | None = None
+    calib: Calibration | None = None
+    alpha: float | dict[str, float] | None = None
+    work: ir.Model | None = None
+    scales: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def calib_feeds(self) -> Feeds:
+        assert self.samples is not None
+        return self.samples.pool[: self.recipe.samples]
+
+
+def analyzed(
+    src: ir.Model,
+    out: Path,
+    recipe: Recipe,
+    input_path: Path | None,
+    tokenizer: str | os.PathLike | None,
+    show_progress: bool,
+    want_report: bool,
+) -> Conversion:
+    """Find the groups and plan every linear; refuse, before any work, what the recipe cannot do."""
+    _refuse_quantized(src)
+    analysis = analyze(src.graph)
+    plans = plan_linears(src.graph, analysis.linears, recipe)
+    if recipe.scheme != "smooth" and not any(p.action != "keep" for p in plans):
+        raise NothingToQuantizeError(
+            "the model has no MatMul or Gemm with a constant weight that this recipe would quantize."
+        )
+    if recipe.scheme == "smooth" and (not recipe.smooth or not analysis.groups):
+        raise NothingToQuantizeError("the model has no norm -> MatMul group that smoothing could fold into.")
+    if recipe.kernels == "sq_onnx" and _weight_dtype(analysis) == "bfloat16":
+        raise SqOnnxError(
+            "--kernels sq_onnx takes float32 or float16 models, not bfloat16; use the stock ops (--kernels ort) "
+            "or export the model in float16."
+        )
+    result = ConvertResult(
+        output=str(out),
+        scheme=recipe.scheme,
+        alpha=recipe.effective_alpha if recipe.smooth else None,
+        recipe=recipe.to_dict(),
+        calibration={},
+    )
+    return Conversion(
+        recipe,
+        src,
+        input_path,
+        tokenizer,
+        show_progress,
+        want_report,
+        analysis,
+        plans,
+        input_specs(src),
+        result,
+    )
+
+
+def gather_samples(conv: Conversion, calibration: Any) -> None:
+    """Calibration and verification samples; upgrades the opset when the recipe's ops need a newer one."""
+    recipe = conv.recipe
+    pool = max(recipe.samples, recipe.gptq_samples if recipe.uses_gptq else 0)
+    feeds, origin = load_calibration(
+        calibration,
+        conv.specs,
+        model_path=conv.input_path,
+        tokenizer_dir=conv.tokenizer,
+        count=pool if calibration is None else pool + recipe.verify_samples,
+        seq_len=recipe.seq_len,
+        mix=recipe.calib_mix,
+        seed=recipe.seed,
+    )
+    if calibration is None:  # verify on built-in text the calibration never reads, not on its own kind
+        verify_feeds, verify_origin = held_out_feeds(recipe, conv.specs, conv.input_path, conv.tokenizer)
+        pool_feeds, held_out = feeds, True
+    else:
+        pool_feeds, verify_feeds, held_out = _split(feeds, pool, recipe.verify_samples)
+        verify_origin = f"held-out part of {origin}"
+    conv.samples = Samples(pool_feeds, verify_feeds, origin, verify_origin, held_out)
+    conv.result.calibration = {
+        "source": origin,
+        "samples": len(conv.calib_feeds),
+        "verify_samples": len(verify_feeds),
+        "held_out": held_out,
+        "verify_source": verify_origin,
+    }
+    calib_feeds = conv.calib_feeds
+    conv.src, conv.result.opset_upgrade = upgrade_if_needed(
+        conv.src, recipe, calib_feeds[0] if calib_feeds else None
+    )
+    if conv.result.opset_upgrade is not None:  # node objects changed: analyse the upgraded graph
+        conv.analysis = analyze(conv.src.graph)
+        conv.plans = plan_linears(conv.src.graph, conv.analysis.linears, recipe)
+    conv.result.skipped = [asdict(s) for s in conv.analysis.skipped]
+    conv.result.kept_float = [{"node": p.name, "reason": p.reason} for p in conv.plans if p.action == "keep"]
+
+
+def calibrate_stage(conv: Conversion) -> None:
+    """Per-channel abs-max of every tensor that smoothing, the clip search or static activations need, the
+    float model's reference outputs on the verification samples, and rows for the layer search / report."""
+    recipe, analysis, plans = conv.recipe, conv.analysis, conv.plans
+    assert conv.samples is not None
+    tensors: dict[str, int] = {}
+    if recipe.smooth:
+        tensors.update({g.name: g.channels for g in analysis.groups})
+    if recipe.clip_search:
+        tensors.update({p.linear.input.name: p.linear.shape[0] for p in plans if p.action in ("w4", "w8")})
+    if recipe.scheme == "w8a8" and recipe.act == "static":
+        tensors.update({p.linear.input.name: p.linear.shape[0] for p in plans if p.action == "w8a8"})
+    row_tensors = tuple(g.name for g in analysis.groups) if recipe.alpha_search == "layer" else ()
+    max_rows = recipe.search_rows
+    if conv.want_report:
+        quantized_inputs = [p.linear.input.name for p in plans if p.action != "keep"]
+        row_tensors = tuple(dict.fromkeys([*row_tensors, *quantized_inputs]))
+        max_rows = max_rows if recipe.alpha_search == "layer" else min(max_rows, REPORT_ROWS)
+    conv.calib = calibrate(
+        conv.src,
+        tensors,
+        conv.calib_feeds,
+        conv.samples.verify,
+        row_tensors=row_tensors,
+        max_rows=max_rows,
+        seed=recipe.seed,
+        show_progress=conv.show_progress,
+    )
+
+
+def choose_alpha(conv: Conversion) -> None:
+    """The recipe's α, or the one an α search picks (one for the model, or one per group)."""
+    recipe, groups = conv.recipe, conv.analysis.groups
+    assert conv.calib is not None
+    conv.alpha = recipe.effective_alpha if recipe.smooth else None
+    if recipe.alpha_search == "model" and groups:
+        stats, feeds = conv.calib.absmax, conv.calib_feeds[: recipe.search_samples]
+        conv.alpha, conv.result.alpha_search = search_alpha_model(
+            conv.src, recipe, stats, feeds, conv.show_progress
+        )
+        conv.result.alpha = conv.alpha
+    elif recipe.alpha_search == "layer" and groups:
+        conv.alpha, conv.result.alpha_search = search_alpha_layer(
+            groups, conv.plans, conv.calib.absmax, conv.calib.rows, recipe, conv.show_progress
+        )
+        conv.result.alpha = float(np.mean(list(conv.alpha.values())))
+
+
+def smooth(conv: Conversion) -> None:
+    """A smoothed copy of the model; it must compute what the original does (checked on the verification
+    samples, to float rounding)."""
+    assert conv.calib is not None and conv.samples is not None
+    alpha = conv.alpha if conv.analysis.groups else None
+    conv.work, conv.result.smoothed_groups, conv.scales = smooth_copy(conv.src, conv.calib.absmax, alpha)
+    if not (conv.result.smoothed_groups and conv.samples.verify):
+        return
+    outputs = first_outputs(conv.work, conv.samples.verify, "smoothed", conv.show_progress)
+    check = compare(conv.calib.reference, outputs)
+    tolerance = EQUIVALENCE_TOLERANCE.get(_weight_dtype(conv.analysis), 1e-4)
+    equivalent = check.relative_error < tolerance
+    conv.result.smoothing_check = {**check.to_dict(), "tolerance": tolerance, "equivalent": equivalent}
+    if not equivalent:
+        raise SqOnnxError(
+            f"internal check failed: the smoothed float model differs from the original "
+            f"(relative error {check.relative_error:.2e}); please report this model."
+        )
+
+
+def quantize(conv: Conversion) -> None:
+    """Replace the planned linears in the smoothed copy (GPTQ's Hessians from the float model in one pass,
+    or segment by segment from the copy as it is quantized)."""
+    recipe, work, calib, samples = conv.recipe, conv.work, conv.calib, conv.samples
+    assert work is not None and calib is not None and samples is not None
+    if recipe.scheme == "smooth":
+        cleanup(work)
+        return
+    ranges = static_ranges(calib.absmax, conv.result.smoothed_groups) if recipe.act == "static" else None
+    importance = input_importance(calib.mean_square, conv.scales) if recipe.clip_search else None
+    hessians = segments = None
+    if recipe.uses_gptq:
+        feeds = samples.pool[: recipe.gptq_samples]
+        conv.result.calibration["hessian_samples"] = len(feeds)
+        if recipe.gptq_sequential or recipe.gptq_asymmetric:
+            segments = SegmentRunner(
+                work, gptq_batches(work, recipe), feeds, float_copy=recipe.gptq_asymmetric
+            )
+        else:
+            inputs = {p.linear.input.name: p.linear.shape[0] for p in conv.plans if p.action in ("w4", "w8")}
+            hessians = ChunkedHessians(conv.src, inputs, feeds, conv.scales, show_progress=conv.show_progress)
+    quantized = quantize_graph(work, recipe, ranges, conv.show_progress, importance, hessians, segments)
+    conv.result.quantized_matmuls = quantized.replaced
+    if quantized.fell_back is not None:
+        conv.result.calibration["gptq_fell_back"] = quantized.fell_back
+
+
+def verify(conv: Conversion) -> None:
+    """The converted model against the float one on the verification samples."""
+    assert conv.work is not None and conv.calib is not None and conv.samples is not None
+    if conv.samples.verify:
+        outputs = first_outputs(conv.work, conv.samples.verify, "converted", conv.show_progress)
+        conv.result.verify = compare(conv.calib.reference, outputs).to_dict()
+
+
+def report_parts(conv: Conversion) -> tuple[list[dict[str, Any]], list[LayerError]]:
+    """The report's per-group records and per-layer errors (read back from the quantized graph)."""
+    assert conv.work is not None and conv.calib is not None
+    alphas = {g["name"]: g["alpha"] for g in conv.result.smoothed_groups}
+    stats, scales = conv.calib.absmax, conv.scales
+    groups = [
+        group_record(g, stats[g.name], scales[g.name], alphas[g.name])
+        for g in conv.analysis.groups
+        if g.name in scales
+    ]
+    errors = layer_errors(conv.work.graph, [p.linear for p in conv.plans], conv.calib.rows, scales)
+    return groups, errors
+
+
+def save(conv: Conversion, out: Path) -> None:
+    """Recipe, version, calibration and verification into metadata_props; the file written atomically, with
+    external data when asked or when the input had it."""
+    work, recipe, result = conv.work, conv.recipe, conv.result
+    assert work is not None
+    work.metadata_props["sq_onnx.version"] = __version__
+    work.metadata_props["sq_onnx.recipe"] = recipe.to_json()
+    work.metadata_props["sq_onnx.calibration"] = json.dumps(result.calibration, sort_keys=True)
+    work.metadata_props["sq_onnx.verify"] = json.dumps(result.verify, sort_keys=True)
+    if result.alpha_search is not None:
+        work.metadata_props["sq_onnx.alpha_search"] = json.dumps(result.alpha_search, sort_keys=True)
+    if result.smoothing_check is not None:
+        work.metadata_props["sq_onnx.smoothing_check"] = json.dumps(result.smoothing_check, sort_keys=True)
+    keep_layout = conv.input_path is not None and has_external_tensors(conv.src)
+    save_model(work, out, external_data=recipe.external_data or keep_layout)
+
+
+def held_out_feeds(
+    recipe: Recipe, specs: list, model_path: Path | None, tokenizer: str | os.PathLike | None
+) -> tuple[Feeds, str]:
+    """Verification samples for the built-in calibration: held-out docs and code (``builtin_heldout_feeds``)."""
+    if recipe.verify_samples == 0:
+        return [], "none"
+    feeds, origin = builtin_heldout_feeds(
+        recipe.verify_samples, recipe.seq_len, find_tokenizer(model_path, tokenizer)
+    )
+    return [complete_feed(check_feed(f, specs), specs) for f in feeds], origin
+
+
+def _weight_dtype(analysis: Analysis) -> str:
+    """Name of the linears' weight dtype (the precision the smoothed weights are re-rounded to)."""
+    dtype = analysis.linears[0].source.dtype if analysis.linears else None
+    names = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
+    return names.get(dtype, "float32")
+
+
+def _refuse_quantized(model: ir.Model) -> None:
+    """Quantizing twice compounds the error silently; say so instead."""
+    found = sorted({n.op_type for n in model.graph if n.op_type in QUANTIZED_OPS})
+    if found:
+        raise SqOnnxError(
+            f"the model is already quantized (it contains {', '.join(found)}); convert the float model instead."
+        )
+
+
+def _split(feeds: Feeds, pool: int, verify: int) -> tuple[Feeds, Feeds, bool]:
+    """The first ``pool`` samples for calibration, verification samples after them (held out) when
+    there are enough."""
+    if verify == 0:
+        return feeds[:pool], [], True
+    if len(feeds) > pool:
+        return feeds[:pool], feeds[pool : pool + verify], True
+    if len(feeds) >= 2:
+        n_verify = max(1, min(verify, len(feeds) // 4))
+        return feeds[:-n_verify], feeds[-n_verify:], True
+    return feeds, feeds[:1], False
