@@ -27,7 +27,7 @@ def convert(*args, **kwargs):
 def session(path, providers=None, threads=None):
     """An ``onnxruntime.InferenceSession`` for a converted model (registers the sq_onnx custom ops when the
     model uses them)."""
-    from sq_onnx.ort_session import session as _session
+    from sq_onnx.runtime.ort_session import session as _session
 
     return _session(path, providers=providers, threads=threads)
 
@@ -35,7 +35,7 @@ def session(path, providers=None, threads=None):
 def register_custom_ops(session_options) -> None:
     """Register the sq_onnx custom-op library (models converted with ``--kernels sq_onnx``) on an
     ``onnxruntime.SessionOptions``, for sessions created outside sq-onnx."""
-    from sq_onnx.custom_ops import register_custom_ops as _register
+    from sq_onnx.runtime.custom_ops import register_custom_ops as _register
 
     _register(session_options)
 

@@ -16,17 +16,17 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from sq_onnx.evaluate import token_nll
-from sq_onnx.ort_session import in_memory_session
+from sq_onnx.lm.evaluate import token_nll
 from sq_onnx.passes.analyze import SmoothGroup
 from sq_onnx.passes.smooth import weight_row_absmax
 from sq_onnx.plan import LinearPlan
-from sq_onnx.progress import track
 from sq_onnx.quant.blockwise import quantize_blockwise
 from sq_onnx.quant.int8 import fake_per_channel, fake_per_token
 from sq_onnx.quant.smoothing import smoothing_scales
 from sq_onnx.quantize_model import quantize_graph, smooth_copy
 from sq_onnx.recipe import Recipe
+from sq_onnx.runtime.ort_session import in_memory_session
+from sq_onnx.runtime.progress import track
 from sq_onnx.verify import first_outputs
 
 Feeds = list[dict[str, np.ndarray]]

@@ -186,7 +186,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from sq_onnx.export import export
+    from sq_onnx.lm.export import export
 
     export(
         args.src,
@@ -200,7 +200,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from sq_onnx.evaluate import evaluate_domains, text_sources
+    from sq_onnx.lm.evaluate import evaluate_domains, text_sources
 
     texts = text_sources(args.text) if args.text else {"built-in held-out text": None}
     result = evaluate_domains(
@@ -269,7 +269,7 @@ def domains_table(result) -> str:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from sq_onnx.bench import bench
+    from sq_onnx.lm.bench import bench
 
     try:
         lengths = tuple(int(x) for x in args.prompt_lengths.split(",") if x.strip())
@@ -303,7 +303,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from sq_onnx.generate import generate, print_stream
+    from sq_onnx.lm.generate import generate, print_stream
 
     result = generate(
         args.model,

@@ -9,13 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from sq_onnx.calibrate import calibrate
-from sq_onnx.calibration_data import load_calibration
-from sq_onnx.model_inputs import input_specs
-from sq_onnx.model_io import load_model, weight_bytes
+from sq_onnx.calibration.calibrate import calibrate
+from sq_onnx.calibration.calibration_data import load_calibration
 from sq_onnx.passes.analyze import analyze
 from sq_onnx.plan import ACTION_LABELS, plan_linears
 from sq_onnx.recipe import Recipe
+from sq_onnx.runtime.model_inputs import input_specs
+from sq_onnx.runtime.model_io import load_model, weight_bytes
 
 TOP_OUTLIERS = 5
 USE_BUILTIN = "builtin"

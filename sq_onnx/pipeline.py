@@ -12,10 +12,10 @@ import onnx_ir as ir
 
 from sq_onnx import stages
 from sq_onnx.errors import SqOnnxError
-from sq_onnx.model_io import check_output_path, load_model
-from sq_onnx.peak_memory import peak_rss_mb, reset_peak_rss
 from sq_onnx.recipe import Recipe
-from sq_onnx.report import build_report, check_report_dir, write_report
+from sq_onnx.reporting.report import build_report, check_report_dir, write_report
+from sq_onnx.runtime.model_io import check_output_path, load_model
+from sq_onnx.runtime.peak_memory import peak_rss_mb, reset_peak_rss
 from sq_onnx.stages import ConvertResult
 
 
@@ -33,7 +33,7 @@ def convert(
     """Convert ``model`` (path or in-memory model) with ``recipe`` and write ``output`` atomically.
 
     ``calibration``: None (built-in text), a .txt/.jsonl/.npz path, a dict of arrays (first axis =
-    samples), or a list of feeds. ``report``: a folder for report.html/report.json (``sq_onnx.report``).
+    samples), or a list of feeds. ``report``: a folder for report.html/report.json (``sq_onnx.reporting.report``).
     Raises ``SqOnnxError`` subclasses for anything the user can fix.
     """
     recipe = recipe or Recipe()

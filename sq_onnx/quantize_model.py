@@ -10,18 +10,18 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
-from sq_onnx.gptq_method import batch_grams
-from sq_onnx.model_io import copy_model
+from sq_onnx.calibration.gptq_method import batch_grams
+from sq_onnx.calibration.segment_runner import SegmentInputs
 from sq_onnx.passes.graph_edit import ensure_opset
 from sq_onnx.passes.linears import Linear, find_linears
 from sq_onnx.passes.quantize_w4 import QuantizeWeightsPass, WeightBatch, quantize_weight
 from sq_onnx.passes.quantize_w8a8 import QuantizeW8A8Pass
 from sq_onnx.passes.smooth import SmoothPass
 from sq_onnx.plan import LinearPlan, plan_linears
-from sq_onnx.progress import track
 from sq_onnx.quant.blockwise import BlockQuantized
 from sq_onnx.recipe import Recipe
-from sq_onnx.segment_runner import SegmentInputs
+from sq_onnx.runtime.model_io import copy_model
+from sq_onnx.runtime.progress import track
 
 # Most float64 bytes of weight that one GPTQ pass quantizes at once when linears share an input.
 SHARED_WEIGHT_BYTES = 1 << 28

@@ -16,13 +16,11 @@ import numpy as np
 import onnx_ir as ir
 
 from sq_onnx.alpha_search import search_alpha_layer, search_alpha_model
-from sq_onnx.calibrate import Calibration, calibrate
-from sq_onnx.calibration_data import builtin_heldout_feeds, find_tokenizer, load_calibration
+from sq_onnx.calibration.calibrate import Calibration, calibrate
+from sq_onnx.calibration.calibration_data import builtin_heldout_feeds, find_tokenizer, load_calibration
+from sq_onnx.calibration.hessian import ChunkedHessians
+from sq_onnx.calibration.segment_runner import SegmentRunner
 from sq_onnx.errors import NothingToQuantizeError, SqOnnxError
-from sq_onnx.hessian import ChunkedHessians
-from sq_onnx.layer_error import LayerError, layer_errors
-from sq_onnx.model_inputs import InputSpec, check_feed, complete_feed, input_specs
-from sq_onnx.model_io import has_external_tensors, save_model
 from sq_onnx.opset_upgrade import upgrade_if_needed
 from sq_onnx.passes.analyze import Analysis, analyze
 from sq_onnx.plan import LinearPlan, plan_linears
@@ -35,8 +33,10 @@ from sq_onnx.quantize_model import (
     static_ranges,
 )
 from sq_onnx.recipe import Recipe
-from sq_onnx.report import group_record
-from sq_onnx.segment_runner import SegmentRunner
+from sq_onnx.reporting.layer_error import LayerError, layer_errors
+from sq_onnx.reporting.report import group_record
+from sq_onnx.runtime.model_inputs import InputSpec, check_feed, complete_feed, input_specs
+from sq_onnx.runtime.model_io import has_external_tensors, save_model
 from sq_onnx.verify import compare, first_outputs
 from sq_onnx.version import __version__
 

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx_ir as ir
 
-from sq_onnx.ort_session import in_memory_session
-from sq_onnx.progress import track
+from sq_onnx.runtime.ort_session import in_memory_session
+from sq_onnx.runtime.progress import track
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,7 @@ def asan_runtime() -> str | None:
 def load(path: Path, optin_smem: int, sm_count: int) -> ctypes.CDLL:
     """The library with the same C entry points as the real one (argument types set) and the emulation's
     controls; the device's opt-in shared memory and SM count are fixed at the first launch."""
-    from sq_onnx import custom_ops
+    from sq_onnx.runtime import custom_ops
 
     lib = custom_ops.cuda_launchers(path)
     lib.sq_emu_configure.argtypes = [ctypes.c_int, ctypes.c_int]

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import kernel_reference as ref
 import numpy as np
 
-from sq_onnx import custom_ops
+from sq_onnx.runtime import custom_ops
 
 GEMM_SHAPES = [
     (1, 64, 64),

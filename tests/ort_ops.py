@@ -11,7 +11,7 @@ import onnx
 import onnx.numpy_helper
 from onnx import helper
 
-from sq_onnx import custom_ops
+from sq_onnx.runtime import custom_ops
 
 
 def single_op_model(

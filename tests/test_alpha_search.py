@@ -11,7 +11,7 @@ import pytest
 
 from sq_onnx import Recipe, convert
 from sq_onnx.alpha_search import group_error
-from sq_onnx.calibrate import calibrate
+from sq_onnx.calibration.calibrate import calibrate
 from sq_onnx.passes.analyze import analyze
 from sq_onnx.recipe import RecipeError
 

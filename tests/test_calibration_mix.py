@@ -8,14 +8,14 @@ import torch
 from tokenizers import Tokenizer
 
 from sq_onnx import Recipe, convert
-from sq_onnx.builtin_text import builtin_text
-from sq_onnx.calibration_data import builtin_feeds, builtin_heldout_feeds
+from sq_onnx.calibration.builtin_text import builtin_text
+from sq_onnx.calibration.calibration_data import builtin_feeds, builtin_heldout_feeds
+from sq_onnx.calibration.self_text import TOP_K, _softmax_sample, sample_windows
 from sq_onnx.cli import main
 from sq_onnx.errors import CalibrationError, RecipeError
-from sq_onnx.model_inputs import input_specs
-from sq_onnx.model_io import load_model
-from sq_onnx.ort_session import session
-from sq_onnx.self_text import TOP_K, _softmax_sample, sample_windows
+from sq_onnx.runtime.model_inputs import input_specs
+from sq_onnx.runtime.model_io import load_model
+from sq_onnx.runtime.ort_session import session
 
 
 def _decode(tok_file, feed) -> str:

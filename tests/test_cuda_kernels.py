@@ -9,7 +9,7 @@ import kernel_reference as ref
 import numpy as np
 import pytest
 
-from sq_onnx import custom_ops
+from sq_onnx.runtime import custom_ops
 
 if not custom_ops.available():
     pytest.skip("custom-op library not built", allow_module_level=True)

@@ -18,7 +18,7 @@ import cuda_kernel_cases as cases
 import numpy as np
 import pytest
 
-from sq_onnx import custom_ops
+from sq_onnx.runtime import custom_ops
 
 # CI (SQ_ONNX_REQUIRE_OPS=1) builds the library, so it has a compiler: there these tests must run, not skip.
 REQUIRED = os.environ.get("SQ_ONNX_REQUIRE_OPS") == "1"

@@ -17,8 +17,9 @@ import ort_ops
 import pytest
 from onnx import TensorProto
 
-from sq_onnx import Recipe, convert, custom_ops
-from sq_onnx.ort_session import session
+from sq_onnx import Recipe, convert
+from sq_onnx.runtime import custom_ops
+from sq_onnx.runtime.ort_session import session
 
 import ir_graphs
 from conftest import ids_feed, op_types, rel_error
@@ -75,7 +76,7 @@ def test_cpu_isa_comes_from_the_environment(asked):
     """SQ_ONNX_CPU_ISA holds the GEMM to a path this CPU has; anything else leaves the best (read once, so in a
     fresh process)."""
     code = (
-        "from sq_onnx import custom_ops; l = custom_ops.cpu_isa_control(); "
+        "from sq_onnx.runtime import custom_ops; l = custom_ops.cpu_isa_control(); "
         "print(l.sq_onnx_cpu_isa(), l.sq_onnx_cpu_best_isa(), l.sq_onnx_cpu_select_isa(1))"
     )
     env = {**os.environ, "SQ_ONNX_CPU_ISA": asked}
@@ -410,7 +411,7 @@ def test_float16_model_on_the_kernels(llama_dir, tmp_path, calib_ids):
 def test_bench_names_the_cpu_kernels(llama_dir, tmp_path, calib_ids, monkeypatch):
     """`sq-onnx bench` says which instruction set (and whether prepacked weights) a model on the kernels ran
     with, and nothing for a model without them."""
-    from sq_onnx.bench import bench
+    from sq_onnx.lm.bench import bench
 
     out = tmp_path / "kernels.onnx"
     recipe = Recipe(scheme="w8a8", samples=4, kernels="sq_onnx")

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from sq_onnx import Recipe, convert
 from sq_onnx.cli import main
 from sq_onnx.errors import SqOnnxError
-from sq_onnx.evaluate import evaluate_domains, text_sources
+from sq_onnx.lm.evaluate import evaluate_domains, text_sources
 
 TEXTS = {
     "prose": "The quick brown fox jumps over the lazy dog. " * 60,

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from sq_onnx.cli import main
-from sq_onnx.evaluate import perplexity, token_kl, token_nll
-from sq_onnx.generate import generate
-from sq_onnx.lm_runner import LMRunner
-from sq_onnx.model_inputs import input_specs
-from sq_onnx.model_io import load_model
-from sq_onnx.ort_session import session
+from sq_onnx.lm.evaluate import perplexity, token_kl, token_nll
+from sq_onnx.lm.generate import generate
+from sq_onnx.lm.lm_runner import LMRunner
+from sq_onnx.runtime.model_inputs import input_specs
+from sq_onnx.runtime.model_io import load_model
+from sq_onnx.runtime.ort_session import session
 
 import tiny_models
 from conftest import run
@@ -90,7 +90,7 @@ def _torch_greedy_text(model, folder, prompt: str, new_tokens: int) -> str:
 def _torch_perplexity(model, folder, seq_len: int, windows: int) -> float:
     from tokenizers import Tokenizer
 
-    from sq_onnx.builtin_text import builtin_text
+    from sq_onnx.calibration.builtin_text import builtin_text
 
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     paragraphs = [p + "\n\n" for p in builtin_text("heldout").split("\n\n") if p.strip()]

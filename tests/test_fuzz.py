@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sq_onnx import Recipe, SqOnnxError, convert
-from sq_onnx.calibrate import collect_absmax
+from sq_onnx.calibration.calibrate import collect_absmax
 from sq_onnx.passes.analyze import analyze
 from sq_onnx.passes.smooth import smooth_groups
 

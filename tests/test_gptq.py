@@ -10,15 +10,20 @@ import pytest
 from test_blockwise import _matmulnbits_model
 
 from sq_onnx import Recipe, convert, quantize_model
+from sq_onnx.calibration.hessian import (
+    ChunkedHessians,
+    chunks_within_budget,
+    collect_hessians,
+    smoothed_hessian,
+)
 from sq_onnx.errors import RecipeError
-from sq_onnx.hessian import ChunkedHessians, chunks_within_budget, collect_hessians, smoothed_hessian
-from sq_onnx.model_io import copy_model
 from sq_onnx.passes.analyze import analyze
 from sq_onnx.passes.linears import find_linears
 from sq_onnx.plan import plan_linears
 from sq_onnx.quant.blockwise import quantize_blockwise
 from sq_onnx.quant.gptq import dampened_hessian, gptq_quantize, refine_codes, refit_scales
 from sq_onnx.quantize_model import weight_batches
+from sq_onnx.runtime.model_io import copy_model
 
 from conftest import ids_feed, rel_error, run
 from ir_graphs import build_norm_graph, sample_inputs

@@ -1,11 +1,14 @@
-"""Dependencies point one way (DESIGN.md): CLI / API -> pipeline -> app modules -> passes -> maths.
+"""Dependencies point one way (docs/DESIGN.md): CLI / API -> pipeline -> conversion -> tools -> passes -> maths.
 
 Read from the source with ``ast``, so function-level imports count too. The layers, lowest first:
-- ``sq_onnx.quant`` (quantization arithmetic) and ``sq_onnx.errors``, ``sq_onnx.version``: nothing else of ours;
-- ``sq_onnx.passes`` (graph passes, the top-level ``passes/`` folder): the layer below only;
-- the app modules (calibration, LM tools, report, ...): the layers below and each other;
-- ``sq_onnx.pipeline``; then ``sq_onnx.cli``, the package's ``__init__`` and ``__main__`` at the top.
-A module never imports a higher layer, and there is no import cycle at all.
+0. ``sq_onnx.quant`` (quantization arithmetic), ``sq_onnx.errors``, ``sq_onnx.version``: nothing else of ours;
+1. ``sq_onnx.passes`` (graph passes, the top-level ``passes/`` folder);
+2. ``sq_onnx.runtime`` (ORT sessions, model files and inputs);
+3. ``sq_onnx.calibration``;
+4. ``sq_onnx.lm`` (export, eval, bench, generate) and ``sq_onnx.reporting``;
+5. the conversion modules at the package's top (recipe, plans, stages, α search, inspect, ...);
+6. ``sq_onnx.pipeline``; 7. ``sq_onnx.cli``, the package's ``__init__`` and ``__main__``.
+A module imports its own layer or lower ones, never a higher one, and there is no import cycle at all.
 """
 
 from __future__ import annotations
@@ -51,16 +54,27 @@ def _within(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
 
 
+PACKAGES = {
+    "sq_onnx.quant": 0,
+    "sq_onnx.passes": 1,
+    "sq_onnx.runtime": 2,
+    "sq_onnx.calibration": 3,
+    "sq_onnx.lm": 4,
+    "sq_onnx.reporting": 4,
+}
+
+
 def layer(module: str) -> int:
-    if _within(module, "sq_onnx.quant") or module in BOTTOM:
+    if module in BOTTOM:
         return 0
-    if _within(module, "sq_onnx.passes"):
-        return 1
+    for package, rank in PACKAGES.items():
+        if _within(module, package):
+            return rank
     if module == "sq_onnx.pipeline":
-        return 3
+        return 6
     if module in TOP:
-        return 4
-    return 2
+        return 7
+    return 5
 
 
 GRAPH = {m: {t for t in imports_of(p) if t != m} for m, p in MODULES.items()}
@@ -107,4 +121,5 @@ def test_the_contract_sees_the_tree():
     } <= MODULES.keys()
     assert "sq_onnx.quant.blockwise" in GRAPH["sq_onnx.passes.quantize_w4"]
     assert "sq_onnx.pipeline" in GRAPH["sq_onnx.cli"]
-    assert layer("sq_onnx.quantize_model") == 2 and layer("sq_onnx.quant.gptq") == 0
+    assert layer("sq_onnx.quantize_model") == 5 and layer("sq_onnx.quant.gptq") == 0
+    assert layer("sq_onnx.runtime.ort_session") == 2 and layer("sq_onnx.lm.evaluate") == 4

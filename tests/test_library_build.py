@@ -12,7 +12,7 @@ import subprocess
 import kernel_reference as ref
 import pytest
 
-from sq_onnx import custom_ops
+from sq_onnx.runtime import custom_ops
 
 REQUIRED = os.environ.get("SQ_ONNX_REQUIRE_OPS") == "1"
 if not custom_ops.available():

@@ -11,7 +11,8 @@ import numpy as np
 import ort_ops
 import pytest
 
-from sq_onnx import Recipe, convert, custom_ops
+from sq_onnx import Recipe, convert
+from sq_onnx.runtime import custom_ops
 
 from conftest import ids_feed, rel_error
 

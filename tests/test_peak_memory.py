@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sq_onnx import Recipe, convert
-from sq_onnx.peak_memory import peak_rss_mb, reset_peak_rss
+from sq_onnx.runtime.peak_memory import peak_rss_mb, reset_peak_rss
 
 if not reset_peak_rss():
     pytest.skip("no resettable high-water mark here (/proc/self/clear_refs)", allow_module_level=True)

@@ -173,7 +173,7 @@ def test_old_opset_that_cannot_be_upgraded_says_what_to_do(tmp_path, monkeypatch
 def test_bfloat16_models_are_converted(scheme, llama_dir, tmp_path, calib_ids):
     """ORT's CPU provider has no bf16 kernels: calibration and checks run the float32 twin; the output
     stays a bf16 model (MatMulNBits with bf16 scales / integer ops between Casts)."""
-    from sq_onnx.float32_twin import float32_twin
+    from sq_onnx.runtime.float32_twin import float32_twin
 
     src = tiny_models.to_bfloat16(llama_dir / "model.onnx", tmp_path / "bf16.onnx")
     out = tmp_path / "q.onnx"

@@ -12,10 +12,10 @@ import pytest
 
 from sq_onnx import Recipe, convert
 from sq_onnx.cli import main
-from sq_onnx.layer_error import emulate
 from sq_onnx.passes.linears import find_linears
 from sq_onnx.passes.quantize_w4 import replace_with_matmulnbits
 from sq_onnx.passes.quantize_w8a8 import quantize_w8a8
+from sq_onnx.reporting.layer_error import emulate
 
 from conftest import rel_error
 
@@ -83,8 +83,8 @@ def _quantize(model: ir.Model, kind: str, x: np.ndarray) -> None:
 @pytest.mark.parametrize("k", [64, 100])
 def test_layer_error_emulation_matches_ort(kind, k):
     """The report's numbers come from unpacking the saved graph; they must be what ORT computes."""
-    from sq_onnx import custom_ops
-    from sq_onnx.ort_session import session_options
+    from sq_onnx.runtime import custom_ops
+    from sq_onnx.runtime.ort_session import session_options
 
     if kind.endswith("sq_onnx") and not custom_ops.available():
         pytest.skip("custom-op library not built")

@@ -8,14 +8,14 @@ import onnx_ir as ir
 import pytest
 
 from sq_onnx import Recipe, convert
-from sq_onnx.calibration_data import load_calibration
+from sq_onnx.calibration.calibration_data import load_calibration
+from sq_onnx.calibration.gptq_method import BatchGrams, batch_grams, float_target_weight, gram
+from sq_onnx.calibration.hessian import collect_hessians
+from sq_onnx.calibration.segment_runner import SegmentRunner, plan_runs, segment_model
 from sq_onnx.errors import RecipeError
-from sq_onnx.gptq_method import BatchGrams, batch_grams, float_target_weight, gram
-from sq_onnx.hessian import collect_hessians
-from sq_onnx.model_inputs import input_specs
-from sq_onnx.ort_session import in_memory_session
 from sq_onnx.quantize_model import gptq_batches, quantize_graph
-from sq_onnx.segment_runner import SegmentRunner, plan_runs, segment_model
+from sq_onnx.runtime.model_inputs import input_specs
+from sq_onnx.runtime.ort_session import in_memory_session
 
 from conftest import ids_feed, rel_error, run
 from tiny_models import random_ids
@@ -101,7 +101,7 @@ def test_a_runner_for_other_batches_is_a_programming_error(llama_dir):
 
 
 def test_gram_sums_blocks_like_one_product(monkeypatch):
-    from sq_onnx import gptq_method
+    from sq_onnx.calibration import gptq_method
 
     rng = np.random.default_rng(0)
     arrays = [rng.normal(size=(1, 7, 5)).astype(np.float32) for _ in range(6)]

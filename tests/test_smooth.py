@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 
 from sq_onnx import Recipe, convert
-from sq_onnx.calibrate import collect_absmax
+from sq_onnx.calibration.calibrate import collect_absmax
 from sq_onnx.passes.analyze import analyze
 from sq_onnx.passes.smooth import SmoothPass, smooth_groups
 from sq_onnx.quant.smoothing import smoothing_scales

@@ -84,8 +84,8 @@ def build_torch_model(arch: str = "llama", seed: int = 0, layers: int = 2):
 
 def export_torch(model, path: Path) -> Path:
     """torch.onnx (dynamo) export without KV cache, through sq-onnx's own exporter."""
-    from sq_onnx.export import export_model
-    from sq_onnx.model_io import save_model
+    from sq_onnx.lm.export import export_model
+    from sq_onnx.runtime.model_io import save_model
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model(export_model(model, kv_cache=False), path)
@@ -107,7 +107,7 @@ def write_tokenizer(folder: Path) -> Path:
     """A small byte-level BPE tokenizer (vocab = VOCAB) trained on the built-in text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from sq_onnx.builtin_text import builtin_text
+    from sq_onnx.calibration.builtin_text import builtin_text
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -105,7 +105,7 @@ def convert_row(
 
 def evaluate_cached(path: Path, texts: dict, windows: int, ref: Path, split: str, reuse: bool) -> dict:
     """``evaluate_domains`` against the reference, kept beside the model per split and window count."""
-    from sq_onnx.evaluate import evaluate_domains
+    from sq_onnx.lm.evaluate import evaluate_domains
 
     cache = path.with_suffix(f".eval-{split}-{windows}.json")
     if reuse and cache.exists() and cache.stat().st_mtime > path.stat().st_mtime:
@@ -116,7 +116,7 @@ def evaluate_cached(path: Path, texts: dict, windows: int, ref: Path, split: str
 
 
 def texts_for(split: str, yardstick: Path) -> dict[str, Path | None]:
-    from sq_onnx.evaluate import text_sources
+    from sq_onnx.lm.evaluate import text_sources
 
     if split == "builtin":
         return {"python-docs (held out)": None}
@@ -167,7 +167,7 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).parent))
         from demo import find_gguf
 
-        from sq_onnx.export import export
+        from sq_onnx.lm.export import export
 
         export(find_gguf(), src.parent)
     out_dir = src.parent.parent / "accuracy"
@@ -177,7 +177,7 @@ def main() -> None:
             (out_dir / name).write_bytes((src.parent / name).read_bytes())
     from rich.console import Console
 
-    from sq_onnx.evaluate import evaluate_domains
+    from sq_onnx.lm.evaluate import evaluate_domains
 
     rows_spec = {k: v for k, v in ROWS.items() if not args.only or re.search(args.only, k)}
     for extra in args.row:

@@ -23,8 +23,8 @@ from onnx import TensorProto, helper
 from rich.console import Console
 from rich.table import Table
 
-from sq_onnx import custom_ops
-from sq_onnx.ort_session import session_options
+from sq_onnx.runtime import custom_ops
+from sq_onnx.runtime.ort_session import session_options
 
 SHAPES = [(576, 576), (576, 1536), (1536, 576), (4096, 4096)]
 ROWS = [1, 16, 64, 256]

@@ -25,7 +25,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from sq_onnx import custom_ops
+from sq_onnx.runtime import custom_ops
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 ROWS = [1, 16, 256, 2048]

@@ -19,10 +19,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from sq_onnx import Recipe, convert, custom_ops
-from sq_onnx.evaluate import perplexity
-from sq_onnx.export import export
-from sq_onnx.generate import generate
+from sq_onnx import Recipe, convert
+from sq_onnx.lm.evaluate import perplexity
+from sq_onnx.lm.export import export
+from sq_onnx.lm.generate import generate
+from sq_onnx.runtime import custom_ops
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -21,17 +21,17 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from sq_onnx.calibrate import calibrate
-from sq_onnx.calibration_data import load_calibration
-from sq_onnx.hessian import collect_hessians, smoothed_hessian
-from sq_onnx.model_inputs import input_specs
-from sq_onnx.model_io import load_model
+from sq_onnx.calibration.calibrate import calibrate
+from sq_onnx.calibration.calibration_data import load_calibration
+from sq_onnx.calibration.hessian import collect_hessians, smoothed_hessian
 from sq_onnx.passes.analyze import analyze
 from sq_onnx.passes.linears import find_linears
 from sq_onnx.plan import plan_linears
 from sq_onnx.quant.gptq import gptq_quantize
 from sq_onnx.quantize_model import smooth_copy
 from sq_onnx.recipe import Recipe
+from sq_onnx.runtime.model_inputs import input_specs
+from sq_onnx.runtime.model_io import load_model
 
 # name -> (gptq_quantize keyword arguments, extra relative weight of diag(H) added to H, use held-out H)
 VARIANTS: dict[str, tuple[dict, float, bool]] = {

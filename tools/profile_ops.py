@@ -20,11 +20,11 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from sq_onnx import custom_ops
-from sq_onnx.lm_runner import LMRunner
-from sq_onnx.model_inputs import input_specs
-from sq_onnx.model_io import load_model
-from sq_onnx.ort_session import session_options
+from sq_onnx.lm.lm_runner import LMRunner
+from sq_onnx.runtime import custom_ops
+from sq_onnx.runtime.model_inputs import input_specs
+from sq_onnx.runtime.model_io import load_model
+from sq_onnx.runtime.ort_session import session_options
 
 
 def profile(model: Path, tokens: int, runs: int, threads: int | None) -> tuple[dict[str, float], list[float]]:

@@ -12,9 +12,9 @@ import numpy as np
 import onnx_ir as ir
 
 from sq_onnx.errors import CalibrationError
-from sq_onnx.model_io import copy_model
-from sq_onnx.ort_session import in_memory_session
-from sq_onnx.progress import track
+from sq_onnx.runtime.model_io import copy_model
+from sq_onnx.runtime.ort_session import in_memory_session
+from sq_onnx.runtime.progress import track
 
 STAT_PREFIX = "sq_onnx.absmax."
 

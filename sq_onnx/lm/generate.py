@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from sq_onnx.errors import SqOnnxError, TokenizerNotFoundError
-from sq_onnx.lm_runner import LMRunner
-from sq_onnx.model_inputs import input_specs, is_language_model
-from sq_onnx.model_io import load_model
-from sq_onnx.ort_session import session
+from sq_onnx.lm.lm_runner import LMRunner
+from sq_onnx.runtime.model_inputs import input_specs, is_language_model
+from sq_onnx.runtime.model_io import load_model
+from sq_onnx.runtime.ort_session import session
 
 
 def _eos_ids(folder: Path, tokenizer) -> set[int]:

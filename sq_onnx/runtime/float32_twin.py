@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from sq_onnx.model_io import copy_model
+from sq_onnx.runtime.model_io import copy_model
 
 BF16 = ir.DataType.BFLOAT16
 FLOAT = ir.DataType.FLOAT

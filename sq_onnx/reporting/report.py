@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from sq_onnx.errors import OutputError
-from sq_onnx.layer_error import LayerError
 from sq_onnx.passes.analyze import SmoothGroup
 from sq_onnx.passes.smooth import weight_row_absmax
-from sq_onnx.progress import track
+from sq_onnx.reporting.layer_error import LayerError
+from sq_onnx.runtime.progress import track
 
 REPORT_FILES = ("report.html", "report.json")
 TOP_CHANNELS = 8
@@ -127,8 +127,8 @@ def write_report(folder: Path, report: dict[str, Any], show_progress: bool = Fal
     """Draw every figure, then write report.json and report.html (each atomically)."""
     import json
 
-    from sq_onnx.report_html import render_html
-    from sq_onnx.report_plots import alpha_figure, group_figure, layers_figure
+    from sq_onnx.reporting.report_html import render_html
+    from sq_onnx.reporting.report_plots import alpha_figure, group_figure, layers_figure
 
     plots: dict[str, bytes] = {}
     if report["alpha_search"]:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sq_onnx.calibration.segment_runner import SegmentInputs
 from sq_onnx.quant.gptq import dampened_hessian
-from sq_onnx.segment_runner import SegmentInputs
 
 # Ridge of the float target's correction, as a fraction of mean(diag H) (chosen when GPTQ's dampening was 0.01). The
 # correction is fitted on the calibration rows, and less of it generalises better. On SmolLM2 (KL to fp32

@@ -27,7 +27,7 @@ def library_path() -> Path | None:
     if os.environ.get(ENV_LIBRARY):
         path = Path(os.environ[ENV_LIBRARY])
         return path if path.is_file() else None
-    beside = Path(__file__).resolve().parent / LIBRARY_NAME  # a wheel installs it in the package
+    beside = Path(__file__).resolve().parents[1] / LIBRARY_NAME  # a wheel installs it in the package
     if beside.is_file():
         return beside
     try:  # editable installs keep compiled files in site-packages, away from the sources

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from sq_onnx.builtin_text import builtin_text
+from sq_onnx.calibration.builtin_text import builtin_text
+from sq_onnx.calibration.self_text import sample_windows, word_tokens
 from sq_onnx.errors import CalibrationError, TokenizerNotFoundError
-from sq_onnx.model_inputs import InputSpec, check_feed, complete_feed, is_language_model
-from sq_onnx.ort_session import session
-from sq_onnx.self_text import sample_windows, word_tokens
+from sq_onnx.runtime.model_inputs import InputSpec, check_feed, complete_feed, is_language_model
+from sq_onnx.runtime.ort_session import session
 
 Feeds = list[dict[str, np.ndarray]]
 TOKENIZER_FILE = "tokenizer.json"
@@ -153,7 +153,7 @@ def self_windows(
     seq_len: int,
     seed: int,
 ) -> Feeds:
-    """``count`` windows the float model samples from random word starts (``sq_onnx.self_text``)."""
+    """``count`` windows the float model samples from random word starts (``sq_onnx.calibration.self_text``)."""
     rng = np.random.default_rng(seed)
     first = word_tokens(tokenizer_file, rng, count)
     sess = session(model_path)

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from sq_onnx.builtin_text import builtin_text
-from sq_onnx.calibration_data import find_tokenizer, read_text_file, tokenize, windows_from_ids
+from sq_onnx.calibration.builtin_text import builtin_text
+from sq_onnx.calibration.calibration_data import find_tokenizer, read_text_file, tokenize, windows_from_ids
 from sq_onnx.errors import SqOnnxError
-from sq_onnx.model_inputs import complete_feed, input_specs, is_language_model
-from sq_onnx.model_io import load_model
-from sq_onnx.ort_session import session
-from sq_onnx.progress import track
+from sq_onnx.runtime.model_inputs import complete_feed, input_specs, is_language_model
+from sq_onnx.runtime.model_io import load_model
+from sq_onnx.runtime.ort_session import session
+from sq_onnx.runtime.progress import track
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sq_onnx.model_inputs import InputSpec, complete_feed
+from sq_onnx.runtime.model_inputs import InputSpec, complete_feed
 
 TOP_K = 64  # the long tail of a small model's distribution is noise, not language
 

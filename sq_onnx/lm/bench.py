@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from sq_onnx import custom_ops
 from sq_onnx.errors import SqOnnxError
-from sq_onnx.lm_runner import LMRunner
-from sq_onnx.model_inputs import input_specs, is_language_model
-from sq_onnx.model_io import load_model
-from sq_onnx.ort_session import session
-from sq_onnx.peak_memory import peak_rss_mb
+from sq_onnx.lm.lm_runner import LMRunner
+from sq_onnx.runtime import custom_ops
+from sq_onnx.runtime.model_inputs import input_specs, is_language_model
+from sq_onnx.runtime.model_io import load_model
+from sq_onnx.runtime.ort_session import session
+from sq_onnx.runtime.peak_memory import peak_rss_mb
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 

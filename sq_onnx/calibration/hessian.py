@@ -11,11 +11,11 @@ import numpy as np
 import onnx_ir as ir
 
 from sq_onnx.errors import CalibrationError
-from sq_onnx.model_io import copy_model
-from sq_onnx.ort_session import in_memory_session
-from sq_onnx.progress import track
+from sq_onnx.runtime.model_io import copy_model
+from sq_onnx.runtime.ort_session import in_memory_session
+from sq_onnx.runtime.progress import track
 
-PREFIX = "sq_onnx.hessian."
+PREFIX = "sq_onnx.calibration.hessian."
 # Accumulated float32 Hessians held at once (the chunk size); SmolLM2-135M needs ~0.4 GB in total.
 BUDGET_BYTES = 1 << 30
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from sq_onnx.errors import ModelLoadError, OutputError, SqOnnxError
-from sq_onnx.model_io import save_model
+from sq_onnx.runtime.model_io import save_model
 
 
 def _load_hf(src: Path, dtype: str):

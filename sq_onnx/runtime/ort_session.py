@@ -10,11 +10,11 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from sq_onnx import custom_ops
-from sq_onnx.custom_ops import register_custom_ops
 from sq_onnx.errors import ModelLoadError, SqOnnxError
-from sq_onnx.float32_twin import float32_twin, has_bfloat16
-from sq_onnx.model_io import copy_model, has_external_tensors, weight_bytes
+from sq_onnx.runtime import custom_ops
+from sq_onnx.runtime.custom_ops import register_custom_ops
+from sq_onnx.runtime.float32_twin import float32_twin, has_bfloat16
+from sq_onnx.runtime.model_io import copy_model, has_external_tensors, weight_bytes
 
 # Above this, sessions for in-memory models go through a temporary file (see in_memory_session).
 IN_MEMORY_LIMIT = 64 * 1024**2
@@ -64,7 +64,7 @@ def in_memory_session(model: ir.Model, threads: int | None = None) -> Iterator[o
       references it in place, so ORT reads the original weights and this process never copies them;
       only new tensors (smoothed or quantized weights) go to a temporary data file beside it;
     - otherwise: everything streamed to a temporary folder (ORT needs files for models over 2 GB).
-    bfloat16 models run as their float32 twin (``sq_onnx.float32_twin``): the CPU provider has no bf16 kernels.
+    bfloat16 models run as their float32 twin (``sq_onnx.runtime.float32_twin``): the CPU provider has no bf16 kernels.
     Feeds and outputs of a twin are float32 where the model's are bfloat16."""
     if has_bfloat16(model):
         model = float32_twin(model)

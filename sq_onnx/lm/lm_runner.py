@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sq_onnx.model_inputs import InputSpec, complete_feed
+from sq_onnx.runtime.model_inputs import InputSpec, complete_feed
 
 
 class LMRunner:

@@ -1,7 +1,7 @@
 """Run a model segment by segment, one segment per batch of linears, as an iterator: each step yields the
 batch's input as the model computes it *now*, so a caller that quantizes the batch before asking for the
 next step gets every later input from the model with the earlier batches already quantized.
-Method-agnostic: GPTQ's sequential Hessians (``sq_onnx.gptq_method``) are one user.
+Method-agnostic: GPTQ's sequential Hessians (``sq_onnx.calibration.gptq_method``) are one user.
 
 Running the whole model once per batch costs one forward pass per batch (a prototype was 4-5x slower than
 the whole conversion). Instead the graph is cut into segments, one per batch: run r executes batch r-1's
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from sq_onnx.model_io import copy_model
-from sq_onnx.ort_session import in_memory_session
 from sq_onnx.passes.linears import Linear
+from sq_onnx.runtime.model_io import copy_model
+from sq_onnx.runtime.ort_session import in_memory_session
 
 
 @dataclass(frozen=True)
