@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import tiny_models  # noqa: E402
+import tiny_models
 
 
 def _exported(tmp_path_factory, arch: str) -> Path:

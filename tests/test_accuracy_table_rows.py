@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from accuracy_table import ROWS
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-
-from accuracy_table import ROWS  # noqa: E402
-
-from sq_onnx.cli import build_parser  # noqa: E402
+from sq_onnx.cli import build_parser
 
 CONVERT_ROWS = {label: spec for label, spec in ROWS.items() if spec and spec[0] == "convert"}
 

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-
-from gptq_heldout_loss import relative_loss  # noqa: E402
+from gptq_heldout_loss import relative_loss
 
 
 def test_relative_loss_is_the_share_of_output_energy_lost() -> None:

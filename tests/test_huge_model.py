@@ -7,16 +7,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from synthetic_transformer import build_of_size
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-from synthetic_transformer import build_of_size  # noqa: E402
-
-from conftest import rel_error  # noqa: E402
+from conftest import rel_error
 
 GB = 1e9
 NEEDS_DISK = 7 * GB  # input 2.2 GB, the smoothing check's temporary data, output

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import gzip
 import struct
-import sys
 import zlib
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-
-from yardstick import DOMAINS, dictd_entries, r_lazyload_strings, trim  # noqa: E402
+from yardstick import DOMAINS, dictd_entries, r_lazyload_strings, trim
 
 B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
