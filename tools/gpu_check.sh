@@ -15,7 +15,7 @@
 # It runs with the image's python3 (torch, onnx, onnxruntime, rich, pytest are there); the repo is put on the
 # path instead of installed. The ORT CUDA-session tests skip without onnxruntime-gpu (not in the image; bring
 # it with tools/gpu_ort_wheel.sh first).
-# (Without a GPU, tests/test_cuda_kernels_emulated.py runs the same cases on a CPU emulation of the kernels;
+# (Without a GPU, tests/kernels/test_cuda_kernels_emulated.py runs the same cases on a CPU emulation of the kernels;
 # this script is what only the GPU can add: the real hardware, the CUTLASS Hopper kernel, and the timings.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,11 +49,11 @@ step() {  # step NAME COMMAND...: run, log to $out/NAME.log, one summary line
 } >"$out/device.txt" 2>&1
 cat "$out/device.txt"
 
-step tests "$py" -m pytest -p no:cacheprovider -rs tests/test_cuda_kernels.py tests/test_library_build.py \
-  tests/test_ort_cuda_session.py
+step tests "$py" -m pytest -p no:cacheprovider -rs tests/kernels/test_cuda_kernels.py tests/kernels/test_library_build.py \
+  tests/kernels/test_ort_cuda_session.py
 step bench "$py" tools/bench_cuda_kernels.py --iters "$iters"
 step resources cuobjdump --dump-resource-usage "$SQ_ONNX_OPS_LIB"
 # Last: the slowest step, so a run cut short by the device tool's limit still has the tests and the table.
 step memcheck compute-sanitizer --tool memcheck --error-exitcode 3 "$py" -m pytest -p no:cacheprovider \
-  tests/test_cuda_kernels.py -k "matmul_dequant or norm_quant or few_rows"
+  tests/kernels/test_cuda_kernels.py -k "matmul_dequant or norm_quant or few_rows"
 exit "$status"

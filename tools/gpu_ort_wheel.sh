@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# onnxruntime-gpu for the lent GPU machine, so tests/test_ort_cuda_session.py (the ops inside a real ORT CUDA
+# onnxruntime-gpu for the lent GPU machine, so tests/kernels/test_ort_cuda_session.py (the ops inside a real ORT CUDA
 # session) can run there. That machine fetches nothing and takes at most 64 MiB per device-tool call, and the
 # wheel is 256 MB; a warm machine keeps /tmp between calls (it goes back after 30 s idle: make the calls one
 # after another without pause). The image's CUDA 13 libraries (nvidia-*-cu13 wheels) suit onnxruntime-gpu

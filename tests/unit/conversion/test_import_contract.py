@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 BOTTOM = {"sq_onnx.errors", "sq_onnx.version"}
 TOP = {"sq_onnx", "sq_onnx.cli", "sq_onnx.__main__"}
 

@@ -35,7 +35,7 @@ def test_w4_runs_with_matmulnbits_only(fixture, request, tmp_path, calib_ids):
     assert {n.attributes["accuracy_level"].value for n in model.graph if n.op_type == "MatMulNBits"} == {0, 4}
     feed = ids_feed()
     # measured 0.0738 / 0.0743 / 0.0284 / 0.0470 (llama / llama_fused / opt / llama_bias; 2026-12-04,
-    # AVX-512 VNNI; SQ_ONNX_PRINT_ERRORS=1 pytest -s tests/test_convert.py -k w4_runs): bounds about 2x
+    # AVX-512 VNNI; SQ_ONNX_PRINT_ERRORS=1 pytest -s tests/e2e/test_convert.py -k w4_runs): bounds about 2x
     bound = {"llama_dir": 0.17, "llama_fused": 0.17, "opt_dir": 0.065, "llama_bias_dir": 0.105}[fixture]
     assert rel_error(run(folder / "model.onnx", feed), run(out, feed)) < bound
     # verification's top-1 agreement measured 0.875 / 0.953 / 0.984 (llama / opt / llama_bias): about twice
@@ -55,7 +55,7 @@ def test_w8a8_runs_with_integer_ops_only(fixture, request, tmp_path, calib_ids):
     assert ops.count("MatMulIntegerToFloat") == n_linears - 1 and ops.count("MatMulNBits") == 1
     assert _float_linears_on_constants(out) == []
     feed = ids_feed()
-    # measured 0.0268 / 0.0268 / 0.0128 / 0.0213 (SQ_ONNX_PRINT_ERRORS=1 pytest -s tests/test_convert.py -k w8a8_runs)
+    # measured 0.0268 / 0.0268 / 0.0128 / 0.0213 (SQ_ONNX_PRINT_ERRORS=1 pytest -s tests/e2e/test_convert.py -k w8a8_runs)
     bound = {"llama_dir": 0.054, "llama_fused": 0.054, "opt_dir": 0.026, "llama_bias_dir": 0.043}[fixture]
     assert rel_error(run(folder / "model.onnx", feed), run(out, feed)) < bound
 
@@ -88,7 +88,7 @@ def test_w8a8_activation_modes(act, fixture, request, tmp_path, calib_ids):
         assert "QuantizeLinear" in ops and "ReduceMax" not in ops
     feed = ids_feed()
     # measured per-tensor / static: llama 0.0527 / 0.0840, llama_bias 0.0360 / 0.0577
-    # (SQ_ONNX_PRINT_ERRORS=1 pytest -s tests/test_convert.py -k modes)
+    # (SQ_ONNX_PRINT_ERRORS=1 pytest -s tests/e2e/test_convert.py -k modes)
     bound = {("llama_dir", "per-tensor"): 0.105, ("llama_dir", "static"): 0.17}.get((fixture, act))
     bound = bound or {"per-tensor": 0.072, "static": 0.115}[act]
     assert rel_error(run(folder / "model.onnx", feed), run(out, feed)) < bound
@@ -98,7 +98,7 @@ def test_w8a8_gemm_bias_is_kept(opt_dir, tmp_path, calib_ids):
     out = tmp_path / "opt.onnx"
     convert(opt_dir / "model.onnx", out, Recipe(scheme="w8a8", samples=4), calibration=calib_ids)
     feed = ids_feed()
-    # measured 0.0128 with OPT's random biases (SQ_ONNX_PRINT_ERRORS=1 pytest -s tests/test_convert.py -k gemm_bias)
+    # measured 0.0128 with OPT's random biases (SQ_ONNX_PRINT_ERRORS=1 pytest -s tests/e2e/test_convert.py -k gemm_bias)
     assert rel_error(run(opt_dir / "model.onnx", feed), run(out, feed)) < 0.026
 
 

@@ -119,7 +119,7 @@ def test_old_opset_is_upgraded_when_safe(act, tmp_path):
     assert ir.load(out).opset_imports[""] == 13
     assert ir.load(src).opset_imports[""] == 7, "the input is never modified"
     feed = {"X": OLD_CALIB["X"][0]}
-    # measured 0.0100 per-token, 0.0144 static (SQ_ONNX_PRINT_ERRORS=1 pytest -s tests/test_reliability.py -k old_opset)
+    # measured 0.0100 per-token, 0.0144 static (SQ_ONNX_PRINT_ERRORS=1 pytest -s tests/e2e/test_reliability.py -k old_opset)
     assert rel_error(run(src, feed), run(out, feed)) < {"per-token": 0.02, "static": 0.029}[act]
 
 
@@ -189,7 +189,7 @@ def test_bfloat16_models_are_converted(scheme, llama_dir, tmp_path, calib_ids):
     twin = tmp_path / "twin.onnx"
     ir.save(float32_twin(model), twin)
     feed = ids_feed()
-    # measured 0.0862 w4, 0.0287 w8a8 (SQ_ONNX_PRINT_ERRORS=1 pytest -s tests/test_reliability.py -k bfloat16)
+    # measured 0.0862 w4, 0.0287 w8a8 (SQ_ONNX_PRINT_ERRORS=1 pytest -s tests/e2e/test_reliability.py -k bfloat16)
     assert rel_error(run(llama_dir / "model.onnx", feed), run(twin, feed)) < (
         0.19 if scheme == "w4" else 0.058
     )

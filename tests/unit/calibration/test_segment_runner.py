@@ -127,7 +127,7 @@ def test_convert_with_each_hessian_mode(llama_dir, tmp_path, calib_ids, options)
     feed = ids_feed(12, seed=9)
     ref = run(llama_dir / "model.onnx", feed)
     # measured 0.0557-0.0609 over the three modes (SQ_ONNX_PRINT_ERRORS=1 pytest -s
-    # tests/test_sequential_hessians.py -k each_hessian_mode)
+    # tests/unit/calibration/test_segment_runner.py -k each_hessian_mode)
     assert rel_error(ref, run(out, feed)) < 0.12
 
 

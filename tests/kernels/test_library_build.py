@@ -61,7 +61,7 @@ def test_cuda_entry_points_answer_without_a_gpu():
     if not custom_ops.built_with_cuda():
         pytest.skip("library built without CUDA")
     if custom_ops.cuda_device_present():
-        pytest.skip("a GPU is present: tests/test_cuda_kernels.py covers the launchers")
+        pytest.skip("a GPU is present: tests/kernels/test_cuda_kernels.py covers the launchers")
     lib = custom_ops.cuda_launchers()
     assert lib.sq_onnx_cuda_select_gemm(2) == 1
     assert lib.sq_onnx_cuda_select_gemm(7) == 1

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parent.parent / "custom_ops" / "src"
+SRC = Path(__file__).resolve().parents[2] / "custom_ops" / "src"
 NVCC = shutil.which("nvcc") or next(
     (p for p in (os.environ.get("CUDACXX"), "/usr/local/cuda/bin/nvcc") if p and os.path.exists(p)), None
 )
