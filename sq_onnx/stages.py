@@ -174,7 +174,10 @@ def analyzed(
 def gather_samples(conv: Conversion, calibration: Any) -> None:
     """Calibration and verification samples; upgrades the opset when the recipe's ops need a newer one."""
     recipe = conv.recipe
-    pool = max(recipe.samples, recipe.gptq_samples if recipe.uses_gptq else 0)
+    searched = (
+        recipe.search_samples if recipe.alpha_search == "model" else 0
+    )  # scored apart from the statistics
+    pool = max(recipe.samples + searched, recipe.gptq_samples if recipe.uses_gptq else 0)
     feeds, origin = load_calibration(
         calibration,
         conv.specs,
@@ -246,10 +249,15 @@ def choose_alpha(conv: Conversion) -> None:
     assert conv.calib is not None
     conv.alpha = recipe.effective_alpha if recipe.smooth else None
     if recipe.alpha_search == "model" and groups:
-        stats, feeds = conv.calib.absmax, conv.calib_feeds[: recipe.search_samples]
-        conv.alpha, conv.result.alpha_search = search_alpha_model(
-            conv.src, recipe, stats, feeds, conv.show_progress
-        )
+        assert conv.samples is not None
+        # score the candidates on samples the statistics did not come from, so the α that wins is not
+        # the one that fits the calibration slice best; a pool too small for that falls back to it
+        after = conv.samples.pool[recipe.samples : recipe.samples + recipe.search_samples]
+        held_out = len(after) == recipe.search_samples
+        feeds = after if held_out else conv.calib_feeds[: recipe.search_samples]
+        stats = conv.calib.absmax
+        conv.alpha, record = search_alpha_model(conv.src, recipe, stats, feeds, conv.show_progress)
+        conv.result.alpha_search = {**record, "held_out": held_out}
         conv.result.alpha = conv.alpha
     elif recipe.alpha_search == "layer" and groups:
         conv.alpha, conv.result.alpha_search = search_alpha_layer(

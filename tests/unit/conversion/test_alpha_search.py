@@ -16,6 +16,7 @@ from sq_onnx.passes.analyze import analyze
 from sq_onnx.recipe import RecipeError
 
 import ir_graphs
+import tiny_models
 from conftest import ids_feed, rel_error, run
 
 
@@ -36,10 +37,35 @@ def test_model_search_picks_the_lowest_loss(scheme, llama_dir, tmp_path):
     curve = result.alpha_search["curve"]
     assert [c["alpha"] for c in curve] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert result.alpha == min(curve, key=lambda c: c["loss"])["alpha"]
-    assert result.alpha_search["loss"] == "cross_entropy"
+    assert result.alpha_search["loss"] == "cross_entropy" and result.alpha_search["held_out"]
     assert len({round(c["loss"], 6) for c in curve}) > 1  # α really changes the quantized model
     meta = json.loads(ir.load(out).metadata_props["sq_onnx.alpha_search"])
     assert meta["curve"] == curve
+
+
+@pytest.mark.parametrize(("given", "held_out"), [(12, True), (5, False)])
+def test_model_search_scores_samples_the_statistics_never_saw(
+    llama_dir, tmp_path, monkeypatch, given, held_out
+):
+    from sq_onnx import stages
+
+    seen = {}
+    real = stages.search_alpha_model
+
+    def spy(src, recipe, stats, feeds, show_progress):
+        seen["feeds"] = feeds
+        return real(src, recipe, stats, feeds, show_progress)
+
+    monkeypatch.setattr(stages, "search_alpha_model", spy)
+    ids = tiny_models.random_ids(given, 16)
+    recipe = Recipe(scheme="w8a8", alpha_search="model", alpha_step=0.5, samples=4, search_samples=3)
+    result = convert(llama_dir / "model.onnx", tmp_path / "a.onnx", recipe, calibration={"input_ids": ids})
+    statistics = {ids[i].reshape(-1).tobytes() for i in range(4)}
+    scored = {np.asarray(f["input_ids"]).reshape(-1).tobytes() for f in seen["feeds"]}
+    assert result.alpha_search["held_out"] is held_out
+    # held out: three samples after the statistics' four; too few samples: the statistics' own
+    assert (not scored & statistics) if held_out else scored <= statistics
+    assert len(scored) == (3 if held_out else min(3, len(seen["feeds"])))
 
 
 def test_model_search_without_input_ids_uses_output_mse(tmp_path):
