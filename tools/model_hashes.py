@@ -59,8 +59,12 @@ def output_hash(path: Path) -> str:
     """sha256 of every output on fixed token ids (batch 1, 12 tokens; empty KV cache where there is one)."""
     import onnx_ir as ir
 
-    from sq_onnx.runtime.model_inputs import complete_feed, input_specs
-    from sq_onnx.runtime.ort_session import session
+    try:
+        from sq_onnx.runtime.model_inputs import complete_feed, input_specs
+        from sq_onnx.runtime.ort_session import session
+    except ImportError:  # a checkout from before the subpackages (--source)
+        from sq_onnx.model_inputs import complete_feed, input_specs
+        from sq_onnx.ort_session import session
 
     specs = input_specs(ir.load(path))
     ids = np.random.default_rng(0).integers(3, 60, size=(1, 12)).astype(np.int64)
