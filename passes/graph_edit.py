@@ -73,6 +73,14 @@ def replace_node(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], new_ou
     ir.convenience.replace_nodes_and_values(graph, old, [old], new_nodes, [old.outputs[0]], [new_output])
 
 
+def require_in_graph(model: ir.Model, linears: list[Linear]) -> None:
+    """A pass's precondition: every linear is a node of this model's graph (not of a copy)."""
+    nodes = {id(n) for n in model.graph}
+    foreign = [linear.name for linear in linears if id(linear.node) not in nodes]
+    if foreign:
+        raise ir.passes.PreconditionError(f"linears not in this graph: {', '.join(foreign[:3])}")
+
+
 def ensure_opset(model: ir.Model, domain: str, version: int) -> None:
     """Declare ``domain`` in the model's opset imports if it is not there yet."""
     if domain not in model.opset_imports:

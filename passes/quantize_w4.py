@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from sq_onnx.passes.graph_edit import MS, add_initializer, ensure_opset, replace_node
+from sq_onnx.passes.graph_edit import MS, add_initializer, ensure_opset, replace_node, require_in_graph
 from sq_onnx.passes.linears import Linear
 from sq_onnx.quant.blockwise import BlockQuantized, quantize_blockwise
 from sq_onnx.quant.gptq import DAMP, gptq_quantize
@@ -140,11 +140,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         self.replaced: list[str] = []
 
     def requires(self, model: ir.Model) -> None:
-        nodes = {id(n) for n in model.graph}
+        require_in_graph(model, [linear for batch in self.batches for linear in batch.linears])
         for batch in self.batches:
             names = ", ".join(linear.name for linear in batch.linears)
-            if any(id(linear.node) not in nodes for linear in batch.linears):
-                raise ir.passes.PreconditionError(f"linears not in this graph: {names}")
             if len({id(linear.input) for linear in batch.linears}) != 1:
                 raise ir.passes.PreconditionError(f"a batch must read one tensor: {names}")
             if len({linear.shape[0] for linear in batch.linears}) != 1 or batch.bits not in (4, 8):

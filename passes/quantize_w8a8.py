@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from sq_onnx.passes.graph_edit import MS, add_initializer, ensure_opset, replace_node
+from sq_onnx.passes.graph_edit import MS, add_initializer, ensure_opset, replace_node, require_in_graph
 from sq_onnx.passes.linears import Linear
 from sq_onnx.passes.quantize_w8a8_custom import quantize_w8a8_custom
 from sq_onnx.quant.int8 import EPS, quantize_per_channel
@@ -191,10 +191,7 @@ class QuantizeW8A8Pass(ir.passes.InPlacePass):
         self.replaced: list[str] = []
 
     def requires(self, model: ir.Model) -> None:
-        nodes = {id(n) for n in model.graph}
-        foreign = [linear.name for linear in self.linears if id(linear.node) not in nodes]
-        if foreign:
-            raise ir.passes.PreconditionError(f"linears not in this graph: {', '.join(foreign[:3])}")
+        require_in_graph(model, self.linears)
         if self.act == "static":
             ranges = self.static_absmax or {}
             missing = [linear.input.name for linear in self.linears if linear.input.name not in ranges]

@@ -78,21 +78,21 @@ def quantize_graph(
     steps = iter(segments) if segments is not None else None
     fell_back: list[str] | None = [] if steps is not None and recipe.gptq_holdout else None
 
-    def options(name: str) -> dict[str, Any]:
-        return dict(clip_search=recipe.clip_search, importance=(importance or {}).get(name))
-
     def quantize(batch: WeightBatch, original: np.ndarray) -> BlockQuantized:
         name = batch.linears[0].input.name or ""
         grid = (recipe.block_size, recipe.symmetric)
+        rounding = dict(clip_search=recipe.clip_search, importance=(importance or {}).get(name))
         if steps is None and hessians is None:
-            return quantize_weight(original, batch.bits, *grid, **options(name))
+            return quantize_weight(original, batch.bits, *grid, **rounding)
         grams = batch_grams(_step_for(steps, name), recipe.gptq_holdout) if steps is not None else None
         hessian = grams.hessian if grams is not None else hessians(name)  # type: ignore[misc]
         target = (
-            grams.target(original, recipe.gptq_target_ridge) if grams and recipe.gptq_asymmetric else original
+            grams.target(original, recipe.gptq_target_ridge)
+            if grams is not None and recipe.gptq_asymmetric
+            else original
         )
         gptq = dict(act_order=recipe.act_order, refine_rounds=recipe.gptq_refine, damp=recipe.gptq_damp)
-        bq = quantize_weight(target, batch.bits, *grid, **options(name), hessian=hessian, **gptq)
+        bq = quantize_weight(target, batch.bits, *grid, **rounding, hessian=hessian, **gptq)
         if fell_back is not None and grams is not None and grams.held is not None:
             plain = quantize_weight(
                 original, batch.bits, *grid, clip_search=True, importance=np.diag(hessian)
