@@ -52,6 +52,24 @@ class Analysis:
     groups: list[SmoothGroup] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
 
+    def carried_over(self, nodes: dict[ir.Node, ir.Node]) -> Analysis:
+        """The same analysis on a copy of the graph (``graph_edit.corresponding_nodes``): found once,
+        used on every copy."""
+        return Analysis(
+            [Linear(nodes[lin.node]) for lin in self.linears],
+            [
+                SmoothGroup(
+                    g.kind,
+                    nodes[g.producer],
+                    nodes[g.producer].outputs[g.tensor.index()],
+                    [(nodes[node], index) for node, index in g.fold_into],
+                    [Linear(nodes[c.node]) for c in g.consumers],
+                )
+                for g in self.groups
+            ],
+            list(self.skipped),
+        )
+
 
 def _is_float(dtype: np.dtype) -> bool:
     """numpy floats, and bfloat16 (an ml_dtypes type numpy does not count as floating)."""

@@ -85,3 +85,12 @@ def ensure_opset(model: ir.Model, domain: str, version: int) -> None:
     """Declare ``domain`` in the model's opset imports if it is not there yet."""
     if domain not in model.opset_imports:
         model.opset_imports[domain] = version
+
+
+def corresponding_nodes(original: ir.Graph, copy: ir.Graph) -> dict[ir.Node, ir.Node]:
+    """Each node of ``original`` -> its counterpart in ``copy`` (``ir.Graph.clone`` keeps the order), so
+    what was found on one graph can be used on the other without finding it again."""
+    pairs = dict(zip(original, copy, strict=True))
+    if any(a.op_type != b.op_type or a.name != b.name for a, b in pairs.items()):
+        raise ValueError("the graphs are not copies of each other")
+    return pairs

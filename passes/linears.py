@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,15 +40,27 @@ def _attr_float(node: ir.Node, name: str, default: float) -> float:
 
 @dataclass(frozen=True)
 class Linear:
-    """A MatMul/Gemm/FusedMatMul ``Y = X @ W (+ bias)`` with a constant weight.
+    """A MatMul/Gemm/FusedMatMul ``Y = X @ W (+ bias)`` with a constant weight (made by ``as_linear``).
 
-    ``source`` is the constant tensor holding the weight; ``transposed`` says it is stored as
-    [N, K] (Gemm transB=1, or behind a Transpose node) rather than MatMul's [K, N].
+    Everything is read from the node when asked, so a linear stays right after a pass gives it a new weight
+    and carries over to a copy of the graph by its node alone (``passes.analyze.carried_over``).
     """
 
     node: ir.Node
-    source: ir.Value
-    transposed: bool
+
+    @property
+    def source(self) -> ir.Value:
+        """The constant tensor holding the weight."""
+        found = _weight_of(self.node)
+        assert found is not None, f"{self.name} no longer has a constant weight"
+        return found[0]
+
+    @property
+    def transposed(self) -> bool:
+        """The weight is stored as [N, K] (Gemm transB=1, or behind a Transpose node), not MatMul's [K, N]."""
+        found = _weight_of(self.node)
+        assert found is not None, f"{self.name} no longer has a constant weight"
+        return found[1]
 
     @property
     def name(self) -> str:
@@ -79,21 +92,25 @@ class Linear:
     def release(self) -> None:
         """Drop the memory map of an external weight once read: otherwise every weight a pass has
         touched stays resident and a large model's peak memory grows by its whole size."""
-        tensor = self.source.const_value
-        if isinstance(tensor, ir.ExternalTensor):
-            with contextlib.suppress(BufferError):  # an array still views the map: keep it
-                tensor.release()
+        release_weight(self.source)
 
     def weight_kn(self) -> np.ndarray:
         """The effective weight as a [K, N] array (Gemm's alpha folded in)."""
-        w = constant_array(self.source)
-        assert w is not None
-        w = w.T if self.transposed else w
-        if self.node.op_type in ("Gemm", "FusedMatMul"):
-            alpha = _attr_float(self.node, "alpha", 1.0)
-            if alpha != 1.0:
-                w = w * np.asarray(alpha, dtype=w.dtype)
-        return w
+        return self.weight_as_now()()
+
+    def weight_as_now(self) -> Callable[[], np.ndarray]:
+        """A function that reads the [K, N] weight the node has now, also after the node is given a new one
+        (a lazy rewrite computes the new weight from the old)."""
+        source, transposed = self.source, self.transposed
+        alpha = _attr_float(self.node, "alpha", 1.0) if self.node.op_type in ("Gemm", "FusedMatMul") else 1.0
+
+        def read() -> np.ndarray:
+            w = constant_array(source)
+            assert w is not None
+            w = w.T if transposed else w
+            return w * np.asarray(alpha, dtype=w.dtype) if alpha != 1.0 else w
+
+        return read
 
     def bias_array(self) -> np.ndarray | None:
         """The effective bias (Gemm's beta folded in), as a 1-D [N] array, or None."""
@@ -115,6 +132,14 @@ class Linear:
         """(K, N) of the effective weight."""
         dims = tuple(int(d) for d in self.source.shape)  # type: ignore[union-attr]
         return (dims[1], dims[0]) if self.transposed else (dims[0], dims[1])
+
+
+def release_weight(source: ir.Value) -> None:
+    """Drop an external weight's memory map (see ``Linear.release``)."""
+    tensor = source.const_value
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):  # an array still views the map: keep it
+            tensor.release()
 
 
 def _weight_source(value: ir.Value) -> tuple[ir.Value, bool] | None:
@@ -144,6 +169,17 @@ def _ensure_shape(value: ir.Value) -> None:
             value.shape = ir.Shape(arr.shape)
 
 
+def _weight_of(node: ir.Node) -> tuple[ir.Value, bool] | None:
+    """(constant weight, stored as [N, K]) of a MatMul / Gemm / FusedMatMul as it is now, or None."""
+    found = _weight_source(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if found is None:
+        return None
+    source, transposed = found
+    if node.op_type in ("Gemm", "FusedMatMul") and _attr_int(node, "transB", 0):
+        transposed = not transposed
+    return source, transposed
+
+
 def as_linear(node: ir.Node) -> Linear | None:
     """Interpret ``node`` as a linear layer with a constant weight, or return None."""
     fused = node.domain == "com.microsoft" and node.op_type == "FusedMatMul"
@@ -153,24 +189,18 @@ def as_linear(node: ir.Node) -> Linear | None:
         return None
     if node.inputs[0] is None or node.inputs[1] is None or is_constant(node.inputs[0]):
         return None
-    found = _weight_source(node.inputs[1])
+    found = _weight_of(node)
     if found is None:
         return None
-    source, transposed = found
-    _ensure_shape(source)
+    _ensure_shape(found[0])
     if node.op_type == "Gemm":
         if _attr_int(node, "transA", 0):
             return None
-        if _attr_int(node, "transB", 0):
-            transposed = not transposed
         if len(node.inputs) > 2 and node.inputs[2] is not None and not is_constant(node.inputs[2]):
             return None
-    if fused:
-        if any(_attr_int(node, a, 0) for a in ("transA", "transBatchA", "transBatchB")):
-            return None
-        if _attr_int(node, "transB", 0):
-            transposed = not transposed
-    return Linear(node=node, source=source, transposed=transposed)
+    if fused and any(_attr_int(node, a, 0) for a in ("transA", "transBatchA", "transBatchB")):
+        return None
+    return Linear(node)
 
 
 def find_linears(graph: ir.Graph) -> list[Linear]:

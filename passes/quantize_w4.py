@@ -158,8 +158,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             bq = self.quantize(batch, joined)
             lo = 0
             for linear, w in zip(batch.linears, weights, strict=True):
+                linear.release()  # before the node leaves the graph: its weight is read through it
                 emit_matmulnbits(model.graph, linear, bq.columns(lo, lo + w.shape[1]), batch.accuracy_level)
-                linear.release()
                 self.replaced.append(linear.name)
                 lo += w.shape[1]
         return ir.passes.PassResult(model, modified=bool(self.replaced))

@@ -164,8 +164,8 @@ def quantize_w8a8(
             )
         if half is not None:
             new_nodes.append(b.node("Cast", [new_nodes[-1].outputs[0]], to=int(half)))
+        linear.release()  # before the node leaves the graph: its weight is read through it
         replace_node(graph, node, new_nodes, new_nodes[-1].outputs[0])
-        linear.release()
         done.append(node.name or "")
     return done
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from sq_onnx.passes.analyze import SmoothGroup, analyze
-from sq_onnx.passes.graph_edit import add_initializer, set_weight_lazy
-from sq_onnx.passes.linears import Linear, constant_array
+from sq_onnx.passes.analyze import SmoothGroup
+from sq_onnx.passes.graph_edit import add_initializer, require_in_graph, set_weight_lazy
+from sq_onnx.passes.linears import Linear, constant_array, release_weight
 from sq_onnx.quant.smoothing import smoothing_scales
 
 
@@ -52,16 +52,18 @@ def apply_smoothing(graph: ir.Graph, group: SmoothGroup, scales: np.ndarray) -> 
 
 
 def _scaled_rows(linear: Linear, scales: np.ndarray):
-    """A function computing s_j * W[j, :] from the original weight (correctly rounded in its dtype)."""
+    """A function computing s_j * W[j, :] from the weight the linear has now (correctly rounded in its
+    dtype), called only when the new weight is read."""
+    original, source = linear.weight_as_now(), linear.source
 
     def make() -> np.ndarray:
-        w = linear.weight_kn()
+        w = original()
         if w.dtype == np.float32:
             out = w * scales.astype(np.float32)[:, None]  # one float32 product is correctly rounded
         else:
             out = (w.astype(np.float64) * scales.astype(np.float64)[:, None]).astype(w.dtype)
         del w
-        linear.release()
+        release_weight(source)
         return out
 
     return make
@@ -98,23 +100,30 @@ def smooth_groups(
 
 
 class SmoothPass(ir.passes.InPlacePass):
-    """Smooth every norm -> linears group that ``analyze`` finds on the model.
+    """Smooth the given norm -> linears groups (``passes.analyze`` found them on this graph).
 
-    Precondition (``requires``): ``act_absmax`` holds, for every group, a finite, non-negative per-channel
-    abs-max of the group's tensor with one value per channel, and ``alpha`` (one value, or one per group
-    tensor) covers every group. After the call, ``smoothed`` holds one record per group and ``scales``
-    the s of each group tensor.
+    Precondition (``requires``): every group's producer and consumers are nodes of this graph; ``act_absmax``
+    holds, for every group, a finite, non-negative per-channel abs-max of the group's tensor with one value
+    per channel, and ``alpha`` (one value, or one per group tensor) covers every group. After the call,
+    ``smoothed`` holds one record per group and ``scales`` the s of each group tensor.
     """
 
-    def __init__(self, act_absmax: dict[str, np.ndarray], alpha: float | dict[str, float]):
+    def __init__(
+        self, groups: list[SmoothGroup], act_absmax: dict[str, np.ndarray], alpha: float | dict[str, float]
+    ):
         super().__init__()
+        self.groups = groups
         self.act_absmax = act_absmax
         self.alpha = alpha
         self.smoothed: list[SmoothedGroup] = []
         self.scales: dict[str, np.ndarray] = {}
 
     def requires(self, model: ir.Model) -> None:
-        for group in analyze(model.graph).groups:
+        require_in_graph(model, [c for group in self.groups for c in group.consumers])
+        nodes = {id(n) for n in model.graph}
+        for group in self.groups:
+            if id(group.producer) not in nodes:
+                raise ir.passes.PreconditionError(f"group {group.name!r} is not of this graph")
             stats = self.act_absmax.get(group.name)
             if stats is None or np.shape(stats) != (group.channels,):
                 raise ir.passes.PreconditionError(
@@ -126,6 +135,5 @@ class SmoothPass(ir.passes.InPlacePass):
                 raise ir.passes.PreconditionError(f"no alpha for group {group.name!r}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        groups = analyze(model.graph).groups
-        self.smoothed, self.scales = smooth_groups(model.graph, groups, self.act_absmax, self.alpha)
+        self.smoothed, self.scales = smooth_groups(model.graph, self.groups, self.act_absmax, self.alpha)
         return ir.passes.PassResult(model, modified=bool(self.smoothed))

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sq_onnx.lm.evaluate import token_nll
-from sq_onnx.passes.analyze import SmoothGroup
+from sq_onnx.passes.analyze import Analysis, SmoothGroup
 from sq_onnx.passes.smooth import weight_row_absmax
 from sq_onnx.plan import LinearPlan
 from sq_onnx.quant.blockwise import quantize_blockwise
@@ -54,16 +54,23 @@ def _loss_function(src: ir.Model, feeds: Feeds, show_progress: bool) -> tuple[st
 
 
 def search_alpha_model(
-    src: ir.Model, recipe: Recipe, stats: dict[str, np.ndarray], feeds: Feeds, show_progress: bool = False
+    src: ir.Model,
+    analysis: Analysis,
+    plans: list[LinearPlan],
+    recipe: Recipe,
+    stats: dict[str, np.ndarray],
+    feeds: Feeds,
+    show_progress: bool = False,
 ) -> tuple[float, dict[str, Any]]:
-    """Return the best α and the search record {loss, unsmoothed, curve: [{alpha, loss}]}."""
+    """Return the best α and the search record {loss, unsmoothed, curve: [{alpha, loss}]}; each candidate
+    smooths and quantizes its own copy of ``src`` (``analysis`` and ``plans`` found on ``src``)."""
     kind, loss_of = _loss_function(src, feeds, show_progress)
     fixed = replace(recipe, alpha_search="none", gptq=False)  # candidates: the fast quantizer
 
     def score(alpha: float | None) -> float:
-        work, _, _ = smooth_copy(src, stats, alpha)
-        quantize_graph(work, fixed)
-        with in_memory_session(work) as sess:
+        smoothed = smooth_copy(src, analysis, plans, stats, alpha)
+        quantize_graph(smoothed.model, fixed, smoothed.plans)
+        with in_memory_session(smoothed.model) as sess:
             return loss_of(sess)
 
     curve = []

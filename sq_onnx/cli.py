@@ -126,6 +126,11 @@ def _print_summary(result: dict[str, Any]) -> None:
     )
     for skip in result["skipped"]:
         console.print(f"  not smoothed: {skip['tensor']} -> {', '.join(skip['consumers'])}: {skip['reason']}")
+    fusions = result.get("fusions")
+    if fusions:
+        console.print(f"  norms fused with their quantization: {fusions['fused']}")
+        for r in fusions["not_fused"]:
+            console.print(f"  not fused: {r['norm']} -> {r['tensor']}: {r['reason']}")
     check = result.get("smoothing_check")
     if check:
         console.print(

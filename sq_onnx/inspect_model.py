@@ -12,6 +12,9 @@ import numpy as np
 from sq_onnx.calibration.calibrate import calibrate
 from sq_onnx.calibration.calibration_data import load_calibration
 from sq_onnx.passes.analyze import analyze
+from sq_onnx.passes.fuse_norm_quant import FuseNormQuantPass, fusion_record
+from sq_onnx.passes.linears import Linear
+from sq_onnx.passes.quantize_w8a8_custom import per_token_inputs
 from sq_onnx.plan import ACTION_LABELS, plan_linears
 from sq_onnx.recipe import Recipe
 from sq_onnx.runtime.model_inputs import input_specs
@@ -64,6 +67,18 @@ def _calibrated_outliers(
     }
 
 
+def fusion_preview(model: Any, linears: list[Linear]) -> dict[str, Any]:
+    """What ``--kernels sq_onnx`` would fuse, without quantizing a weight: each linear is pointed at the
+    per-token quantization of its input, as the real pass leaves it, and the fusion rules run. Rewrites
+    ``model`` (inspect's own copy)."""
+    activations = per_token_inputs(model.graph, linears)
+    for linear, (xq, _) in zip(linears, activations, strict=True):
+        linear.node.replace_input_with(0, xq)
+    fuse = FuseNormQuantPass()
+    fuse(model)
+    return fusion_record(fuse.fused, fuse.refused)
+
+
 def inspect_model(
     path: str | os.PathLike,
     recipe: Recipe | None = None,
@@ -79,9 +94,12 @@ def inspect_model(
     analysis = analyze(graph)
     base = recipe or Recipe()
     schemes = {}
+    w8a8_linears: list[Linear] = []
     for scheme in ("w4", "w8a8"):
         r = Recipe(**{**base.to_dict(), "scheme": scheme})
         plans = plan_linears(graph, analysis.linears, r)
+        if scheme == "w8a8":
+            w8a8_linears = [p.linear for p in plans if p.action == "w8a8"]
         counts = Counter(ACTION_LABELS[p.action] for p in plans)
         schemes[scheme] = {
             "counts": dict(counts),
@@ -95,7 +113,7 @@ def inspect_model(
         if calib is not None and analysis.groups
         else None
     )
-    return {
+    info = {
         "model": str(path),
         "opset": model.opset_imports.get("", None),
         "nodes": len(graph),
@@ -117,6 +135,10 @@ def inspect_model(
         "schemes": schemes,
         "outliers": outliers,
     }
+    info["fusions"] = (
+        fusion_preview(model, w8a8_linears) if w8a8_linears else None
+    )  # last: rewrites the graph
+    return info
 
 
 def render_inspection(info: dict[str, Any]) -> None:
@@ -157,6 +179,16 @@ def render_inspection(info: dict[str, Any]) -> None:
     for scheme, data in info["schemes"].items():
         table.add_row(scheme, ", ".join(f"{n} x {label}" for label, n in data["counts"].items()))
     console.print(table)
+    fusions = info.get("fusions")
+    if fusions:
+        console.print(f"--kernels sq_onnx: {fusions['fused']} norm(s) fused with their quantization")
+    if fusions and fusions["not_fused"]:
+        table = Table(title="Norms --kernels sq_onnx does not fuse (their output is written, then quantized)")
+        for col in ("norm", "tensor", "why not fused"):
+            table.add_column(col, overflow="fold")
+        for r in fusions["not_fused"]:
+            table.add_row(r["norm"], r["tensor"], r["reason"])
+        console.print(table)
 
 
 def _render_outliers(console: Any, outliers: dict[str, Any], feeds: dict[str, str]) -> None:

@@ -22,6 +22,10 @@ class LinearPlan:
     def name(self) -> str:
         return self.linear.name
 
+    def carried_over(self, nodes: dict[ir.Node, ir.Node]) -> LinearPlan:
+        """The same plan for the linear's counterpart in a copy of the graph."""
+        return LinearPlan(Linear(nodes[self.linear.node]), self.action, self.reason, self.lm_head)
+
 
 def _excluded(linear: Linear, patterns: tuple[str, ...]) -> str | None:
     for pattern in patterns:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -12,7 +12,9 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from sq_onnx.calibration.gptq_method import batch_grams
 from sq_onnx.calibration.segment_runner import SegmentInputs
-from sq_onnx.passes.graph_edit import ensure_opset
+from sq_onnx.passes.analyze import Analysis
+from sq_onnx.passes.fuse_norm_quant import FuseNormQuantPass, Refusal
+from sq_onnx.passes.graph_edit import corresponding_nodes, ensure_opset
 from sq_onnx.passes.linears import Linear, find_linears
 from sq_onnx.passes.quantize_w4 import QuantizeWeightsPass, WeightBatch, quantize_weight
 from sq_onnx.passes.quantize_w8a8 import QuantizeW8A8Pass
@@ -27,17 +29,34 @@ from sq_onnx.runtime.progress import track
 SHARED_WEIGHT_BYTES = 1 << 28
 
 
+@dataclass(frozen=True)
+class Smoothed:
+    """A smoothed copy of the model: the conversion's plans carried over to it, one record per smoothed
+    group and the scales (group tensor -> s)."""
+
+    model: ir.Model
+    plans: list[LinearPlan]
+    groups: list[dict[str, Any]]
+    scales: dict[str, np.ndarray]
+
+
 def smooth_copy(
-    src: ir.Model, stats: dict[str, np.ndarray], alpha: float | dict[str, float] | None
-) -> tuple[ir.Model, list[dict[str, Any]], dict[str, np.ndarray]]:
-    """A copy of ``src`` with every foldable group smoothed (``alpha`` None: an unsmoothed copy): the
-    model, one record per group and the scales (group tensor -> s)."""
+    src: ir.Model,
+    analysis: Analysis,
+    plans: list[LinearPlan],
+    stats: dict[str, np.ndarray],
+    alpha: float | dict[str, float] | None,
+) -> Smoothed:
+    """A copy of ``src`` with every group of ``analysis`` (found on ``src``) smoothed; ``alpha`` None: an
+    unsmoothed copy. The copy shares the unchanged weights with ``src``."""
     work = copy_model(src)
+    nodes = corresponding_nodes(src.graph, work.graph)
+    work_plans = [p.carried_over(nodes) for p in plans]
     if alpha is None:
-        return work, [], {}
-    smooth = SmoothPass(stats, alpha)
+        return Smoothed(work, work_plans, [], {})
+    smooth = SmoothPass(analysis.carried_over(nodes).groups, stats, alpha)
     smooth(work)
-    return work, [asdict(d) for d in smooth.smoothed], smooth.scales
+    return Smoothed(work, work_plans, [asdict(d) for d in smooth.smoothed], smooth.scales)
 
 
 def input_importance(
@@ -49,23 +68,27 @@ def input_importance(
 
 @dataclass(frozen=True)
 class Quantized:
-    """What ``quantize_graph`` replaced, and the batches (by input tensor) where the held-out check kept
-    round-to-nearest over GPTQ (None when there was no check)."""
+    """What ``quantize_graph`` replaced, the batches (by input tensor) where the held-out check kept
+    round-to-nearest over GPTQ (None when there was no check), and for the sq_onnx kernels how many norms
+    were fused with their quantization and which were not, with why."""
 
     replaced: list[str]
     fell_back: list[str] | None = None
+    fused_norms: int = 0
+    unfused_norms: list[Refusal] = field(default_factory=list)
 
 
 def quantize_graph(
     work: ir.Model,
     recipe: Recipe,
+    plans: list[LinearPlan] | None = None,
     static_ranges: dict[str, float] | None = None,
     show_progress: bool = False,
     importance: dict[str, np.ndarray] | None = None,
     hessians: Callable[[str], np.ndarray] | None = None,
     segments: Iterable[SegmentInputs] | None = None,
 ) -> Quantized:
-    """Quantize ``work`` in place according to the recipe's plan.
+    """Quantize ``work`` in place according to ``plans`` (made on this graph; None: planned here).
 
     GPTQ takes its Hessians from ``hessians`` (input tensor name -> XᵀX, computed on the float model) or,
     sequentially, from ``segments`` (a ``SegmentRunner`` over ``work`` for ``gptq_batches``): each step is
@@ -73,7 +96,7 @@ def quantize_graph(
     With a float copy in the runner and ``recipe.gptq_asymmetric`` GPTQ fits the float target; with
     ``recipe.gptq_holdout`` a batch keeps GPTQ's weights only where they beat round-to-nearest with the clip
     search on the held-out samples."""
-    plans = plan_linears(work.graph, find_linears(work.graph), recipe)
+    plans = plans if plans is not None else plan_linears(work.graph, find_linears(work.graph), recipe)
     ensure_opset(work, "com.microsoft", 1)
     steps = iter(segments) if segments is not None else None
     fell_back: list[str] | None = [] if steps is not None and recipe.gptq_holdout else None
@@ -119,8 +142,10 @@ def quantize_graph(
     w8a8 = QuantizeW8A8Pass(
         [p.linear for p in plans if p.action == "w8a8"], recipe.act, static_ranges, recipe.kernels
     )
-    ir.passes.Sequential(weights, w8a8, *CLEANUP)(work)
-    return Quantized(weights.replaced + w8a8.replaced, fell_back)
+    fuse = [FuseNormQuantPass()] if recipe.kernels == "sq_onnx" and w8a8.linears else []
+    ir.passes.Sequential(weights, w8a8, *fuse, *CLEANUP)(work)
+    fusions = dict(fused_norms=fuse[0].fused, unfused_norms=fuse[0].refused) if fuse else {}
+    return Quantized(weights.replaced + w8a8.replaced, fell_back, **fusions)
 
 
 def _step_for(steps: Iterator[SegmentInputs], name: str) -> SegmentInputs:
@@ -154,9 +179,9 @@ def weight_batches(plans: list[LinearPlan], together: bool) -> list[list[LinearP
     return batches
 
 
-def gptq_batches(work: ir.Model, recipe: Recipe) -> list[list[Linear]]:
+def gptq_batches(work: ir.Model, recipe: Recipe, plans: list[LinearPlan] | None = None) -> list[list[Linear]]:
     """The linears of each batch ``quantize_graph`` will hand to GPTQ, in the order it will."""
-    plans = plan_linears(work.graph, find_linears(work.graph), recipe)
+    plans = plans if plans is not None else plan_linears(work.graph, find_linears(work.graph), recipe)
     return [[p.linear for p in batch] for batch in weight_batches(plans, together=True)]
 
 

@@ -23,6 +23,7 @@ from sq_onnx.calibration.segment_runner import SegmentRunner
 from sq_onnx.errors import NothingToQuantizeError, SqOnnxError
 from sq_onnx.opset_upgrade import upgrade_if_needed
 from sq_onnx.passes.analyze import Analysis, analyze
+from sq_onnx.passes.fuse_norm_quant import fusion_record
 from sq_onnx.plan import LinearPlan, plan_linears
 from sq_onnx.quantize_model import (
     cleanup,
@@ -72,6 +73,7 @@ class ConvertResult:
     quantized_matmuls: list[str] = field(default_factory=list)
     kept_float: list[dict[str, str]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    fusions: dict[str, Any] | None = None
     smoothing_check: dict[str, Any] | None = None
     alpha_search: dict[str, Any] | None = None
     verify: dict[str, Any] | None = None
@@ -118,6 +120,7 @@ class Conversion:
     calib: Calibration | None = None
     alpha: float | dict[str, float] | None = None
     work: ir.Model | None = None
+    work_plans: list[LinearPlan] = field(default_factory=list)  # ``plans`` carried over to ``work``
     scales: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
@@ -256,7 +259,9 @@ def choose_alpha(conv: Conversion) -> None:
         held_out = len(after) == recipe.search_samples
         feeds = after if held_out else conv.calib_feeds[: recipe.search_samples]
         stats = conv.calib.absmax
-        conv.alpha, record = search_alpha_model(conv.src, recipe, stats, feeds, conv.show_progress)
+        conv.alpha, record = search_alpha_model(
+            conv.src, conv.analysis, conv.plans, recipe, stats, feeds, conv.show_progress
+        )
         conv.result.alpha_search = {**record, "held_out": held_out}
         conv.result.alpha = conv.alpha
     elif recipe.alpha_search == "layer" and groups:
@@ -271,7 +276,9 @@ def smooth(conv: Conversion) -> None:
     samples, to float rounding)."""
     assert conv.calib is not None and conv.samples is not None
     alpha = conv.alpha if conv.analysis.groups else None
-    conv.work, conv.result.smoothed_groups, conv.scales = smooth_copy(conv.src, conv.calib.absmax, alpha)
+    smoothed = smooth_copy(conv.src, conv.analysis, conv.plans, conv.calib.absmax, alpha)
+    conv.work, conv.work_plans, conv.scales = smoothed.model, smoothed.plans, smoothed.scales
+    conv.result.smoothed_groups = smoothed.groups
     if not (conv.result.smoothed_groups and conv.samples.verify):
         return
     outputs = first_outputs(conv.work, conv.samples.verify, "smoothed", conv.show_progress)
@@ -302,13 +309,24 @@ def quantize(conv: Conversion) -> None:
         conv.result.calibration["hessian_samples"] = len(feeds)
         if recipe.gptq_sequential or recipe.gptq_asymmetric:
             segments = SegmentRunner(
-                work, gptq_batches(work, recipe), feeds, float_copy=recipe.gptq_asymmetric
+                work, gptq_batches(work, recipe, conv.work_plans), feeds, float_copy=recipe.gptq_asymmetric
             )
         else:
             inputs = {p.linear.input.name: p.linear.shape[0] for p in conv.plans if p.action in ("w4", "w8")}
             hessians = ChunkedHessians(conv.src, inputs, feeds, conv.scales, show_progress=conv.show_progress)
-    quantized = quantize_graph(work, recipe, ranges, conv.show_progress, importance, hessians, segments)
+    quantized = quantize_graph(
+        work,
+        recipe,
+        conv.work_plans,
+        static_ranges=ranges,
+        show_progress=conv.show_progress,
+        importance=importance,
+        hessians=hessians,
+        segments=segments,
+    )
     conv.result.quantized_matmuls = quantized.replaced
+    if recipe.kernels == "sq_onnx":
+        conv.result.fusions = fusion_record(quantized.fused_norms, quantized.unfused_norms)
     if quantized.fell_back is not None:
         conv.result.calibration["gptq_fell_back"] = quantized.fell_back
 

@@ -25,7 +25,6 @@ from sq_onnx.calibration.calibrate import calibrate
 from sq_onnx.calibration.calibration_data import load_calibration
 from sq_onnx.calibration.hessian import collect_hessians, smoothed_hessian
 from sq_onnx.passes.analyze import analyze
-from sq_onnx.passes.linears import find_linears
 from sq_onnx.plan import plan_linears
 from sq_onnx.quant.gptq import gptq_quantize
 from sq_onnx.quantize_model import smooth_copy
@@ -58,8 +57,9 @@ def layer_hessians(model_path: Path, train: int, held_out: int) -> tuple[list, d
     if len(feeds) < train + held_out:
         raise SystemExit(f"the built-in text holds {len(feeds)} samples; ask for fewer")
     calib = calibrate(src, {g.name: g.channels for g in analysis.groups}, feeds[: recipe.samples], [])
-    work, _, scales = smooth_copy(src, calib.absmax, recipe.effective_alpha)
-    plans = plan_linears(work.graph, find_linears(work.graph), recipe)
+    plans = plan_linears(src.graph, analysis.linears, recipe)
+    smoothed = smooth_copy(src, analysis, plans, calib.absmax, recipe.effective_alpha)
+    plans, scales = smoothed.plans, smoothed.scales
     layers = [
         (p.name, p.linear.input.name, p.linear.weight_kn().astype(np.float32))
         for p in plans

@@ -89,6 +89,8 @@ def build_report(
         "verify": result["verify"],
         "smoothing_check": result["smoothing_check"],
         "alpha_search": result["alpha_search"],
+        "skipped": result["skipped"],
+        "fusions": result["fusions"],
         "sizes": {
             "input_bytes": size_in,
             "output_bytes": size_out,

@@ -75,6 +75,18 @@ def render_html(report: dict[str, Any], plots: dict[str, bytes]) -> str:
         for layer in report["layers"]
     ]
     parts.append(_table(layer_rows) if layer_rows else "<p>No quantized layer could be measured.</p>")
+    if report.get("skipped"):
+        parts.append("<h2>Not smoothed (quantized without smoothing)</h2>")
+        parts.append(
+            _table([(f"{s['tensor']} → {', '.join(s['consumers'])}", s["reason"]) for s in report["skipped"]])
+        )
+    fusions = report.get("fusions")
+    if fusions:
+        parts.append(f"<h2>Norms fused with their quantization: {fusions['fused']}</h2>")
+        if fusions["not_fused"]:
+            parts.append(
+                _table([(f"{r['norm']} → {r['tensor']}", r["reason"]) for r in fusions["not_fused"]])
+            )
     parts.append("<h2>Smoothing groups</h2>")
     if not report["groups"]:
         parts.append("<p>No group was smoothed.</p>")

@@ -103,8 +103,12 @@ def test_inspect(llama_fused, capsys, monkeypatch):
     assert main(["inspect", str(llama_fused / "model.onnx"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert len(info["groups"]) == 5 and info["schemes"]["w4"]["counts"]["MatMulNBits 4-bit"] == 14
+    # each layer's two norms feed only W8A8 linears, so --kernels sq_onnx fuses them; the final norm feeds
+    # the lm_head, which W8A8 quantizes weight-only (8-bit MatMulNBits), so there is nothing to fuse with
+    assert info["fusions"] == {"fused": 4, "not_fused": []}
     assert main(["inspect", str(llama_fused / "model.onnx")]) == 0
-    assert "SkipSimplifiedLayerNormalization" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "SkipSimplifiedLayerNormalization" in out and "4 norm(s) fused" in out
 
 
 def test_inspect_calib_ranks_outlier_channels(llama_dir, tmp_path, capsys, monkeypatch):

@@ -350,9 +350,11 @@ def test_norm_with_a_float_user_is_not_fused(tmp_path):
     model = ir_graphs.build_norm_graph("LayerNormalization", consumers=2, extra_consumer="Relu")
     arrays = ir_graphs.sample_inputs(model, samples=4)
     out = tmp_path / "m.onnx"
-    convert(model, out, Recipe(scheme="w8a8", samples=4, kernels="sq_onnx"), calibration=arrays)
+    result = convert(model, out, Recipe(scheme="w8a8", samples=4, kernels="sq_onnx"), calibration=arrays)
     ops = op_types(out)
     assert "LayerNormalization" in ops and "LayerNormQuant" not in ops and "QuantizePerToken" in ops
+    (refusal,) = result.to_dict()["fusions"]["not_fused"]  # what --json and the report show
+    assert "also read by Relu" in refusal["reason"] and result.fusions["fused"] == 0
 
 
 def test_kernels_option_is_checked():

@@ -52,9 +52,9 @@ def test_model_search_scores_samples_the_statistics_never_saw(
     seen = {}
     real = stages.search_alpha_model
 
-    def spy(src, recipe, stats, feeds, show_progress):
+    def spy(src, analysis, plans, recipe, stats, feeds, show_progress):
         seen["feeds"] = feeds
-        return real(src, recipe, stats, feeds, show_progress)
+        return real(src, analysis, plans, recipe, stats, feeds, show_progress)
 
     monkeypatch.setattr(stages, "search_alpha_model", spy)
     ids = tiny_models.random_ids(given, 16)

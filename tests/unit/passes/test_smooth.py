@@ -10,8 +10,10 @@ import pytest
 from sq_onnx import Recipe, convert
 from sq_onnx.calibration.calibrate import collect_absmax
 from sq_onnx.passes.analyze import analyze
+from sq_onnx.passes.graph_edit import corresponding_nodes
 from sq_onnx.passes.smooth import SmoothPass, smooth_groups
 from sq_onnx.quant.smoothing import smoothing_scales
+from sq_onnx.runtime.model_io import copy_model
 
 import ir_graphs
 from conftest import ids_feed, rel_error, run
@@ -41,7 +43,7 @@ def test_smoothing_keeps_the_function(kind, form):
     stats = collect_absmax(model, {g.name: g.channels for g in result.groups}, feeds, show_progress=False)
     group = result.groups[0]
     assert stats[group.name].max() > 10  # the outlier channels are really there
-    smooth = SmoothPass(stats, alpha=0.5)
+    smooth = SmoothPass(result.groups, stats, alpha=0.5)
     assert smooth(model).modified
     done = smooth.smoothed
     assert done[0].act_absmax_after < done[0].act_absmax_before / 3
@@ -56,10 +58,36 @@ def test_smooth_pass_refuses_missing_or_wrong_statistics():
     good = np.ones(group.channels, np.float32)
     for stats in ({}, {group.name: good[:-1]}, {group.name: -good}, {group.name: good * np.nan}):
         with pytest.raises(ir.passes.PreconditionError):
-            SmoothPass(stats, alpha=0.5)(model)
+            SmoothPass([group], stats, alpha=0.5)(model)
     with pytest.raises(ir.passes.PreconditionError):
-        SmoothPass({group.name: good}, alpha={"other": 0.5})(model)
-    assert SmoothPass({group.name: good}, alpha={group.name: 0.5})(model).modified
+        SmoothPass([group], {group.name: good}, alpha={"other": 0.5})(model)
+    with pytest.raises(ir.passes.PreconditionError, match="not in this graph"):  # found on another graph
+        SmoothPass([group], {group.name: good}, alpha=0.5)(ir_graphs.build_norm_graph("LayerNormalization"))
+    assert SmoothPass([group], {group.name: good}, alpha={group.name: 0.5})(model).modified
+
+
+def test_an_analysis_carries_over_to_a_copy():
+    """Found once on the input, used on the smoothed copy: the carried groups and linears are the copy's own
+    nodes, the same ones the analysis finds on the copy, and the copy smooths as the original would."""
+    model = ir_graphs.build_norm_graph("LayerNormalization", gemm=True)
+    analysis = analyze(model.graph)
+    copy = copy_model(model)
+    carried = analysis.carried_over(corresponding_nodes(model.graph, copy.graph))
+    fresh = analyze(copy.graph)
+    assert [lin.node for lin in carried.linears] == [lin.node for lin in fresh.linears]
+    for a, b in zip(carried.groups, fresh.groups, strict=True):
+        assert (a.producer, a.tensor, a.fold_into, a.consumers) == (
+            b.producer,
+            b.tensor,
+            b.fold_into,
+            b.consumers,
+        )
+    stats = {g.name: np.linspace(1, 50, g.channels).astype(np.float32) for g in analysis.groups}
+    SmoothPass(carried.groups, stats, alpha=0.5)(copy)
+    SmoothPass(analysis.groups, stats, alpha=0.5)(model)
+    # a linear reads its weight through its node, so after smoothing it sees the new [K, N] weight
+    for a, b in zip(carried.linears, analysis.linears, strict=True):
+        assert not a.transposed and np.array_equal(a.weight_kn(), b.weight_kn())
 
 
 @pytest.mark.parametrize("fixture", ["llama_dir", "llama_fused", "opt_dir", "llama_bias_dir"])
