@@ -29,6 +29,7 @@ FLAGS = [
     "-ffp-contract=off",  # no fused multiply-adds, like the kernels' __f*_rn arithmetic
     "-fvisibility=hidden",
     "-DSQ_ONNX_CUDA_ON_CPU",
+    "-DSQ_ONNX_TEST_HOOKS",  # the C entry points the tests call
     f"-DSQ_ONNX_CUDA_MAX_GRID_Y={MAX_GRID_Y}",
 ]
 

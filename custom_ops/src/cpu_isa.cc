@@ -97,11 +97,15 @@ bool select_cpu_isa(int isa) {
 
 }  // namespace sq
 
+// The instruction set the int8 GEMM runs with (sq-onnx bench reports it).
+extern "C" __attribute__((visibility("default"))) int sq_onnx_cpu_isa() { return static_cast<int>(sq::cpu_isa()); }
+
+#ifdef SQ_ONNX_TEST_HOOKS
 // For tests and tools/bench_cpu_kernels.py: 0 when taken, 1 when this CPU lacks it.
 extern "C" __attribute__((visibility("default"))) int sq_onnx_cpu_select_isa(int isa) {
   return sq::select_cpu_isa(isa) ? 0 : 1;
 }
-extern "C" __attribute__((visibility("default"))) int sq_onnx_cpu_isa() { return static_cast<int>(sq::cpu_isa()); }
 extern "C" __attribute__((visibility("default"))) int sq_onnx_cpu_best_isa() {
   return static_cast<int>(sq::best_cpu_isa());
 }
+#endif

@@ -500,8 +500,10 @@ SQ_INSTANTIATE(half_t)
 
 }  // namespace sq
 
+#ifdef SQ_ONNX_TEST_HOOKS
 // How the last int8 GEMM took W (for tests): 0 as given, 1 repacked whole in the call, 2 packed at session
 // creation, 3 packed a block of columns at a time in the call.
 extern "C" __attribute__((visibility("default"))) int sq_onnx_cpu_last_gemm_weights() {
   return sq::last_gemm_weights();
 }
+#endif

@@ -687,6 +687,7 @@ int guarded(F f) {
 }
 }  // namespace
 
+#ifdef SQ_ONNX_TEST_HOOKS  // the C entry points below are for tests/ and tools/bench_cuda_kernels.py
 #define SQ_EXPORT extern "C" __attribute__((visibility("default")))
 
 SQ_EXPORT int sq_onnx_cuda_int8_matmul_dequant(int half, const int8_t* xq, const void* xs, const int8_t* wq,
@@ -760,3 +761,4 @@ SQ_EXPORT int sq_onnx_cuda_quantize_per_token(int half, const void* x, const voi
                                           q, static_cast<float*>(scale), stream);
   });
 }
+#endif  // SQ_ONNX_TEST_HOOKS

@@ -25,6 +25,15 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   return api->AddCustomOpDomain(options, domain);
 }
 
+// Whether this build exports the test and benchmark entry points (CMake option SQ_ONNX_TEST_HOOKS).
+extern "C" __attribute__((visibility("default"))) int sq_onnx_has_test_hooks() {
+#ifdef SQ_ONNX_TEST_HOOKS
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 // Whether this build carries CUDA kernels (for sq_onnx.custom_ops.built_with_cuda()).
 extern "C" __attribute__((visibility("default"))) int sq_onnx_built_with_cuda() {
 #ifdef SQ_ONNX_WITH_CUDA

@@ -74,6 +74,29 @@ def built_with_sm90_gemm() -> bool:
     return bool(path and ctypes.CDLL(str(path)).sq_onnx_built_with_sm90_gemm())
 
 
+def has_test_hooks(path: Path | None = None) -> bool:
+    """Whether the library was built with its test and benchmark entry points (``SQ_ONNX_TEST_HOOKS=ON``, as
+    tools/dev.sh builds it): forcing a kernel path, asking which one ran, calling a CUDA kernel directly."""
+    path = path or library_path()
+    if not path:
+        return False
+    lib = ctypes.CDLL(str(path))
+    probe = getattr(lib, "sq_onnx_has_test_hooks", None)
+    # a partial build (the tests' CPU emulation of the CUDA source) has no probe: look for a hook itself
+    return bool(probe()) if probe is not None else hasattr(lib, "sq_onnx_cuda_select_gemm")
+
+
+def _hooks(path: Path | None = None) -> ctypes.CDLL:
+    """The library, refusing a build without the test hooks in one sentence."""
+    path = path or require_library()
+    if not has_test_hooks(path):
+        raise RuntimeError(
+            f"{path} was built without its test entry points; rebuild with SQ_ONNX_TEST_HOOKS=ON "
+            "(SQ_ONNX_TEST_HOOKS=ON pip install -e ., as tools/dev.sh does)."
+        )
+    return ctypes.CDLL(str(path))
+
+
 # The CPU int8 GEMM's instruction sets, lowest first (custom_ops/src/cpu_isa.h; SQ_ONNX_CPU_ISA takes the names).
 CPU_ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")
 
@@ -82,8 +105,8 @@ def cpu_isa_control() -> ctypes.CDLL:
     """The library's switch of the CPU GEMM's instruction set, for tests and tools/bench_cpu_kernels.py:
     ``sq_onnx_cpu_select_isa(i)`` (0 = taken, 1 = this CPU lacks it), ``sq_onnx_cpu_isa()``,
     ``sq_onnx_cpu_best_isa()``; ``i`` indexes CPU_ISAS. It acts on the copy ONNX Runtime loaded too.
-    ``sq_onnx_cpu_last_gemm_weights()`` says how the last GEMM took W (WEIGHTS_*)."""
-    lib = ctypes.CDLL(str(require_library()))
+    ``sq_onnx_cpu_last_gemm_weights()`` says how the last GEMM took W (WEIGHTS_*). Needs the test hooks."""
+    lib = _hooks()
     lib.sq_onnx_cpu_select_isa.argtypes = [ctypes.c_int]
     lib.sq_onnx_cpu_isa.argtypes = []
     lib.sq_onnx_cpu_best_isa.argtypes = []
@@ -94,7 +117,7 @@ def cpu_isa_control() -> ctypes.CDLL:
 def cpu_kernels_description() -> str:
     """What the CPU kernels run with in this process, for benchmark reports: the int8 GEMM's instruction set
     (after SQ_ONNX_CPU_ISA) and whether weights are packed at session creation (SQ_ONNX_CPU_PREPACK=1)."""
-    isa = CPU_ISAS[cpu_isa_control().sq_onnx_cpu_isa()]
+    isa = CPU_ISAS[ctypes.CDLL(str(require_library())).sq_onnx_cpu_isa()]
     prepack = os.environ.get("SQ_ONNX_CPU_PREPACK") == "1" and isa in ("avxvnni", "avx512vnni")
     return isa + (", weights prepacked" if prepack else "")
 
@@ -115,8 +138,8 @@ SERVED_GENERIC, SERVED_DP4A, SERVED_MMA, SERVED_SM90, SERVED_FEW_ROWS_MMA = 1, 2
 def cuda_launchers(path: Path | None = None) -> ctypes.CDLL:
     """The library's C entry points to the CUDA kernels (device pointers, a cudaStream_t; 0 = success),
     with their signatures, for the GPU tests and tools/bench_cuda_kernels.py; `path`: another build with
-    the same entry points (the tests' CPU emulation of the kernels)."""
-    lib = ctypes.CDLL(str(path or require_library()))
+    the same entry points (the tests' CPU emulation of the kernels). Needs the test hooks."""
+    lib = _hooks(path)
     p, i64, f, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.sq_onnx_cuda_int8_matmul_dequant.argtypes = [flag, p, p, p, p, p, i64, i64, i64, p, p]
     lib.sq_onnx_cuda_rmsnorm_quant.argtypes = [flag, p, p, p, p, f, i64, i64, p, p, p, p]

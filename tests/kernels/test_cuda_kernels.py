@@ -17,6 +17,8 @@ if not custom_ops.cuda_device_present():
     pytest.skip("no CUDA GPU (asked libcuda)", allow_module_level=True)
 if not custom_ops.built_with_cuda():
     pytest.skip("custom-op library built without CUDA", allow_module_level=True)
+if not custom_ops.has_test_hooks():
+    pytest.skip("library built without its test entry points (SQ_ONNX_TEST_HOOKS)", allow_module_level=True)
 torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("this torch build has no CUDA", allow_module_level=True)

@@ -46,6 +46,36 @@ def test_only_entry_points_are_exported():
     )
 
 
+# Entry points only tests/ and tools/ call: exported by the SQ_ONNX_TEST_HOOKS=ON build alone.
+HOOK_SYMBOLS = {"sq_onnx_cpu_select_isa", "sq_onnx_cpu_best_isa", "sq_onnx_cpu_last_gemm_weights"}
+CUDA_HOOK_SYMBOLS = {
+    "sq_onnx_cuda_select_gemm",
+    "sq_onnx_cuda_int8_matmul_dequant",
+    "sq_onnx_cuda_sm90_accepts",
+}
+
+
+def test_test_entry_points_are_exported_only_by_the_test_build():
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm (binutils) to list the library's symbols")
+    out = subprocess.run(
+        [nm, "-D", "--defined-only", str(custom_ops.library_path())],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    names = {line.split()[-1] for line in out.splitlines() if line.strip()}
+    hooks = HOOK_SYMBOLS | (CUDA_HOOK_SYMBOLS if custom_ops.built_with_cuda() else set())
+    assert {"RegisterCustomOps", "sq_onnx_cpu_isa", "sq_onnx_has_test_hooks"} <= names
+    if custom_ops.has_test_hooks():
+        assert hooks <= names
+    else:
+        assert not names & (HOOK_SYMBOLS | CUDA_HOOK_SYMBOLS)
+    if REQUIRED:  # tools/dev.sh (and so CI) builds the test entry points in
+        assert custom_ops.has_test_hooks()
+
+
 @pytest.mark.skipif(not REQUIRED, reason="only where the build must be complete (SQ_ONNX_REQUIRE_OPS=1)")
 def test_cuda_kernels_are_built_when_nvcc_is_there():
     if not _nvcc_present() or os.environ.get("SQ_ONNX_CUDA", "").upper() == "OFF":
@@ -58,8 +88,8 @@ def test_cuda_kernels_are_built_when_nvcc_is_there():
 def test_cuda_entry_points_answer_without_a_gpu():
     """With no usable GPU the Hopper GEMM cannot be selected and the launchers return an error code: the
     static CUDA runtime reports 'no driver / no device' instead of taking the process down."""
-    if not custom_ops.built_with_cuda():
-        pytest.skip("library built without CUDA")
+    if not custom_ops.built_with_cuda() or not custom_ops.has_test_hooks():
+        pytest.skip("library built without CUDA or without its test entry points")
     if custom_ops.cuda_device_present():
         pytest.skip("a GPU is present: tests/kernels/test_cuda_kernels.py covers the launchers")
     lib = custom_ops.cuda_launchers()
@@ -77,8 +107,8 @@ def test_cuda_entry_points_answer_without_a_gpu():
 def test_hopper_gemm_takes_the_shapes_it_should():
     """CUTLASS's host-side checks (can_implement, no workspace) on the shapes the GPU tests and LLMs use; no
     GPU needed. A refusal here would mean the Hopper path silently falls back to mma.sync."""
-    if not custom_ops.built_with_sm90_gemm():
-        pytest.skip("library built without the CUTLASS Hopper GEMM")
+    if not custom_ops.built_with_sm90_gemm() or not custom_ops.has_test_hooks():
+        pytest.skip("library built without the CUTLASS Hopper GEMM or without its test entry points")
     lib = custom_ops.cuda_launchers()
     takes = list(ref.SM90_SHAPES)
     takes += [(m, n, k) for m in (256, 2048) for k, n in ((4096, 4096), (4096, 11008), (11008, 4096))]
