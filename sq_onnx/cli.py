@@ -126,6 +126,11 @@ def _print_summary(result: dict[str, Any]) -> None:
     )
     for skip in result["skipped"]:
         console.print(f"  not smoothed: {skip['tensor']} -> {', '.join(skip['consumers'])}: {skip['reason']}")
+    genai = result.get("genai")
+    if genai and genai["written"]:
+        console.print(f"  onnxruntime-genai folder ({genai['config']}): wrote {', '.join(genai['written'])}")
+    elif genai:
+        console.print(f"  [yellow]not a genai folder[/]: {genai['why_not']}")
     fusions = result.get("fusions")
     if fusions:
         console.print(f"  norms fused with their quantization: {fusions['fused']}")

@@ -53,6 +53,7 @@ def convert(
         stages.verify(conv)
         parts = stages.report_parts(conv) if report_dir is not None else None
         stages.save(conv, out)
+        stages.genai_folder(conv, out)
     result = conv.result
     result.input_bytes = _file_bytes(input_path) if input_path is not None else 0
     result.seconds = round(time.perf_counter() - start, 3)

@@ -21,6 +21,7 @@ from sq_onnx.calibration.calibration_data import builtin_heldout_feeds, find_tok
 from sq_onnx.calibration.hessian import ChunkedHessians
 from sq_onnx.calibration.segment_runner import SegmentRunner
 from sq_onnx.errors import NothingToQuantizeError, SqOnnxError
+from sq_onnx.lm.genai_folder import genai_config_of, write_folder
 from sq_onnx.opset_upgrade import upgrade_if_needed
 from sq_onnx.passes.analyze import Analysis, analyze
 from sq_onnx.passes.fuse_norm_quant import fusion_record
@@ -36,7 +37,8 @@ from sq_onnx.quantize_model import (
 from sq_onnx.recipe import Recipe
 from sq_onnx.reporting.layer_error import LayerError, layer_errors
 from sq_onnx.reporting.report import group_record
-from sq_onnx.runtime.model_inputs import InputSpec, check_feed, complete_feed, input_specs
+from sq_onnx.runtime import custom_ops
+from sq_onnx.runtime.model_inputs import InputSpec, check_feed, complete_feed, input_specs, is_language_model
 from sq_onnx.runtime.model_io import has_external_tensors, save_model
 from sq_onnx.verify import compare, first_outputs
 from sq_onnx.version import __version__
@@ -83,6 +85,7 @@ class ConvertResult:
     peak_rss_mb: float = 0.0
     report: list[str] | None = None
     opset_upgrade: dict[str, Any] | None = None
+    genai: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -121,6 +124,7 @@ class Conversion:
     alpha: float | dict[str, float] | None = None
     work: ir.Model | None = None
     work_plans: list[LinearPlan] = field(default_factory=list)  # ``plans`` carried over to ``work``
+    genai: tuple[dict[str, Any] | None, str] | None = None  # the input's genai config and where it came from
     scales: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
@@ -153,6 +157,8 @@ def analyzed(
             "--kernels sq_onnx takes float32 or float16 models, not bfloat16; use the stock ops (--kernels ort) "
             "or export the model in float16."
         )
+    names = [v.name or "" for v in src.graph.inputs], [v.name or "" for v in src.graph.outputs]
+    genai = genai_config_of(input_path, *names) if input_path is not None else None
     result = ConvertResult(
         output=str(out),
         scheme=recipe.scheme,
@@ -171,6 +177,7 @@ def analyzed(
         plans,
         input_specs(src),
         result,
+        genai=genai,
     )
 
 
@@ -368,6 +375,22 @@ def save(conv: Conversion, out: Path) -> None:
         work.metadata_props["sq_onnx.smoothing_check"] = json.dumps(result.smoothing_check, sort_keys=True)
     keep_layout = conv.input_path is not None and has_external_tensors(conv.src)
     save_model(work, out, external_data=recipe.external_data or keep_layout)
+
+
+def genai_folder(conv: Conversion, out: Path) -> None:
+    """Make the output's folder an onnxruntime-genai folder when the input came with (or allows) a genai
+    config: the config with the new file name, the tokenizer files, the custom-op library when the model
+    needs it."""
+    if conv.genai is None or conv.input_path is None:
+        return
+    config, origin = conv.genai
+    if config is None:
+        if is_language_model(conv.specs):
+            conv.result.genai = {"written": [], "why_not": origin}
+        return
+    library = custom_ops.require_library() if conv.recipe.kernels == "sq_onnx" else None
+    written = write_folder(config, conv.input_path.parent, out, library)
+    conv.result.genai = {"written": written, "config": origin}
 
 
 def held_out_feeds(

@@ -22,6 +22,7 @@ from rich.table import Table
 from sq_onnx import Recipe, convert
 from sq_onnx.lm.evaluate import perplexity
 from sq_onnx.lm.export import export
+from sq_onnx.lm.genai_folder import genai_config_of, graph_names, write_config
 from sq_onnx.lm.generate import generate
 from sq_onnx.runtime import custom_ops
 
@@ -46,6 +47,14 @@ def bench_in_subprocess(path: Path) -> dict:
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 
+def genai_in_subprocess(folder: Path) -> dict | None:
+    """tools/genai_check.py on the folder (its own process, like the benchmark), or None without genai."""
+    if importlib.util.find_spec("onnxruntime_genai") is None or not (folder / "genai_config.json").is_file():
+        return None
+    cmd = [sys.executable, str(Path(__file__).with_name("genai_check.py")), str(folder), "--json"]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="demo_out", help="working folder (default demo_out/)")
@@ -62,6 +71,10 @@ def main() -> None:
         t = time.perf_counter()
         export(find_gguf(), fp32.parent)
         console.print(f"exported in {time.perf_counter() - t:.0f}s")
+    if not (fp32.parent / "genai_config.json").exists():  # exported before sq-onnx wrote genai configs
+        config, _ = genai_config_of(fp32, *graph_names(fp32))
+        if config is not None:
+            write_config(fp32.parent, config)
     models = {"fp32": (fp32, None)}
     recipes = {"w4": Recipe(scheme="w4"), "w8a8": Recipe(scheme="w8a8")}
     if custom_ops.available():  # the same W8A8 model on the sq_onnx kernels (fused quantize + int8 GEMM)
@@ -69,9 +82,6 @@ def main() -> None:
     for scheme, recipe in recipes.items():
         target = out / scheme / "model.onnx"
         target.parent.mkdir(parents=True, exist_ok=True)
-        for side in fp32.parent.iterdir():  # tokenizer, chat template, config, generation config
-            if not side.name.startswith("model.onnx"):
-                (target.parent / side.name).write_bytes(side.read_bytes())
         console.print(f"converting to {scheme} ...")
         result = convert(fp32, target, recipe, overwrite=True, show_progress=True)
         models[scheme] = (target, result)
@@ -80,6 +90,7 @@ def main() -> None:
         ev = perplexity(path, windows=args.windows, show_progress=True)
         console.print(f"benchmarking {name} ...")
         bench = bench_in_subprocess(path)
+        genai = genai_in_subprocess(path.parent)
         rows.append(
             {
                 "model": name,
@@ -93,6 +104,9 @@ def main() -> None:
                 "prefill_512_ms": bench["prefill_ms"]["512"],
                 "decode_tok_s": bench["decode_tokens_per_s"],
                 "bench_peak_rss_mb": bench["peak_rss_mb"],
+                # the same folder in onnxruntime-genai: its decode speed, and whether its greedy tokens are ours
+                "genai_decode_tok_s": None if genai is None else genai["genai_decode_tok_s"],
+                "genai_same_tokens": None if genai is None else genai["same_tokens"],
             }
         )
     base = rows[0]["perplexity"]

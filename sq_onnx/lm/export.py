@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from sq_onnx.errors import ModelLoadError, OutputError, SqOnnxError
+from sq_onnx.lm.genai_folder import derive_config, graph_names, write_config
 from sq_onnx.runtime.model_io import save_model
 
 
@@ -180,8 +181,18 @@ def export(
     model.config.save_pretrained(str(out))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(str(out))
+    if kv_cache:  # genai runs decoders with a KV cache only
+        hf = {**model.config.to_dict(), **_token_ids(model)}
+        write_config(out, derive_config(*graph_names(target), hf, target.name))
     _say(quiet, f"wrote {target} in {time.perf_counter() - start:.0f}s")
     return target
+
+
+def _token_ids(model) -> dict:
+    """bos / eos / pad ids of the generation config, which often holds them when config.json does not."""
+    generation = getattr(model, "generation_config", None)
+    ids = {k: getattr(generation, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return {k: v for k, v in ids.items() if v is not None}
 
 
 def _say(quiet: bool, text: str) -> None:
