@@ -119,8 +119,12 @@ class WeightBatch:
     accuracy_level: int
 
 
+Emit = Callable[[ir.Graph, Linear, BlockQuantized, int], ir.Node]
+
+
 class QuantizeWeightsPass(ir.passes.InPlacePass):
-    """Replace every batch's linears by MatMulNBits nodes.
+    """Replace every batch's linears by MatMulNBits nodes (or what ``emit`` writes: blocked DequantizeLinear
+    + MatMul for ``--format qdq``, ``passes.quantize_qdq.emit_blocked_dq``).
 
     ``quantize(batch, w)`` turns the batch's joined float32 [K, ΣN] weight (its linears' columns side by
     side, in order) into a ``BlockQuantized`` of the same shape; each linear gets its own columns back.
@@ -134,9 +138,10 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         batches: list[WeightBatch],
         quantize: Callable[[WeightBatch, np.ndarray], BlockQuantized],
         progress: Callable[[Iterable[WeightBatch]], Iterable[WeightBatch]] = iter,
+        emit: Emit = emit_matmulnbits,
     ):
         super().__init__()
-        self.batches, self.quantize, self.progress = batches, quantize, progress
+        self.batches, self.quantize, self.progress, self.emit = batches, quantize, progress, emit
         self.replaced: list[str] = []
 
     def requires(self, model: ir.Model) -> None:
@@ -159,7 +164,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             lo = 0
             for linear, w in zip(batch.linears, weights, strict=True):
                 linear.release()  # before the node leaves the graph: its weight is read through it
-                emit_matmulnbits(model.graph, linear, bq.columns(lo, lo + w.shape[1]), batch.accuracy_level)
+                self.emit(model.graph, linear, bq.columns(lo, lo + w.shape[1]), batch.accuracy_level)
                 self.replaced.append(linear.name)
                 lo += w.shape[1]
         return ir.passes.PassResult(model, modified=bool(self.replaced))

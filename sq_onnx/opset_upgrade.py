@@ -16,6 +16,7 @@ from sq_onnx.verify import compare, first_outputs
 # Round (per-token activation quantization) is opset 11; QuantizeLinear (static) is opset 10.
 # The upgrade goes to 13, the oldest opset every current exporter and runtime treats as a baseline.
 UPGRADE_TARGET = 13
+QDQ_OPSET = 21
 SAME_FUNCTION = 1e-6
 
 
@@ -25,6 +26,8 @@ class OpsetError(SqOnnxError):
 
 def required_opset(recipe: Recipe) -> int:
     """The oldest default-domain opset the recipe's emitted ops exist in (contrib ops need none)."""
+    if recipe.format in ("qdq", "qoperator") and recipe.scheme != "smooth":
+        return QDQ_OPSET  # blocked DequantizeLinear (int4 / uint4 and block_size) is opset 21
     if recipe.scheme == "w8a8" and recipe.act == "per-token":
         return 11
     if recipe.scheme == "w8a8" and recipe.act == "static":
@@ -40,11 +43,14 @@ def upgrade_if_needed(
     need = required_opset(recipe)
     if have >= need:
         return model, None
-    advice = f"the model uses opset {have}, but {recipe.scheme} with --act {recipe.act} emits ops from opset {need}"
+    written = f"--format {recipe.format}" if recipe.format != "contrib" else f"--act {recipe.act}"
+    advice = f"the model uses opset {have}, but {recipe.scheme} with {written} emits ops from opset {need}"
     try:
         from onnx import version_converter
 
-        upgraded = ir.from_proto(version_converter.convert_version(ir.to_proto(model), UPGRADE_TARGET))
+        upgraded = ir.from_proto(
+            version_converter.convert_version(ir.to_proto(model), max(need, UPGRADE_TARGET))
+        )
         _reattach_weights(model, upgraded)
         error = (
             compare(
@@ -57,14 +63,19 @@ def upgrade_if_needed(
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OpsetError(
             f"{advice}, and onnx's version converter cannot upgrade it ({reason}); re-export the model at "
-            f"opset {UPGRADE_TARGET} or newer, or use --act per-tensor."
+            f"opset {max(need, UPGRADE_TARGET)} or newer{_other_choice(recipe)}."
         ) from None
     if error is not None and not error < SAME_FUNCTION:
         raise OpsetError(
             f"{advice}; the upgraded model computes different outputs (relative error {error:.2e}), so it "
-            f"was not used; re-export the model at opset {UPGRADE_TARGET} or newer, or use --act per-tensor."
+            f"was not used; re-export the model at opset {max(need, UPGRADE_TARGET)} or newer{_other_choice(recipe)}."
         )
-    return upgraded, {"from": have, "to": UPGRADE_TARGET, "checked_relative_error": error}
+    return upgraded, {"from": have, "to": max(need, UPGRADE_TARGET), "checked_relative_error": error}
+
+
+def _other_choice(recipe: Recipe) -> str:
+    """What the user can ask instead of an upgrade."""
+    return ", or use --format contrib" if recipe.format != "contrib" else ", or use --act per-tensor"
 
 
 def _reattach_weights(original: ir.Model, upgraded: ir.Model) -> None:

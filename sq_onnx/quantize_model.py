@@ -16,7 +16,8 @@ from sq_onnx.passes.analyze import Analysis
 from sq_onnx.passes.fuse_norm_quant import FuseNormQuantPass, Refusal
 from sq_onnx.passes.graph_edit import corresponding_nodes, ensure_opset
 from sq_onnx.passes.linears import Linear, find_linears
-from sq_onnx.passes.quantize_w4 import QuantizeWeightsPass, WeightBatch, quantize_weight
+from sq_onnx.passes.quantize_qdq import QuantizeW8A8QDQPass, emit_blocked_dq
+from sq_onnx.passes.quantize_w4 import QuantizeWeightsPass, WeightBatch, emit_matmulnbits, quantize_weight
 from sq_onnx.passes.quantize_w8a8 import QuantizeW8A8Pass
 from sq_onnx.passes.smooth import SmoothPass
 from sq_onnx.plan import LinearPlan, plan_linears
@@ -87,6 +88,7 @@ def quantize_graph(
     importance: dict[str, np.ndarray] | None = None,
     hessians: Callable[[str], np.ndarray] | None = None,
     segments: Iterable[SegmentInputs] | None = None,
+    output_ranges: dict[str, float] | None = None,
 ) -> Quantized:
     """Quantize ``work`` in place according to ``plans`` (made on this graph; None: planned here).
 
@@ -95,7 +97,8 @@ def quantize_graph(
     taken after the batches before it are quantized, so every Hessian sees the quantized layers upstream.
     With a float copy in the runner and ``recipe.gptq_asymmetric`` GPTQ fits the float target; with
     ``recipe.gptq_holdout`` a batch keeps GPTQ's weights only where they beat round-to-nearest with the clip
-    search on the held-out samples."""
+    search on the held-out samples. ``output_ranges``: the calibrated abs-max of each W8A8 linear's output
+    (``--format qoperator``)."""
     plans = plans if plans is not None else plan_linears(work.graph, find_linears(work.graph), recipe)
     ensure_opset(work, "com.microsoft", 1)
     steps = iter(segments) if segments is not None else None
@@ -137,13 +140,23 @@ def quantize_graph(
         for batch in weight_batches(plans, together=together)
     ]
     weights = QuantizeWeightsPass(
-        batches, quantize, lambda b: track(b, "quantizing", total=len(batches), enabled=show_progress)
+        batches,
+        quantize,
+        lambda b: track(b, "quantizing", total=len(batches), enabled=show_progress),
+        emit=emit_matmulnbits if recipe.format == "contrib" else emit_blocked_dq,
     )
-    w8a8 = QuantizeW8A8Pass(
-        [p.linear for p in plans if p.action == "w8a8"], recipe.act, static_ranges, recipe.kernels
-    )
-    fuse = [FuseNormQuantPass()] if recipe.kernels == "sq_onnx" and w8a8.linears else []
+    w8a8_linears = [p.linear for p in plans if p.action == "w8a8"]
+    w8a8: QuantizeW8A8Pass | QuantizeW8A8QDQPass
+    if recipe.format == "contrib":
+        w8a8 = QuantizeW8A8Pass(w8a8_linears, recipe.act, static_ranges, recipe.kernels)
+    else:
+        w8a8 = QuantizeW8A8QDQPass(
+            w8a8_linears, static_ranges or {}, output_ranges, qoperator=recipe.format == "qoperator"
+        )
+    fuse = [FuseNormQuantPass()] if recipe.kernels == "sq_onnx" and w8a8_linears else []
     ir.passes.Sequential(weights, w8a8, *fuse, *CLEANUP)(work)
+    if recipe.format != "contrib" and not any(n.domain == "com.microsoft" for n in work.graph):
+        work.opset_imports.pop("com.microsoft", None)  # standard ops only: nothing else to declare
     fusions = dict(fused_norms=fuse[0].fused, unfused_norms=fuse[0].refused) if fuse else {}
     return Quantized(weights.replaced + w8a8.replaced, fell_back, **fusions)
 

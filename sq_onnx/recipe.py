@@ -53,6 +53,12 @@ class Kernels(Choice):
     SQ_ONNX = "sq_onnx"
 
 
+class Format(Choice):
+    CONTRIB = "contrib"  # ORT's contrib ops: MatMulNBits, MatMulIntegerToFloat (or the sq_onnx kernels)
+    QDQ = "qdq"  # QuantizeLinear / DequantizeLinear around standard MatMuls, for execution providers
+    QOPERATOR = "qoperator"  # QLinearMatMul (W8A8 with static activations)
+
+
 class LmHead(Choice):
     FOUR = "4"
     EIGHT = "8"
@@ -156,6 +162,12 @@ class Recipe:
         "W8A8 ops: stock ONNX Runtime, or the sq_onnx custom ops (fused norm + quantize; CUDA kernels), which "
         "sessions load with sq_onnx.register_custom_ops",
     )
+    format: Format = option(
+        Format.CONTRIB,
+        "how quantized linears are written: ORT's contrib ops; qdq (standard Q/DQ ops, W8A8 with --act static, "
+        "W4 as blocked int4 DequantizeLinear, opset 21) for TensorRT / QNN / OpenVINO / DirectML; qoperator "
+        "(QLinearMatMul, W8A8 with --act static)",
+    )
     exclude: tuple[str, ...] = option(
         (), "keep matching node/weight names in float (repeatable)", list="append", metavar="REGEX"
     )
@@ -222,6 +234,19 @@ class Recipe:
             raise RecipeError(f"--gptq-samples must be at least 1, got {self.gptq_samples}.")
         if self.kernels == "sq_onnx" and (self.scheme != "w8a8" or self.act != "per-token"):
             raise RecipeError("--kernels sq_onnx is for --scheme w8a8 with --act per-token.")
+        if self.kernels == "sq_onnx" and self.format != "contrib":
+            raise RecipeError(
+                "--kernels sq_onnx writes its own ops; --format qdq and qoperator are for --kernels ort."
+            )
+        if self.format == "qoperator" and self.scheme != "w8a8":
+            raise RecipeError(
+                "--format qoperator writes QLinearMatMul, which is W8A8; use --format qdq for w4."
+            )
+        if self.format in ("qdq", "qoperator") and self.scheme == "w8a8" and self.act != "static":
+            raise RecipeError(
+                f"--format {self.format} carries one calibrated activation scale per tensor "
+                "(QuantizeLinear's and QLinearMatMul's are scalars): add --act static."
+            )
         if self.samples < 1:
             raise RecipeError(f"samples must be at least 1, got {self.samples}.")
         if self.seq_len < 2:
@@ -291,4 +316,5 @@ CHOICE_FIELDS: dict[str, type[Choice]] = {
     "act": ActMode,
     "kernels": Kernels,
     "lm_head": LmHead,
+    "format": Format,
 }

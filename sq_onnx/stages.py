@@ -235,6 +235,8 @@ def calibrate_stage(conv: Conversion) -> None:
         tensors.update({p.linear.input.name: p.linear.shape[0] for p in plans if p.action in ("w4", "w8")})
     if recipe.scheme == "w8a8" and recipe.act == "static":
         tensors.update({p.linear.input.name: p.linear.shape[0] for p in plans if p.action == "w8a8"})
+    if recipe.format == "qoperator":  # QLinearMatMul's output scale (smoothing leaves outputs as they are)
+        tensors.update(_w8a8_outputs(plans))
     row_tensors = tuple(g.name for g in analysis.groups) if recipe.alpha_search == "layer" else ()
     max_rows = recipe.search_rows
     if conv.want_report:
@@ -321,10 +323,16 @@ def quantize(conv: Conversion) -> None:
         else:
             inputs = {p.linear.input.name: p.linear.shape[0] for p in conv.plans if p.action in ("w4", "w8")}
             hessians = ChunkedHessians(conv.src, inputs, feeds, conv.scales, show_progress=conv.show_progress)
+    outputs = (
+        {name: float(calib.absmax[name].max()) for name in _w8a8_outputs(conv.plans)}
+        if recipe.format == "qoperator"
+        else None
+    )
     quantized = quantize_graph(
         work,
         recipe,
         conv.work_plans,
+        output_ranges=outputs,
         static_ranges=ranges,
         show_progress=conv.show_progress,
         importance=importance,
@@ -391,6 +399,11 @@ def genai_folder(conv: Conversion, out: Path) -> None:
     library = custom_ops.require_library() if conv.recipe.kernels == "sq_onnx" else None
     written = write_folder(config, conv.input_path.parent, out, library)
     conv.result.genai = {"written": written, "config": origin}
+
+
+def _w8a8_outputs(plans: list[LinearPlan]) -> dict[str, int]:
+    """Output tensor -> channels of every W8A8 linear."""
+    return {p.linear.node.outputs[0].name or "": p.linear.shape[1] for p in plans if p.action == "w8a8"}
 
 
 def held_out_feeds(

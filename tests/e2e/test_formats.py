@@ -1,0 +1,101 @@
+"""`--format`: the same quantization written as ORT contrib ops, as standard QDQ ops for execution providers, or
+as QLinearMatMul. Every format runs on ORT's CPU provider; QDQ models pass the full onnx checker with standard
+ops only and ORT's optimizer fuses them into its integer kernels; QDQ W4 computes what MatMulNBits W4 does."""
+
+from __future__ import annotations
+
+import onnx
+import onnxruntime as ort
+import pytest
+
+from sq_onnx import Recipe, convert
+from sq_onnx.cli import main
+from sq_onnx.errors import RecipeError
+
+from conftest import ids_feed, rel_error
+
+# RTN with the clip search: the codes do not depend on how ORT runs the layers already quantized (sequential
+# GPTQ reads them through ORT, which fuses blocked DequantizeLinear + MatMul into its level-4 MatMulNBits)
+W4_LEVEL0 = dict(scheme="w4", samples=4, gptq=False, accuracy_level=0, lm_head_accuracy_level=0)
+
+
+def _run(path, feed, optimize=True, optimized_to=None):
+    so = ort.SessionOptions()
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if optimized_to is not None:
+        so.optimized_model_filepath = str(optimized_to)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+def _ops(path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def _standard_only(path) -> None:
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert {n.domain for n in proto.graph.node} <= {""}
+    assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
+
+
+def test_qdq_w8a8_is_standard_onnx_that_ort_fuses_into_integer_ops(llama_dir, calib_ids, tmp_path):
+    src = llama_dir / "model.onnx"
+    qdq, static = tmp_path / "qdq.onnx", tmp_path / "static.onnx"
+    convert(src, qdq, Recipe(scheme="w8a8", act="static", format="qdq", samples=4), calibration=calib_ids)
+    convert(src, static, Recipe(scheme="w8a8", act="static", samples=4), calibration=calib_ids)
+    _standard_only(qdq)
+    assert {"QuantizeLinear", "DequantizeLinear", "MatMul"} <= _ops(qdq)
+    feed = ids_feed()
+    fused = tmp_path / "fused.onnx"
+    out = _run(qdq, feed, optimized_to=fused)
+    # ORT's CPU optimizer turns the Q/DQ + MatMul units into its integer kernels
+    assert _ops(fused) & {"QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger"}
+    ref = _run(src, feed)
+    # same scales and codes as the contrib static form: the two agree far closer than either to float
+    assert rel_error(out, _run(static, feed)) < 0.1 * rel_error(ref, out) + 1e-4
+    assert rel_error(ref, out) < 0.3
+
+
+def test_qoperator_w8a8_writes_qlinearmatmul(llama_dir, calib_ids, tmp_path):
+    src, out = llama_dir / "model.onnx", tmp_path / "qop.onnx"
+    result = convert(
+        src, out, Recipe(scheme="w8a8", act="static", format="qoperator", samples=4), calibration=calib_ids
+    )
+    _standard_only(out)
+    assert "QLinearMatMul" in _ops(out) and len(result.quantized_matmuls) > 0
+    feed = ids_feed()
+    ref, got = _run(src, feed), _run(out, feed)
+    assert rel_error(ref, got) < 0.35 and result.verify["top1_agreement"] > 0.5
+
+
+def test_qdq_w4_computes_what_matmulnbits_does(llama_dir, calib_ids, tmp_path):
+    src, qdq, nbits = llama_dir / "model.onnx", tmp_path / "qdq.onnx", tmp_path / "nbits.onnx"
+    convert(src, qdq, Recipe(**W4_LEVEL0, format="qdq"), calibration=calib_ids)
+    convert(src, nbits, Recipe(**W4_LEVEL0), calibration=calib_ids)
+    _standard_only(qdq)
+    assert "MatMulNBits" in _ops(nbits) and "MatMulNBits" not in _ops(qdq)
+    feed = ids_feed()
+    # dequantized weights times float activations (no fusion) against MatMulNBits at accuracy level 0:
+    # the same codes and grid, so float rounding apart
+    assert rel_error(_run(nbits, feed), _run(qdq, feed, optimize=False)) < 1e-5
+    fused = tmp_path / "fused.onnx"
+    _run(qdq, feed, optimized_to=fused)
+    assert "MatMulNBits" in _ops(fused)  # what ORT's CPU optimizer makes of the blocked DequantizeLinear
+
+
+@pytest.mark.parametrize(
+    "flags,said",
+    [
+        (["--scheme", "w8a8", "--format", "qdq"], "--act static"),
+        (["--scheme", "w4", "--format", "qoperator"], "QLinearMatMul"),
+        (["--scheme", "w8a8", "--kernels", "sq_onnx", "--format", "qdq"], "--kernels ort"),
+    ],
+)
+def test_formats_a_scheme_cannot_write_are_refused(flags, said, llama_dir, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["convert", str(llama_dir / "model.onnx"), "-o", str(out), "--quiet", *flags]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err and not out.exists()
+    with pytest.raises(RecipeError):
+        Recipe(scheme="w4", format="qoperator")
