@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,7 @@ def analyzed(
         )
     if recipe.scheme == "smooth" and (not recipe.smooth or not analysis.groups):
         raise NothingToQuantizeError("the model has no norm -> MatMul group that smoothing could fold into.")
+    _refuse_old_runtime(recipe)
     if recipe.kernels == "sq_onnx" and _weight_dtype(analysis) == "bfloat16":
         raise SqOnnxError(
             "--kernels sq_onnx takes float32 or float16 models, not bfloat16; use the stock ops (--kernels ort) "
@@ -423,6 +425,25 @@ def _weight_dtype(analysis: Analysis) -> str:
     dtype = analysis.linears[0].source.dtype if analysis.linears else None
     names = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
     return names.get(dtype, "float32")
+
+
+# The oldest onnxruntime that runs each non-default format: opset 21 with blocked int4 DequantizeLinear.
+FORMAT_MIN_ORT = {"qdq": (1, 20), "qoperator": (1, 20)}
+
+
+def _refuse_old_runtime(recipe: Recipe) -> None:
+    """A format the installed onnxruntime cannot run would fail in verification, after all the work."""
+    need = FORMAT_MIN_ORT.get(str(recipe.format))
+    if need is None or recipe.scheme == "smooth":
+        return
+    import onnxruntime
+
+    have = tuple(int(p) for p in re.findall(r"\d+", onnxruntime.__version__)[:2])
+    if have < need:
+        raise SqOnnxError(
+            f"--format {recipe.format} writes opset-21 QDQ ops, which need onnxruntime >= {need[0]}.{need[1]}; "
+            f"this is {onnxruntime.__version__}: upgrade it or use --format contrib."
+        )
 
 
 def _refuse_quantized(model: ir.Model) -> None:

@@ -48,7 +48,55 @@ ROWS: dict[str, list[str] | None] = {
     ],
     "sq-onnx w4, --calib fiction (in-domain text)": [*W4, "--calib", IN_DOMAIN],
     "sq-onnx w8a8 default": W8A8,
+    # static per-tensor W8A8 as standard QDQ ops (--format qdq): where smoothing matters most
+    "ORT quantize_static (QDQ, per-channel, symmetric activations, same calibration text)": ["ort-static"],
+    "sq-onnx w8a8 static QDQ, no smoothing": [*W8A8, "--act", "static", "--format", "qdq", "--no-smooth"],
+    "sq-onnx w8a8 static QDQ, alpha 0.5 (default)": [*W8A8, "--act", "static", "--format", "qdq"],
+    "sq-onnx w8a8 static QDQ, --alpha auto": [*W8A8, "--act", "static", "--format", "qdq", "--alpha", "auto"],
 }
+
+
+class _Feeds:
+    """onnxruntime.quantization's CalibrationDataReader over sq-onnx's calibration feeds."""
+
+    def __init__(self, feeds: list[dict]):
+        self._it = iter(feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def ort_static(src: str, dst: str) -> None:
+    """ONNX Runtime's own static quantizer on the calibration samples sq-onnx's default draws (the built-in
+    mix, 16 x 256 tokens): QDQ, per-channel int8 weights, symmetric int8 activations, MatMuls."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from sq_onnx.calibration.calibration_data import load_calibration
+    from sq_onnx.recipe import Recipe
+    from sq_onnx.runtime.model_inputs import input_specs
+    from sq_onnx.runtime.model_io import load_model
+
+    recipe = Recipe(scheme="w8a8")
+    feeds, _ = load_calibration(
+        None,
+        input_specs(load_model(src)),
+        model_path=src,
+        tokenizer_dir=None,
+        count=recipe.samples,
+        seq_len=recipe.seq_len,
+    )
+    reader = type("Reader", (_Feeds, CalibrationDataReader), {})(feeds)
+    quantize_static(
+        src,
+        dst,
+        reader,
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul", "Gemm"],
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+    )
 
 
 def worker(argv: list[str]) -> None:
@@ -62,6 +110,8 @@ def worker(argv: list[str]) -> None:
         quant = MatMulNBitsQuantizer(onnx.load(src), bits=4, block_size=128, is_symmetric=False)
         quant.process()
         quant.model.save_model_to_file(dst, use_external_data_format=False)
+    elif kind == "ort-static":
+        ort_static(src, dst)
     elif kind == "ort-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 

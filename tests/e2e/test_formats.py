@@ -99,3 +99,14 @@ def test_formats_a_scheme_cannot_write_are_refused(flags, said, llama_dir, tmp_p
     assert said in err and "Traceback" not in err and not out.exists()
     with pytest.raises(RecipeError):
         Recipe(scheme="w4", format="qoperator")
+
+
+def test_an_onnxruntime_too_old_for_the_format_is_refused_before_any_work(
+    llama_dir, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(ort, "__version__", "1.19.2")
+    out = tmp_path / "m.onnx"
+    flags = ["--scheme", "w4", "--format", "qdq", "--quiet"]
+    assert main(["convert", str(llama_dir / "model.onnx"), "-o", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert "onnxruntime >= 1.20" in err and "1.19.2" in err and not out.exists()
