@@ -16,6 +16,7 @@ from sq_onnx.passes.analyze import Analysis
 from sq_onnx.passes.fuse_norm_quant import FuseNormQuantPass, Refusal
 from sq_onnx.passes.graph_edit import corresponding_nodes, ensure_opset
 from sq_onnx.passes.linears import Linear, find_linears
+from sq_onnx.passes.quantize_embedding import QuantizeEmbeddingPass
 from sq_onnx.passes.quantize_qdq import QuantizeW8A8QDQPass, emit_blocked_dq
 from sq_onnx.passes.quantize_w4 import QuantizeWeightsPass, WeightBatch, emit_matmulnbits, quantize_weight
 from sq_onnx.passes.quantize_w8a8 import QuantizeW8A8Pass
@@ -75,6 +76,7 @@ class Quantized:
 
     replaced: list[str]
     fell_back: list[str] | None = None
+    embeddings: list[str] = field(default_factory=list)
     fused_norms: int = 0
     unfused_norms: list[Refusal] = field(default_factory=list)
 
@@ -154,11 +156,15 @@ def quantize_graph(
             w8a8_linears, static_ranges or {}, output_ranges, qoperator=recipe.format == "qoperator"
         )
     fuse = [FuseNormQuantPass()] if recipe.kernels == "sq_onnx" and w8a8_linears else []
-    ir.passes.Sequential(weights, w8a8, *fuse, *CLEANUP)(work)
+    embed = (
+        [] if recipe.embedding == "fp" else [QuantizeEmbeddingPass(int(recipe.embedding), recipe.block_size)]
+    )
+    ir.passes.Sequential(weights, w8a8, *embed, *fuse, *CLEANUP)(work)
     if recipe.format != "contrib" and not any(n.domain == "com.microsoft" for n in work.graph):
         work.opset_imports.pop("com.microsoft", None)  # standard ops only: nothing else to declare
     fusions = dict(fused_norms=fuse[0].fused, unfused_norms=fuse[0].refused) if fuse else {}
-    return Quantized(weights.replaced + w8a8.replaced, fell_back, **fusions)
+    embeddings = embed[0].replaced if embed else []
+    return Quantized(weights.replaced + w8a8.replaced, fell_back, embeddings=embeddings, **fusions)
 
 
 def _step_for(steps: Iterator[SegmentInputs], name: str) -> SegmentInputs:

@@ -59,6 +59,12 @@ class Format(Choice):
     QOPERATOR = "qoperator"  # QLinearMatMul (W8A8 with static activations)
 
 
+class EmbeddingBits(Choice):
+    EIGHT = "8"
+    FOUR = "4"
+    FP = "fp"
+
+
 class LmHead(Choice):
     FOUR = "4"
     EIGHT = "8"
@@ -156,6 +162,11 @@ class Recipe:
     # ORT's 8-bit MatMulNBits at level 0 is ~5x slower than fp32 for decode on AVX2 CPUs; level 4 is fast
     # and measured lossless for the lm_head (docs/EXPERIMENTS.md)
     lm_head_accuracy_level: int = option(4, "MatMulNBits accuracy_level of the lm_head")
+    # 8-bit rows measured within 0.2% perplexity on SmolLM2 (tools/RESULTS.md), a third of the W4 file
+    embedding: EmbeddingBits = option(
+        EmbeddingBits.EIGHT,
+        "bits of the token embedding table (GatherBlockQuantized), or fp to keep it float",
+    )
     act: ActMode = option(ActMode.PER_TOKEN, "W8A8 activation quantization")
     kernels: Kernels = option(
         Kernels.ORT,
@@ -317,4 +328,5 @@ CHOICE_FIELDS: dict[str, type[Choice]] = {
     "kernels": Kernels,
     "lm_head": LmHead,
     "format": Format,
+    "embedding": EmbeddingBits,
 }

@@ -74,6 +74,7 @@ class ConvertResult:
     calibration: dict[str, Any]
     smoothed_groups: list[dict[str, Any]] = field(default_factory=list)
     quantized_matmuls: list[str] = field(default_factory=list)
+    quantized_embeddings: list[str] = field(default_factory=list)
     kept_float: list[dict[str, str]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     fusions: dict[str, Any] | None = None
@@ -342,6 +343,7 @@ def quantize(conv: Conversion) -> None:
         segments=segments,
     )
     conv.result.quantized_matmuls = quantized.replaced
+    conv.result.quantized_embeddings = quantized.embeddings
     if recipe.kernels == "sq_onnx":
         conv.result.fusions = fusion_record(quantized.fused_norms, quantized.unfused_norms)
     if quantized.fell_back is not None:
