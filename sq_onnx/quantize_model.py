@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
@@ -20,7 +19,7 @@ from sq_onnx.passes.quantize_embedding import QuantizeEmbeddingPass
 from sq_onnx.passes.quantize_qdq import QuantizeW8A8QDQPass, emit_blocked_dq
 from sq_onnx.passes.quantize_w4 import QuantizeWeightsPass, WeightBatch, emit_matmulnbits, quantize_weight
 from sq_onnx.passes.quantize_w8a8 import QuantizeW8A8Pass
-from sq_onnx.passes.smooth import SmoothPass
+from sq_onnx.passes.smooth import SmoothedGroup, SmoothPass
 from sq_onnx.plan import LinearPlan, plan_linears
 from sq_onnx.quant.blockwise import BlockQuantized
 from sq_onnx.recipe import Recipe
@@ -38,7 +37,7 @@ class Smoothed:
 
     model: ir.Model
     plans: list[LinearPlan]
-    groups: list[dict[str, Any]]
+    groups: list[SmoothedGroup]
     scales: dict[str, np.ndarray]
 
 
@@ -58,7 +57,7 @@ def smooth_copy(
         return Smoothed(work, work_plans, [], {})
     smooth = SmoothPass(analysis.carried_over(nodes).groups, stats, alpha)
     smooth(work)
-    return Smoothed(work, work_plans, [asdict(d) for d in smooth.smoothed], smooth.scales)
+    return Smoothed(work, work_plans, smooth.smoothed, smooth.scales)
 
 
 def input_importance(
@@ -156,9 +155,9 @@ def quantize_graph(
             w8a8_linears, static_ranges or {}, output_ranges, qoperator=recipe.format == "qoperator"
         )
     fuse = [FuseNormQuantPass()] if recipe.kernels == "sq_onnx" and w8a8_linears else []
-    embed = (
-        [] if recipe.embedding == "fp" else [QuantizeEmbeddingPass(int(recipe.embedding), recipe.block_size)]
-    )
+    # GatherBlockQuantized is a contrib op: QDQ / QOperator models keep their embedding in float
+    quantize_embedding = recipe.embedding != "fp" and recipe.format == "contrib"
+    embed = [QuantizeEmbeddingPass(int(recipe.embedding), recipe.block_size)] if quantize_embedding else []
     ir.passes.Sequential(weights, w8a8, *embed, *fuse, *CLEANUP)(work)
     if recipe.format != "contrib" and not any(n.domain == "com.microsoft" for n in work.graph):
         work.opset_imports.pop("com.microsoft", None)  # standard ops only: nothing else to declare
@@ -218,7 +217,7 @@ def cleanup(work: ir.Model) -> None:
     ir.passes.Sequential(*CLEANUP)(work)
 
 
-def static_ranges(stats: dict[str, np.ndarray], smoothed: list[dict[str, Any]]) -> dict[str, float]:
+def static_ranges(stats: dict[str, np.ndarray], smoothed: list[SmoothedGroup]) -> dict[str, float]:
     """Per-tensor activation abs-max after smoothing: max_j(absmax_j / s_j) for smoothed tensors."""
-    after = {g["name"]: g["act_absmax_after"] for g in smoothed}
+    after = {g.name: g.act_absmax_after for g in smoothed}
     return {name: after.get(name, float(arr.max())) for name, arr in stats.items()}

@@ -165,7 +165,7 @@ class Recipe:
     # 8-bit rows measured within 0.2% perplexity on SmolLM2 (tools/RESULTS.md), a third of the W4 file
     embedding: EmbeddingBits = option(
         EmbeddingBits.EIGHT,
-        "bits of the token embedding table (GatherBlockQuantized), or fp to keep it float",
+        "bits of the token embedding table (GatherBlockQuantized, a contrib op: --format contrib only), or fp",
     )
     act: ActMode = option(ActMode.PER_TOKEN, "W8A8 activation quantization")
     kernels: Kernels = option(

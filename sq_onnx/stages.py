@@ -28,6 +28,7 @@ from sq_onnx.passes.analyze import Analysis, analyze
 from sq_onnx.passes.fuse_norm_quant import fusion_record
 from sq_onnx.plan import LinearPlan, plan_linears
 from sq_onnx.quantize_model import (
+    Smoothed,
     cleanup,
     gptq_batches,
     input_importance,
@@ -124,10 +125,13 @@ class Conversion:
     samples: Samples | None = None
     calib: Calibration | None = None
     alpha: float | dict[str, float] | None = None
-    work: ir.Model | None = None
-    work_plans: list[LinearPlan] = field(default_factory=list)  # ``plans`` carried over to ``work``
+    smoothed: Smoothed | None = None  # the copy being converted, the plans carried to it, groups and scales
     genai: tuple[dict[str, Any] | None, str] | None = None  # the input's genai config and where it came from
-    scales: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def work(self) -> ir.Model:
+        assert self.smoothed is not None, "smooth first"
+        return self.smoothed.model
 
     @property
     def calib_feeds(self) -> Feeds:
@@ -288,10 +292,9 @@ def smooth(conv: Conversion) -> None:
     samples, to float rounding)."""
     assert conv.calib is not None and conv.samples is not None
     alpha = conv.alpha if conv.analysis.groups else None
-    smoothed = smooth_copy(conv.src, conv.analysis, conv.plans, conv.calib.absmax, alpha)
-    conv.work, conv.work_plans, conv.scales = smoothed.model, smoothed.plans, smoothed.scales
-    conv.result.smoothed_groups = smoothed.groups
-    if not (conv.result.smoothed_groups and conv.samples.verify):
+    conv.smoothed = smooth_copy(conv.src, conv.analysis, conv.plans, conv.calib.absmax, alpha)
+    conv.result.smoothed_groups = [asdict(g) for g in conv.smoothed.groups]
+    if not (conv.smoothed.groups and conv.samples.verify):
         return
     outputs = first_outputs(conv.work, conv.samples.verify, "smoothed", conv.show_progress)
     check = compare(conv.calib.reference, outputs)
@@ -308,24 +311,27 @@ def smooth(conv: Conversion) -> None:
 def quantize(conv: Conversion) -> None:
     """Replace the planned linears in the smoothed copy (GPTQ's Hessians from the float model in one pass,
     or segment by segment from the copy as it is quantized)."""
-    recipe, work, calib, samples = conv.recipe, conv.work, conv.calib, conv.samples
-    assert work is not None and calib is not None and samples is not None
+    recipe, calib, samples, smoothed = conv.recipe, conv.calib, conv.samples, conv.smoothed
+    assert smoothed is not None and calib is not None and samples is not None
+    work = smoothed.model
     if recipe.scheme == "smooth":
         cleanup(work)
         return
-    ranges = static_ranges(calib.absmax, conv.result.smoothed_groups) if recipe.act == "static" else None
-    importance = input_importance(calib.mean_square, conv.scales) if recipe.clip_search else None
+    ranges = static_ranges(calib.absmax, smoothed.groups) if recipe.act == "static" else None
+    importance = input_importance(calib.mean_square, smoothed.scales) if recipe.clip_search else None
     hessians = segments = None
     if recipe.uses_gptq:
         feeds = samples.pool[: recipe.gptq_samples]
         conv.result.calibration["hessian_samples"] = len(feeds)
         if recipe.gptq_sequential or recipe.gptq_asymmetric:
             segments = SegmentRunner(
-                work, gptq_batches(work, recipe, conv.work_plans), feeds, float_copy=recipe.gptq_asymmetric
+                work, gptq_batches(work, recipe, smoothed.plans), feeds, float_copy=recipe.gptq_asymmetric
             )
         else:
             inputs = {p.linear.input.name: p.linear.shape[0] for p in conv.plans if p.action in ("w4", "w8")}
-            hessians = ChunkedHessians(conv.src, inputs, feeds, conv.scales, show_progress=conv.show_progress)
+            hessians = ChunkedHessians(
+                conv.src, inputs, feeds, smoothed.scales, show_progress=conv.show_progress
+            )
     outputs = (
         {name: float(calib.absmax[name].max()) for name in _w8a8_outputs(conv.plans)}
         if recipe.format == "qoperator"
@@ -334,7 +340,7 @@ def quantize(conv: Conversion) -> None:
     quantized = quantize_graph(
         work,
         recipe,
-        conv.work_plans,
+        smoothed.plans,
         output_ranges=outputs,
         static_ranges=ranges,
         show_progress=conv.show_progress,
@@ -352,7 +358,7 @@ def quantize(conv: Conversion) -> None:
 
 def verify(conv: Conversion) -> None:
     """The converted model against the float one on the verification samples."""
-    assert conv.work is not None and conv.calib is not None and conv.samples is not None
+    assert conv.smoothed is not None and conv.calib is not None and conv.samples is not None
     if conv.samples.verify:
         outputs = first_outputs(conv.work, conv.samples.verify, "converted", conv.show_progress)
         conv.result.verify = compare(conv.calib.reference, outputs).to_dict()
@@ -360,9 +366,9 @@ def verify(conv: Conversion) -> None:
 
 def report_parts(conv: Conversion) -> tuple[list[dict[str, Any]], list[LayerError]]:
     """The report's per-group records and per-layer errors (read back from the quantized graph)."""
-    assert conv.work is not None and conv.calib is not None
-    alphas = {g["name"]: g["alpha"] for g in conv.result.smoothed_groups}
-    stats, scales = conv.calib.absmax, conv.scales
+    assert conv.smoothed is not None and conv.calib is not None
+    alphas = {g.name: g.alpha for g in conv.smoothed.groups}
+    stats, scales = conv.calib.absmax, conv.smoothed.scales
     groups = [
         group_record(g, stats[g.name], scales[g.name], alphas[g.name])
         for g in conv.analysis.groups
