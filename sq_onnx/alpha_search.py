@@ -23,7 +23,7 @@ from sq_onnx.plan import LinearPlan
 from sq_onnx.quant.blockwise import quantize_blockwise
 from sq_onnx.quant.int8 import fake_per_channel, fake_per_token
 from sq_onnx.quant.smoothing import smoothing_scales
-from sq_onnx.quantize_model import quantize_graph, smooth_copy
+from sq_onnx.quantize_model import activation_ranges, quantize_graph, smooth_copy
 from sq_onnx.recipe import Recipe
 from sq_onnx.runtime.ort_session import in_memory_session
 from sq_onnx.runtime.progress import track
@@ -69,7 +69,8 @@ def search_alpha_model(
 
     def score(alpha: float | None) -> float:
         smoothed = smooth_copy(src, analysis, plans, stats, alpha)
-        quantize_graph(smoothed.model, fixed, smoothed.plans)
+        inputs, outputs = activation_ranges(recipe, stats, smoothed)
+        quantize_graph(smoothed.model, fixed, smoothed.plans, static_ranges=inputs, output_ranges=outputs)
         with in_memory_session(smoothed.model) as sess:
             return loss_of(sess)
 

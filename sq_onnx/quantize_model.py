@@ -221,3 +221,22 @@ def static_ranges(stats: dict[str, np.ndarray], smoothed: list[SmoothedGroup]) -
     """Per-tensor activation abs-max after smoothing: max_j(absmax_j / s_j) for smoothed tensors."""
     after = {g.name: g.act_absmax_after for g in smoothed}
     return {name: after.get(name, float(arr.max())) for name, arr in stats.items()}
+
+
+def w8a8_outputs(plans: list[LinearPlan]) -> dict[str, int]:
+    """Output tensor -> channels of every W8A8 linear (QLinearMatMul's output scale is calibrated on them)."""
+    return {p.linear.node.outputs[0].name or "": p.linear.shape[1] for p in plans if p.action == "w8a8"}
+
+
+def output_ranges(stats: dict[str, np.ndarray], plans: list[LinearPlan]) -> dict[str, float]:
+    """Per-tensor abs-max of every W8A8 linear's output (smoothing leaves outputs as they are)."""
+    return {name: float(stats[name].max()) for name in w8a8_outputs(plans)}
+
+
+def activation_ranges(
+    recipe: Recipe, stats: dict[str, np.ndarray], smoothed: Smoothed
+) -> tuple[dict[str, float] | None, dict[str, float] | None]:
+    """The calibrated ranges the recipe's W8A8 form needs: (inputs for --act static, outputs for qoperator)."""
+    inputs = static_ranges(stats, smoothed.groups) if recipe.act == "static" else None
+    outputs = output_ranges(stats, smoothed.plans) if recipe.format == "qoperator" else None
+    return inputs, outputs

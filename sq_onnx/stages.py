@@ -29,12 +29,13 @@ from sq_onnx.passes.fuse_norm_quant import fusion_record
 from sq_onnx.plan import LinearPlan, plan_linears
 from sq_onnx.quantize_model import (
     Smoothed,
+    activation_ranges,
     cleanup,
     gptq_batches,
     input_importance,
     quantize_graph,
     smooth_copy,
-    static_ranges,
+    w8a8_outputs,
 )
 from sq_onnx.recipe import Recipe
 from sq_onnx.reporting.layer_error import LayerError, layer_errors
@@ -243,7 +244,7 @@ def calibrate_stage(conv: Conversion) -> None:
     if recipe.scheme == "w8a8" and recipe.act == "static":
         tensors.update({p.linear.input.name: p.linear.shape[0] for p in plans if p.action == "w8a8"})
     if recipe.format == "qoperator":  # QLinearMatMul's output scale (smoothing leaves outputs as they are)
-        tensors.update(_w8a8_outputs(plans))
+        tensors.update(w8a8_outputs(plans))
     row_tensors = tuple(g.name for g in analysis.groups) if recipe.alpha_search == "layer" else ()
     max_rows = recipe.search_rows
     if conv.want_report:
@@ -317,7 +318,7 @@ def quantize(conv: Conversion) -> None:
     if recipe.scheme == "smooth":
         cleanup(work)
         return
-    ranges = static_ranges(calib.absmax, smoothed.groups) if recipe.act == "static" else None
+    ranges, outputs = activation_ranges(recipe, calib.absmax, smoothed)
     importance = input_importance(calib.mean_square, smoothed.scales) if recipe.clip_search else None
     hessians = segments = None
     if recipe.uses_gptq:
@@ -332,11 +333,6 @@ def quantize(conv: Conversion) -> None:
             hessians = ChunkedHessians(
                 conv.src, inputs, feeds, smoothed.scales, show_progress=conv.show_progress
             )
-    outputs = (
-        {name: float(calib.absmax[name].max()) for name in _w8a8_outputs(conv.plans)}
-        if recipe.format == "qoperator"
-        else None
-    )
     quantized = quantize_graph(
         work,
         recipe,
@@ -409,11 +405,6 @@ def genai_folder(conv: Conversion, out: Path) -> None:
     library = custom_ops.require_library() if conv.recipe.kernels == "sq_onnx" else None
     written = write_folder(config, conv.input_path.parent, out, library)
     conv.result.genai = {"written": written, "config": origin}
-
-
-def _w8a8_outputs(plans: list[LinearPlan]) -> dict[str, int]:
-    """Output tensor -> channels of every W8A8 linear."""
-    return {p.linear.node.outputs[0].name or "": p.linear.shape[1] for p in plans if p.action == "w8a8"}
 
 
 def held_out_feeds(

@@ -114,3 +114,15 @@ def test_layer_search_end_to_end(llama_dir, tmp_path, calib_ids):
     assert alphas == {g["group"]: g["alpha"] for g in result.alpha_search["groups"]}
     assert rel_error(ref, run(out, feed)) < 0.75 * rel_error(ref, run(base, feed))
     assert np.isfinite(result.alpha)
+
+
+@pytest.mark.parametrize("fmt", ["contrib", "qdq", "qoperator"])
+def test_model_search_scores_static_activations_with_their_calibrated_ranges(
+    llama_dir, calib_ids, tmp_path, fmt
+):
+    """Each candidate needs the per-tensor ranges (and QLinearMatMul's output ranges) after its own smoothing."""
+    recipe = Recipe(scheme="w8a8", act="static", format=fmt, alpha_search="model", alpha_step=0.5, samples=4)
+    result = convert(llama_dir / "model.onnx", tmp_path / "m.onnx", recipe, calibration=calib_ids)
+    curve = result.alpha_search["curve"]
+    assert [c["alpha"] for c in curve] == [0.0, 0.5, 1.0] and all(np.isfinite(c["loss"]) for c in curve)
+    assert result.alpha == min(curve, key=lambda c: c["loss"])["alpha"]
