@@ -52,6 +52,7 @@ ROWS: dict[str, list[str] | None] = {
     "ORT quantize_static (QDQ, per-channel, symmetric activations, same calibration text)": ["ort-static"],
     "sq-onnx w8a8 static QDQ, no smoothing": [*W8A8, "--act", "static", "--format", "qdq", "--no-smooth"],
     "sq-onnx w8a8 static QDQ, alpha 0.5 (default)": [*W8A8, "--act", "static", "--format", "qdq"],
+    "sq-onnx w8a8 static QDQ, alpha 0.8": [*W8A8, "--act", "static", "--format", "qdq", "--alpha", "0.8"],
     "sq-onnx w8a8 static QDQ, --alpha auto": [*W8A8, "--act", "static", "--format", "qdq", "--alpha", "auto"],
 }
 
