@@ -84,6 +84,14 @@ class Linear:
         return self.name
 
     @property
+    def activation_type(self) -> ir.DataType | None:
+        """X's element type; intermediate values often carry none, and then the weight's type is X's."""
+        if self.input.dtype is not None:
+            return self.input.dtype
+        tensor = self.source.const_value
+        return self.source.dtype or (tensor.dtype if tensor is not None else None)
+
+    @property
     def bias(self) -> ir.Value | None:
         if self.node.op_type == "Gemm" and len(self.node.inputs) > 2:
             return self.node.inputs[2]

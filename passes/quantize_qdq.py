@@ -28,7 +28,7 @@ SCALE_TYPES = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
 
 
 def _scale_type(linear: Linear) -> type:
-    dtype = linear.input.dtype or linear.source.dtype
+    dtype = linear.activation_type
     if dtype not in SCALE_TYPES:
         raise ValueError(
             f"--format qdq / qoperator take float32 or float16 activations, not {dtype} ({linear.name})"

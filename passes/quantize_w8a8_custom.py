@@ -19,14 +19,6 @@ from sq_onnx.quant.int8 import quantize_per_channel
 SUPPORTED = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
 
 
-def _activation_type(linear: Linear) -> ir.DataType | None:
-    """X's element type; intermediate values often carry none, and then the weight's type is X's."""
-    if linear.input.dtype is not None:
-        return linear.input.dtype
-    tensor = linear.source.const_value
-    return linear.source.dtype or (tensor.dtype if tensor is not None else None)
-
-
 def per_token_inputs(graph: ir.Graph, linears: list[Linear]) -> list[tuple[ir.Value, ir.Value]]:
     """(Xq, x_scale) for each linear: one QuantizePerToken per distinct input (q/k/v share one), inserted
     before its first reader."""
@@ -47,7 +39,7 @@ def quantize_w8a8_custom(graph: ir.Graph, linears: list[Linear]) -> list[str]:
     done = []
     for linear, (xq, xs) in zip(linears, activations, strict=True):
         node = linear.node
-        x_type = _activation_type(linear)
+        x_type = linear.activation_type
         if x_type not in SUPPORTED:
             raise ValueError(
                 f"--kernels sq_onnx supports float32 and float16 activations, not {x_type} ({node.name})"

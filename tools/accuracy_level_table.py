@@ -11,8 +11,9 @@ the model with every MatMulNBits at level 4. Each is evaluated like ``sq-onnx ev
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from domain_table import add_eval_options, domain_row, print_markdown
 
 
 def at_level(src: Path, level: int) -> Path:
@@ -35,33 +36,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("model", type=Path)
-    parser.add_argument("--reference", type=Path, default=Path("demo_out/fp32/model.onnx"))
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--yardstick", type=Path, default=Path("yardstick"))
-    parser.add_argument("--windows", type=int, default=8)
+    add_eval_options(parser)
     args = parser.parse_args()
-    from sq_onnx.lm.evaluate import evaluate_domains, text_sources
-
-    texts = dict(text_sources([args.yardstick / args.split]))
-    rows = []
-    for level in (0, 4):
-        path = at_level(args.model, level)
-        cache = path.with_suffix(f".eval-{args.split}-{args.windows}.json")
-        if cache.exists() and cache.stat().st_mtime > path.stat().st_mtime:
-            result = json.loads(cache.read_text())
-        else:
-            result = evaluate_domains(path, texts, windows=args.windows, compare=args.reference).to_dict()
-            cache.write_text(json.dumps(result))
-        row = {"accuracy_level": level}
-        for d in result["domains"]:
-            row[d["domain"]] = f"{100 * (d['compare']['perplexity_ratio'] - 1):+.2f}%"
-        row["mean KL"] = round(result["mean"]["kl_divergence"], 4)
-        row["mean top-1"] = round(result["mean"]["top1_agreement"], 4)
-        rows.append(row)
-    print("| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]))
-    for row in rows:
-        print("| " + " | ".join(str(v) for v in row.values()) + " |")
+    print_markdown(
+        [domain_row(at_level(args.model, level), args, {"accuracy_level": level}) for level in (0, 4)]
+    )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ variant is evaluated like ``sq-onnx eval --texts yardstick/SPLIT --compare demo_
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from domain_table import add_eval_options, domain_row, print_markdown
 
 
 def variant(src: Path, bits: int, block_size: int) -> Path:
@@ -38,39 +39,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("model", type=Path)
-    parser.add_argument("--reference", type=Path, default=Path("demo_out/fp32/model.onnx"))
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--yardstick", type=Path, default=Path("yardstick"))
-    parser.add_argument("--windows", type=int, default=8)
+    add_eval_options(parser)
     parser.add_argument("--block-size", type=int, default=128)
     args = parser.parse_args()
-    from sq_onnx.lm.evaluate import evaluate_domains, text_sources
-
-    texts = dict(text_sources([args.yardstick / args.split]))
     rows = []
     for label, path in [
         ("float embedding", args.model),
         ("8-bit embedding", variant(args.model, 8, args.block_size)),
         ("4-bit embedding", variant(args.model, 4, args.block_size)),
     ]:
-        cache = path.with_suffix(f".eval-{args.split}-{args.windows}.json")
-        if cache.exists() and cache.stat().st_mtime > path.stat().st_mtime:
-            result = json.loads(cache.read_text())
-        else:
-            result = evaluate_domains(path, texts, windows=args.windows, compare=args.reference).to_dict()
-            cache.write_text(json.dumps(result))
         data = path.with_name(path.name + ".data")
         size = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-        row = {"variant": label, "MB": round(size / 1e6, 1)}
-        for d in result["domains"]:
-            row[d["domain"]] = f"{100 * (d['compare']['perplexity_ratio'] - 1):+.2f}%"
-        row["mean ppl"] = f"{100 * (result['mean']['perplexity_ratio'] - 1):+.2f}%"
-        row["mean KL"] = round(result["mean"]["kl_divergence"], 4)
-        rows.append(row)
-    print("| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]))
-    for row in rows:
-        print("| " + " | ".join(str(v) for v in row.values()) + " |")
+        rows.append(domain_row(path, args, {"variant": label, "MB": round(size / 1e6, 1)}))
+    print_markdown(rows)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from sq_onnx.errors import ModelLoadError, OutputError, SqOnnxError
-from sq_onnx.lm.genai_folder import derive_config, graph_names, write_config
+from sq_onnx.lm.genai_folder import derive_config, write_config
 from sq_onnx.runtime.model_io import save_model
 
 
@@ -183,7 +183,11 @@ def export(
         model.generation_config.save_pretrained(str(out))
     if kv_cache:  # genai runs decoders with a KV cache only
         hf = {**model.config.to_dict(), **_token_ids(model)}
-        write_config(out, derive_config(*graph_names(target), hf, target.name))
+        names = (
+            [v.name or "" for v in onnx_model.graph.inputs],
+            [v.name or "" for v in onnx_model.graph.outputs],
+        )
+        write_config(out, derive_config(*names, hf, target.name))
     _say(quiet, f"wrote {target} in {time.perf_counter() - start:.0f}s")
     return target
 

@@ -28,7 +28,8 @@ def _nvcc_present() -> bool:
     )
 
 
-def test_only_entry_points_are_exported():
+def exported_symbols() -> set[str]:
+    """The library's dynamic symbols (nm -D); skips where binutils are missing."""
     nm = shutil.which("nm")
     if nm is None:
         pytest.skip("no nm (binutils) to list the library's symbols")
@@ -38,7 +39,11 @@ def test_only_entry_points_are_exported():
         text=True,
         check=True,
     ).stdout
-    names = {line.split()[-1] for line in out.splitlines() if line.strip()}
+    return {line.split()[-1] for line in out.splitlines() if line.strip()}
+
+
+def test_only_entry_points_are_exported():
+    names = exported_symbols()
     assert "RegisterCustomOps" in names
     stray = {n for n in names if n != "RegisterCustomOps" and not n.startswith("sq_onnx_")}
     assert not stray, (
@@ -56,16 +61,7 @@ CUDA_HOOK_SYMBOLS = {
 
 
 def test_test_entry_points_are_exported_only_by_the_test_build():
-    nm = shutil.which("nm")
-    if nm is None:
-        pytest.skip("no nm (binutils) to list the library's symbols")
-    out = subprocess.run(
-        [nm, "-D", "--defined-only", str(custom_ops.library_path())],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    names = {line.split()[-1] for line in out.splitlines() if line.strip()}
+    names = exported_symbols()
     hooks = HOOK_SYMBOLS | (CUDA_HOOK_SYMBOLS if custom_ops.built_with_cuda() else set())
     assert {"RegisterCustomOps", "sq_onnx_cpu_isa", "sq_onnx_has_test_hooks"} <= names
     if custom_ops.has_test_hooks():
