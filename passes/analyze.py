@@ -12,14 +12,17 @@ import numpy as np
 import onnx_ir as ir
 
 from sq_onnx.passes.graph_edit import MS
-from sq_onnx.passes.linears import Linear, constant_array, find_linears, is_constant
+from sq_onnx.passes.linear_producers import Fold, linear_producer
+from sq_onnx.passes.linears import Linear, find_linears, is_channel_vector, is_constant
 
 
 @dataclass
 class SmoothGroup:
     """One shared smoothing scale: ``tensor`` is divided by s, every consumer's weight rows multiplied by s.
 
-    ``fold_into`` lists (node, input index) of the per-channel constants (γ, β) that absorb 1/s.
+    ``fold_into`` lists (node, input index) of the per-channel constants (γ, β, a bias) that absorb 1/s;
+    ``fold_columns`` the linears whose output columns absorb it (a linear producer, as AWQ folds
+    up_proj -> down_proj through the gated product, or fc1 -> fc2 through a ReLU).
     """
 
     kind: str
@@ -27,6 +30,13 @@ class SmoothGroup:
     tensor: ir.Value
     fold_into: list[tuple[ir.Node, int]]
     consumers: list[Linear]
+    fold_columns: list[Linear] = field(default_factory=list)
+    column_map: np.ndarray | None = None  # tensor channel -> producer column, where several share one
+
+    @property
+    def through_linear(self) -> bool:
+        """The scale folds into a linear producer's columns, not a norm's constants."""
+        return bool(self.fold_columns)
 
     @property
     def channels(self) -> int:
@@ -64,26 +74,13 @@ class Analysis:
                     nodes[g.producer].outputs[g.tensor.index()],
                     [(nodes[node], index) for node, index in g.fold_into],
                     [Linear(nodes[c.node]) for c in g.consumers],
+                    [Linear(nodes[p.node]) for p in g.fold_columns],
+                    g.column_map,
                 )
                 for g in self.groups
             ],
             list(self.skipped),
         )
-
-
-def _is_float(dtype: np.dtype) -> bool:
-    """numpy floats, and bfloat16 (an ml_dtypes type numpy does not count as floating)."""
-    return np.issubdtype(dtype, np.floating) or dtype == ir.DataType.BFLOAT16.numpy()
-
-
-def _is_channel_vector(value: ir.Value | None, channels: int) -> bool:
-    """A constant that broadcasts along the last axis only: shape [C] or [1, ..., 1, C]."""
-    if value is None or not is_constant(value):
-        return False
-    arr = constant_array(value)
-    if arr is None or arr.ndim == 0 or arr.shape[-1] != channels:
-        return False
-    return all(d == 1 for d in arr.shape[:-1]) and _is_float(arr.dtype)
 
 
 def _axis_is_last(node: ir.Node, default: int = -1) -> bool:
@@ -100,7 +97,7 @@ def _mul_gamma_index(node: ir.Node, channels: int) -> int | None:
     if node.op_type != "Mul" or node.domain != "" or len(node.inputs) != 2:
         return None
     for i in (0, 1):
-        if _is_channel_vector(node.inputs[i], channels) and not is_constant(node.inputs[1 - i]):
+        if is_channel_vector(node.inputs[i], channels) and not is_constant(node.inputs[1 - i]):
             return i
     return None
 
@@ -114,8 +111,19 @@ def _looks_like_rms(node: ir.Node, gamma_index: int) -> bool:
     return bool(ops & {"Reciprocal", "Div", "Sqrt"})
 
 
-def classify_producer(value: ir.Value, channels: int) -> tuple[str, list[tuple[ir.Node, int]]] | str:
-    """(kind, fold targets) when ``value``'s producer can absorb a per-channel 1/s, else the reason."""
+def classify_producer(value: ir.Value, channels: int, through_linears: bool = False) -> Fold | str:
+    """(kind, constant fold targets, linear fold targets) when ``value``'s producer can absorb a
+    per-channel 1/s, else the reason. ``through_linears``: also fold into a linear producer's columns."""
+    found = classify_norm(value, channels)
+    if isinstance(found, str) and through_linears and value.producer() is not None:
+        linear = linear_producer(value.producer(), channels)  # type: ignore[arg-type]
+        if linear is not None:
+            return linear
+    return found if isinstance(found, str) else (*found, [], None)
+
+
+def classify_norm(value: ir.Value, channels: int) -> tuple[str, list[tuple[ir.Node, int]]] | str:
+    """(kind, fold targets) when ``value``'s producer has per-channel constants that absorb 1/s, else why."""
     node = value.producer()
     if node is None:
         return "it is a graph input" if value.is_graph_input() else "it has no producer node"
@@ -123,7 +131,7 @@ def classify_producer(value: ir.Value, channels: int) -> tuple[str, list[tuple[i
     ins = list(node.inputs) + [None] * 5
 
     def vec(i: int) -> bool:
-        return _is_channel_vector(ins[i], channels)
+        return is_channel_vector(ins[i], channels)
 
     if dom == "" and op == "LayerNormalization" and idx == 0 and vec(1) and _axis_is_last(node):
         targets = [(node, 1)] + ([(node, 2)] if ins[2] is not None and vec(2) else [])
@@ -159,8 +167,9 @@ def classify_producer(value: ir.Value, channels: int) -> tuple[str, list[tuple[i
     return f"its producer {op or '?'} ({node.name}) cannot absorb a per-channel scale"
 
 
-def analyze(graph: ir.Graph, linears: list[Linear] | None = None) -> Analysis:
-    """Group linears by their input tensor and decide, per tensor, whether smoothing can fold."""
+def analyze(graph: ir.Graph, linears: list[Linear] | None = None, through_linears: bool = False) -> Analysis:
+    """Group linears by their input tensor and decide, per tensor, whether smoothing can fold
+    (``through_linears``: also into a linear producer's output columns)."""
     linears = find_linears(graph) if linears is None else linears
     result = Analysis(linears=linears)
     by_input: dict[int, list[Linear]] = {}
@@ -188,12 +197,12 @@ def analyze(graph: ir.Graph, linears: list[Linear] | None = None) -> Analysis:
         if value.is_graph_output():
             result.skipped.append(Skip(value.name or "", names, "the tensor is also a graph output"))
             continue
-        found = classify_producer(value, channels)
+        found = classify_producer(value, channels, through_linears)
         if isinstance(found, str):
             result.skipped.append(Skip(value.name or "", names, found))
             continue
-        kind, targets = found
+        kind, targets, columns, column_map = found
         producer = value.producer()
         assert producer is not None
-        result.groups.append(SmoothGroup(kind, producer, value, targets, consumers))
+        result.groups.append(SmoothGroup(kind, producer, value, targets, consumers, columns, column_map))
     return result

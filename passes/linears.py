@@ -38,6 +38,21 @@ def _attr_float(node: ir.Node, name: str, default: float) -> float:
     return default if attr is None else float(attr.value)
 
 
+def is_float_dtype(dtype: np.dtype) -> bool:
+    """numpy floats, and bfloat16 (an ml_dtypes type numpy does not count as floating)."""
+    return np.issubdtype(dtype, np.floating) or dtype == ir.DataType.BFLOAT16.numpy()
+
+
+def is_channel_vector(value: ir.Value | None, channels: int) -> bool:
+    """A constant that broadcasts along the last axis only: shape [C] or [1, ..., 1, C]."""
+    if value is None or not is_constant(value):
+        return False
+    arr = constant_array(value)
+    if arr is None or arr.ndim == 0 or arr.shape[-1] != channels:
+        return False
+    return all(d == 1 for d in arr.shape[:-1]) and is_float_dtype(arr.dtype)
+
+
 @dataclass(frozen=True)
 class Linear:
     """A MatMul/Gemm/FusedMatMul ``Y = X @ W (+ bias)`` with a constant weight (made by ``as_linear``).

@@ -38,30 +38,58 @@ class SmoothedGroup:
     act_absmax_after: float
 
 
+def producer_scales(group: SmoothGroup, scales: np.ndarray) -> np.ndarray:
+    """s per producer column: the tensor's own s, or, where several channels read one column (query heads
+    sharing a KV head), that column's s (tied: ``tied_scales``)."""
+    if group.column_map is None:
+        return scales
+    out = np.ones(int(group.column_map.max()) + 1, scales.dtype)
+    out[group.column_map] = scales
+    return out
+
+
+def tied_scales(group: SmoothGroup, act: np.ndarray, w: np.ndarray, alpha: float) -> np.ndarray:
+    """Smoothing scales, one per producer column when channels share one: from the largest activation and
+    weight row among the channels that share it, so every channel gets the same s."""
+    if group.column_map is None:
+        return smoothing_scales(act, w, alpha)
+    n = int(group.column_map.max()) + 1
+    act_cols, w_cols = np.zeros(n, np.float64), np.zeros(n, np.float64)
+    np.maximum.at(act_cols, group.column_map, act)
+    np.maximum.at(w_cols, group.column_map, w)
+    return smoothing_scales(act_cols, w_cols, alpha)[group.column_map]
+
+
 def apply_smoothing(graph: ir.Graph, group: SmoothGroup, scales: np.ndarray) -> None:
     """Fold 1/s into the producer's constants and s into every consumer's weight rows (new initializers)."""
-    s = scales.astype(np.float64)
+    s = producer_scales(group, scales).astype(np.float64)
     for node, index in group.fold_into:
         old = constant_array(node.inputs[index])
         assert old is not None
         new = (old.astype(np.float64) / s.reshape((1,) * (old.ndim - 1) + (-1,))).astype(old.dtype)
         base = f"{node.inputs[index].name or node.name}.smoothed"
         node.replace_input_with(index, add_initializer(graph, base, new))
+    for linear in group.fold_columns:
+        set_weight_lazy(graph, linear, _scaled(linear, s, axis=1), linear.source.dtype, "smoothed_out")
     for linear in group.consumers:
-        set_weight_lazy(graph, linear, _scaled_rows(linear, scales), linear.source.dtype, "smoothed")
+        set_weight_lazy(graph, linear, _scaled(linear, scales, axis=0), linear.source.dtype, "smoothed")
 
 
-def _scaled_rows(linear: Linear, scales: np.ndarray):
-    """A function computing s_j * W[j, :] from the weight the linear has now (correctly rounded in its
-    dtype), called only when the new weight is read."""
+def _scaled(linear: Linear, scales: np.ndarray, axis: int):
+    """A function computing the [K, N] weight the linear has now with its rows multiplied (axis 0:
+    s_j * W[j, :]) or its columns divided (axis 1: W[:, j] / s_j), correctly rounded in its dtype; called
+    only when the new weight is read."""
     original, source = linear.weight_as_now(), linear.source
+    shape = (-1, 1) if axis == 0 else (1, -1)
 
     def make() -> np.ndarray:
         w = original()
-        if w.dtype == np.float32:
-            out = w * scales.astype(np.float32)[:, None]  # one float32 product is correctly rounded
+        if w.dtype == np.float32 and axis == 0:
+            out = w * scales.astype(np.float32).reshape(shape)  # one float32 product is correctly rounded
+        elif axis == 0:
+            out = (w.astype(np.float64) * scales.astype(np.float64).reshape(shape)).astype(w.dtype)
         else:
-            out = (w.astype(np.float64) * scales.astype(np.float64)[:, None]).astype(w.dtype)
+            out = (w.astype(np.float64) / scales.astype(np.float64).reshape(shape)).astype(w.dtype)
         del w
         release_weight(source)
         return out
@@ -81,7 +109,7 @@ def smooth_groups(
     for group in groups:
         act = act_absmax[group.name]
         a = alpha[group.name] if isinstance(alpha, dict) else alpha
-        s = smoothing_scales(act, weight_row_absmax(group), a)
+        s = tied_scales(group, act, weight_row_absmax(group), a)
         apply_smoothing(graph, group, s)
         scales[group.name] = s
         done.append(

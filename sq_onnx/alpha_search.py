@@ -18,11 +18,10 @@ import onnx_ir as ir
 
 from sq_onnx.lm.evaluate import token_nll
 from sq_onnx.passes.analyze import Analysis, SmoothGroup
-from sq_onnx.passes.smooth import weight_row_absmax
+from sq_onnx.passes.smooth import tied_scales, weight_row_absmax
 from sq_onnx.plan import LinearPlan
 from sq_onnx.quant.blockwise import quantize_blockwise
 from sq_onnx.quant.int8 import fake_per_channel, fake_per_token
-from sq_onnx.quant.smoothing import smoothing_scales
 from sq_onnx.quantize_model import activation_ranges, quantize_graph, smooth_copy
 from sq_onnx.recipe import Recipe
 from sq_onnx.runtime.ort_session import in_memory_session
@@ -115,7 +114,7 @@ def group_error(
         cache["weights"] = [c.weight_kn().astype(np.float32) for c in group.consumers]
         cache["w_absmax"] = weight_row_absmax(group)
         cache["refs"] = [x @ w for w in cache["weights"]]
-    s = smoothing_scales(act_absmax, cache["w_absmax"], alpha)
+    s = tied_scales(group, act_absmax, cache["w_absmax"], alpha)
     xs = x / s
     num = den = 0.0
     for consumer, w, ref in zip(group.consumers, cache["weights"], cache["refs"], strict=True):

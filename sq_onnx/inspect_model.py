@@ -91,8 +91,8 @@ def inspect_model(
     ("builtin" for the built-in text, or a calibration file) also each group's outlier channels."""
     model = load_model(path)
     graph = model.graph
-    analysis = analyze(graph)
     base = recipe or Recipe()
+    analysis = analyze(graph, through_linears=base.linear_folds)
     schemes = {}
     w8a8_linears: list[Linear] = []
     for scheme in ("w4", "w8a8"):

@@ -124,3 +124,69 @@ def test_shared_constants_are_not_corrupted():
     assert rel_error(before[0], after[0]) < 1e-5
     np.testing.assert_array_equal(before[1], after[1])
     np.testing.assert_array_equal(before[2], after[2])
+
+
+@pytest.mark.parametrize("fixture", ["llama_dir", "opt_dir", "llama_bias_dir"])
+def test_linear_producer_folds_keep_the_function(fixture, request, tmp_path, calib_ids):
+    """up_proj -> down_proj through the gated product (Llama), fc1 -> fc2 through the ReLU (OPT) and
+    v_proj -> o_proj through attention (one scale per KV-head column, shared by the query heads that read
+    it): 1/s in the producer's output columns (and bias) is exact, and the consumers' inputs lose their
+    outliers."""
+    folder = request.getfixturevalue(fixture)
+    model = ir.load(folder / "model.onnx")
+    through = analyze(model.graph, through_linears=True)
+    plain = analyze(model.graph)
+    folded = [g for g in through.groups if g.through_linear]
+    assert len(folded) == 4 and len(plain.groups) == 5  # two per layer, on top of the norm groups
+    assert {g.name for g in plain.groups} < {g.name for g in through.groups}
+    pairs = {(g.fold_columns[0].module.split(".")[-1], g.consumers[0].module.split(".")[-1]) for g in folded}
+    mlp = ("up_proj", "down_proj") if fixture != "opt_dir" else ("fc1", "fc2")
+    attention = ("v_proj", "o_proj") if fixture != "opt_dir" else ("v_proj", "out_proj")
+    assert pairs == {mlp, attention}
+    for group in folded:
+        if group.column_map is not None:  # 4 query heads of 16 read 2 KV heads: head h reads KV head h // 2
+            head_dim = group.channels // 4
+            expected = [(h // 2) * head_dim + d for h in range(4) for d in range(head_dim)]
+            assert group.column_map.tolist() == (expected if fixture != "opt_dir" else list(range(group.channels)))
+    out = tmp_path / "smooth.onnx"
+    recipe = Recipe(scheme="smooth", samples=4, linear_folds=True)
+    result = convert(folder / "model.onnx", out, recipe, calibration=calib_ids)
+    assert result.smoothing_check["equivalent"] and len(result.smoothed_groups) == 9
+    for record in result.smoothed_groups:
+        if record["name"] in {g.name for g in folded}:
+            assert record["act_absmax_after"] < record["act_absmax_before"]
+    feed = ids_feed()
+    assert rel_error(run(folder / "model.onnx", feed), run(out, feed)) < 1e-5
+
+
+def test_value_fold_keeps_decoding_with_the_kv_cache(llama_kv, tmp_path, calib_ids):
+    """With a KV cache the present values are V/s: the model's own cache, so each decode step's logits stay
+    those of the float model."""
+    _, folder = llama_kv
+    out = tmp_path / "smooth.onnx"
+    recipe = Recipe(scheme="smooth", samples=4, linear_folds=True)
+    result = convert(folder / "model.onnx", out, recipe, calibration=calib_ids)
+    assert sum("attention values" in g["kind"] for g in result.smoothed_groups) == 2
+    steps = []
+    for path in (folder / "model.onnx", out):
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        feed = ids_feed(seq=12)
+        inputs = {i.name for i in sess.get_inputs()}
+        if "position_ids" in inputs:
+            feed["position_ids"] = np.arange(12, dtype=np.int64)[None]
+        for i in sess.get_inputs():
+            if i.name.startswith("past_key_values"):
+                feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+        logits = []
+        for step in range(3):
+            outs = dict(zip(names, sess.run(None, feed), strict=True))
+            logits.append(outs["logits"][:, -1])
+            nxt = outs["logits"][:, -1].argmax(-1)[:, None]
+            mask = np.ones((1, feed["attention_mask"].shape[1] + 1), np.int64)
+            feed = {"input_ids": nxt, "attention_mask": mask}
+            feed.update({k.replace("present.", "past_key_values."): v for k, v in outs.items() if "present" in k})
+            if "position_ids" in inputs:
+                feed["position_ids"] = np.array([[mask.shape[1] - 1]], np.int64)
+        steps.append(np.concatenate(logits))
+    assert rel_error(steps[0], steps[1]) < 1e-5

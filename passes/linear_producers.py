@@ -1,0 +1,149 @@
+"""Linear producers that absorb a smoothing scale in their output columns, as AWQ folds them: up_proj ->
+down_proj through the gated product (SwiGLU / GeGLU), fc1 -> fc2 through a ReLU, v_proj -> o_proj through
+attention. Dividing the producer's columns (and bias) by s divides the consumers' input by s exactly; the
+producer's own quantization is per output column, so it does not notice.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from sq_onnx.passes.linears import Linear, as_linear, is_channel_vector, is_constant, is_float_dtype
+
+# Element-wise activations f with f(x / s) = f(x) / s for every s > 0: a scale passes through them.
+POSITIVELY_HOMOGENEOUS = ("Relu",)
+
+# (kind, constants that absorb 1/s, linears whose columns absorb it, consumer channel -> producer column
+# where they differ: several query heads read one KV head's columns)
+Fold = tuple[str, list[tuple[ir.Node, int]], list[Linear], np.ndarray | None]
+
+
+def _read_once(value: ir.Value | None) -> bool:
+    """A computed tensor that one node reads and the graph does not output: scaling it changes nothing else."""
+    if value is None or value.producer() is None:
+        return False
+    return len(value.uses()) == 1 and not value.is_graph_output()
+
+
+def _linear_columns(value: ir.Value | None, channels: int) -> tuple[list[tuple[ir.Node, int]], Linear] | None:
+    """``value`` = a linear's output (+ a constant per-channel bias) read by one node only: dividing the
+    linear's output columns (and the bias) by s divides ``value`` by s exactly. The bias targets and the
+    linear, else None."""
+    if not _read_once(value):
+        return None
+    node = value.producer()
+    targets: list[tuple[ir.Node, int]] = []
+    if node.op_type == "Add" and node.domain == "" and len(node.inputs) == 2:
+        for i in (0, 1):
+            inner = node.inputs[1 - i]
+            if is_channel_vector(node.inputs[i], channels) and _read_once(inner):
+                targets, node = [(node, i)], inner.producer()
+                break
+        else:
+            return None
+    linear = as_linear(node)
+    dtype = None if linear is None else linear.source.dtype
+    if linear is None or linear.shape[1] != channels or dtype is None or not is_float_dtype(dtype.numpy()):
+        return None
+    if linear.bias is not None:
+        if not is_channel_vector(linear.bias, channels):
+            return None
+        targets.append((node, 2))
+    return targets, linear
+
+
+def linear_producer(node: ir.Node, channels: int) -> Fold | None:
+    """A gated product (SwiGLU / GeGLU: act(gate) * up) or a positively homogeneous activation of a linear."""
+    if node.domain != "":
+        return None
+    if node.op_type == "Mul" and len(node.inputs) == 2 and not any(is_constant(v) for v in node.inputs):
+        for i in (1, 0):  # the exporters write act(gate) * up: try the second factor first
+            found = _linear_columns(node.inputs[i], channels)
+            if found is not None:
+                return f"gated product ({found[1].name})", found[0], [found[1]], None
+    if node.op_type in POSITIVELY_HOMOGENEOUS and len(node.inputs) == 1:
+        found = _linear_columns(node.inputs[0], channels)
+        if found is not None:
+            return f"{node.op_type} of a linear ({found[1].name})", found[0], [found[1]], None
+    return attention_values(node, channels)
+
+
+def _dims(value: ir.Value | None) -> tuple[int | None, ...] | None:
+    if value is None or value.shape is None:
+        return None
+    return tuple(d if isinstance(d, int) else None for d in value.shape)
+
+
+def _op(value: ir.Value | None, op: str, reader: ir.Node, kv_output: bool = False) -> ir.Node | None:
+    """``value``'s producer when it is ``op`` (default domain) and nothing but ``reader`` reads ``value``'s
+    numbers (Shape nodes read only its shape; ``kv_output``: the graph may output it, as the KV cache)."""
+    if value is None or (value.is_graph_output() and not kv_output):
+        return None
+    node = value.producer()
+    if node is None or node.op_type != op or node.domain != "":
+        return None
+    if any(user is not reader and user.op_type != "Shape" for user, _ in value.uses()):
+        return None
+    return node
+
+
+def _swaps_heads_and_sequence(node: ir.Node | None) -> bool:
+    perm = None if node is None else node.attributes.get("perm")
+    return perm is not None and list(perm.value) == [0, 2, 1, 3]
+
+
+def _unsqueezes_axis_2(node: ir.Node | None) -> bool:
+    if node is None:
+        return False
+    attr = node.attributes.get("axes")
+    axes = list(attr.value) if attr is not None else None
+    if axes is None and len(node.inputs) > 1:
+        const = node.inputs[1].const_value if node.inputs[1] is not None else None
+        axes = None if const is None else [int(a) for a in const.numpy().reshape(-1)]
+    return axes == [2]
+
+
+def attention_values(node: ir.Node, channels: int) -> Fold | None:
+    """o_proj's input as torch.onnx writes attention: Reshape([B,S,H,D] -> [B,S,H*D]) <- Transpose <- P @ V,
+    V = repeat_kv(Concat(past, Transpose(Reshape(v_proj(x))))). Each query head h reads KV head h // rep,
+    so o_proj channel h*D + d is v_proj column (h // rep)*D + d, and one scale per v_proj column keeps the
+    fold exact under grouped-query attention. The KV cache then holds V / s (the model's own, so exact)."""
+    if node.op_type != "Reshape" or node.domain != "":
+        return None
+    dims = _dims(node.inputs[0])
+    if dims is None or len(dims) != 4 or None in dims[2:] or dims[2] * dims[3] != channels:  # type: ignore[operator]
+        return None
+    heads, head_dim = int(dims[2]), int(dims[3])  # type: ignore[arg-type]
+    swap = _op(node.inputs[0], "Transpose", node)
+    product = _op(swap.inputs[0], "MatMul", swap) if _swaps_heads_and_sequence(swap) else None
+    if product is None or is_constant(product.inputs[0]):
+        return None
+    values, reader, kv_heads = product.inputs[1], product, heads
+    merge = _op(values, "Reshape", reader)  # repeat_kv: [B,kvH,T,D] -> [B,kvH,1,T,D] -> expand -> [B,H,T,D]
+    if merge is not None:
+        rep_dims = _dims(merge.inputs[0])
+        expand = _op(merge.inputs[0], "Expand", merge)
+        unsqueeze = _op(expand.inputs[0], "Unsqueeze", expand) if expand is not None else None
+        if rep_dims is None or len(rep_dims) != 5 or rep_dims[1] is None or not _unsqueezes_axis_2(unsqueeze):
+            return None
+        kv_heads = int(rep_dims[1])
+        values, reader = unsqueeze.inputs[0], unsqueeze  # type: ignore[union-attr]
+    cache = _op(values, "Concat", reader, kv_output=True)
+    if cache is not None:  # the past values come in from the model's own present values
+        fresh = [v for v in cache.inputs if v is not None and not v.is_graph_input()]
+        if len(fresh) != 1 or len(cache.inputs) != 2:
+            return None
+        values, reader = fresh[0], cache
+    swap = _op(values, "Transpose", reader)
+    split = _op(swap.inputs[0], "Reshape", swap) if _swaps_heads_and_sequence(swap) else None
+    if split is None or heads % kv_heads or _dims(split.outputs[0]) is None:
+        return None
+    if _dims(split.outputs[0])[2:] != (kv_heads, head_dim):  # type: ignore[index]
+        return None
+    found = _linear_columns(split.inputs[0], kv_heads * head_dim)
+    if found is None:
+        return None
+    h, d = np.divmod(np.arange(channels), head_dim)
+    columns = (h // (heads // kv_heads)) * head_dim + d
+    return f"attention values ({found[1].name}; the KV cache holds V/s)", found[0], [found[1]], columns
