@@ -157,6 +157,9 @@ def _print_summary(result: dict[str, Any]) -> None:
             f"  verify on {v['samples']} sample(s) of {held}: relative error {v['relative_error']:.4f}, "
             f"cosine {v['cosine']:.5f}, top-1 agreement {top1}"
         )
+    level = result.get("accuracy_level")
+    if level:
+        console.print(f"  accuracy level {level['level']} (--accuracy-level auto): {level['reason']}")
     if result.get("report"):
         console.print(f"  report: {result['report'][0]}")
 

@@ -28,8 +28,11 @@ class LinearPlan:
 
 
 def _excluded(linear: Linear, patterns: tuple[str, ...]) -> str | None:
+    """The first pattern that matches the node, weight or module name (torch.onnx names weights val_N, so
+    the module path, e.g. model.layers.3.mlp.down_proj, is what a user knows)."""
+    names = (linear.name, linear.weight_name, linear.module)
     for pattern in patterns:
-        if re.search(pattern, linear.name) or re.search(pattern, linear.weight_name):
+        if any(re.search(pattern, name) for name in names):
             return pattern
     return None
 

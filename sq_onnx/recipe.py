@@ -65,6 +65,15 @@ class EmbeddingBits(Choice):
     FP = "fp"
 
 
+class AccuracyLevel(Choice):
+    AUTO = "auto"  # 4 when the held-out verification shows it costs at most --level4-tolerance, else 0
+    L0 = "0"
+    L1 = "1"
+    L2 = "2"
+    L3 = "3"
+    L4 = "4"
+
+
 class LmHead(Choice):
     FOUR = "4"
     EIGHT = "8"
@@ -113,6 +122,11 @@ class Recipe:
     search_samples: int = option(4, "calibration samples scored per α (model search)")
     search_rows: int = option(512, "activation rows kept per group (layer search)")
     smooth: bool = option(True, "smooth before quantizing (--no-smooth: the plain quantization baseline)")
+    linear_folds: bool = option(
+        False,
+        "also smooth the linears that a linear feeds through a gated product or a ReLU (up_proj -> down_proj, "
+        "fc1 -> fc2): 1/s folds into the producer's output columns",
+    )
     block_size: int = option(128, "W4 block size along K")
     symmetric: bool = option(False, "W4 symmetric blocks (no zero points)")
     # The range per block that minimises the activation-weighted error, not the full range (docs/EXPERIMENTS.md)
@@ -157,7 +171,18 @@ class Recipe:
         "W4: GPTQ samples held out; a layer keeps GPTQ's weights only where they beat round-to-nearest with "
         "the clip search on them (0: off)",
     )
-    accuracy_level: int = option(0, "MatMulNBits accuracy_level of the W4 linears")
+    # Level 4 (int8 activations) is about 2x faster on CPU; smoothing keeps it within +1% perplexity of level 0
+    # on SmolLM2, and auto checks that on each model (tools/RESULTS.md)
+    accuracy_level: AccuracyLevel = option(
+        AccuracyLevel.AUTO,
+        "MatMulNBits accuracy_level of the W4 linears (4: int8 activations, fast on CPU; 0: float); auto: 4 when "
+        "the held-out verification shows it within --level4-tolerance of level 0, else 0",
+    )
+    level4_tolerance: float = option(
+        0.01,
+        "--accuracy-level auto: the largest perplexity increase of level 4 over level 0 on the verification "
+        "samples that still chooses level 4 (0.01 = 1%%)",
+    )
     lm_head: LmHead = option(LmHead.EIGHT, "bits for the vocabulary projection")
     # ORT's 8-bit MatMulNBits at level 0 is ~5x slower than fp32 for decode on AVX2 CPUs; level 4 is fast
     # and measured lossless for the lm_head (docs/EXPERIMENTS.md)
@@ -180,7 +205,10 @@ class Recipe:
         "(QLinearMatMul, W8A8 with --act static)",
     )
     exclude: tuple[str, ...] = option(
-        (), "keep matching node/weight names in float (repeatable)", list="append", metavar="REGEX"
+        (),
+        "keep linears whose node, weight or module name matches in float (repeatable)",
+        list="append",
+        metavar="REGEX",
     )
     # One domain calibrates GPTQ to that domain only (tools/RESULTS.md, multi-domain table)
     calib_mix: tuple[CalibDomain, ...] = option(
@@ -198,6 +226,8 @@ class Recipe:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        if isinstance(self.accuracy_level, int) and not isinstance(self.accuracy_level, bool):
+            object.__setattr__(self, "accuracy_level", str(self.accuracy_level))  # recipes before "auto"
         for name, kind in CHOICE_FIELDS.items():
             value = getattr(self, name)
             if value not in kind.values():
@@ -228,9 +258,10 @@ class Recipe:
             raise RecipeError("--search-samples must be >= 1 and --search-rows >= 16.")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise RecipeError(f"block size must be a power of two >= 16, got {self.block_size}.")
-        for level in (self.accuracy_level, self.lm_head_accuracy_level):
-            if level not in (0, 1, 2, 3, 4):
-                raise RecipeError(f"accuracy level must be 0..4, got {level}.")
+        if self.lm_head_accuracy_level not in (0, 1, 2, 3, 4):
+            raise RecipeError(f"--lm-head-accuracy-level must be 0..4, got {self.lm_head_accuracy_level}.")
+        if not 0.0 <= self.level4_tolerance <= 1.0:
+            raise RecipeError(f"--level4-tolerance must be between 0 and 1, got {self.level4_tolerance}.")
         if not 0 <= self.gptq_refine <= 100:
             raise RecipeError(f"--gptq-refine must be between 0 and 100, got {self.gptq_refine}.")
         if not (0.0 < self.gptq_damp <= 10.0 and 0.0 < self.gptq_target_ridge <= 10.0):
@@ -283,6 +314,11 @@ class Recipe:
         return self.gptq and self.scheme == "w4"
 
     @property
+    def written_accuracy_level(self) -> int:
+        """The level the W4 linears are written with; auto writes 0 and may raise it after verifying."""
+        return 0 if self.accuracy_level == "auto" else int(self.accuracy_level)
+
+    @property
     def effective_alpha(self) -> float:
         """The α actually used: the given one or the scheme's default."""
         return float(self.alpha) if self.alpha is not None else DEFAULT_ALPHA[self.scheme]
@@ -323,6 +359,7 @@ def _number(value: Any) -> bool:
 # The fields whose values are a closed set, and the set.
 CHOICE_FIELDS: dict[str, type[Choice]] = {
     "scheme": Scheme,
+    "accuracy_level": AccuracyLevel,
     "alpha_search": AlphaSearch,
     "act": ActMode,
     "kernels": Kernels,

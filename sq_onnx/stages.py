@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from sq_onnx import accuracy_level
 from sq_onnx.alpha_search import search_alpha_layer, search_alpha_model
 from sq_onnx.calibration.calibrate import Calibration, calibrate
 from sq_onnx.calibration.calibration_data import builtin_heldout_feeds, find_tokenizer, load_calibration
@@ -90,6 +91,7 @@ class ConvertResult:
     report: list[str] | None = None
     opset_upgrade: dict[str, Any] | None = None
     genai: dict[str, Any] | None = None
+    accuracy_level: dict[str, Any] | None = None  # what --accuracy-level auto chose, and why
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -151,7 +153,7 @@ def analyzed(
 ) -> Conversion:
     """Find the groups and plan every linear; refuse, before any work, what the recipe cannot do."""
     _refuse_quantized(src)
-    analysis = analyze(src.graph)
+    analysis = analyze(src.graph, through_linears=recipe.linear_folds)
     plans = plan_linears(src.graph, analysis.linears, recipe)
     if recipe.scheme != "smooth" and not any(p.action != "keep" for p in plans):
         raise NothingToQuantizeError(
@@ -225,7 +227,7 @@ def gather_samples(conv: Conversion, calibration: Any) -> None:
         conv.src, recipe, calib_feeds[0] if calib_feeds else None
     )
     if conv.result.opset_upgrade is not None:  # node objects changed: analyse the upgraded graph
-        conv.analysis = analyze(conv.src.graph)
+        conv.analysis = analyze(conv.src.graph, through_linears=recipe.linear_folds)
         conv.plans = plan_linears(conv.src.graph, conv.analysis.linears, recipe)
     conv.result.skipped = [asdict(s) for s in conv.analysis.skipped]
     conv.result.kept_float = [{"node": p.name, "reason": p.reason} for p in conv.plans if p.action == "keep"]
@@ -353,11 +355,42 @@ def quantize(conv: Conversion) -> None:
 
 
 def verify(conv: Conversion) -> None:
-    """The converted model against the float one on the verification samples."""
+    """The converted model against the float one on the verification samples; with ``--accuracy-level auto``
+    the W4 linears are also run at level 4 and keep it when it costs at most the tolerance."""
     assert conv.smoothed is not None and conv.calib is not None and conv.samples is not None
-    if conv.samples.verify:
-        outputs = first_outputs(conv.work, conv.samples.verify, "converted", conv.show_progress)
+    feeds = conv.samples.verify
+    outputs = first_outputs(conv.work, feeds, "converted", conv.show_progress) if feeds else []
+    nodes = _auto_level_nodes(conv)
+    if nodes:
+        if not feeds:
+            choice = accuracy_level.LevelChoice(
+                0, "no held-out samples to verify level 4 on (--verify-samples 0)"
+            )
+        else:
+            accuracy_level.set_level(nodes, 4)
+            at4 = first_outputs(conv.work, feeds, "converted, accuracy level 4", conv.show_progress)
+            reference = conv.calib.reference
+            choice = accuracy_level.choose(
+                accuracy_level.mean_kl(reference, outputs),
+                accuracy_level.mean_kl(reference, at4),
+                conv.recipe.level4_tolerance,
+                accuracy_level.mean_nll(outputs, feeds),
+                accuracy_level.mean_nll(at4, feeds),
+            )
+            if choice.level == 4:
+                outputs = at4
+        accuracy_level.set_level(nodes, choice.level)
+        conv.result.accuracy_level = choice.to_dict()
+    if feeds:
         conv.result.verify = compare(conv.calib.reference, outputs).to_dict()
+
+
+def _auto_level_nodes(conv: Conversion) -> list[ir.Node]:
+    """The MatMulNBits nodes whose level ``--accuracy-level auto`` decides (W4 linears, not the lm_head)."""
+    if conv.recipe.accuracy_level != "auto" or conv.recipe.format != "contrib" or conv.smoothed is None:
+        return []
+    names = {p.name for p in conv.smoothed.plans if p.action == "w4" and not p.lm_head}
+    return accuracy_level.w4_nodes(conv.work.graph, names)
 
 
 def report_parts(conv: Conversion) -> tuple[list[dict[str, Any]], list[LayerError]]:

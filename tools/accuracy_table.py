@@ -27,6 +27,7 @@ W4 = ["convert", "--scheme", "w4"]
 S128 = ["--gptq-samples", "128"]  # the default until 2026-12-04 (evening): 256
 OLD = [*W4, "--calib-mix", "docs", "--gptq-damp", "0.01", *S128]  # the default until 2026-12-04
 W8A8 = ["convert", "--scheme", "w8a8"]
+STATIC_QDQ = [*W8A8, "--act", "static", "--format", "qdq"]
 IN_DOMAIN = "yardstick/calib/fiction.txt"  # tools/yardstick.py: other stretches of the novels than the test's
 ROWS: dict[str, list[str] | None] = {
     "fp32": None,
@@ -54,6 +55,14 @@ ROWS: dict[str, list[str] | None] = {
     "sq-onnx w8a8 static QDQ, alpha 0.5 (default)": [*W8A8, "--act", "static", "--format", "qdq"],
     "sq-onnx w8a8 static QDQ, alpha 0.8": [*W8A8, "--act", "static", "--format", "qdq", "--alpha", "0.8"],
     "sq-onnx w8a8 static QDQ, --alpha auto": [*W8A8, "--act", "static", "--format", "qdq", "--alpha", "auto"],
+    # linear-producer folds (issue 27): up_proj -> down_proj (down_proj's input carries the largest
+    # activations), v_proj -> o_proj
+    "sq-onnx w8a8 static QDQ, alpha 0.5, linear folds": [*STATIC_QDQ, "--linear-folds"],
+    "sq-onnx w8a8 static QDQ, alpha 0.8, linear folds": [*STATIC_QDQ, "--alpha", "0.8", "--linear-folds"],
+    "sq-onnx w8a8 static QDQ, alpha 0.9, linear folds": [*STATIC_QDQ, "--alpha", "0.9", "--linear-folds"],
+    "sq-onnx w8a8 static QDQ, --alpha auto, linear folds": [*STATIC_QDQ, "--alpha", "auto", "--linear-folds"],
+    "sq-onnx w8a8 default, linear folds": [*W8A8, "--linear-folds"],
+    "sq-onnx w4 default, linear folds": [*W4, "--linear-folds"],
 }
 
 

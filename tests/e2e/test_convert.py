@@ -24,7 +24,8 @@ def _float_linears_on_constants(path) -> list[str]:
 def test_w4_runs_with_matmulnbits_only(fixture, request, tmp_path, calib_ids):
     folder = request.getfixturevalue(fixture)
     out = tmp_path / "w4.onnx"
-    result = convert(folder / "model.onnx", out, Recipe(samples=4, block_size=32), calibration=calib_ids)
+    recipe = Recipe(samples=4, block_size=32, accuracy_level="0")  # the bounds below are level 0's
+    result = convert(folder / "model.onnx", out, recipe, calibration=calib_ids)
     ops = op_types(out)
     assert ops.count("MatMulNBits") == len(result.quantized_matmuls) > 0
     assert _float_linears_on_constants(out) == []
@@ -110,6 +111,11 @@ def test_lm_head_and_exclude_options(llama_dir, tmp_path, calib_ids):
     assert len(kept) == 2 and any(k.endswith("linear_1") for k in kept)
     assert len(result.quantized_matmuls) == 13
     assert len(_float_linears_on_constants(out)) == 2
+    by_module = convert(  # torch.onnx names weights val_N: the module path is what a user knows
+        llama_dir / "model.onnx", tmp_path / "m.onnx", Recipe(samples=4, exclude=(r"mlp\.down_proj$",)), calib_ids
+    )
+    kept = [k["node"] for k in by_module.kept_float]
+    assert len(kept) == 2 and len(by_module.quantized_matmuls) == 13  # one down_proj per layer
 
 
 def test_symmetric_w4_has_no_zero_points(llama_dir, tmp_path, calib_ids):

@@ -28,7 +28,7 @@ from quant_reference import ref_per_channel, ref_per_token, ref_rtn, ref_unpack
 
 K, HID, VOCAB, ROWS = 100, 24, 10, 6
 OUTLIERS = (7, 60)
-EXACT = dict(smooth=False, gptq=False, clip_search=False, lm_head_accuracy_level=0)
+EXACT = dict(smooth=False, gptq=False, clip_search=False, accuracy_level="0", lm_head_accuracy_level=0)
 
 
 def _weights() -> dict[str, np.ndarray]:

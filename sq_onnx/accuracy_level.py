@@ -1,0 +1,87 @@
+"""``--accuracy-level auto``: keep MatMulNBits' int8-activation kernels (level 4, about twice as fast on CPU)
+only where the held-out samples show they cost at most a set perplexity increase over level 0.
+
+Level 4 quantizes each block of activations to int8 inside the kernel; activation outliers are what break it
+(onnxruntime issue 29849), and smoothing is what removes them, so the choice is made per model, measured.
+Two estimates of the perplexity increase must both stay within the tolerance: the float model's expected one
+(exp of the increase in KL divergence from the float model's next-token distribution, steady even on text the
+model cannot predict) and the one on the samples' own next tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from sq_onnx.lm.evaluate import token_kl, token_nll
+from sq_onnx.passes.graph_edit import MS
+
+LEVEL_ATTR = "accuracy_level"
+
+
+@dataclass(frozen=True)
+class LevelChoice:
+    """The level written, why, and what it was chosen on (nats per token; increases as fractions)."""
+
+    level: int
+    reason: str
+    kl_level0: float | None = None
+    kl_level4: float | None = None
+    expected_increase: float | None = None  # exp(KL4 - KL0) - 1: under the float model's predictions
+    nll_level0: float | None = None
+    nll_level4: float | None = None
+    sample_increase: float | None = None  # exp(NLL4 - NLL0) - 1: on the samples' next tokens
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _rows(logits: np.ndarray) -> np.ndarray:
+    return logits.reshape(-1, logits.shape[-1])
+
+
+def mean_kl(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
+    """Mean KL(p_reference || p_output) over every position of every sample."""
+    kl = [token_kl(_rows(r), _rows(o)) for r, o in zip(reference, outputs, strict=True)]
+    return float(np.concatenate(kl).mean())
+
+
+def mean_nll(outputs: list[np.ndarray], feeds: list[dict[str, np.ndarray]]) -> float | None:
+    """Mean negative log-likelihood of each next token ([batch, seq, vocab] logits); None when the feeds
+    carry no ``input_ids`` to score."""
+    nll = []
+    for out, feed in zip(outputs, feeds, strict=True):
+        ids = feed.get("input_ids")
+        if ids is None or out.ndim != 3 or out.shape[:2] != ids.shape:
+            return None
+        nll += [token_nll(out[b], ids[b].astype(np.int64)) for b in range(ids.shape[0])]
+    return float(np.concatenate(nll).mean()) if nll else None
+
+
+def set_level(nodes: list[ir.Node], level: int) -> None:
+    for node in nodes:
+        node.attributes[LEVEL_ATTR] = ir.AttrInt64(LEVEL_ATTR, level)
+
+
+def w4_nodes(graph: ir.Graph, names: set[str]) -> list[ir.Node]:
+    """The MatMulNBits nodes written for the named linears."""
+    return [n for n in graph if n.domain == MS and n.op_type == "MatMulNBits" and n.name in names]
+
+
+def choose(
+    kl0: float, kl4: float, tolerance: float, nll0: float | None = None, nll4: float | None = None
+) -> LevelChoice:
+    """Level 4 when both estimates of its perplexity increase over level 0 are at most ``tolerance``."""
+    expected = math.exp(kl4 - kl0) - 1.0
+    sample = None if nll0 is None or nll4 is None else math.exp(nll4 - nll0) - 1.0
+    worst = max(expected, sample if sample is not None else -math.inf)
+    within = worst <= tolerance
+    on_samples = "" if sample is None else f", {sample:+.2%} on the samples' own tokens"
+    reason = (
+        f"level 4 raises perplexity over level 0 by {expected:+.2%} as the float model predicts{on_samples} "
+        f"(held-out samples): {'within' if within else 'beyond'} the tolerance of {tolerance:.2%}"
+    )
+    return LevelChoice(4 if within else 0, reason, kl0, kl4, expected, nll0, nll4, sample)

@@ -1,0 +1,44 @@
+"""--accuracy-level auto's arithmetic: the losses against torch's, and the choice at its tolerance."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sq_onnx.accuracy_level import choose, mean_kl, mean_nll
+
+
+def _logits(seed: int, shape=(2, 6, 11)) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 3, shape).astype(np.float32)
+
+
+def test_mean_nll_is_torchs_next_token_cross_entropy():
+    logits, ids = _logits(0), np.random.default_rng(1).integers(0, 11, (2, 6))
+    expected = torch.nn.functional.cross_entropy(
+        torch.from_numpy(logits[:, :-1]).reshape(-1, 11).double(), torch.from_numpy(ids[:, 1:]).reshape(-1)
+    )
+    assert mean_nll([logits], [{"input_ids": ids}]) == pytest.approx(float(expected), rel=1e-9)
+    assert mean_nll([logits], [{"x": ids}]) is None  # nothing to score
+
+
+def test_mean_kl_is_torchs_kl_from_the_reference():
+    ref, out = _logits(2), _logits(3)
+    log_p = torch.log_softmax(torch.from_numpy(ref).double(), -1)
+    log_q = torch.log_softmax(torch.from_numpy(out).double(), -1)
+    expected = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).mean()
+    assert mean_kl([ref], [out]) == pytest.approx(float(expected), rel=1e-9)
+    assert mean_kl([ref], [ref]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_level_4_only_when_both_estimates_are_within_the_tolerance():
+    just_in, just_out = math.log(1.0099), math.log(1.0101)  # +0.99% and +1.01% perplexity
+    assert choose(0.1, 0.1 + just_in, 0.01, 2.0, 2.0 + just_in).level == 4
+    assert choose(0.1, 0.1 + just_out, 0.01, 2.0, 2.0).level == 0  # the float model's estimate
+    assert choose(0.1, 0.1, 0.01, 2.0, 2.0 + just_out).level == 0  # the samples' own tokens
+    chosen = choose(0.1, 0.1 + just_in, 0.01)  # no token ids: the expected increase alone
+    assert chosen.level == 4 and chosen.sample_increase is None
+    assert chosen.expected_increase == pytest.approx(0.0099)
+    assert "+0.99%" in chosen.reason and "within" in chosen.reason
