@@ -112,7 +112,10 @@ def test_lm_head_and_exclude_options(llama_dir, tmp_path, calib_ids):
     assert len(result.quantized_matmuls) == 13
     assert len(_float_linears_on_constants(out)) == 2
     by_module = convert(  # torch.onnx names weights val_N: the module path is what a user knows
-        llama_dir / "model.onnx", tmp_path / "m.onnx", Recipe(samples=4, exclude=(r"mlp\.down_proj$",)), calib_ids
+        llama_dir / "model.onnx",
+        tmp_path / "m.onnx",
+        Recipe(samples=4, exclude=(r"mlp\.down_proj$",)),
+        calib_ids,
     )
     kept = [k["node"] for k in by_module.kept_float]
     assert len(kept) == 2 and len(by_module.quantized_matmuls) == 13  # one down_proj per layer

@@ -147,7 +147,9 @@ def test_linear_producer_folds_keep_the_function(fixture, request, tmp_path, cal
         if group.column_map is not None:  # 4 query heads of 16 read 2 KV heads: head h reads KV head h // 2
             head_dim = group.channels // 4
             expected = [(h // 2) * head_dim + d for h in range(4) for d in range(head_dim)]
-            assert group.column_map.tolist() == (expected if fixture != "opt_dir" else list(range(group.channels)))
+            assert group.column_map.tolist() == (
+                expected if fixture != "opt_dir" else list(range(group.channels))
+            )
     out = tmp_path / "smooth.onnx"
     recipe = Recipe(scheme="smooth", samples=4, linear_folds=True)
     result = convert(folder / "model.onnx", out, recipe, calibration=calib_ids)
@@ -179,13 +181,15 @@ def test_value_fold_keeps_decoding_with_the_kv_cache(llama_kv, tmp_path, calib_i
             if i.name.startswith("past_key_values"):
                 feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
         logits = []
-        for step in range(3):
+        for _ in range(3):
             outs = dict(zip(names, sess.run(None, feed), strict=True))
             logits.append(outs["logits"][:, -1])
             nxt = outs["logits"][:, -1].argmax(-1)[:, None]
             mask = np.ones((1, feed["attention_mask"].shape[1] + 1), np.int64)
             feed = {"input_ids": nxt, "attention_mask": mask}
-            feed.update({k.replace("present.", "past_key_values."): v for k, v in outs.items() if "present" in k})
+            feed.update(
+                {k.replace("present.", "past_key_values."): v for k, v in outs.items() if "present" in k}
+            )
             if "position_ids" in inputs:
                 feed["position_ids"] = np.array([[mask.shape[1] - 1]], np.int64)
         steps.append(np.concatenate(logits))
