@@ -52,6 +52,7 @@ def upgrade_if_needed(
             version_converter.convert_version(ir.to_proto(model), max(need, UPGRADE_TARGET))
         )
         _reattach_weights(model, upgraded)
+        _reattach_node_metadata(model, upgraded)
         error = (
             compare(
                 first_outputs(model, [feed], "opset", False), first_outputs(upgraded, [feed], "opset", False)
@@ -85,3 +86,14 @@ def _reattach_weights(original: ir.Model, upgraded: ir.Model) -> None:
         source = original.graph.initializers.get(name)
         if source is not None and source.const_value is not None:
             value.const_value = source.const_value
+
+
+def _reattach_node_metadata(original: ir.Model, upgraded: ir.Model) -> None:
+    """The version converter drops the nodes' metadata, where torch.onnx records each node's module path
+    (what ``--exclude`` and the report read): copy it back by node name."""
+    by_name = {node.name: node for node in original.graph if node.name}
+    for node in upgraded.graph:
+        old = by_name.get(node.name or "")
+        if old is not None and old.op_type == node.op_type:
+            for key, value in old.metadata_props.items():
+                node.metadata_props.setdefault(key, value)

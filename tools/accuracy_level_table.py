@@ -17,13 +17,13 @@ from domain_table import add_eval_options, domain_row, print_markdown
 
 
 def at_level(src: Path, level: int) -> Path:
-    """``src`` with every MatMulNBits at ``level`` (written beside it once)."""
+    """``src`` with every MatMulNBits at ``level`` (written beside it, again when ``src`` is newer)."""
     import onnx_ir as ir
 
     from sq_onnx.runtime.model_io import load_model, save_model
 
     out = src.with_name(f"{src.stem}.level-{level}.onnx")
-    if not out.exists():
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
         model = load_model(src)
         for node in model.graph:
             if node.op_type == "MatMulNBits":

