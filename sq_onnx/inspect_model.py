@@ -92,7 +92,7 @@ def inspect_model(
     model = load_model(path)
     graph = model.graph
     base = recipe or Recipe()
-    analysis = analyze(graph, through_linears=base.linear_folds)
+    analysis = analyze(graph, through_linears=base.uses_linear_folds)
     schemes = {}
     w8a8_linears: list[Linear] = []
     for scheme in ("w4", "w8a8"):

@@ -74,6 +74,12 @@ class AccuracyLevel(Choice):
     L4 = "4"
 
 
+class LinearFolds(Choice):
+    AUTO = "auto"  # where measured to help (``Recipe.uses_linear_folds``)
+    ON = "on"
+    OFF = "off"
+
+
 class LmHead(Choice):
     FOUR = "4"
     EIGHT = "8"
@@ -96,6 +102,10 @@ CALIB_DOMAINS = CalibDomain.values()
 # Default α per scheme. w8a8: the SmoothQuant paper's 0.5. w4: 0.4, the best of a sweep on SmolLM2
 # (docs/EXPERIMENTS.md, "Choosing the W4 default α").
 DEFAULT_ALPHA = {"w8a8": 0.5, "w4": 0.4, "smooth": 0.5}
+# W8A8 with static per-tensor activations: one scale per tensor must cover every token, so more of the range
+# moves into the weights; 0.8 was the best of 0.5 / 0.8 / 0.9 with the linear folds on SmolLM2's validation
+# domains, and --alpha auto picks it too (tools/RESULTS.md)
+STATIC_ALPHA = 0.8
 
 
 def option(default: Any, help: str, **meta: Any) -> Any:
@@ -112,7 +122,7 @@ class Recipe:
     scheme: Scheme = option(Scheme.W4, "w4 (SmoothQuant+), w8a8 (SmoothQuant), smooth (float only)")
     alpha: float | None = option(
         None,
-        "migration strength 0..1 (default 0.4 for w4, 0.5 for w8a8), or auto: search one α on the model's loss",
+        "migration strength 0..1 (default 0.4 for w4, 0.5 for w8a8, 0.8 with --act static), or auto: search one α on the model's loss",
     )
     alpha_search: AlphaSearch = option(
         AlphaSearch.NONE,
@@ -122,10 +132,11 @@ class Recipe:
     search_samples: int = option(4, "calibration samples scored per α (model search)")
     search_rows: int = option(512, "activation rows kept per group (layer search)")
     smooth: bool = option(True, "smooth before quantizing (--no-smooth: the plain quantization baseline)")
-    linear_folds: bool = option(
-        False,
-        "also smooth the linears that a linear feeds through a gated product or a ReLU (up_proj -> down_proj, "
-        "fc1 -> fc2): 1/s folds into the producer's output columns",
+    linear_folds: LinearFolds = option(
+        LinearFolds.AUTO,
+        "also smooth the linears that a linear feeds (up_proj -> down_proj through the gated product, fc1 -> fc2 "
+        "through a ReLU, v_proj -> o_proj through attention): 1/s folds into the producer's output columns; "
+        "auto: on for static activations (--act static), where it was measured to help",
     )
     block_size: int = option(128, "W4 block size along K")
     symmetric: bool = option(False, "W4 symmetric blocks (no zero points)")
@@ -319,9 +330,21 @@ class Recipe:
         return 0 if self.accuracy_level == "auto" else int(self.accuracy_level)
 
     @property
+    def uses_linear_folds(self) -> bool:
+        """--linear-folds, with auto on where measured to help: static per-tensor activations, whose one scale
+        per tensor must cover down_proj's outliers (SmolLM2 validation mean KL 0.82 -> 0.10, tools/RESULTS.md)."""
+        if self.linear_folds == "auto":
+            return self.scheme == "w8a8" and self.act == "static"
+        return self.linear_folds == "on"
+
+    @property
     def effective_alpha(self) -> float:
-        """The α actually used: the given one or the scheme's default."""
-        return float(self.alpha) if self.alpha is not None else DEFAULT_ALPHA[self.scheme]
+        """The α actually used: the given one or the scheme's default (static activations: 0.8)."""
+        if self.alpha is not None:
+            return float(self.alpha)
+        if self.scheme == "w8a8" and self.act == "static":
+            return STATIC_ALPHA
+        return DEFAULT_ALPHA[self.scheme]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types: choices as their strings, tuples as lists."""
@@ -360,6 +383,7 @@ def _number(value: Any) -> bool:
 CHOICE_FIELDS: dict[str, type[Choice]] = {
     "scheme": Scheme,
     "accuracy_level": AccuracyLevel,
+    "linear_folds": LinearFolds,
     "alpha_search": AlphaSearch,
     "act": ActMode,
     "kernels": Kernels,

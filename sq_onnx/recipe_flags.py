@@ -68,6 +68,8 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
             kwargs["type"] = _alpha
         elif f.name in CHOICE_FIELDS:
             kwargs["choices"] = CHOICE_FIELDS[f.name].values()
+            if "on" in kwargs["choices"]:  # an on / off / auto switch: the bare flag means on
+                kwargs.update(nargs="?", const="on")
         elif meta.get("list") == "append":
             kwargs.update(action="append", metavar=meta.get("metavar"))
         elif meta.get("list") == "comma":

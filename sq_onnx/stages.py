@@ -153,7 +153,7 @@ def analyzed(
 ) -> Conversion:
     """Find the groups and plan every linear; refuse, before any work, what the recipe cannot do."""
     _refuse_quantized(src)
-    analysis = analyze(src.graph, through_linears=recipe.linear_folds)
+    analysis = analyze(src.graph, through_linears=recipe.uses_linear_folds)
     plans = plan_linears(src.graph, analysis.linears, recipe)
     if recipe.scheme != "smooth" and not any(p.action != "keep" for p in plans):
         raise NothingToQuantizeError(
@@ -227,7 +227,7 @@ def gather_samples(conv: Conversion, calibration: Any) -> None:
         conv.src, recipe, calib_feeds[0] if calib_feeds else None
     )
     if conv.result.opset_upgrade is not None:  # node objects changed: analyse the upgraded graph
-        conv.analysis = analyze(conv.src.graph, through_linears=recipe.linear_folds)
+        conv.analysis = analyze(conv.src.graph, through_linears=recipe.uses_linear_folds)
         conv.plans = plan_linears(conv.src.graph, conv.analysis.linears, recipe)
     conv.result.skipped = [asdict(s) for s in conv.analysis.skipped]
     conv.result.kept_float = [{"node": p.name, "reason": p.reason} for p in conv.plans if p.action == "keep"]

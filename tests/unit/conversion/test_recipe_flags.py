@@ -114,3 +114,20 @@ def test_the_json_output_round_trips_into_the_same_recipe(llama_dir, tmp_path, c
     assert main([*args, "--recipe", str(output), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["recipe"] == json.loads(output.read_text())["recipe"]
     assert first.read_bytes() == second.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("flags", "folds", "alpha"),
+    [
+        ([], False, 0.4),
+        (["--scheme", "w8a8"], False, 0.5),
+        (["--scheme", "w8a8", "--act", "static"], True, 0.8),  # measured: static needs both
+        (["--scheme", "w8a8", "--act", "static", "--linear-folds", "off", "--alpha", "0.5"], False, 0.5),
+        (["--linear-folds"], True, 0.4),  # the bare flag means on
+        (["--scheme", "w8a8", "--linear-folds", "on"], True, 0.5),
+    ],
+)
+def test_linear_folds_and_alpha_defaults_follow_the_activations(flags, folds, alpha):
+    recipe = recipe_from_args(build_parser().parse_args(["convert", "m.onnx", "-o", "o.onnx", *flags]))
+    assert recipe.uses_linear_folds is folds
+    assert recipe.effective_alpha == alpha

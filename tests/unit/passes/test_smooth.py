@@ -151,7 +151,7 @@ def test_linear_producer_folds_keep_the_function(fixture, request, tmp_path, cal
                 expected if fixture != "opt_dir" else list(range(group.channels))
             )
     out = tmp_path / "smooth.onnx"
-    recipe = Recipe(scheme="smooth", samples=4, linear_folds=True)
+    recipe = Recipe(scheme="smooth", samples=4, linear_folds="on")
     result = convert(folder / "model.onnx", out, recipe, calibration=calib_ids)
     assert result.smoothing_check["equivalent"] and len(result.smoothed_groups) == 9
     for record in result.smoothed_groups:
@@ -166,7 +166,7 @@ def test_value_fold_keeps_decoding_with_the_kv_cache(llama_kv, tmp_path, calib_i
     those of the float model."""
     _, folder = llama_kv
     out = tmp_path / "smooth.onnx"
-    recipe = Recipe(scheme="smooth", samples=4, linear_folds=True)
+    recipe = Recipe(scheme="smooth", samples=4, linear_folds="on")
     result = convert(folder / "model.onnx", out, recipe, calibration=calib_ids)
     assert sum("attention values" in g["kind"] for g in result.smoothed_groups) == 2
     steps = []
