@@ -21,7 +21,7 @@ from sq_onnx.passes.analyze import Analysis, SmoothGroup
 from sq_onnx.passes.smooth import tied_scales, weight_row_absmax
 from sq_onnx.plan import LinearPlan
 from sq_onnx.quant.blockwise import quantize_blockwise
-from sq_onnx.quant.int8 import fake_per_channel, fake_per_token
+from sq_onnx.quant.int8 import EPS, fake_dynamic_uint8, fake_per_channel, fake_per_token, fake_static
 from sq_onnx.quantize_model import activation_ranges, quantize_graph, smooth_copy
 from sq_onnx.recipe import Recipe
 from sq_onnx.runtime.ort_session import in_memory_session
@@ -93,9 +93,14 @@ def _fake_quant_weight(w: np.ndarray, action: str, recipe: Recipe) -> np.ndarray
     return w
 
 
-def _fake_quant_rows(x: np.ndarray, action: str) -> np.ndarray:
-    """Per-token int8 activations for W8A8; weight-only schemes see X unchanged."""
-    return fake_per_token(x) if action == "w8a8" else x
+def _fake_quant_rows(x: np.ndarray, action: str, act: str, static_absmax: float) -> np.ndarray:
+    """W8A8 activations as the kernel will see them (per token; one dynamic range over the tensor; or the
+    calibrated static range of the smoothed tensor, ``static_absmax``); weight-only schemes see X unchanged."""
+    if action != "w8a8":
+        return x
+    if act == "static":
+        return fake_static(x, max(static_absmax, EPS) / 127.0)
+    return fake_dynamic_uint8(x) if act == "per-tensor" else fake_per_token(x)
 
 
 def group_error(
@@ -116,10 +121,12 @@ def group_error(
         cache["refs"] = [x @ w for w in cache["weights"]]
     s = tied_scales(group, act_absmax, cache["w_absmax"], alpha)
     xs = x / s
+    static_absmax = float(np.max(act_absmax / s))  # the range the static quantizer will calibrate
     num = den = 0.0
     for consumer, w, ref in zip(group.consumers, cache["weights"], cache["refs"], strict=True):
         action = actions.get(consumer.name, "keep")
-        out = _fake_quant_rows(xs, action) @ _fake_quant_weight(w * s[:, None], action, recipe)
+        rows = _fake_quant_rows(xs, action, recipe.act, static_absmax)
+        out = rows @ _fake_quant_weight(w * s[:, None], action, recipe)
         num += float(np.sum((ref - out) ** 2))
         den += float(np.sum(ref**2))
     return num / den if den > 0 else 0.0

@@ -13,11 +13,14 @@ from sq_onnx import Recipe, convert
 from sq_onnx.alpha_search import group_error
 from sq_onnx.calibration.calibrate import calibrate
 from sq_onnx.passes.analyze import analyze
+from sq_onnx.passes.smooth import weight_row_absmax
+from sq_onnx.quant.smoothing import smoothing_scales
 from sq_onnx.recipe import RecipeError
 
 import ir_graphs
 import tiny_models
 from conftest import ids_feed, rel_error, run
+from quant_reference import ref_per_channel
 
 
 def test_alpha_grid():
@@ -126,3 +129,31 @@ def test_model_search_scores_static_activations_with_their_calibrated_ranges(
     curve = result.alpha_search["curve"]
     assert [c["alpha"] for c in curve] == [0.0, 0.5, 1.0] and all(np.isfinite(c["loss"]) for c in curve)
     assert result.alpha == min(curve, key=lambda c: c["loss"])["alpha"]
+
+
+def test_layer_search_scores_static_activations_at_their_calibrated_range():
+    """With --act static the layer search rounds X/s with the one scale the quantizer will write
+    (max over channels of absmax / s, over 127), not per token: checked against the ONNX spec's formulas."""
+    model = ir_graphs.build_norm_graph("SimplifiedLayerNormalization")
+    arrays = ir_graphs.sample_inputs(model, samples=4)
+    feeds = [{k: v[i] for k, v in arrays.items()} for i in range(4)]
+    group = analyze(model.graph).groups[0]
+    cal = calibrate(
+        model, {group.name: group.channels}, feeds, row_tensors=(group.name,), show_progress=False
+    )
+    x, absmax = cal.rows[group.name], cal.absmax[group.name]
+    actions = {c.name: "w8a8" for c in group.consumers}
+    recipe = Recipe(scheme="w8a8", act="static")
+    s = smoothing_scales(absmax, weight_row_absmax(group), 0.8)
+    scale = np.float64(np.max(absmax / s)) / 127.0
+    xq = np.clip(np.round(x / s / scale), -128, 127) * scale  # QuantizeLinear then DequantizeLinear, zp 0
+    num = den = 0.0
+    for consumer in group.consumers:
+        w = consumer.weight_kn().astype(np.float64)
+        wq, ws = ref_per_channel(w * s[:, None])
+        out, ref = xq @ (wq * ws), x @ w
+        num, den = num + np.sum((ref - out) ** 2), den + np.sum(ref**2)
+    got = group_error(group, x, absmax, 0.8, actions, recipe)
+    assert got == pytest.approx(num / den, rel=1e-3)
+    per_token = group_error(group, x, absmax, 0.8, actions, Recipe(scheme="w8a8"))
+    assert abs(per_token - got) > 1e-3 * got  # a different rounding: the test can tell them apart
