@@ -114,12 +114,33 @@ def _looks_like_rms(node: ir.Node, gamma_index: int) -> bool:
 def classify_producer(value: ir.Value, channels: int, through_linears: bool = False) -> Fold | str:
     """(kind, constant fold targets, linear fold targets) when ``value``'s producer can absorb a
     per-channel 1/s, else the reason. ``through_linears``: also fold into a linear producer's columns."""
+    flat = _flattened_from(value, channels)
+    if flat is not None:  # Conv1D / addmm exports flatten [B, S, C] to [B*S, C] first: look through it
+        found = classify_producer(flat, channels, through_linears)
+        return found if isinstance(found, str) else (f"{found[0]}, flattened", *found[1:])
     found = classify_norm(value, channels)
     if isinstance(found, str) and through_linears and value.producer() is not None:
         linear = linear_producer(value.producer(), channels)  # type: ignore[arg-type]
         if linear is not None:
             return linear
     return found if isinstance(found, str) else (*found, [], None)
+
+
+def _flattened_from(value: ir.Value, channels: int) -> ir.Value | None:
+    """The input of a Reshape that keeps the channel axis last ([B, S, C] -> [B*S, C]) when nothing else
+    reads that input's numbers, so a scale on its channels is a scale on ``value``'s."""
+    node = value.producer()
+    if node is None or node.op_type != "Reshape" or node.domain != "" or node.inputs[0] is None:
+        return None
+    source = node.inputs[0]
+    dims_in, dims_out = source.shape, value.shape
+    if dims_in is None or dims_out is None or len(dims_in) == 0 or len(dims_out) == 0:
+        return None
+    if dims_in[-1] != channels or dims_out[-1] != channels or source.is_graph_output():
+        return None
+    if any(user is not node and user.op_type != "Shape" for user, _ in source.uses()):
+        return None
+    return source
 
 
 def classify_norm(value: ir.Value, channels: int) -> tuple[str, list[tuple[ir.Node, int]]] | str:

@@ -77,15 +77,25 @@ def _dims(value: ir.Value | None) -> tuple[int | None, ...] | None:
 
 def _op(value: ir.Value | None, op: str, reader: ir.Node, kv_output: bool = False) -> ir.Node | None:
     """``value``'s producer when it is ``op`` (default domain) and nothing but ``reader`` reads ``value``'s
-    numbers (Shape nodes read only its shape; ``kv_output``: the graph may output it, as the KV cache)."""
+    numbers (Shape nodes read only its shape). ``kv_output``: the value is the KV cache, which the graph may
+    output, also through a Slice along the sequence (a sliding-window cache keeps its last positions)."""
     if value is None or (value.is_graph_output() and not kv_output):
         return None
     node = value.producer()
     if node is None or node.op_type != op or node.domain != "":
         return None
-    if any(user is not reader and user.op_type != "Shape" for user, _ in value.uses()):
-        return None
+    for user, _ in value.uses():
+        truncates = kv_output and user.op_type == "Slice" and all(o.is_graph_output() for o in user.outputs)
+        if user is not reader and user.op_type != "Shape" and not truncates:
+            return None
     return node
+
+
+def _is_past(value: ir.Value | None) -> bool:
+    """A graph input (the past KV cache), possibly sliced along the sequence first."""
+    while value is not None and value.producer() is not None and value.producer().op_type == "Slice":
+        value = value.producer().inputs[0]
+    return value is not None and value.is_graph_input()
 
 
 def _swaps_heads_and_sequence(node: ir.Node | None) -> bool:
@@ -131,7 +141,7 @@ def attention_values(node: ir.Node, channels: int) -> Fold | None:
         values, reader = unsqueeze.inputs[0], unsqueeze  # type: ignore[union-attr]
     cache = _op(values, "Concat", reader, kv_output=True)
     if cache is not None:  # the past values come in from the model's own present values
-        fresh = [v for v in cache.inputs if v is not None and not v.is_graph_input()]
+        fresh = [v for v in cache.inputs if v is not None and not _is_past(v)]
         if len(fresh) != 1 or len(cache.inputs) != 2:
             return None
         values, reader = fresh[0], cache

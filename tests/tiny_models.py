@@ -24,8 +24,8 @@ def _inject_outliers(model) -> None:
             if param.ndim == 1 and (
                 "layernorm" in name or "layer_norm" in name or name.endswith("norm.weight")
             ):
-                if "final" in name or name.endswith("model.norm.weight"):
-                    continue
+                if "final" in name or name.endswith("model.norm.weight") or param.numel() != HIDDEN:
+                    continue  # the final norm, and Qwen3 / Gemma 3's per-head q / k norms
                 param.mul_(torch.empty_like(param).uniform_(0.7, 1.3))
                 param[list(OUTLIER_CHANNELS)] *= OUTLIER_GAIN
 
@@ -77,6 +77,46 @@ def build_torch_model(arch: str = "llama", seed: int = 0, layers: int = 2):
     else:
         raise ValueError(arch)
     model.eval()
+    _inject_outliers(model)
+    _randomize_biases(model)
+    return model
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "opt")
+
+
+def build_family(family: str, seed: int = 0):
+    """A tiny random model of one of ``FAMILIES`` (2 layers, GQA where the family has it), with outliers."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    dec = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    builders = {
+        "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**dec, **ids)),
+        "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**dec, **ids, head_dim=16)),
+        # Gemma: norms before and after each block, RMSNorm scaled by (1 + w), GeGLU, soft-capping, sliding windows
+        "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**dec, **ids, head_dim=16, sliding_window=8)),
+        "gemma3": lambda: tf.Gemma3ForCausalLM(
+            tf.Gemma3TextConfig(**dec, **ids, head_dim=16, sliding_window=8)
+        ),
+        "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**dec, **ids)),  # fused qkv_proj and gate_up_proj
+        "gpt2": lambda: tf.GPT2LMHeadModel(  # Conv1D, fused c_attn, LayerNorm with bias, GELU
+            tf.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=128, **ids)
+        ),
+    }
+    if family not in builders:
+        return build_torch_model(family, seed=seed)
+    model = builders[family]().eval()
     _inject_outliers(model)
     _randomize_biases(model)
     return model
