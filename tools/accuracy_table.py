@@ -61,6 +61,12 @@ ROWS: dict[str, list[str] | None] = {
     "sq-onnx w8a8 static QDQ, alpha 0.8, linear folds": [*STATIC_QDQ, "--alpha", "0.8", "--linear-folds"],
     "sq-onnx w8a8 static QDQ, alpha 0.9, linear folds": [*STATIC_QDQ, "--alpha", "0.9", "--linear-folds"],
     "sq-onnx w8a8 static QDQ, --alpha auto, linear folds": [*STATIC_QDQ, "--alpha", "auto", "--linear-folds"],
+    "sq-onnx w8a8 static QDQ, layer α search, linear folds": [
+        *STATIC_QDQ,
+        "--alpha-search",
+        "layer",
+        "--linear-folds",
+    ],
     "sq-onnx w8a8 default, linear folds": [*W8A8, "--linear-folds"],
     "sq-onnx w4 default, linear folds": [*W4, "--linear-folds"],
 }
