@@ -28,6 +28,8 @@ CHANNELS = (3, 17, 42)
 
 def with_outliers(src: Path, out: Path, gain: float) -> Path:
     """``src`` with CHANNELS of every norm group raised ``gain``-fold and the consumers' rows lowered."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
     from sq_onnx.passes.analyze import analyze
     from sq_onnx.passes.smooth import apply_smoothing
     from sq_onnx.runtime.model_io import load_model, save_model
@@ -39,6 +41,7 @@ def with_outliers(src: Path, out: Path, gain: float) -> Path:
         s = np.ones(group.channels, np.float32)
         s[list(CHANNELS)] = 1.0 / gain  # smoothing in reverse: γ / s = γ * gain, rows * s = rows / gain
         apply_smoothing(model.graph, group, s)
+    RemoveUnusedNodesPass()(model)  # the replaced γ and weights
     out.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, out, external_data=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
