@@ -418,6 +418,8 @@ def save(conv: Conversion, out: Path) -> None:
     work.metadata_props["sq_onnx.verify"] = json.dumps(result.verify, sort_keys=True)
     if result.alpha_search is not None:
         work.metadata_props["sq_onnx.alpha_search"] = json.dumps(result.alpha_search, sort_keys=True)
+    if result.accuracy_level is not None:
+        work.metadata_props["sq_onnx.accuracy_level"] = json.dumps(result.accuracy_level, sort_keys=True)
     if result.smoothing_check is not None:
         work.metadata_props["sq_onnx.smoothing_check"] = json.dumps(result.smoothing_check, sort_keys=True)
     keep_layout = conv.input_path is not None and has_external_tensors(conv.src)

@@ -62,8 +62,9 @@ def test_auto_keeps_level_4_only_where_it_is_safe(outlier_llama, tmp_path, calib
     levels = _levels(out)
     assert len(levels) == len(result.quantized_matmuls) - 1  # every W4 linear; the lm_head is 8-bit
     assert set(levels.values()) == {chosen["level"]}
-    metadata = json.loads(ir.load(out).metadata_props["sq_onnx.recipe"])
-    assert metadata["accuracy_level"] == "auto"
+    metadata = ir.load(out).metadata_props
+    assert json.loads(metadata["sq_onnx.recipe"])["accuracy_level"] == "auto"
+    assert json.loads(metadata["sq_onnx.accuracy_level"]) == chosen  # what was chosen, and why
 
 
 def test_a_fixed_level_is_written_as_given(outlier_llama, tmp_path, calib_ids):
