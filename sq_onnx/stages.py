@@ -42,7 +42,14 @@ from sq_onnx.recipe import Recipe
 from sq_onnx.reporting.layer_error import LayerError, layer_errors
 from sq_onnx.reporting.report import group_record
 from sq_onnx.runtime import custom_ops
-from sq_onnx.runtime.model_inputs import InputSpec, check_feed, complete_feed, input_specs, is_language_model
+from sq_onnx.runtime.model_inputs import (
+    InputSpec,
+    check_feed,
+    complete_feed,
+    input_specs,
+    is_language_model,
+    with_cache_dims,
+)
 from sq_onnx.runtime.model_io import has_external_tensors, save_model
 from sq_onnx.verify import compare, first_outputs
 from sq_onnx.version import __version__
@@ -185,7 +192,7 @@ def analyzed(
         want_report,
         analysis,
         plans,
-        input_specs(src),
+        with_cache_dims(input_specs(src), genai[0] if genai else None),  # the input's own genai config
         result,
         genai=genai,
     )

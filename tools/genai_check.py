@@ -57,7 +57,7 @@ def runner_decode(model_path: Path, ids: list[int], new_tokens: int, eos: set[in
     from sq_onnx.runtime.model_io import load_model
     from sq_onnx.runtime.ort_session import session
 
-    runner = LMRunner(session(model_path, threads=2), input_specs(load_model(model_path)))
+    runner = LMRunner(session(model_path, threads=2), input_specs(load_model(model_path), model_path))
     logits, out = runner.prefill(np.asarray([ids], np.int64)), []
     while len(out) < new_tokens:
         out.append(int(np.argmax(logits)))

@@ -71,7 +71,7 @@ def bench(
     if provider not in PROVIDERS:
         raise SqOnnxError(f"--provider must be cpu or cuda, got {provider!r}.")
     model = load_model(path)
-    specs = input_specs(model)
+    specs = input_specs(model, path)
     if not is_language_model(specs):
         raise SqOnnxError("bench needs a language model with an input_ids input.")
     start = time.perf_counter()

@@ -67,7 +67,7 @@ def token_kl(reference: np.ndarray, logits: np.ndarray) -> np.ndarray:
 
 
 def _load(model_path, threads):
-    specs = input_specs(load_model(model_path))
+    specs = input_specs(load_model(model_path), model_path)
     if not is_language_model(specs):
         raise SqOnnxError("eval needs a language model with an input_ids input.")
     return session(model_path, threads=threads), specs

@@ -60,7 +60,7 @@ def generate(
 ) -> dict:
     """Greedy-decode up to ``max_new_tokens``; ``on_text`` receives each new piece of text."""
     path = Path(model_path)
-    specs = input_specs(load_model(path))
+    specs = input_specs(load_model(path), path)
     if not is_language_model(specs):
         raise SqOnnxError("generate needs a language model with an input_ids input.")
     folder = Path(tokenizer_dir) if tokenizer_dir else path.resolve().parent

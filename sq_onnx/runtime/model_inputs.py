@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -21,8 +23,9 @@ class InputSpec:
         return self.name.startswith("past_key_values") or self.name.startswith("past.")
 
 
-def input_specs(model: ir.Model) -> list[InputSpec]:
-    """The graph inputs that are not initializers."""
+def input_specs(model: ir.Model, path: str | Path | None = None) -> list[InputSpec]:
+    """The graph inputs that are not initializers; with the model's ``path``, KV-cache dims the graph leaves
+    symbolic are taken from the onnxruntime-genai config beside it (``with_cache_dims``)."""
     specs = []
     for value in model.graph.inputs:
         if value.is_initializer():
@@ -34,7 +37,31 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
                 d if isinstance(d, int) else (d.value if d is not None else None) for d in value.shape
             )
         specs.append(InputSpec(value.name or "", np.dtype(dtype), dims))
-    return specs
+    return with_cache_dims(specs, _genai_config(Path(path).parent)) if path is not None else specs
+
+
+def _genai_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "genai_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def with_cache_dims(specs: list[InputSpec], genai_config: dict | None) -> list[InputSpec]:
+    """onnxruntime-genai's model builder leaves the KV cache's head count or size symbolic ('kv_cache_dim');
+    its genai_config.json has them, so an empty cache can still be made (calibration, eval, generate)."""
+    decoder = (genai_config or {}).get("model", {}).get("decoder", {})
+    known = {1: decoder.get("num_key_value_heads"), 3: decoder.get("head_size")}
+    out = []
+    for spec in specs:
+        if spec.is_past_kv and len(spec.dims) == 4:
+            dims = tuple(
+                known[i] if i in known and not isinstance(d, int) and isinstance(known[i], int) else d
+                for i, d in enumerate(spec.dims)
+            )
+            spec = InputSpec(spec.name, spec.dtype, dims)
+        out.append(spec)
+    return out
 
 
 def is_language_model(specs: list[InputSpec]) -> bool:

@@ -33,7 +33,7 @@ NEW = 8
 
 def runner_tokens(model: Path, n: int = NEW) -> list[int]:
     """sq-onnx's greedy decode (what `sq-onnx generate` does), as token ids."""
-    runner = LMRunner(session(model), input_specs(load_model(model)))
+    runner = LMRunner(session(model), input_specs(load_model(model), model))
     logits, out = runner.prefill(np.asarray([PROMPT], np.int64)), []
     for _ in range(n):
         out.append(int(np.argmax(logits)))
