@@ -27,6 +27,7 @@ from sq_onnx.lm.genai_folder import genai_config_of, write_folder
 from sq_onnx.opset_upgrade import upgrade_if_needed
 from sq_onnx.passes.analyze import Analysis, analyze
 from sq_onnx.passes.fuse_norm_quant import fusion_record
+from sq_onnx.passes.smooth import producer_scales
 from sq_onnx.plan import LinearPlan, plan_linears
 from sq_onnx.quantize_model import (
     Smoothed,
@@ -410,7 +411,13 @@ def report_parts(conv: Conversion) -> tuple[list[dict[str, Any]], list[LayerErro
         for g in conv.analysis.groups
         if g.name in scales
     ]
-    errors = layer_errors(conv.work.graph, [p.linear for p in conv.plans], conv.calib.rows, scales)
+    columns = {
+        producer.name: producer_scales(g, scales[g.name])
+        for g in conv.analysis.groups
+        if g.name in scales
+        for producer in g.fold_columns
+    }
+    errors = layer_errors(conv.work.graph, [p.linear for p in conv.plans], conv.calib.rows, scales, columns)
     return groups, errors
 
 

@@ -85,11 +85,13 @@ def layer_errors(
     original: list[Linear],
     rows: dict[str, np.ndarray],
     scales: dict[str, np.ndarray],
+    column_scales: dict[str, np.ndarray] | None = None,
 ) -> list[LayerError]:
     """Errors of every quantized linear, worst first.
 
     original: the linears of the float model before smoothing (weights read one at a time);
-    rows: tensor -> [R, K] rows of the original model; scales: tensor -> smoothing s (absent = 1).
+    rows: tensor -> [R, K] rows of the original model; scales: tensor -> smoothing s (absent = 1);
+    column_scales: linear name -> the s its output columns were divided by (a fold into a linear producer).
     """
     by_name = {n.name: n for n in quantized}
     errors = []
@@ -104,6 +106,8 @@ def layer_errors(
         if got is None:
             continue
         ref = x.astype(np.float32) @ linear.weight_kn().astype(np.float32)
+        if column_scales and name in column_scales:
+            ref = ref / column_scales[name].astype(np.float32)
         linear.release()
         den = float(np.linalg.norm(ref))
         err = float(np.linalg.norm(ref - got)) / den if den > 0 else 0.0

@@ -55,7 +55,8 @@ def test_convert_json(llama_dir, tmp_path, capsys):
         "seconds",
     ):
         assert key in data
-    assert data["scheme"] == "w8a8" and data["alpha"] == 0.5 and len(data["smoothed_groups"]) == 5
+    # W8A8 folds into the linear producers by default: 5 norm groups, and up -> down, v -> o per layer
+    assert data["scheme"] == "w8a8" and data["alpha"] == 0.5 and len(data["smoothed_groups"]) == 9
     assert all(s["reason"] for s in data["skipped"])
 
 
