@@ -104,6 +104,7 @@ def quantize_graph(
     ensure_opset(work, "com.microsoft", 1)
     steps = iter(segments) if segments is not None else None
     fell_back: list[str] | None = [] if steps is not None and recipe.gptq_holdout else None
+    heads = {p.linear.node for p in plans if p.lm_head}
 
     def quantize(batch: WeightBatch, original: np.ndarray) -> BlockQuantized:
         name = batch.linears[0].input.name or ""
@@ -111,7 +112,11 @@ def quantize_graph(
         rounding = dict(clip_search=recipe.clip_search, importance=(importance or {}).get(name))
         if steps is None and hessians is None:
             return quantize_weight(original, batch.bits, *grid, **rounding)
-        grams = batch_grams(_step_for(steps, name), recipe.gptq_holdout) if steps is not None else None
+        level4 = recipe.gptq_int8_inputs and recipe.aimed_accuracy_level(batch.linears[0].node in heads) == 4
+        int8_block = recipe.block_size if level4 else None
+        grams = (
+            batch_grams(_step_for(steps, name), recipe.gptq_holdout, int8_block) if steps is not None else None
+        )
         hessian = grams.hessian if grams is not None else hessians(name)  # type: ignore[misc]
         target = (
             grams.target(original, recipe.gptq_target_ridge)

@@ -194,6 +194,11 @@ class Recipe:
         "--accuracy-level auto: the largest perplexity increase of level 4 over level 0 on the verification "
         "samples that still chooses level 4 (0.01 = 1%%)",
     )
+    gptq_int8_inputs: bool = option(
+        False,
+        "W4: where a linear will run at accuracy_level 4, GPTQ fits its weights to the int8-rounded input "
+        "that level's CPU kernel multiplies (per block of K, as MLAS rounds it), not to the float input",
+    )
     lm_head: LmHead = option(LmHead.EIGHT, "bits for the vocabulary projection")
     # ORT's 8-bit MatMulNBits at level 0 is ~5x slower than fp32 for decode on AVX2 CPUs; level 4 is fast
     # and measured lossless for the lm_head (docs/EXPERIMENTS.md)
@@ -328,6 +333,12 @@ class Recipe:
     def written_accuracy_level(self) -> int:
         """The level the W4 linears are written with; auto writes 0 and may raise it after verifying."""
         return 0 if self.accuracy_level == "auto" else int(self.accuracy_level)
+
+    def aimed_accuracy_level(self, lm_head: bool) -> int:
+        """The level a weight-only linear is meant to run at: auto aims for 4 (and verifies it afterwards)."""
+        if lm_head:
+            return self.lm_head_accuracy_level
+        return 4 if self.accuracy_level == "auto" else int(self.accuracy_level)
 
     @property
     def uses_linear_folds(self) -> bool:

@@ -12,6 +12,7 @@ import numpy as np
 
 from sq_onnx.calibration.segment_runner import SegmentInputs
 from sq_onnx.quant.gptq import dampened_hessian
+from sq_onnx.quant.int8 import fake_blockwise
 
 # Ridge of the float target's correction, as a fraction of mean(diag H) (chosen when GPTQ's dampening was 0.01). The
 # correction is fitted on the calibration rows, and less of it generalises better. On SmolLM2 (KL to fp32
@@ -68,15 +69,18 @@ class BatchGrams:
         return float(np.sum(d * (h.astype(np.float64) @ d)) - 2.0 * np.sum(d * (c.astype(np.float64) @ w)))
 
 
-def batch_grams(inputs: SegmentInputs, holdout: int = 0) -> BatchGrams:
+def batch_grams(inputs: SegmentInputs, holdout: int = 0, int8_block: int | None = None) -> BatchGrams:
     """The Gram matrices of one runner step; the last ``holdout`` samples (when fewer than all) are kept
-    apart for ``held_out_loss``."""
+    apart for ``held_out_loss``. With ``int8_block`` the quantized model's input is first rounded as
+    MatMulNBits at accuracy_level 4 rounds it (int8 per block of K), so GPTQ fits the weights to what the
+    kernel multiplies; the float side (the target) stays exact."""
     n = len(inputs.quantized)
     holdout = holdout if 0 < holdout < n else 0
     fit = n - holdout
+    xs = inputs.quantized if int8_block is None else [fake_blockwise(x, int8_block) for x in inputs.quantized]
     others = [inputs.float] if inputs.float is not None else []
-    hessian, cross = gram(inputs.quantized[:fit], inputs.channels, *(o[:fit] for o in others))
-    held = gram(inputs.quantized[fit:], inputs.channels, *(o[fit:] for o in others)) if holdout else None
+    hessian, cross = gram(xs[:fit], inputs.channels, *(o[:fit] for o in others))
+    held = gram(xs[fit:], inputs.channels, *(o[fit:] for o in others)) if holdout else None
     return BatchGrams(hessian, cross, held)
 
 

@@ -37,6 +37,24 @@ def fake_static(x: np.ndarray, scale: float) -> np.ndarray:
     return np.clip(np.rint(x / scale), -128, 127) * scale
 
 
+def fake_blockwise(x: np.ndarray, block: int) -> np.ndarray:
+    """Rows [..., K] as MatMulNBits at accuracy_level 4 multiplies them on CPU (MLAS QuantizeARow_CompInt8):
+    per block of ``block`` values along K, scale = max|a| / 127, codes = round-half-even(a * 127 / max|a|),
+    a block of zeros stays zero. The last block may be shorter."""
+    x32 = np.asarray(x, np.float32)
+    k = x32.shape[-1]
+    pad = -k % block
+    rows = x32.reshape(-1, k)
+    if pad:
+        rows = np.pad(rows, ((0, 0), (0, pad)))
+    blocks = rows.reshape(rows.shape[0], -1, block)
+    amax = np.abs(blocks).max(axis=2, keepdims=True)
+    inverse = np.divide(np.float32(127.0), amax, out=np.zeros_like(amax), where=amax != 0)
+    codes = np.rint(blocks * inverse)  # np.rint rounds half to even, as _MM_ROUND_NEAREST does
+    out = (codes * (amax / np.float32(127.0))).reshape(rows.shape[0], -1)[:, :k]
+    return out.reshape(x32.shape)
+
+
 def fake_dynamic_uint8(x: np.ndarray) -> np.ndarray:
     """DynamicQuantizeLinear: uint8 over the tensor's range extended to include 0, back to float."""
     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)

@@ -212,3 +212,45 @@ def test_holdout_falls_back_to_round_to_nearest_where_it_wins(llama_dir, tmp_pat
     assert len(inputs) == len(result.calibration["gptq_fell_back"]) > 5  # every batch of linears fell back
     with pytest.raises(RecipeError, match="gptq-holdout"):
         Recipe(gptq_holdout=2, gptq_asymmetric=False)
+
+
+def test_int8_inputs_round_the_quantized_side_only():
+    """With int8_block, H and the cross term are those of the input as level 4 rounds it; the float side
+    (GPTQ's target) stays exact."""
+    from sq_onnx.calibration.segment_runner import SegmentInputs
+    from sq_onnx.quant.int8 import fake_blockwise
+
+    rng = np.random.default_rng(0)
+    k, block = 256, 64
+    scale = np.where(np.arange(k) % 37 == 0, 30.0, 1.0).astype(np.float32)  # outlier channels
+    xq = [(rng.normal(0, 1, (64, k)) * scale).astype(np.float32) for _ in range(4)]
+    xf = [x + rng.normal(0, 0.1, x.shape).astype(np.float32) for x in xq]
+    step = SegmentInputs(0, "x", k, xq, xf)
+    plain, rounded = batch_grams(step), batch_grams(step, int8_block=block)
+    rounded_xq = [fake_blockwise(x, block) for x in xq]
+    want_h, want_cross = gram(rounded_xq, k, xf)
+    np.testing.assert_allclose(rounded.hessian, want_h, rtol=1e-5)
+    np.testing.assert_allclose(rounded.cross, want_cross, rtol=1e-5)
+    assert not np.allclose(plain.hessian, rounded.hessian, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("level", "w4_block"), [("auto", 32), ("4", 32), ("0", None)])
+def test_int8_inputs_apply_where_a_linear_aims_at_level_4(
+    llama_dir, tmp_path, calib_ids, monkeypatch, level, w4_block
+):
+    import sq_onnx.quantize_model as qm
+
+    seen: list[tuple[str, int | None]] = []
+
+    def record(inputs, holdout=0, int8_block=None):
+        seen.append((inputs.target, int8_block))
+        return batch_grams(inputs, holdout, int8_block)
+
+    monkeypatch.setattr(qm, "batch_grams", record)
+    recipe = Recipe(samples=4, gptq_samples=4, block_size=32, gptq_int8_inputs=True, accuracy_level=level)
+    convert(llama_dir / "model.onnx", tmp_path / "a.onnx", recipe, calibration=calib_ids)
+    blocks = dict(seen)
+    assert len(blocks) > 3
+    head = [t for t, b in seen][-1]  # the lm_head reads the last tensor, and its level is 4 in every case
+    assert blocks.pop(head) == 32
+    assert set(blocks.values()) == {w4_block}

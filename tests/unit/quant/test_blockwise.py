@@ -8,9 +8,12 @@ import onnxruntime as ort
 import pytest
 
 from sq_onnx.quant.blockwise import quantize_blockwise
+from sq_onnx.quant.int8 import fake_blockwise
 
 
-def _matmulnbits_model(k: int, n: int, bits: int, block: int, symmetric: bool, w: np.ndarray, bq=None):
+def _matmulnbits_model(
+    k: int, n: int, bits: int, block: int, symmetric: bool, w: np.ndarray, bq=None, accuracy_level: int = 0
+):
     bq = bq if bq is not None else quantize_blockwise(w, bits, block, symmetric)
     tape = ir.tape.Tape()
     x = ir.Value(name="X", shape=ir.Shape(["m", k]), type=ir.TensorType(ir.DataType.FLOAT))
@@ -25,7 +28,7 @@ def _matmulnbits_model(k: int, n: int, bits: int, block: int, symmetric: bool, w
     y = tape.op(
         "MatMulNBits",
         inputs,
-        {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": 0},
+        {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": accuracy_level},
         domain="com.microsoft",
     )
     y.name, y.type = "Y", ir.TensorType(ir.DataType.FLOAT)
@@ -54,6 +57,25 @@ def test_matmulnbits_matches_numpy_dequantization(bits, symmetric, k, n, block):
     step = np.repeat(np.abs(bq.scales), block, axis=1)[:, :k].T
     bound = 1.0 if symmetric else 0.5
     assert np.all(np.abs(deq - w) <= step * bound + 1e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(("k", "block"), [(256, 32), (576, 128), (200, 64), (96, 16)])
+def test_level4_multiplies_the_blockwise_int8_activations(bits, k, block):
+    """At accuracy_level 4 ORT's CPU kernel rounds A to int8 per block of K (what GPTQ can then fit to)."""
+    rng = np.random.default_rng(k + block + bits)
+    w = rng.normal(0, 0.5, (k, 24)).astype(np.float32)
+    model, bq = _matmulnbits_model(k, 24, bits, block, False, w, accuracy_level=4)
+    x = rng.normal(0, 1, (9, k)).astype(np.float32)
+    x[:, 3] *= 40.0  # an outlier channel: its blocks round coarsely
+    x[2, :] = 0.0  # all-zero blocks stay zero
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"X": x})[0]
+    deq = bq.dequantize()
+    modelled = np.abs(y - fake_blockwise(x, block) @ deq).max()
+    unrounded = np.abs(y - x @ deq).max()
+    assert modelled < 2e-3 * np.abs(y).max()
+    assert modelled < unrounded / 20
 
 
 def test_all_zero_block_is_exact():
