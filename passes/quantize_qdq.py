@@ -7,6 +7,8 @@ MatMul -> MatMulNBits; Q/DQ around a MatMul -> QLinearMatMul or MatMulIntegerToF
   [K / block, N]) before a ``MatMul``: the same codes and grid as MatMulNBits, so both compute the same weight;
 - W8A8 ``qdq``: X -> QuantizeLinear -> DequantizeLinear with its calibrated per-tensor scale (int8, zero point
   0; one pair per tensor, shared by q/k/v), the per-channel int8 weight -> DequantizeLinear(axis 1), MatMul;
+  the ``wide`` linears' inputs are int16 (A16W8, as QNN runs the layers int8 activations hurt most; ORT's
+  CPU runs them as float MatMuls);
 - W8A8 ``qoperator``: QuantizeLinear(X) -> QLinearMatMul(..., y_scale) -> DequantizeLinear, y_scale from the
   calibrated abs-max of the linear's output, activations and outputs uint8 around 128 (codes -127..127 + 128) (QLinearMatMul's scales are scalars per tensor in ORT, so it
   cannot carry per-token activation scales).
@@ -91,8 +93,10 @@ class QuantizeW8A8QDQPass(ir.passes.InPlacePass):
         act_absmax: dict[str, float],
         out_absmax: dict[str, float] | None = None,
         qoperator: bool = False,
+        wide: frozenset[str] = frozenset(),
     ):
         super().__init__()
+        self.wide = wide  # names of the linears whose input is quantized to int16 (A16W8), not int8
         self.linears, self.act_absmax, self.out_absmax, self.qoperator = (
             linears,
             act_absmax,
@@ -103,6 +107,8 @@ class QuantizeW8A8QDQPass(ir.passes.InPlacePass):
 
     def requires(self, model: ir.Model) -> None:
         require_in_graph(model, self.linears)
+        if self.wide and self.qoperator:
+            raise ir.passes.PreconditionError("QLinearMatMul takes 8-bit activations only")
         for linear in self.linears:
             if linear.input.name not in self.act_absmax:
                 raise ir.passes.PreconditionError(f"no calibrated activation range for {linear.input.name}")
@@ -127,18 +133,24 @@ class QuantizeW8A8QDQPass(ir.passes.InPlacePass):
             else add_initializer(graph, "sq_onnx.zero_int8", np.array(0, np.int8))
         )
         self.replaced = []
+        # a tensor read by any wide linear is quantized once, to int16, for all its readers
+        wide_inputs = {id(lin.input) for lin in self.linears if lin.name in self.wide}
+        zero16 = add_initializer(graph, "sq_onnx.zero_int16", np.array(0, np.int16)) if wide_inputs else None
         for linear in self.linears:
             dtype = _scale_type(linear)
             x = linear.input
             if id(x) not in quantized:
                 name = x.name or linear.name
+                wide = id(x) in wide_inputs
+                qmax = 32767.0 if wide else 127.0
                 scale = add_initializer(
-                    graph, f"{name}.act_scale", np.array(max(self.act_absmax[name], EPS) / 127.0, dtype)
+                    graph, f"{name}.act_scale", np.array(max(self.act_absmax[name], EPS) / qmax, dtype)
                 )
-                q = ir.Node("", "QuantizeLinear", [x, scale, zero])
+                x_zero = zero16 if wide else zero
+                q = ir.Node("", "QuantizeLinear", [x, scale, x_zero])
                 pre = [q]
                 if not self.qoperator:
-                    pre.append(ir.Node("", "DequantizeLinear", [q.outputs[0], scale, zero]))
+                    pre.append(ir.Node("", "DequantizeLinear", [q.outputs[0], scale, x_zero]))
                 graph.insert_before(linear.node, pre)
                 quantized[id(x)] = (q.outputs[0], scale, pre[-1].outputs[0])
             xq, x_scale, x_dq = quantized[id(x)]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from sq_onnx.errors import RecipeError
 from sq_onnx.passes.linears import Linear, is_lm_head
 from sq_onnx.recipe import Recipe
 
@@ -27,7 +28,7 @@ class LinearPlan:
         return LinearPlan(Linear(nodes[self.linear.node]), self.action, self.reason, self.lm_head)
 
 
-def _excluded(linear: Linear, patterns: tuple[str, ...]) -> str | None:
+def matching_pattern(linear: Linear, patterns: tuple[str, ...]) -> str | None:
     """The first pattern that matches the node, weight or module name (torch.onnx names weights val_N, so
     the module path, e.g. model.layers.3.mlp.down_proj, is what a user knows)."""
     names = (linear.name, linear.weight_name, linear.module)
@@ -42,7 +43,7 @@ def plan_linears(graph: ir.Graph, linears: list[Linear], recipe: Recipe) -> list
     plans = []
     for lin in linears:
         head = is_lm_head(lin, graph)
-        pattern = _excluded(lin, recipe.exclude)
+        pattern = matching_pattern(lin, recipe.exclude)
         if recipe.scheme == "smooth":
             plans.append(LinearPlan(lin, "keep", "scheme smooth keeps float weights", head))
         elif pattern is not None:
@@ -57,7 +58,16 @@ def plan_linears(graph: ir.Graph, linears: list[Linear], recipe: Recipe) -> list
             plans.append(LinearPlan(lin, "w8", "", head))
         else:
             plans.append(LinearPlan(lin, "w4" if recipe.scheme == "w4" else "w8a8", "", head))
+    if recipe.act16 and not act16_linears(plans, recipe):
+        raise RecipeError(f"--act16 {' '.join(recipe.act16)} matches no linear that W8A8 quantizes.")
     return plans
+
+
+def act16_linears(plans: list[LinearPlan], recipe: Recipe) -> frozenset[str]:
+    """Names of the W8A8 linears whose input ``--act16`` quantizes to int16."""
+    return frozenset(
+        p.linear.name for p in plans if p.action == "w8a8" and matching_pattern(p.linear, recipe.act16)
+    )
 
 
 ACTION_LABELS = {

@@ -20,7 +20,7 @@ from sq_onnx.passes.quantize_qdq import QuantizeW8A8QDQPass, emit_blocked_dq
 from sq_onnx.passes.quantize_w4 import QuantizeWeightsPass, WeightBatch, emit_matmulnbits, quantize_weight
 from sq_onnx.passes.quantize_w8a8 import QuantizeW8A8Pass
 from sq_onnx.passes.smooth import SmoothedGroup, SmoothPass
-from sq_onnx.plan import LinearPlan, plan_linears
+from sq_onnx.plan import LinearPlan, act16_linears, plan_linears
 from sq_onnx.quant.blockwise import BlockQuantized
 from sq_onnx.recipe import Recipe
 from sq_onnx.runtime.model_io import copy_model
@@ -115,7 +115,9 @@ def quantize_graph(
         level4 = recipe.gptq_int8_inputs and recipe.aimed_accuracy_level(batch.linears[0].node in heads) == 4
         int8_block = recipe.block_size if level4 else None
         grams = (
-            batch_grams(_step_for(steps, name), recipe.gptq_holdout, int8_block) if steps is not None else None
+            batch_grams(_step_for(steps, name), recipe.gptq_holdout, int8_block)
+            if steps is not None
+            else None
         )
         hessian = grams.hessian if grams is not None else hessians(name)  # type: ignore[misc]
         target = (
@@ -157,7 +159,11 @@ def quantize_graph(
         w8a8 = QuantizeW8A8Pass(w8a8_linears, recipe.act, static_ranges, recipe.kernels)
     else:
         w8a8 = QuantizeW8A8QDQPass(
-            w8a8_linears, static_ranges or {}, output_ranges, qoperator=recipe.format == "qoperator"
+            w8a8_linears,
+            static_ranges or {},
+            output_ranges,
+            qoperator=recipe.format == "qoperator",
+            wide=act16_linears(plans, recipe),
         )
     fuse = [FuseNormQuantPass()] if recipe.kernels == "sq_onnx" and w8a8_linears else []
     # GatherBlockQuantized is a contrib op: QDQ / QOperator models keep their embedding in float

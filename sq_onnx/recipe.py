@@ -226,6 +226,13 @@ class Recipe:
         list="append",
         metavar="REGEX",
     )
+    act16: tuple[str, ...] = option(
+        (),
+        "--act static --format qdq: linears whose node, weight or module name matches get 16-bit activations "
+        "(A16W8, int16 QuantizeLinear; QNN runs them natively, ORT's CPU in float); repeatable",
+        list="append",
+        metavar="REGEX",
+    )
     # One domain calibrates GPTQ to that domain only (tools/RESULTS.md, multi-domain table)
     calib_mix: tuple[CalibDomain, ...] = option(
         (CalibDomain.DOCS, CalibDomain.CODE, CalibDomain.SELF),
@@ -242,6 +249,7 @@ class Recipe:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "act16", tuple(self.act16))
         if isinstance(self.accuracy_level, int) and not isinstance(self.accuracy_level, bool):
             object.__setattr__(self, "accuracy_level", str(self.accuracy_level))  # recipes before "auto"
         for name, kind in CHOICE_FIELDS.items():
@@ -311,13 +319,19 @@ class Recipe:
             raise RecipeError(f"seq-len must be at least 2, got {self.seq_len}.")
         if self.verify_samples < 0:
             raise RecipeError(f"verify-samples must be >= 0, got {self.verify_samples}.")
-        for pattern in self.exclude:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise RecipeError(
-                    f"--exclude {pattern!r} is not a valid regular expression ({exc})."
-                ) from None
+        if self.act16 and not (self.scheme == "w8a8" and self.act == "static" and self.format == "qdq"):
+            raise RecipeError(
+                "--act16 writes int16 QuantizeLinear / DequantizeLinear pairs: it needs --scheme w8a8 --act static "
+                "--format qdq (QLinearMatMul and the contrib int8 ops take 8-bit activations only)."
+            )
+        for flag, patterns in (("--exclude", self.exclude), ("--act16", self.act16)):
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise RecipeError(
+                        f"{flag} {pattern!r} is not a valid regular expression ({exc})."
+                    ) from None
 
     def alpha_grid(self) -> list[float]:
         """The α candidates of a search: 0, step, 2*step, ..., 1."""
@@ -364,6 +378,7 @@ class Recipe:
         for name in CHOICE_FIELDS:
             data[name] = str(data[name])
         data["exclude"] = list(self.exclude)
+        data["act16"] = list(self.act16)
         data["calib_mix"] = [str(d) for d in self.calib_mix]
         return data
 

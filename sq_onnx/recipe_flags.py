@@ -113,6 +113,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         given["alpha"], given["alpha_search"] = None, "model"
     elif given.get("alpha") is not None and given.get("alpha_search", "none") != "none":
         raise RecipeError("give either a fixed --alpha or an α search, not both.")
-    if "exclude" in given:
-        given["exclude"] = tuple(given["exclude"])
+    for name in ("exclude", "act16"):
+        if name in given:
+            given[name] = tuple(given[name])
     return Recipe.from_dict({**data, **given})

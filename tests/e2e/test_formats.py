@@ -98,6 +98,11 @@ def test_qdq_w4_computes_what_matmulnbits_does(llama_dir, calib_ids, tmp_path):
         (["--scheme", "w8a8", "--format", "qdq"], "--act static"),
         (["--scheme", "w4", "--format", "qoperator"], "QLinearMatMul"),
         (["--scheme", "w8a8", "--kernels", "sq_onnx", "--format", "qdq"], "--kernels ort"),
+        (["--scheme", "w8a8", "--act", "static", "--act16", "down_proj"], "--format qdq"),
+        (
+            ["--scheme", "w8a8", "--act", "static", "--format", "qdq", "--act16", "no_such_layer"],
+            "matches no",
+        ),
     ],
 )
 def test_formats_a_scheme_cannot_write_are_refused(flags, said, llama_dir, tmp_path, capsys):
@@ -136,3 +141,29 @@ def test_exclude_by_module_survives_the_opset_upgrade(llama_dir, calib_ids, tmp_
         n for n in graph.node if n.op_type == "MatMul" and n.name in names and n.input[1] in weights
     ]
     assert len(float_matmuls) == 2  # float weights, no DequantizeLinear in front
+
+
+def test_act16_writes_int16_activations_for_the_matching_linears(llama_dir, calib_ids, tmp_path):
+    """A16W8: the down_proj inputs get int16 Q/DQ (standard ONNX, opset 21), every other input stays int8,
+    and the model is closer to float than the all-int8 one with the same scales elsewhere."""
+    src, a8, a16 = llama_dir / "model.onnx", tmp_path / "a8.onnx", tmp_path / "a16.onnx"
+    recipe = Recipe(scheme="w8a8", act="static", format="qdq", samples=4)
+    convert(src, a8, recipe, calibration=calib_ids)
+    convert(src, a16, Recipe.from_dict({**recipe.to_dict(), "act16": ["down_proj"]}), calibration=calib_ids)
+    _standard_only(a16)
+    graph = onnx.load(str(a16)).graph
+    zero_types = {i.name: i.data_type for i in graph.initializer}
+    wide = [
+        n
+        for n in graph.node
+        if n.op_type == "QuantizeLinear" and zero_types[n.input[2]] == onnx.TensorProto.INT16
+    ]
+    narrow = [
+        n
+        for n in graph.node
+        if n.op_type == "QuantizeLinear" and zero_types[n.input[2]] == onnx.TensorProto.INT8
+    ]
+    assert len(wide) == 2 and len(narrow) == 3 * 2  # per layer: one down_proj input; qkv, o, gate/up inputs
+    feed = ids_feed()
+    ref = _run(src, feed)
+    assert rel_error(ref, _run(a16, feed)) < rel_error(ref, _run(a8, feed))
