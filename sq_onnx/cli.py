@@ -124,6 +124,10 @@ def _print_summary(result: dict[str, Any]) -> None:
         f"{result['output_bytes'] / 1e6:.1f} MB (from {result['input_bytes'] / 1e6:.1f} MB) in {result['seconds']:.1f}s, "
         f"peak RSS {result['peak_rss_mb']:.0f} MB"
     )
+    stages = result.get("stage_seconds") or {}
+    if stages:
+        times = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in stages.items())
+        console.print(f"  time: {times}", soft_wrap=True)
     for skip in result["skipped"]:
         console.print(f"  not smoothed: {skip['tensor']} -> {', '.join(skip['consumers'])}: {skip['reason']}")
     genai = result.get("genai")

@@ -45,16 +45,26 @@ def convert(
     with tempfile.TemporaryDirectory(prefix="sq-onnx-in-") as tmpdir:
         src = load_model(input_path if input_path is not None else _materialize_input(model, tmpdir))
         conv = stages.analyzed(src, out, recipe, input_path, tokenizer, show_progress, report_dir is not None)
-        stages.gather_samples(conv, calibration)
-        stages.calibrate_stage(conv)
-        stages.choose_alpha(conv)
-        stages.smooth(conv)
-        stages.quantize(conv)
-        stages.verify(conv)
+        timings = {"load and analyze": time.perf_counter() - start}
+        steps = [
+            ("samples", lambda: stages.gather_samples(conv, calibration)),
+            ("calibrate", lambda: stages.calibrate_stage(conv)),
+            ("choose alpha", lambda: stages.choose_alpha(conv)),
+            ("smooth", lambda: stages.smooth(conv)),
+            ("quantize", lambda: stages.quantize(conv)),
+            ("verify", lambda: stages.verify(conv)),
+        ]
+        for name, step in steps:
+            began = time.perf_counter()
+            step()
+            timings[name] = time.perf_counter() - began
+        began = time.perf_counter()
         parts = stages.report_parts(conv) if report_dir is not None else None
         stages.save(conv, out)
         stages.genai_folder(conv, out)
+        timings["save"] = time.perf_counter() - began
     result = conv.result
+    result.stage_seconds = {name: round(seconds, 3) for name, seconds in timings.items()}
     result.input_bytes = _file_bytes(input_path) if input_path is not None else 0
     result.seconds = round(time.perf_counter() - start, 3)
     result.output_bytes = _file_bytes(out)

@@ -100,6 +100,7 @@ class ConvertResult:
     opset_upgrade: dict[str, Any] | None = None
     genai: dict[str, Any] | None = None
     accuracy_level: dict[str, Any] | None = None  # what --accuracy-level auto chose, and why
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage, in order
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -81,7 +81,21 @@ def test_convert_summary_and_quiet(llama_dir, tmp_path, capsys):
         main(["convert", str(llama_dir / "model.onnx"), "-o", str(tmp_path / "a.onnx"), "--calib", calib])
         == 0
     )
-    assert "verify on" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "verify on" in out
+    # where the time went, every stage in order (the scale benchmark, tools/bench_scale.py, reads them too)
+    stages = out.split("time: ")[1].splitlines()[0]
+    names = [part.rsplit(" ", 1)[0] for part in stages.split(", ")]
+    assert names == [
+        "load and analyze",
+        "samples",
+        "calibrate",
+        "choose alpha",
+        "smooth",
+        "quantize",
+        "verify",
+        "save",
+    ]
     assert (
         main(
             [
