@@ -24,6 +24,7 @@ from sq_onnx.calibration.hessian import ChunkedHessians
 from sq_onnx.calibration.segment_runner import SegmentRunner
 from sq_onnx.errors import NothingToQuantizeError, SqOnnxError
 from sq_onnx.lm.genai_folder import genai_config_of, write_folder
+from sq_onnx.memory_check import check_memory, memory_need
 from sq_onnx.opset_upgrade import upgrade_if_needed
 from sq_onnx.passes.analyze import Analysis, analyze
 from sq_onnx.passes.fuse_norm_quant import fusion_record
@@ -51,7 +52,8 @@ from sq_onnx.runtime.model_inputs import (
     is_language_model,
     with_cache_dims,
 )
-from sq_onnx.runtime.model_io import has_external_tensors, save_model
+from sq_onnx.runtime.model_io import has_external_tensors, save_model, weight_bytes
+from sq_onnx.runtime.peak_memory import current_rss_bytes
 from sq_onnx.verify import compare, first_outputs
 from sq_onnx.version import __version__
 
@@ -171,6 +173,11 @@ def analyzed(
     if recipe.scheme == "smooth" and (not recipe.smooth or not analysis.groups):
         raise NothingToQuantizeError("the model has no norm -> MatMul group that smoothing could fold into.")
     _refuse_old_runtime(recipe)
+    widest = max((p.linear.shape[0] for p in plans if p.action != "keep"), default=0)
+    external = has_external_tensors(src)
+    check_memory(
+        memory_need(weight_bytes(src), external, recipe, widest), current_rss_bytes(), recipe, external
+    )
     if recipe.kernels == "sq_onnx" and _weight_dtype(analysis) == "bfloat16":
         raise SqOnnxError(
             "--kernels sq_onnx takes float32 or float16 models, not bfloat16; use the stock ops (--kernels ort) "

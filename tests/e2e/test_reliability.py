@@ -203,3 +203,29 @@ def test_bfloat16_with_the_kernels_is_refused_before_any_work(llama_dir, tmp_pat
     err = capsys.readouterr().err
     assert "bfloat16" in err and "Traceback" not in err
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_a_model_too_large_for_the_memory_is_refused_before_any_work(
+    llama_dir, tmp_path, capsys, monkeypatch
+):
+    """The lower bound of the peak (weights, GPTQ's cached activations) against MemAvailable: refused in one
+    sentence that says what to change, exit 2, nothing written; a machine with room converts."""
+    import sq_onnx.memory_check as memory_check
+    from sq_onnx.memory_check import memory_need
+
+    need = memory_need(10 * 1024**2, False, Recipe(), 128)
+    assert need.weights == 20 * 1024**2  # single file: the protobuf and ORT's copy
+    assert need.activations == 256 * 256 * 128 * 4 * 2  # 256 GPTQ samples of 256 tokens, two streams
+    assert memory_need(10 * 1024**2, True, Recipe(scheme="w8a8"), 128).activations == 16 * 256 * 128 * 4
+    monkeypatch.setattr(memory_check, "available_bytes", lambda: 0)
+    monkeypatch.setattr("sq_onnx.stages.current_rss_bytes", lambda: 1024**2)
+    out = tmp_path / "m.onnx"
+    assert main(["convert", str(llama_dir / "model.onnx"), "-o", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "needs at least" in err and "--gptq-samples" in err and "Traceback" not in err
+    assert not out.exists()
+    monkeypatch.setattr(memory_check, "available_bytes", lambda: 64 * 1024**3)
+    calib = tmp_path / "ids.npz"
+    np.savez(calib, input_ids=tiny_models.random_ids(6, 16))
+    args = ["--scheme", "w8a8", "--calib", str(calib), "--quiet"]
+    assert main(["convert", str(llama_dir / "model.onnx"), "-o", str(out), *args]) == 0

@@ -1,0 +1,84 @@
+"""Refuse, before any work, a conversion that cannot fit in this machine's memory, and say what to change.
+
+The estimate is a lower bound of the peak (tools/RESULTS.md, "Peak memory against model size"): ONNX Runtime's
+copy of the weights (twice that for a single-file model, whose protobuf is in memory too) plus the
+activations GPTQ caches for its Hessians (samples x tokens x the widest linear input, once per stream; the
+asymmetric target runs a float stream beside the quantized one). A conversion refused here would have been
+killed for memory hours later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sq_onnx.errors import SqOnnxError
+from sq_onnx.recipe import Recipe
+
+_MEMINFO = Path("/proc/meminfo")
+GB = 1024**3
+
+
+class NotEnoughMemoryError(SqOnnxError):
+    """The conversion needs more memory than the machine has available."""
+
+
+def available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where unknown: no check)."""
+    try:
+        for line in _MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """The parts of the lower bound, in bytes."""
+
+    weights: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.activations
+
+
+def memory_need(weight_bytes: int, external_data: bool, recipe: Recipe, widest_input: int) -> MemoryNeed:
+    """Lower bound of a conversion's peak for a model of ``weight_bytes`` whose widest quantized linear
+    reads ``widest_input`` channels."""
+    weights = weight_bytes * (1 if external_data else 2)
+    if recipe.uses_gptq:
+        streams = 2 if recipe.gptq_asymmetric else 1
+        activations = recipe.gptq_samples * recipe.seq_len * widest_input * 4 * streams
+    else:
+        activations = recipe.samples * recipe.seq_len * widest_input * 4
+    return MemoryNeed(weights, activations)
+
+
+def check_memory(need: MemoryNeed, in_use: int, recipe: Recipe, external_data: bool) -> None:
+    """Raise ``NotEnoughMemoryError`` when ``need`` exceeds the available memory plus what this process
+    already holds (``in_use``: the loaded model is part of the need)."""
+    free = available_bytes()
+    if free is None or need.total <= free + in_use:
+        return
+    advice = []
+    if recipe.uses_gptq and 4 * need.activations > need.total:  # a large part of the need
+        advice.append(
+            f"lower --gptq-samples (now {recipe.gptq_samples}; GPTQ's cached activations take "
+            f"{need.activations / GB:.1f} GB)"
+            + (" or pass --no-gptq-asymmetric" if recipe.gptq_asymmetric else "")
+        )
+    if not external_data:
+        advice.append(
+            "export the model with its weights in an external-data file (ORT then reads them in place)"
+        )
+    advice.append("run on a machine with more memory")
+    raise NotEnoughMemoryError(
+        f"this conversion needs at least {need.total / GB:.1f} GB of memory (weights {need.weights / GB:.1f} GB, "
+        f"activations {need.activations / GB:.1f} GB) and {(free + in_use) / GB:.1f} GB is available: "
+        + "; ".join(advice)
+        + "."
+    )
