@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from sq_onnx.errors import RecipeError
+from sq_onnx.passes.analyze import Analysis, Skip
 from sq_onnx.passes.linears import Linear, is_lm_head
 from sq_onnx.recipe import Recipe
 
@@ -76,3 +77,19 @@ ACTION_LABELS = {
     "w8a8": "int8 W8A8",
     "keep": "float",
 }
+
+
+def without_act16_groups(analysis: Analysis, plans: list[LinearPlan], recipe: Recipe) -> Analysis:
+    """``analysis`` less the groups whose every linear takes 16-bit activations (``--act16``): their inputs
+    need no smoothing, and migrating the activations' range into the int8 weights would only cost accuracy."""
+    wide = act16_linears(plans, recipe)
+    if not wide:
+        return analysis
+    kept, skipped = [], list(analysis.skipped)
+    for group in analysis.groups:
+        if all(c.name in wide for c in group.consumers):
+            reason = "its linears take 16-bit activations (--act16): nothing to migrate into their weights"
+            skipped.append(Skip(group.name, [c.name for c in group.consumers], reason))
+        else:
+            kept.append(group)
+    return Analysis(analysis.linears, kept, skipped)

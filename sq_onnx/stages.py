@@ -29,7 +29,7 @@ from sq_onnx.opset_upgrade import upgrade_if_needed
 from sq_onnx.passes.analyze import Analysis, analyze
 from sq_onnx.passes.fuse_norm_quant import fusion_record
 from sq_onnx.passes.smooth import producer_scales
-from sq_onnx.plan import LinearPlan, plan_linears
+from sq_onnx.plan import LinearPlan, plan_linears, without_act16_groups
 from sq_onnx.quantize_model import (
     Smoothed,
     activation_ranges,
@@ -166,6 +166,7 @@ def analyzed(
     _refuse_quantized(src)
     analysis = analyze(src.graph, through_linears=recipe.uses_linear_folds)
     plans = plan_linears(src.graph, analysis.linears, recipe)
+    analysis = without_act16_groups(analysis, plans, recipe)
     if recipe.scheme != "smooth" and not any(p.action != "keep" for p in plans):
         raise NothingToQuantizeError(
             "the model has no MatMul or Gemm with a constant weight that this recipe would quantize."
@@ -245,6 +246,7 @@ def gather_samples(conv: Conversion, calibration: Any) -> None:
     if conv.result.opset_upgrade is not None:  # node objects changed: analyse the upgraded graph
         conv.analysis = analyze(conv.src.graph, through_linears=recipe.uses_linear_folds)
         conv.plans = plan_linears(conv.src.graph, conv.analysis.linears, recipe)
+        conv.analysis = without_act16_groups(conv.analysis, conv.plans, recipe)
     conv.result.skipped = [asdict(s) for s in conv.analysis.skipped]
     conv.result.kept_float = [{"node": p.name, "reason": p.reason} for p in conv.plans if p.action == "keep"]
 
