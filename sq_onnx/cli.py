@@ -118,6 +118,8 @@ def _print_summary(result: dict[str, Any]) -> None:
 
     console = Console()
     alpha = "off" if result["alpha"] is None else f"{result['alpha']:.2f}"
+    if result["alpha"] is not None and not result["smoothed_groups"]:
+        alpha = "- (no group to smooth: see 'not smoothed' below)"
     console.print(
         f"[bold green]wrote[/] {result['output']}  scheme={result['scheme']} alpha={alpha}  "
         f"{len(result['smoothed_groups'])} groups smoothed, {len(result['quantized_matmuls'])} linears quantized, "

@@ -268,3 +268,25 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_a_graph_with_nothing_to_smooth_converts_unsmoothed_and_says_why(tmp_path, capsys):
+    """MatMul -> Tanh -> MatMul from a graph input: no producer can absorb a scale, so nothing is smoothed;
+    both linears are still quantized and the summary says why each input was left as it is."""
+    import onnx_ir as ir
+
+    rng = np.random.default_rng(0)
+    tape = ir.tape.Tape()
+    x = ir.Value(name="x", shape=ir.Shape(["b", 64]), type=ir.TensorType(ir.DataType.FLOAT))
+    w1 = tape.initializer(ir.tensor(rng.normal(size=(64, 128)).astype(np.float32), name="w1"))
+    w2 = tape.initializer(ir.tensor(rng.normal(size=(128, 32)).astype(np.float32), name="w2"))
+    y = tape.op("MatMul", [tape.op("Tanh", [tape.op("MatMul", [x, w1])]), w2])
+    y.name, y.type, y.shape = "y", ir.TensorType(ir.DataType.FLOAT), ir.Shape(["b", 32])
+    graph = ir.Graph([x], [y], nodes=tape.nodes, initializers=tape.initializers, opset_imports={"": 18})
+    ir.save(ir.Model(graph, ir_version=10), tmp_path / "plain.onnx")
+    calib = _npz(tmp_path, x=rng.normal(size=(8, 4, 64)).astype(np.float32))
+    args = ["convert", str(tmp_path / "plain.onnx"), "-o", str(tmp_path / "q.onnx"), "--calib", calib]
+    assert main([*args, "--scheme", "w8a8"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "no group to smooth" in out and "2 linears quantized" in out
+    assert "not smoothed: x" in out and "graph input" in out and "cannot absorb a per-channel scale" in out
