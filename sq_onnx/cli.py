@@ -130,6 +130,9 @@ def _print_summary(result: dict[str, Any]) -> None:
     if stages:
         times = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in stages.items())
         console.print(f"  time: {times}", soft_wrap=True)
+    if result.get("kept_8bit"):
+        names = ", ".join(c["name"] for c in result["kept_8bit"])
+        console.print(f"  8-bit weights (--keep-8bit, most 4-bit error per byte): {names}", soft_wrap=True)
     for skip in result["skipped"]:
         console.print(f"  not smoothed: {skip['tensor']} -> {', '.join(skip['consumers'])}: {skip['reason']}")
     genai = result.get("genai")

@@ -51,6 +51,7 @@ def convert(
             ("calibrate", lambda: stages.calibrate_stage(conv)),
             ("choose alpha", lambda: stages.choose_alpha(conv)),
             ("smooth", lambda: stages.smooth(conv)),
+            ("choose 8-bit", lambda: stages.choose_8bit(conv)),
             ("quantize", lambda: stages.quantize(conv)),
             ("verify", lambda: stages.verify(conv)),
         ]

@@ -199,6 +199,12 @@ class Recipe:
         "W4: where a linear will run at accuracy_level 4, GPTQ fits its weights to the int8-rounded input "
         "that level's CPU kernel multiplies (per block of K, as MLAS rounds it), not to the float input",
     )
+    keep_8bit: int = option(
+        0,
+        "W4: give the N linears whose 4-bit weights lose the most output per byte (measured on calibration "
+        "rows) 8-bit weights instead: mixed precision that trades a few MB for accuracy",
+        metavar="N",
+    )
     lm_head: LmHead = option(LmHead.EIGHT, "bits for the vocabulary projection")
     # ORT's 8-bit MatMulNBits at level 0 is ~5x slower than fp32 for decode on AVX2 CPUs; level 4 is fast
     # and measured lossless for the lm_head (docs/EXPERIMENTS.md)
@@ -313,6 +319,8 @@ class Recipe:
                 f"--format {self.format} carries one calibrated activation scale per tensor "
                 "(QuantizeLinear's and QLinearMatMul's are scalars): add --act static."
             )
+        if self.keep_8bit < 0 or (self.keep_8bit and self.scheme != "w4"):
+            raise RecipeError("--keep-8bit takes a count >= 0 and applies to --scheme w4 only.")
         if self.samples < 1:
             raise RecipeError(f"samples must be at least 1, got {self.samples}.")
         if self.seq_len < 2:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from sq_onnx.calibration.segment_runner import SegmentRunner
 from sq_onnx.errors import NothingToQuantizeError, SqOnnxError
 from sq_onnx.lm.genai_folder import genai_config_of, write_folder
 from sq_onnx.memory_check import check_memory, memory_need
+from sq_onnx.mixed_precision import layer_costs, promote
 from sq_onnx.opset_upgrade import upgrade_if_needed
 from sq_onnx.passes.analyze import Analysis, analyze
 from sq_onnx.passes.fuse_norm_quant import fusion_record
@@ -103,6 +104,7 @@ class ConvertResult:
     genai: dict[str, Any] | None = None
     accuracy_level: dict[str, Any] | None = None  # what --accuracy-level auto chose, and why
     stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage, in order
+    kept_8bit: list[dict[str, Any]] = field(default_factory=list)  # --keep-8bit's choice, with its scores
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -266,11 +268,15 @@ def calibrate_stage(conv: Conversion) -> None:
     if recipe.format == "qoperator":  # QLinearMatMul's output scale (smoothing leaves outputs as they are)
         tensors.update(w8a8_outputs(plans))
     row_tensors = tuple(g.name for g in analysis.groups) if recipe.alpha_search == "layer" else ()
+    if recipe.keep_8bit:  # mixed_precision scores each W4 linear on its input's rows
+        w4_inputs = [p.linear.input.name or "" for p in plans if p.action == "w4" and not p.lm_head]
+        row_tensors = tuple(dict.fromkeys([*row_tensors, *w4_inputs]))
     max_rows = recipe.search_rows
     if conv.want_report:
         quantized_inputs = [p.linear.input.name for p in plans if p.action != "keep"]
         row_tensors = tuple(dict.fromkeys([*row_tensors, *quantized_inputs]))
-        max_rows = max_rows if recipe.alpha_search == "layer" else min(max_rows, REPORT_ROWS)
+        keeps_rows = recipe.alpha_search == "layer" or recipe.keep_8bit > 0
+        max_rows = max_rows if keeps_rows else min(max_rows, REPORT_ROWS)
     conv.calib = calibrate(
         conv.src,
         tensors,
@@ -327,6 +333,21 @@ def smooth(conv: Conversion) -> None:
             f"internal check failed: the smoothed float model differs from the original "
             f"(relative error {check.relative_error:.2e}); please report this model."
         )
+
+
+def choose_8bit(conv: Conversion) -> None:
+    """``--keep-8bit N``: the N W4 linears that lose the most output per byte get 8-bit weights
+    (``sq_onnx.mixed_precision``), scored on the smoothed weights."""
+    recipe = conv.recipe
+    if not recipe.keep_8bit:
+        return
+    assert conv.smoothed is not None and conv.calib is not None
+    costs = layer_costs(conv.smoothed.plans, conv.calib.rows, conv.smoothed.scales, recipe)
+    chosen = costs[: recipe.keep_8bit]
+    names = {c.name for c in chosen}
+    conv.smoothed = replace(conv.smoothed, plans=promote(conv.smoothed.plans, names))
+    conv.plans = promote(conv.plans, names)
+    conv.result.kept_8bit = [asdict(c) for c in chosen]
 
 
 def quantize(conv: Conversion) -> None:
@@ -407,7 +428,7 @@ def _auto_level_nodes(conv: Conversion) -> list[ir.Node]:
     """The MatMulNBits nodes whose level ``--accuracy-level auto`` decides (W4 linears, not the lm_head)."""
     if conv.recipe.accuracy_level != "auto" or conv.recipe.format != "contrib" or conv.smoothed is None:
         return []
-    names = {p.name for p in conv.smoothed.plans if p.action == "w4" and not p.lm_head}
+    names = {p.name for p in conv.smoothed.plans if p.action in ("w4", "w8") and not p.lm_head}
     return accuracy_level.w4_nodes(conv.work.graph, names)
 
 

@@ -196,3 +196,37 @@ def test_in_memory_model_input(llama_dir, tmp_path, calib_ids):
     model = ir.load(llama_dir / "model.onnx")
     result = convert(model, tmp_path / "mem.onnx", Recipe(scheme="w8a8", samples=2), calibration=calib_ids)
     assert result.quantized_matmuls
+
+
+def test_keep_8bit_promotes_the_linears_that_lose_most_per_byte(llama_dir, tmp_path, calib_ids):
+    """--keep-8bit N: N W4 linears get 8-bit MatMulNBits, chosen by their measured 4-bit error per byte (the
+    scores are recorded, best first), and the model moves closer to float."""
+    src = llama_dir / "model.onnx"
+    base = dict(samples=4, gptq_samples=4, block_size=32, lm_head="fp", embedding="fp")
+    plain = convert(src, tmp_path / "w4.onnx", Recipe(**base), calibration=calib_ids)
+    mixed = convert(src, tmp_path / "mixed.onnx", Recipe(**base, keep_8bit=3), calibration=calib_ids)
+    chosen = mixed.kept_8bit
+    assert len(chosen) == 3 and plain.kept_8bit == []
+    scores = [c["relative_error"] / c["extra_bytes"] for c in chosen]
+    assert scores == sorted(scores, reverse=True)
+    bits = {
+        n.name: n.attributes["bits"].as_int()
+        for n in ir.load(tmp_path / "mixed.onnx").graph
+        if n.op_type == "MatMulNBits"
+    }
+    assert {name for name, b in bits.items() if b == 8} == {c["name"] for c in chosen}
+    assert sum(b == 4 for b in bits.values()) == len(bits) - 3
+    feed = ids_feed(12, seed=9)
+    ref = run(src, feed)
+    assert rel_error(ref, run(tmp_path / "mixed.onnx", feed)) < rel_error(
+        ref, run(tmp_path / "w4.onnx", feed)
+    )
+
+
+def test_keep_8bit_is_for_w4_only():
+    from sq_onnx.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="--keep-8bit"):
+        Recipe(scheme="w8a8", keep_8bit=2)
+    with pytest.raises(RecipeError, match="--keep-8bit"):
+        Recipe(keep_8bit=-1)
