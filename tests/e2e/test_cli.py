@@ -92,6 +92,7 @@ def test_convert_summary_and_quiet(llama_dir, tmp_path, capsys):
         "calibrate",
         "choose alpha",
         "smooth",
+        "choose 8-bit",
         "quantize",
         "verify",
         "save",
