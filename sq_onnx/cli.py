@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="write DIR/report.html (plots) and DIR/report.json: per-channel smoothing, per-layer errors",
     )
+    c.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where ONNX Runtime runs calibration, GPTQ's segments and verification (auto: a CUDA GPU when "
+        "onnxruntime-gpu can use one, else the CPU); the output does not depend on it beyond float rounding",
+    )
     c.add_argument("--overwrite", action="store_true", help="replace an existing output (and report)")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.add_argument("--quiet", action="store_true", help="no progress or summary")
@@ -186,6 +193,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         show_progress=not (args.quiet or args.json) and sys.stderr.isatty(),
         report=args.report,
+        device=args.device,
     ).to_dict()
     if args.json:
         print(json.dumps(result, indent=2))

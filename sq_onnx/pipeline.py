@@ -14,6 +14,7 @@ from sq_onnx import stages
 from sq_onnx.errors import SqOnnxError
 from sq_onnx.recipe import Recipe
 from sq_onnx.reporting.report import build_report, check_report_dir, write_report
+from sq_onnx.runtime.device import running_on
 from sq_onnx.runtime.model_io import check_output_path, load_model
 from sq_onnx.runtime.peak_memory import peak_rss_mb, reset_peak_rss
 from sq_onnx.stages import ConvertResult
@@ -29,11 +30,14 @@ def convert(
     overwrite: bool = False,
     show_progress: bool = False,
     report: str | os.PathLike | None = None,
+    device: str = "auto",
 ) -> ConvertResult:
     """Convert ``model`` (path or in-memory model) with ``recipe`` and write ``output`` atomically.
 
     ``calibration``: None (built-in text), a .txt/.jsonl/.npz path, a dict of arrays (first axis =
     samples), or a list of feeds. ``report``: a folder for report.html/report.json (``sq_onnx.reporting.report``).
+    ``device``: where ONNX Runtime runs the conversion's sessions (auto: a CUDA GPU when onnxruntime-gpu can use
+    one, else the CPU; ``sq_onnx.runtime.device``); the result does not depend on it beyond float rounding.
     Raises ``SqOnnxError`` subclasses for anything the user can fix.
     """
     recipe = recipe or Recipe()
@@ -42,7 +46,7 @@ def convert(
     input_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
     out = check_output_path(input_path, output, overwrite)
     report_dir = check_report_dir(report, overwrite) if report is not None else None
-    with tempfile.TemporaryDirectory(prefix="sq-onnx-in-") as tmpdir:
+    with running_on(device) as used, tempfile.TemporaryDirectory(prefix="sq-onnx-in-") as tmpdir:
         src = load_model(input_path if input_path is not None else _materialize_input(model, tmpdir))
         conv = stages.analyzed(src, out, recipe, input_path, tokenizer, show_progress, report_dir is not None)
         timings = {"load and analyze": time.perf_counter() - start}
@@ -65,6 +69,7 @@ def convert(
         stages.genai_folder(conv, out)
         timings["save"] = time.perf_counter() - began
     result = conv.result
+    result.device = used
     result.stage_seconds = {name: round(seconds, 3) for name, seconds in timings.items()}
     result.input_bytes = _file_bytes(input_path) if input_path is not None else 0
     result.seconds = round(time.perf_counter() - start, 3)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from sq_onnx.recipe import Recipe
 from sq_onnx.reporting.layer_error import LayerError, layer_errors
 from sq_onnx.reporting.report import group_record
 from sq_onnx.runtime import custom_ops
+from sq_onnx.runtime.device import running_on
 from sq_onnx.runtime.model_inputs import (
     InputSpec,
     check_feed,
@@ -105,6 +107,7 @@ class ConvertResult:
     accuracy_level: dict[str, Any] | None = None  # what --accuracy-level auto chose, and why
     stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage, in order
     kept_8bit: list[dict[str, Any]] = field(default_factory=list)  # --keep-8bit's choice, with its scores
+    device: str = "cpu"  # where the sessions ran (--device, resolved)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -395,11 +398,18 @@ def quantize(conv: Conversion) -> None:
 
 def verify(conv: Conversion) -> None:
     """The converted model against the float one on the verification samples; with ``--accuracy-level auto``
-    the W4 linears are also run at level 4 and keep it when it costs at most the tolerance."""
+    the W4 linears are also run at level 4 and keep it when it costs at most the tolerance. That choice is
+    about ORT's CPU kernel (MLAS rounds the activations to int8 per block), so it is judged on the CPU
+    whatever ``--device`` ran the rest."""
+    nodes = _auto_level_nodes(conv)
+    with running_on("cpu") if nodes else nullcontext():
+        _verify(conv, nodes)
+
+
+def _verify(conv: Conversion, nodes: list[ir.Node]) -> None:
     assert conv.smoothed is not None and conv.calib is not None and conv.samples is not None
     feeds = conv.samples.verify
     outputs = first_outputs(conv.work, feeds, "converted", conv.show_progress) if feeds else []
-    nodes = _auto_level_nodes(conv)
     if nodes:
         if not feeds:
             choice = accuracy_level.LevelChoice(

@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from sq_onnx.errors import ModelLoadError, SqOnnxError
-from sq_onnx.runtime import custom_ops
+from sq_onnx.runtime import custom_ops, device
 from sq_onnx.runtime.custom_ops import register_custom_ops
 from sq_onnx.runtime.float32_twin import float32_twin, has_bfloat16
 from sq_onnx.runtime.model_io import copy_model, has_external_tensors, weight_bytes
@@ -43,13 +43,14 @@ def session_options(threads: int | None = None, custom_ops: bool = False):
 
 
 def session(path: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None):
-    """An ``onnxruntime.InferenceSession`` for a model file (CPU unless providers say otherwise). The sq_onnx
+    """An ``onnxruntime.InferenceSession`` for a model file (on the conversion's device unless providers say
+    otherwise). The sq_onnx
     custom-op library, when built, is always registered: that costs milliseconds, while reading the model's
     opsets first would cost a full parse of a single-file model."""
     ort = _ort()
     so = session_options(threads, custom_ops=custom_ops.available())
     try:
-        return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), so, providers=providers or device.providers())
     except Exception as exc:
         if custom_ops.DOMAIN in str(exc) and not custom_ops.available():
             custom_ops.require_library()  # raises the sentence that says how to get it
@@ -58,7 +59,7 @@ def session(path: str | os.PathLike, providers: list[str] | None = None, threads
 
 @contextmanager
 def in_memory_session(model: ir.Model, threads: int | None = None) -> Iterator[object]:
-    """A CPU session for an onnx_ir model, by the cheapest route that works:
+    """A session (on the conversion's device) for an onnx_ir model, by the cheapest route that works:
     - small and self-contained: serialized in memory;
     - weights in an external-data file (large models): a hidden temporary .onnx written beside that file
       references it in place, so ORT reads the original weights and this process never copies them;
@@ -139,11 +140,12 @@ def _files_beside(model: ir.Model, home: Path) -> Iterator[Path]:
 
 
 def _checked_session(model: bytes | str, threads: int | None, custom_ops: bool = False):
-    """A CPU session; ORT's refusal of a model the checker let through becomes one clear sentence."""
+    """A session on the conversion's device (``sq_onnx.runtime.device``); ORT's refusal of a model the checker
+    let through becomes one clear sentence."""
     ort = _ort()
     so = session_options(threads, custom_ops)
     try:
-        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, so, providers=device.providers())
     except Exception as exc:  # ORT raises its own pybind types (Fail, InvalidGraph, NotImplemented, ...)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"ONNX Runtime cannot load the model: {first}") from None

@@ -229,3 +229,56 @@ def test_a_model_too_large_for_the_memory_is_refused_before_any_work(
     np.savez(calib, input_ids=tiny_models.random_ids(6, 16))
     args = ["--scheme", "w8a8", "--calib", str(calib), "--quiet"]
     assert main(["convert", str(llama_dir / "model.onnx"), "-o", str(out), *args]) == 0
+
+
+def test_device_cuda_without_a_usable_gpu_is_refused_before_any_work(
+    llama_dir, tmp_path, capsys, monkeypatch
+):
+    """--device cuda needs onnxruntime-gpu and a GPU it can use; each missing piece is one sentence, exit 2.
+    --device auto runs on the CPU then, and says so in the result."""
+    import onnxruntime as ort
+
+    from sq_onnx.runtime import device
+
+    if device.cuda_unusable() is None:
+        pytest.skip("a CUDA GPU is usable here: nothing to refuse")
+    out = tmp_path / "m.onnx"
+    assert (
+        main(["convert", str(llama_dir / "model.onnx"), "-o", str(out), "--device", "cuda", "--quiet"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "--device cuda" in err and "Traceback" not in err and not out.exists()
+    # a CUDA-enabled onnxruntime that cannot start on this machine: the probe session says so
+    device.cuda_unusable.cache_clear()
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    try:
+        assert device.cuda_unusable() is not None
+        with pytest.raises(SqOnnxError, match="--device cuda"):
+            device.resolve("cuda")
+        assert device.resolve("auto") == "cpu"
+    finally:
+        device.cuda_unusable.cache_clear()
+    with device.running_on("cpu"):
+        assert device.providers() == ["CPUExecutionProvider"]
+
+
+@pytest.mark.skipif(
+    __import__("sq_onnx.runtime.device", fromlist=["cuda_unusable"]).cuda_unusable() is not None,
+    reason="needs onnxruntime-gpu and a CUDA GPU",
+)
+def test_the_gpu_path_matches_the_cpu_path_to_float_rounding(llama_dir, tmp_path, calib_ids):
+    recipe = Recipe(samples=4, gptq_samples=8, block_size=32)
+    cpu = convert(llama_dir / "model.onnx", tmp_path / "cpu.onnx", recipe, calib_ids, device="cpu")
+    gpu = convert(llama_dir / "model.onnx", tmp_path / "gpu.onnx", recipe, calib_ids, device="cuda")
+    assert (cpu.device, gpu.device) == ("cpu", "cuda")
+    feed = ids_feed(12, seed=9)
+    ref = run(llama_dir / "model.onnx", feed)
+    assert (
+        abs(
+            rel_error(ref, run(tmp_path / "gpu.onnx", feed))
+            - rel_error(ref, run(tmp_path / "cpu.onnx", feed))
+        )
+        < 0.02
+    )
