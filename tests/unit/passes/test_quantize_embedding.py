@@ -73,3 +73,45 @@ def test_gathers_that_are_not_embeddings_stay():
     model, _ = _model(64, axis=1)
     assert not QuantizeEmbeddingPass(8, 32)(model).modified
     assert [n.op_type for n in model.graph] == ["Gather"]
+
+
+@pytest.mark.parametrize("hidden", [64, 48], ids=["whole", "partial"])
+def test_a_table_tied_to_an_8bit_lm_head_is_read_from_its_codes(hidden):
+    """Tied embedding and lm_head (SmolLM2's case): one uint8 table in the model, read by the lm_head's
+    MatMulNBits and by GatherBlockQuantized on its 3-D blocks; the rows looked up are the head's own rows."""
+    from sq_onnx import Recipe
+    from sq_onnx.quantize_model import quantize_graph
+
+    table = np.random.default_rng(1).normal(0, 1, (VOCAB, hidden)).astype(np.float32)
+    tape = ir.tape.Tape()
+    ids = ir.Value(name="ids", shape=ir.Shape(["b", "s"]), type=ir.TensorType(ir.DataType.INT64))
+    data = tape.initializer(ir.tensor(table, name="table"), name="table")
+    data.shape = ir.Shape(table.shape)
+    rows = tape.op("Gather", [data, ids], {"axis": 0})
+    rows.name, rows.type = "rows", ir.TensorType(ir.DataType.FLOAT)
+    logits = tape.op("MatMul", [rows, tape.op("Transpose", [data], {"perm": [1, 0]})])
+    logits.name, logits.type = "logits", ir.TensorType(ir.DataType.FLOAT)
+    graph = ir.Graph(
+        [ids], [logits, rows], nodes=tape.nodes, initializers=tape.initializers, opset_imports={"": 18}
+    )
+    model = ir.Model(graph, ir_version=10)
+    recipe = Recipe(gptq=False, block_size=32, lm_head="8", embedding="8", lm_head_accuracy_level=0)
+    done = quantize_graph(model, recipe)
+    assert len(done.embeddings) == 1
+    (head,) = [n for n in model.graph if n.op_type == "MatMulNBits"]
+    (gather,) = [n for n in model.graph if n.op_type == "GatherBlockQuantized"]
+    assert gather.inputs[0] is head.inputs[1]  # the same codes
+    big = [v for v in model.graph.initializers.values() if v.const_value.nbytes >= VOCAB * hidden]
+    assert len(big) == 1  # one table in the file, no float one left
+    ids_in = np.array([[0, 5, 39, 5]], np.int64)
+    proto = ir.to_proto(model).SerializeToString()
+    got_logits, got_rows = ort.InferenceSession(proto, providers=["CPUExecutionProvider"]).run(
+        None, {"ids": ids_in}
+    )
+    assert got_rows.shape == (1, 4, hidden)
+    assert np.abs(got_rows - table[ids_in]).max() < 0.02  # 8-bit rows
+    # the head multiplies the rows it serves: logits of the served rows against the served table
+    head_rows = ort.InferenceSession(proto, providers=["CPUExecutionProvider"]).run(
+        ["rows"], {"ids": np.arange(VOCAB, dtype=np.int64)[None]}
+    )[0][0]
+    np.testing.assert_allclose(got_logits[0], got_rows[0] @ head_rows.T, rtol=1e-4, atol=1e-4)
