@@ -1,17 +1,28 @@
-"""tools/bench_scale.py end to end on a tiny shape: export, convert in a fresh process, one table row with every
-stage's seconds."""
+"""tools/bench_scale.py end to end on a tiny model: convert in a fresh process with the default recipe, one table
+row with every stage's seconds. (The export is sq-onnx's own exporter, tested elsewhere: the tiny Llama stands in.)"""
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 
 import bench_scale
 
+import tiny_models
 
-def test_bench_scale_prints_the_stages_of_each_conversion(monkeypatch, capsys, tmp_path) -> None:
-    dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-    tiny = ("LlamaConfig", {**dims, "num_key_value_heads": 2, "vocab_size": 300, "tie_word_embeddings": True})
-    monkeypatch.setattr(bench_scale, "SHAPES", {"tiny": tiny})
+
+def test_bench_scale_prints_the_stages_of_each_conversion(monkeypatch, capsys, tmp_path, llama_dir) -> None:
+    def exported(name, folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in llama_dir.iterdir():
+            if f.is_file():
+                shutil.copy(f, folder / f.name)
+        (folder / "params.json").write_text(json.dumps({"params": 123456}))
+        return folder / "model.onnx", 123456
+
+    monkeypatch.setattr(bench_scale, "SHAPES", {"tiny": ("LlamaConfig", {"vocab_size": tiny_models.VOCAB})})
+    monkeypatch.setattr(bench_scale, "export_shape", exported)
     monkeypatch.setattr(bench_scale, "SEQ_LEN", 16)
     argv = ["bench_scale.py", "--shapes", "tiny", "--schemes", "w8a8", "--keep", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", argv)
@@ -20,4 +31,3 @@ def test_bench_scale_prints_the_stages_of_each_conversion(monkeypatch, capsys, t
     assert "tiny w8a8:" in out
     for stage in ("calibrate", "quantize", "verify"):
         assert stage in out
-    assert (tmp_path / "tiny" / "model.onnx").exists() and (tmp_path / "tiny" / "params.json").exists()
