@@ -39,88 +39,22 @@ class QuantizeEmbeddingPass(ir.passes.InPlacePass):
     Precondition (``requires``): bits is 4 or 8, the block size a power of two >= 16 (a row's last block may
     be partial, as the op allows). After the call, ``replaced`` names the replaced Gathers."""
 
-    def __init__(self, bits: int = 8, block_size: int = 128, tied_heads: dict[str, str] | None = None):
+    def __init__(self, bits: int = 8, block_size: int = 128):
         super().__init__()
         self.bits, self.block_size = bits, block_size
-        self.tied_heads = tied_heads or {}  # table name -> the 8-bit MatMulNBits lm_head that read it
         self.replaced: list[str] = []
-        self.shared: list[str] = []  # Gathers that read their lm_head's 8-bit codes instead of a table
 
     def requires(self, model: ir.Model) -> None:
         if self.bits not in (4, 8) or self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ir.passes.PreconditionError(f"{self.bits}-bit blocks of {self.block_size}: not supported")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.replaced, self.shared = [], []
-        by_name = {n.name: n for n in model.graph}
+        self.replaced = []
         for node in embedding_gathers(model.graph):
-            head = by_name.get(self.tied_heads.get(node.inputs[0].name or "", ""))
-            if head is None or not self._share(model.graph, node, head):
-                self._replace(model.graph, node)
+            self._replace(model.graph, node)
         if self.replaced:
             ensure_opset(model, MS, 1)
         return ir.passes.PassResult(model, modified=bool(self.replaced))
-
-    def _share(self, graph: ir.Graph, node: ir.Node, head: ir.Node) -> bool:
-        """Read the rows from the tied lm_head's 8-bit MatMulNBits codes ([V, blocks, block_size] uint8: the
-        table's own layout, padded to whole blocks) through GatherBlockQuantized on 3-D data, then reshape
-        and cut the padding: one table in the file instead of two. False where the head cannot serve
-        (not 8-bit, other blocks or shape, ids of unknown rank)."""
-        attrs = head.attributes
-        if head.op_type != "MatMulNBits" or self.bits != 8 or attrs["bits"].as_int() != 8:
-            return False
-        vocab, hidden, block = attrs["N"].as_int(), attrs["K"].as_int(), attrs["block_size"].as_int()
-        blocks = -(-hidden // block)
-        table, ids = node.inputs[0], node.inputs[1]
-        codes = head.inputs[1]
-        if (
-            block != self.block_size
-            or table.shape is None
-            or tuple(table.shape) != (vocab, hidden)
-            or codes.shape is None
-            or tuple(codes.shape) != (vocab, blocks, block)
-            or ids is None
-            or ids.shape is None
-        ):
-            return False
-        scales = constant_array(head.inputs[2])
-        zp_value = head.inputs[3] if len(head.inputs) > 3 else None
-        zero = constant_array(zp_value) if zp_value is not None else np.full(vocab * blocks, 128, np.uint8)
-        if scales is None or zero is None:
-            return False
-        base = table.name or node.name or "embedding"
-        rank = ids.shape.rank()
-        gather = ir.Node(
-            MS,
-            "GatherBlockQuantized",
-            [
-                codes,
-                ids,
-                add_initializer(graph, f"{base}.shared_scales", scales.reshape(vocab, blocks, 1)),
-                add_initializer(graph, f"{base}.shared_zero_points", zero.reshape(vocab, blocks, 1)),
-            ],
-            attributes=[
-                ir.AttrInt64("gather_axis", 0),
-                ir.AttrInt64("quantize_axis", 2),
-                ir.AttrInt64("block_size", block),
-                ir.AttrInt64("bits", 8),
-            ],
-            name=node.name,
-        )
-        shape = add_initializer(
-            graph, f"{base}.shared_shape", np.array([0] * rank + [blocks * block], np.int64)
-        )
-        nodes = [gather, ir.Node("", "Reshape", [gather.outputs[0], shape])]
-        if blocks * block != hidden:  # the last block's padding
-            cut = [
-                add_initializer(graph, f"{base}.shared_{k}", np.array([v], np.int64))
-                for k, v in (("start", 0), ("end", hidden), ("axis", rank))
-            ]
-            nodes.append(ir.Node("", "Slice", [nodes[-1].outputs[0], *cut]))
-        replace_node(graph, node, nodes, nodes[-1].outputs[0])
-        self.replaced.append(node.name or "")
-        self.shared.append(node.name or "")
-        return True
 
     def _replace(self, graph: ir.Graph, node: ir.Node) -> None:
         table = node.inputs[0]

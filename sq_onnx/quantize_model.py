@@ -168,11 +168,7 @@ def quantize_graph(
     fuse = [FuseNormQuantPass()] if recipe.kernels == "sq_onnx" and w8a8_linears else []
     # GatherBlockQuantized is a contrib op: QDQ / QOperator models keep their embedding in float
     quantize_embedding = recipe.embedding != "fp" and recipe.format == "contrib"
-    # a table tied to an 8-bit lm_head is read from the head's codes (one table in the file)
-    tied = {p.linear.source.name or "": p.name for p in plans if p.lm_head and p.action == "w8"}
-    embed = (
-        [QuantizeEmbeddingPass(int(recipe.embedding), recipe.block_size, tied)] if quantize_embedding else []
-    )
+    embed = [QuantizeEmbeddingPass(int(recipe.embedding), recipe.block_size)] if quantize_embedding else []
     ir.passes.Sequential(weights, w8a8, *embed, *fuse, *CLEANUP)(work)
     if recipe.format != "contrib" and not any(n.domain == "com.microsoft" for n in work.graph):
         work.opset_imports.pop("com.microsoft", None)  # standard ops only: nothing else to declare
