@@ -51,10 +51,6 @@ ROWS: dict[str, list[str] | None] = {
     "sq-onnx w8a8 default": W8A8,
     # static per-tensor W8A8 as standard QDQ ops (--format qdq): where smoothing matters most
     "ORT quantize_static (QDQ, per-channel, symmetric activations, same calibration text)": ["ort-static"],
-    "ORT quantize_static, int16 down_proj inputs (TensorQuantOverrides; else as above)": [
-        "ort-static-a16",
-        r"mlp\.down_proj$",
-    ],
     "sq-onnx w8a8 static QDQ, --act16 down_proj": [*STATIC_QDQ, "--act16", "down_proj"],
     "sq-onnx w8a8 static QDQ, no smoothing": [*W8A8, "--act", "static", "--format", "qdq", "--no-smooth"],
     "sq-onnx w8a8 static QDQ, alpha 0.5 (default)": [*W8A8, "--act", "static", "--format", "qdq"],
@@ -87,11 +83,9 @@ class _Feeds:
         return next(self._it, None)
 
 
-def ort_static(src: str, dst: str, act16: str | None = None) -> None:
+def ort_static(src: str, dst: str) -> None:
     """ONNX Runtime's own static quantizer on the calibration samples sq-onnx's default draws (the built-in
-    mix, 16 x 256 tokens): QDQ, per-channel int8 weights, symmetric int8 activations, MatMuls. ``act16``: the
-    inputs of the linears whose module matches get int16 activations (its TensorQuantOverrides), as
-    sq-onnx's ``--act16`` writes them."""
+    mix, 16 x 256 tokens): QDQ, per-channel int8 weights, symmetric int8 activations, MatMuls."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from sq_onnx.calibration.calibration_data import load_calibration
@@ -118,23 +112,8 @@ def ort_static(src: str, dst: str, act16: str | None = None) -> None:
         activation_type=QuantType.QInt8,
         weight_type=QuantType.QInt8,
         op_types_to_quantize=["MatMul", "Gemm"],
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, **_int16_overrides(src, act16)},
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
     )
-
-
-def _int16_overrides(src: str, pattern: str | None) -> dict:
-    """quantize_static's TensorQuantOverrides giving the matching linears' inputs int16 activations."""
-    if pattern is None:
-        return {}
-    import re
-
-    from onnxruntime.quantization import QuantType
-
-    from sq_onnx.passes.linears import find_linears
-    from sq_onnx.runtime.model_io import load_model
-
-    inputs = {lin.input.name for lin in find_linears(load_model(src).graph) if re.search(pattern, lin.module)}
-    return {"TensorQuantOverrides": {name: [{"quant_type": QuantType.QInt16}] for name in inputs}}
 
 
 def worker(argv: list[str]) -> None:
@@ -150,8 +129,6 @@ def worker(argv: list[str]) -> None:
         quant.model.save_model_to_file(dst, use_external_data_format=False)
     elif kind == "ort-static":
         ort_static(src, dst)
-    elif kind == "ort-static-a16":
-        ort_static(src, dst, act16=rest[0])
     elif kind == "ort-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 

@@ -21,4 +21,4 @@ def test_convert_row_parses(label: str) -> None:
 def test_rows_are_known_kinds() -> None:
     assert ROWS["fp32"] is None
     kinds = {spec[0] for spec in ROWS.values() if spec}
-    assert kinds <= {"convert", "ort-rtn", "ort-dynamic", "ort-static", "ort-static-a16"}
+    assert kinds <= {"convert", "ort-rtn", "ort-dynamic", "ort-static"}
