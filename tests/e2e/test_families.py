@@ -50,6 +50,7 @@ def family_model(request, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp(request.param)
     save_model(export_model(tiny_models.build_family(request.param), kv_cache=True), folder / "model.onnx")
+    tiny_models.write_tokenizer(folder)
     return request.param, folder / "model.onnx"
 
 
@@ -77,3 +78,35 @@ def test_smoothing_with_folds_keeps_the_function_and_w8a8_converts(family_model,
     w8a8 = convert(path, tmp_path / "q.onnx", Recipe(scheme="w8a8", samples=4, linear_folds="on"), ids)
     assert w8a8.verify["top1_agreement"] > 0.5
     assert np.isfinite(w8a8.verify["relative_error"]) and w8a8.verify["relative_error"] < 0.5
+
+
+def test_w4_converts_and_evaluates_and_generates_with_its_cache(family_model, tmp_path):
+    """The default W4 recipe (smoothed, GPTQ) on each family; the output evaluates (perplexity on the built-in
+    held-out text, against the float model) and decodes greedily through its KV cache."""
+    from sq_onnx.lm.evaluate import perplexity
+    from sq_onnx.lm.generate import generate
+
+    _, path = family_model
+    ids = {"input_ids": tiny_models.random_ids(6, 16)}
+    out = tmp_path / "w4.onnx"
+    w4 = convert(path, out, Recipe(samples=4, gptq_samples=4, block_size=32), ids, tokenizer=path.parent)
+    assert w4.verify["top1_agreement"] > 0.5 and w4.verify["relative_error"] < 0.5
+    result = perplexity(out, seq_len=32, windows=2, tokenizer=path.parent, compare=path)
+    assert np.isfinite(result.perplexity) and 0.8 < result.compare["perplexity_ratio"] < 1.5
+    # a short prompt: the sequence stays within the tiny Gemmas' sliding window of 8 (see the xfail below)
+    gen = generate(out, "The", max_new_tokens=4, tokenizer_dir=path.parent)
+    assert gen["kv_cache"] and 1 <= gen["new_tokens"] <= 4
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known export bug: the torch.onnx graph of a Gemma 2 with sliding-window layers fails in GatherND once "
+    "prompt + cache pass the window (the float export too, not the quantization)",
+)
+def test_gemma2_decodes_past_its_sliding_window(tmp_path):
+    from sq_onnx.lm.export import export_model
+    from sq_onnx.lm.generate import generate
+
+    save_model(export_model(tiny_models.build_family("gemma2"), kv_cache=True), tmp_path / "model.onnx")
+    tiny_models.write_tokenizer(tmp_path)
+    generate(tmp_path / "model.onnx", "The module", max_new_tokens=6)
