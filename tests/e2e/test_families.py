@@ -110,3 +110,26 @@ def test_gemma2_decodes_past_its_sliding_window(tmp_path):
     save_model(export_model(tiny_models.build_family("gemma2"), kv_cache=True), tmp_path / "model.onnx")
     tiny_models.write_tokenizer(tmp_path)
     generate(tmp_path / "model.onnx", "The module", max_new_tokens=6)
+
+
+def test_inspect_and_the_fused_kernels_on_each_family(family_model, tmp_path):
+    """`inspect` describes each family (its groups with outliers from calibration) and W8A8 with the sq_onnx
+    kernels converts, fusing the norms it can and saying why not for the rest."""
+    from sq_onnx.inspect_model import inspect_model
+    from sq_onnx.runtime import custom_ops
+
+    family, path = family_model
+    ids = {"input_ids": tiny_models.random_ids(6, 16)}
+    info = inspect_model(path, calib=ids, samples=4, seq_len=16)
+    assert len(info["groups"]) == 2 * 2 + 1 and len(info["outliers"]["groups"]) == len(info["groups"])
+    assert info["schemes"]["w4"]["counts"] and info["schemes"]["w8a8"]["counts"]
+    if not custom_ops.available():
+        pytest.skip("custom-op library not built (no ONNX Runtime headers at install time)")
+    out = tmp_path / "k.onnx"
+    result = convert(path, out, Recipe(scheme="w8a8", kernels="sq_onnx", samples=4), ids)
+    assert result.verify["top1_agreement"] > 0.5 and result.verify["relative_error"] < 0.5
+    fusions = result.fusions
+    # both norms of each layer fuse with their quantization; GPT-2's do not (a known gap, said nowhere yet):
+    # Conv1D flattens [B, S, C] to [B*S, C] first, so the quantization reads that Reshape, not the norm
+    assert fusions is not None and fusions["fused"] == (0 if family == "gpt2" else 2 * 2)
+    assert all(r["reason"] for r in fusions["not_fused"])
