@@ -140,6 +140,12 @@ def _print_summary(result: dict[str, Any]) -> None:
     if result.get("kept_8bit"):
         names = ", ".join(c["name"] for c in result["kept_8bit"])
         console.print(f"  8-bit weights (--keep-8bit, most 4-bit error per byte): {names}", soft_wrap=True)
+    joined = result.get("joined_linears") or []
+    if joined:
+        linears = sum(len(names) for names in joined)
+        console.print(
+            f"  {linears} linears joined into {len(joined)} MatMulNBits (shared inputs; --no-join-linears keeps one each)"
+        )
     for skip in result["skipped"]:
         console.print(f"  not smoothed: {skip['tensor']} -> {', '.join(skip['consumers'])}: {skip['reason']}")
     genai = result.get("genai")

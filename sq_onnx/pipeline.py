@@ -65,6 +65,7 @@ def convert(
             timings[name] = time.perf_counter() - began
         began = time.perf_counter()
         parts = stages.report_parts(conv) if report_dir is not None else None
+        stages.join_linears(conv)
         stages.save(conv, out)
         stages.genai_folder(conv, out)
         timings["save"] = time.perf_counter() - began

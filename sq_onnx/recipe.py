@@ -210,6 +210,12 @@ class Recipe:
     # and measured lossless for the lm_head (docs/EXPERIMENTS.md)
     lm_head_accuracy_level: int = option(4, "MatMulNBits accuracy_level of the lm_head")
     # 8-bit rows measured within 0.2% perplexity on SmolLM2 (tools/RESULTS.md), a third of the W4 file
+    # One kernel call per shared input instead of one per linear: decode 2.3x -> 2.6-2.9x fp32 on SmolLM2 (tools/RESULTS.md)
+    join_linears: bool = option(
+        True,
+        "weight-only linears that read one tensor (q/k/v, gate/up) become one MatMulNBits and a Split "
+        "(--format contrib; same outputs, fewer kernel calls)",
+    )
     embedding: EmbeddingBits = option(
         EmbeddingBits.EIGHT,
         "bits of the token embedding table (GatherBlockQuantized, a contrib op: --format contrib only), or fp",

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from sq_onnx import accuracy_level
 from sq_onnx.alpha_search import search_alpha_layer, search_alpha_model
@@ -30,6 +31,7 @@ from sq_onnx.mixed_precision import layer_costs, promote
 from sq_onnx.opset_upgrade import upgrade_if_needed
 from sq_onnx.passes.analyze import Analysis, analyze
 from sq_onnx.passes.fuse_norm_quant import fusion_record
+from sq_onnx.passes.merge_matmulnbits import MergeSharedInputMatMulNBitsPass
 from sq_onnx.passes.smooth import producer_scales
 from sq_onnx.plan import LinearPlan, plan_linears, without_act16_groups
 from sq_onnx.quantize_model import (
@@ -108,6 +110,7 @@ class ConvertResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage, in order
     kept_8bit: list[dict[str, Any]] = field(default_factory=list)  # --keep-8bit's choice, with its scores
     device: str = "cpu"  # where the sessions ran (--device, resolved)
+    joined_linears: list[list[str]] = field(default_factory=list)  # MatMulNBits joined per shared input
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -460,6 +463,16 @@ def report_parts(conv: Conversion) -> tuple[list[dict[str, Any]], list[LayerErro
     }
     errors = layer_errors(conv.work.graph, [p.linear for p in conv.plans], conv.calib.rows, scales, columns)
     return groups, errors
+
+
+def join_linears(conv: Conversion) -> None:
+    """``--join-linears``: the W4/W8 linears that share an input become one MatMulNBits and a Split
+    (``passes.merge_matmulnbits``). Runs after verification and the report, which read per-linear nodes;
+    the outputs are the same numbers."""
+    if conv.recipe.join_linears and conv.recipe.format == "contrib" and conv.recipe.scheme == "w4":
+        join = MergeSharedInputMatMulNBitsPass()
+        ir.passes.Sequential(join, RemoveUnusedNodesPass())(conv.work)
+        conv.result.joined_linears = join.merged
 
 
 def save(conv: Conversion, out: Path) -> None:

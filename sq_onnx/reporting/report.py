@@ -91,6 +91,7 @@ def build_report(
         "alpha_search": result["alpha_search"],
         "skipped": result["skipped"],
         "fusions": result["fusions"],
+        "joined_linears": result["joined_linears"],  # layers below by linear; the file joins these per input
         "sizes": {
             "input_bytes": size_in,
             "output_bytes": size_out,

@@ -27,7 +27,10 @@ def test_w4_runs_with_matmulnbits_only(fixture, request, tmp_path, calib_ids):
     recipe = Recipe(samples=4, block_size=32, accuracy_level="0")  # the bounds below are level 0's
     result = convert(folder / "model.onnx", out, recipe, calibration=calib_ids)
     ops = op_types(out)
-    assert ops.count("MatMulNBits") == len(result.quantized_matmuls) > 0
+    # linears that share an input (q/k/v, gate/up) are joined into one MatMulNBits and a Split
+    joined_away = sum(len(names) - 1 for names in result.joined_linears)
+    assert result.joined_linears and ops.count("Split") >= len(result.joined_linears)
+    assert ops.count("MatMulNBits") == len(result.quantized_matmuls) - joined_away > 0
     assert _float_linears_on_constants(out) == []
     model = ir.load(out)
     head = [n for n in model.graph if n.op_type == "MatMulNBits" and n.attributes["bits"].value == 8]
@@ -230,3 +233,18 @@ def test_keep_8bit_is_for_w4_only():
         Recipe(scheme="w8a8", keep_8bit=2)
     with pytest.raises(RecipeError, match="--keep-8bit"):
         Recipe(keep_8bit=-1)
+
+
+def test_joined_linears_change_no_output(llama_dir, tmp_path, calib_ids):
+    """--join-linears (the default) writes fewer MatMulNBits with the same outputs as one node per linear."""
+    feed = ids_feed()
+    outputs, counts = [], []
+    for join in (True, False):
+        out = tmp_path / f"w4-{join}.onnx"
+        recipe = Recipe(samples=4, block_size=32, join_linears=join, verify_samples=0, accuracy_level="4")
+        result = convert(llama_dir / "model.onnx", out, recipe, calibration=calib_ids)
+        assert bool(result.joined_linears) == join
+        outputs.append(run(out, feed))
+        counts.append(op_types(out).count("MatMulNBits"))
+    assert counts[0] < counts[1] == len(result.quantized_matmuls)
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)

@@ -157,7 +157,8 @@ def test_report_files_fields_and_plots(scheme, alpha, llama_dir, calib_ids, tmp_
         assert any(np.allclose(x, g / s, rtol=1e-5) for g in gammas for x in saved if x.shape == s.shape)
     errors = [layer["relative_error"] for layer in report["layers"]]
     assert errors == sorted(errors, reverse=True)
-    assert {layer["name"] for layer in report["layers"]} == _quantized_nodes(out)
+    assert {layer["name"] for layer in report["layers"]} == _quantized_linears(out, report["joined_linears"])
+    assert bool(report["joined_linears"]) == (scheme == "w4")
     assert all(0 < e < 0.5 for e in errors)
     # Every plot named in the JSON is embedded, and nothing links outside the file.
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
@@ -182,9 +183,14 @@ def _act_absmax(path, tensors: list[str], calib: dict, samples: int) -> dict[str
     return best
 
 
-def _quantized_nodes(path) -> set[str]:
+def _quantized_linears(path, joined: list[list[str]]) -> set[str]:
+    """The quantized nodes of the file, a joined MatMulNBits counted as the linears it holds."""
     ops = {"MatMulNBits", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
-    return {n.name for n in ir.load(path).graph if n.op_type in ops}
+    names = {n.name for n in ir.load(path).graph if n.op_type in ops}
+    for linears in joined:
+        names.remove(f"{linears[0]}.joined")
+        names.update(linears)
+    return names
 
 
 def test_report_refuses_existing_files_and_keeps_them(llama_dir, calib_ids, tmp_path):
