@@ -2,8 +2,8 @@
 
 The estimate is a lower bound of the peak (tools/RESULTS.md, "Peak memory against model size"): ONNX Runtime's
 copy of the weights (twice that for a single-file model, whose protobuf is in memory too) plus the
-activations GPTQ caches for its Hessians (samples x tokens x the widest linear input, once per stream; the
-asymmetric target runs a float stream beside the quantized one). A conversion refused here would have been
+activations GPTQ caches for its Hessians (samples x tokens x the narrowest linear input, the residual stream
+that every cut holds, once per stream; the asymmetric target runs a float stream beside the quantized one). A conversion refused here would have been
 killed for memory hours later.
 """
 
@@ -46,15 +46,15 @@ class MemoryNeed:
         return self.weights + self.activations
 
 
-def memory_need(weight_bytes: int, external_data: bool, recipe: Recipe, widest_input: int) -> MemoryNeed:
-    """Lower bound of a conversion's peak for a model of ``weight_bytes`` whose widest quantized linear
-    reads ``widest_input`` channels."""
+def memory_need(weight_bytes: int, external_data: bool, recipe: Recipe, cached_width: int) -> MemoryNeed:
+    """Lower bound of a conversion's peak for a model of ``weight_bytes`` whose cached activations are at
+    least ``cached_width`` channels wide per token."""
     weights = weight_bytes * (1 if external_data else 2)
     if recipe.uses_gptq:
         streams = 2 if recipe.gptq_asymmetric else 1
-        activations = recipe.gptq_samples * recipe.seq_len * widest_input * 4 * streams
+        activations = recipe.gptq_samples * recipe.seq_len * cached_width * 4 * streams
     else:
-        activations = recipe.samples * recipe.seq_len * widest_input * 4
+        activations = recipe.samples * recipe.seq_len * cached_width * 4
     return MemoryNeed(weights, activations)
 
 

@@ -28,6 +28,8 @@ from sq_onnx.runtime.progress import track
 
 # Most float64 bytes of weight that one GPTQ pass quantizes at once when linears share an input.
 SHARED_WEIGHT_BYTES = 1 << 28
+# Most float64 bytes of one weight's columns that GPTQ works on at once (``by_columns``).
+COLUMN_BYTES = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -120,13 +122,17 @@ def quantize_graph(
             else None
         )
         hessian = grams.hessian if grams is not None else hessians(name)  # type: ignore[misc]
-        target = (
-            grams.target(original, recipe.gptq_target_ridge)
-            if grams is not None and recipe.gptq_asymmetric
-            else original
-        )
         gptq = dict(act_order=recipe.act_order, refine_rounds=recipe.gptq_refine, damp=recipe.gptq_damp)
-        bq = quantize_weight(target, batch.bits, *grid, **rounding, hessian=hessian, **gptq)
+
+        def fitted(w: np.ndarray) -> BlockQuantized:
+            target = (
+                grams.target(w, recipe.gptq_target_ridge)
+                if grams is not None and recipe.gptq_asymmetric
+                else w
+            )
+            return quantize_weight(target, batch.bits, *grid, **rounding, hessian=hessian, **gptq)
+
+        bq = by_columns(original, fitted)
         if fell_back is not None and grams is not None and grams.held is not None:
             plain = quantize_weight(
                 original, batch.bits, *grid, clip_search=True, importance=np.diag(hessian)
@@ -175,6 +181,18 @@ def quantize_graph(
     fusions = dict(fused_norms=fuse[0].fused, unfused_norms=fuse[0].refused) if fuse else {}
     embeddings = embed[0].replaced if embed else []
     return Quantized(weights.replaced + w8a8.replaced, fell_back, embeddings=embeddings, **fusions)
+
+
+def by_columns(w: np.ndarray, fit: Callable[[np.ndarray], BlockQuantized]) -> BlockQuantized:
+    """``fit`` over column slices of a [K, N] weight at most COLUMN_BYTES of float64 wide (and at least 4K
+    columns), joined: GPTQ and the float target treat output columns independently, so the result is the
+    same while the working arrays (float64 copies, codes, gradients) stay bounded. A vocabulary projection
+    (576 x 49152 on SmolLM2, 896 x 151936 on Qwen2.5-0.5B) was the conversion's memory peak without it."""
+    k, n = w.shape
+    step = max(COLUMN_BYTES // (8 * k), 4 * k, 1)
+    if n <= step:
+        return fit(w)
+    return BlockQuantized.joined([fit(w[:, lo : lo + step]) for lo in range(0, n, step)])
 
 
 def _step_for(steps: Iterator[SegmentInputs], name: str) -> SegmentInputs:

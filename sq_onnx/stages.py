@@ -182,10 +182,12 @@ def analyzed(
     if recipe.scheme == "smooth" and (not recipe.smooth or not analysis.groups):
         raise NothingToQuantizeError("the model has no norm -> MatMul group that smoothing could fold into.")
     _refuse_old_runtime(recipe)
-    widest = max((p.linear.shape[0] for p in plans if p.action != "keep"), default=0)
+    # GPTQ's cache holds at least one value as wide as the narrowest linear input (the residual stream) per
+    # sample and stream at every cut; wider ones (an MLP's intermediate activation) are recomputed, not cached
+    narrowest = min((p.linear.shape[0] for p in plans if p.action != "keep"), default=0)
     external = has_external_tensors(src)
     check_memory(
-        memory_need(weight_bytes(src), external, recipe, widest), current_rss_bytes(), recipe, external
+        memory_need(weight_bytes(src), external, recipe, narrowest), current_rss_bytes(), recipe, external
     )
     if recipe.kernels == "sq_onnx" and _weight_dtype(analysis) == "bfloat16":
         raise SqOnnxError(

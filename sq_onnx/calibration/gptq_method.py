@@ -18,29 +18,62 @@ from sq_onnx.quant.int8 import fake_blockwise
 # correction is fitted on the calibration rows, and less of it generalises better. On SmolLM2 (KL to fp32
 # on the whole held-out text, default recipe) 0.01: 0.0591, 0.1: 0.0539, 0.3: 0.0553 (docs/EXPERIMENTS.md).
 TARGET_DAMP = 0.1
-# Rows of activations multiplied at once when summing XᵀX over the cached samples.
+# Rows of activations multiplied at once when summing XᵀX over the samples, and the most bytes of float32 rows
+# held for one product (wide inputs take fewer rows at a time).
 GRAM_ROWS = 1 << 14
+GRAM_BYTES = 1 << 26
+
+
+class GramSum:
+    """Σ XᵀX and, with ``cross``, Σ XᵀY over samples added one at a time (each [..., channels], Y row for
+    row with X): rows are gathered into float32 blocks of up to GRAM_ROWS rows and GRAM_BYTES, each block
+    multiplied once (numpy runs syrk for x.T @ x) and summed in float64."""
+
+    def __init__(self, channels: int, cross: bool = False) -> None:
+        self.channels = channels
+        self.rows = max(1, min(GRAM_ROWS, GRAM_BYTES // (4 * channels)))
+        self.total = np.zeros((channels, channels), np.float64)
+        self.cross = np.zeros((channels, channels), np.float64) if cross else None
+        self._xs: list[np.ndarray] = []
+        self._ys: list[np.ndarray] = []
+        self._held = 0
+
+    def add(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
+        self._xs.append(np.asarray(x, np.float32).reshape(-1, self.channels))
+        if self.cross is not None:
+            assert y is not None, "a cross term needs the other input"
+            self._ys.append(np.asarray(y, np.float32).reshape(-1, self.channels))
+        self._held += self._xs[-1].shape[0]
+        if self._held >= self.rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._xs:
+            return
+        x = np.concatenate(self._xs) if len(self._xs) > 1 else self._xs[0]
+        for lo in range(0, x.shape[0], self.rows):
+            part = x[lo : lo + self.rows]
+            self.total += part.T @ part
+        if self.cross is not None:
+            y = np.concatenate(self._ys) if len(self._ys) > 1 else self._ys[0]
+            for lo in range(0, x.shape[0], self.rows):
+                self.cross += x[lo : lo + self.rows].T @ y[lo : lo + self.rows]
+        self._xs, self._ys, self._held = [], [], 0
+
+    def result(self) -> tuple[np.ndarray, np.ndarray | None]:
+        self._flush()
+        return self.total.astype(np.float32), (None if self.cross is None else self.cross.astype(np.float32))
 
 
 def gram(
     arrays: list[np.ndarray], channels: int, others: list[np.ndarray] | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Σ XᵀX over ``arrays`` (each flattened to [rows, channels]) and, with ``others`` (same shapes, row for
-    row), Σ XᵀY, in one pass over float32 blocks of GRAM_ROWS rows (each X block joined once)."""
-    total = np.zeros((channels, channels), np.float64)
-    cross = None if others is None else np.zeros((channels, channels), np.float64)
-    per_block = max(1, GRAM_ROWS * channels // max(1, arrays[0].size)) if arrays else 1
-
-    def rows(source: list[np.ndarray], start: int) -> np.ndarray:
-        part = source[start : start + per_block]
-        return np.concatenate([np.asarray(a, np.float32).reshape(-1, channels) for a in part])
-
-    for start in range(0, len(arrays), per_block):
-        x = rows(arrays, start)
-        total += x.T @ x  # numpy runs syrk for x.T @ x
-        if cross is not None and others is not None:
-            cross += x.T @ rows(others, start)
-    return total.astype(np.float32), (None if cross is None else cross.astype(np.float32))
+    row), Σ XᵀY (``GramSum`` over a list)."""
+    acc = GramSum(channels, cross=others is not None)
+    for i, x in enumerate(arrays):
+        acc.add(x, None if others is None else others[i])
+    return acc.result()
 
 
 @dataclass(frozen=True)
@@ -70,18 +103,25 @@ class BatchGrams:
 
 
 def batch_grams(inputs: SegmentInputs, holdout: int = 0, int8_block: int | None = None) -> BatchGrams:
-    """The Gram matrices of one runner step; the last ``holdout`` samples (when fewer than all) are kept
-    apart for ``held_out_loss``. With ``int8_block`` the quantized model's input is first rounded as
-    MatMulNBits at accuracy_level 4 rounds it (int8 per block of K), so GPTQ fits the weights to what the
-    kernel multiplies; the float side (the target) stays exact."""
-    n = len(inputs.quantized)
+    """The Gram matrices of one runner step, summed as its samples arrive; the last ``holdout`` samples (when
+    fewer than all) are kept apart for ``held_out_loss``. With ``int8_block`` the quantized model's input is
+    first rounded as MatMulNBits at accuracy_level 4 rounds it (int8 per block of K), so GPTQ fits the
+    weights to what the kernel multiplies; the float side (the target) stays exact."""
+    n = inputs.count
     holdout = holdout if 0 < holdout < n else 0
-    fit = n - holdout
-    xs = inputs.quantized if int8_block is None else [fake_blockwise(x, int8_block) for x in inputs.quantized]
-    others = [inputs.float] if inputs.float is not None else []
-    hessian, cross = gram(xs[:fit], inputs.channels, *(o[:fit] for o in others))
-    held = gram(xs[fit:], inputs.channels, *(o[fit:] for o in others)) if holdout else None
-    return BatchGrams(hessian, cross, held)
+    fit = GramSum(inputs.channels, cross=inputs.with_float)
+    held = GramSum(inputs.channels, cross=inputs.with_float) if holdout else None
+    seen = 0
+    for i, (x, y) in enumerate(inputs.pairs):
+        x = x if int8_block is None else fake_blockwise(x, int8_block)
+        (fit if i < n - holdout or held is None else held).add(x, y)
+        seen += 1
+    if seen != n:
+        raise RuntimeError(
+            f"step {inputs.index} gave {seen} of its {n} samples: read each step before the next"
+        )
+    hessian, cross = fit.result()
+    return BatchGrams(hessian, cross, held.result() if held is not None else None)
 
 
 def float_target_weight(

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -32,7 +34,9 @@ from sq_onnx.runtime.ort_session import in_memory_session
 @dataclass(frozen=True)
 class Run:
     """What run r does: compute ``outputs`` (new cache entries, batch r's input among them unless it is a
-    graph input) from the graph inputs and the cache, then keep only ``keep`` in the cache."""
+    graph input) from the graph inputs and the cache, then keep only ``keep`` in the cache. A wide target
+    (an MLP's intermediate activation) is computed for the batch's statistics but not kept: the next run
+    recomputes it from the narrower values it came from, which ``keep`` holds instead."""
 
     target: str
     outputs: tuple[str, ...]
@@ -54,6 +58,7 @@ def plan_runs(graph: ir.Graph, batches: list[list[Linear]]) -> list[Run]:
         nxt[node] = first
     segment = {n: (batch_of[n] if n in batch_of else nxt[n] - 1) for n in order if nxt[n] < math.inf}
     live = _depends_on_inputs(graph, order)
+    values = {v.name: v for node in order for v in node.outputs} | {v.name: v for v in graph.inputs}
     last_use: dict[str, float] = {}  # value -> the last segment that reads it
     made_in: dict[str, float] = {}
     for node, seg in segment.items():
@@ -70,12 +75,51 @@ def plan_runs(graph: ir.Graph, batches: list[list[Linear]]) -> list[Run]:
         # the cache after run r (which executes segment r - 1): live values made in segments up to r - 1
         # and read in segment r or later
         frontier = {v for v, seg in made_in.items() if seg <= r - 1 and last_use.get(v, -1) >= r}
+        keep = frontier - {target}
         if target not in graph_inputs:
             frontier.add(target)
+            sources = _sources(values[target], cached | graph_inputs, live)
+            keep = keep | sources if _recompute(values, target, keep, sources) else keep | {target}
         outputs = tuple(sorted(frontier - cached))
-        runs.append(Run(target=target, outputs=outputs, keep=tuple(sorted(frontier))))
-        cached = frontier
+        runs.append(Run(target=target, outputs=outputs, keep=tuple(sorted(keep))))
+        cached = keep
     return runs
+
+
+def _width(value: ir.Value) -> int | None:
+    """The channel count of an activation (its last dimension), None when unknown."""
+    shape = value.shape
+    return shape[-1] if shape is not None and len(shape) and isinstance(shape[-1], int) else None
+
+
+def _sources(target: ir.Value, cached: set[str], live: set[str]) -> set[str]:
+    """The cached (or graph input) values that ``target`` is computed from."""
+    found: set[str] = set()
+    stack, seen = [target], set()
+    while stack:
+        value = stack.pop()
+        if value.name in seen or value.name not in live:
+            continue  # constants are recomputed from initializers, never cached
+        seen.add(value.name)
+        if value.name in cached:
+            found.add(value.name)
+            continue
+        producer = value.producer()
+        if producer is not None:
+            stack.extend(v for v in producer.inputs if v is not None)
+    return found
+
+
+def _recompute(values: dict[str, ir.Value], target: str, keep: set[str], sources: set[str]) -> bool:
+    """Whether to drop ``target`` from the cache and keep ``sources`` instead, for the next run to recompute
+    it: only for an expansion (the target at least twice as wide as every other cached value, like an MLP's
+    intermediate activation) whose sources not already kept are at most half its width together."""
+    width = _width(values[target])
+    others = [w for v in keep if (w := _width(values[v])) is not None]  # masks' widths are symbolic
+    extra = [_width(values[v]) for v in sources - keep]
+    if width is None or None in extra or not others:
+        return False
+    return width >= 2 * max(others) and 2 * sum(extra) <= width  # type: ignore[arg-type]
 
 
 def _depends_on_inputs(graph: ir.Graph, order: list[ir.Node]) -> set[str]:
@@ -99,22 +143,45 @@ def segment_model(model: ir.Model, cached: list[str], outputs: list[str]) -> ir.
     return ir.Model(sub, ir_version=model.ir_version, functions=list(model.functions.values()))
 
 
-@dataclass(frozen=True)
+Pair = tuple[np.ndarray, "np.ndarray | None"]
+# Samples one stream runs before the other takes its turn: ORT's threads spin a while after each run, so two
+# sessions taking turns sample by sample slow each other down; a chunk's targets are small.
+CHUNK = 16
+
+
+@dataclass
 class SegmentInputs:
-    """One step: the input of batch ``index`` (tensor ``target``, ``channels`` wide) per sample, from the
-    model as it stands, and from the float copy taken at the start (None without one)."""
+    """One step: the input of batch ``index`` (tensor ``target``, ``channels`` wide) for each of ``count``
+    samples, as ``pairs``: (from the model as it stands, from the float copy taken at the start or None),
+    produced one sample at a time while the caller reads them, so no step holds every sample's input at
+    once. Read ``pairs`` once; the runner finishes the step itself if the caller stops early."""
 
     index: int
     target: str
     channels: int
-    quantized: list[np.ndarray]
-    float: list[np.ndarray] | None
+    count: int
+    pairs: Iterator[Pair]
+    with_float: bool = False
+
+    @classmethod
+    def of(
+        cls,
+        index: int,
+        target: str,
+        channels: int,
+        quantized: list[np.ndarray],
+        floats: list[np.ndarray] | None,
+    ) -> SegmentInputs:
+        """A step over inputs already in memory (tests, callers with their own activations)."""
+        others: list[np.ndarray | None] = list(floats) if floats is not None else [None] * len(quantized)
+        pairs = iter(zip(quantized, others, strict=True))
+        return cls(index, target, channels, len(quantized), pairs, with_float=floats is not None)
 
 
 class SegmentRunner:
     """``for inputs in SegmentRunner(model, batches, feeds): ...`` runs segment r when step r is asked
     for, on ``model`` as it is then (the caller edits it in place between steps). With ``float_copy``, a
-    copy of ``model`` taken now runs the same segments beside it."""
+    copy of ``model`` taken now runs the same segments beside it, sample by sample in step with it."""
 
     def __init__(
         self,
@@ -128,36 +195,72 @@ class SegmentRunner:
         self.channels = [linears[0].shape[0] for linears in batches]
         self.feeds = feeds
         self._streams = [_Stream(model)] + ([_Stream(copy_model(model))] if float_copy else [])
+        self._float = float_copy
 
     def __len__(self) -> int:
         return len(self.runs)
 
     def __iter__(self) -> Iterator[SegmentInputs]:
         for r, run in enumerate(self.runs):
-            sources = [stream.advance(run, self.feeds) for stream in self._streams]
+            pairs = self._pairs(run)
             yield SegmentInputs(
-                r, run.target, self.channels[r], sources[0], sources[1] if len(sources) > 1 else None
+                r, run.target, self.channels[r], len(self.feeds), pairs, with_float=self._float
             )
+            for _ in pairs:  # the caller read fewer samples: finish the run so the caches stay whole
+                pass
+
+    def _pairs(self, run: Run) -> Iterator[Pair]:
+        with ExitStack() as stack:
+            sessions = [stack.enter_context(stream.begin(run)) for stream in self._streams]
+            for lo in range(0, len(self.feeds), CHUNK):
+                chunk = range(lo, min(lo + CHUNK, len(self.feeds)))
+                xs = [
+                    [stream.sample(run, sess, i, self.feeds[i]) for i in chunk]
+                    for stream, sess in zip(self._streams, sessions, strict=True)
+                ]
+                others = xs[1] if self._float else [None] * len(chunk)
+                yield from zip(xs[0], others, strict=True)
+            for stream in self._streams:
+                stream.end()
 
 
 class _Stream:
-    """One model run segment by segment over the feeds, with its cache of the values crossing the cuts."""
+    """One model run segment by segment over the feeds, with its cache of the values crossing the cuts
+    (per value, one array per sample)."""
 
     def __init__(self, model: ir.Model) -> None:
         self.model = model
-        self.cache: dict[str, list[np.ndarray]] = {}
+        self.cache: dict[str, list[np.ndarray | None]] = {}
+        self._next: dict[str, list[np.ndarray | None]] = {}
 
-    def advance(self, run: Run, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-        """Execute ``run``; returns the run's target per feed."""
-        if run.outputs:
-            sub = segment_model(self.model, list(self.cache), list(run.outputs))
-            names = [v.name for v in sub.graph.inputs]
-            results: dict[str, list[np.ndarray]] = {o: [] for o in run.outputs}
-            with in_memory_session(sub) as sess:
-                for i, feed in enumerate(feeds):
-                    inputs = {n: self.cache[n][i] if n in self.cache else feed[n] for n in names}
-                    for o, arr in zip(run.outputs, sess.run(list(run.outputs), inputs), strict=True):
-                        results[o].append(arr)
-            self.cache.update(results)
-        self.cache = {k: self.cache[k] for k in run.keep}
-        return self.cache[run.target] if run.target in self.cache else [f[run.target] for f in feeds]
+    def begin(self, run: Run) -> AbstractContextManager[Any]:
+        """The session of ``run``'s segment (read from the cache as it is now), or none when it computes nothing."""
+        self._next = {k: [] for k in run.keep}
+        if not run.outputs:
+            return nullcontext()
+        return in_memory_session(segment_model(self.model, list(self.cache), list(run.outputs)))
+
+    def sample(self, run: Run, sess: Any, i: int, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """Run the segment on sample ``i``; returns the run's target and files what the cache keeps. The
+        sample's old entries are released as soon as they are read, so the cache is never held twice."""
+        new: dict[str, np.ndarray] = {}
+        if sess is not None:
+            names = [v.name for v in sess.get_inputs()]
+            inputs = {n: self.cache[n][i] if n in self.cache else feed[n] for n in names}
+            new = dict(zip(run.outputs, sess.run(list(run.outputs), inputs), strict=True))
+        target = new[run.target] if run.target in new else self._old(run.target, i, feed)
+        for name in run.keep:
+            self._next[name].append(new[name] if name in new else self._old(name, i, feed))
+        for entries in self.cache.values():
+            entries[i] = None
+        return target
+
+    def _old(self, name: str, i: int, feed: dict[str, np.ndarray]) -> np.ndarray:
+        if name in self.cache:
+            value = self.cache[name][i]
+            assert value is not None, f"{name} of sample {i} was released before it was read"
+            return value
+        return feed[name]
+
+    def end(self) -> None:
+        self.cache, self._next = self._next, {}

@@ -42,6 +42,22 @@ class BlockQuantized:
             self.packed[lo:hi], self.scales[lo:hi], zp, self.q[lo:hi], self.k, self.bits, self.block_size
         )
 
+    @classmethod
+    def joined(cls, parts: list[BlockQuantized]) -> BlockQuantized:
+        """``parts`` side by side (their output channels in order): the inverse of ``columns``."""
+        first = parts[0]
+        zps = [p.zero_points for p in parts]
+        zp = None if any(z is None for z in zps) else np.concatenate(zps)  # type: ignore[arg-type]
+        return cls(
+            np.concatenate([p.packed for p in parts]),
+            np.concatenate([p.scales for p in parts]),
+            zp,
+            np.concatenate([p.q for p in parts]),
+            first.k,
+            first.bits,
+            first.block_size,
+        )
+
     def dequantize(self) -> np.ndarray:
         """Back to a float32 [K, N] array, as the kernel sees it."""
         deq = dequantize_blocks(self.q, self.scales, self.zero_points, self.bits)

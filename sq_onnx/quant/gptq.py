@@ -15,6 +15,9 @@ from sq_onnx.quant.blockwise import BlockQuantized, choose_grid, pack_blocks
 # Dampening of H's diagonal, as a fraction of its mean (the GPTQ paper's default): keeps the Cholesky
 # factorisation stable when calibration leaves some directions of X unexplored.
 DAMP = 0.01
+# Channels whose errors are passed on one at a time before the rest of the block gets them in one product:
+# the per-channel updates touch SUB rows, not the block's, and the block's share becomes a matrix product.
+SUB = 16
 
 
 def dampened_hessian(hessian: np.ndarray, damp: float = DAMP) -> tuple[np.ndarray, np.ndarray]:
@@ -70,7 +73,7 @@ def refine_codes(
     grad = h @ (w.astype(np.float32) - current)  # G = H R: the loss's descent direction per channel
     diag = np.diag(h).copy()
     changed = 0
-    for lo in range(0, k, block_size):  # lazy updates: within a block row by row, the rest once per block
+    for lo in range(0, k, block_size):  # lazy updates: within a block row by row, every row once per block
         hi, b = lo + block_size, lo // block_size
         step, zero = steps[:, b], zeros[:, b]
         moved = np.zeros((block_size, n), np.float32)
@@ -83,13 +86,14 @@ def refine_codes(
                 changed += int(np.count_nonzero(q != codes[i]))
                 codes[i] = q
                 current[i] += d
-                if cols.size > n // 4:
-                    grad[lo:hi] -= np.outer(h[lo:hi, i], d)
-                else:
-                    grad[lo:hi, cols] -= np.outer(h[lo:hi, i], d[cols])
+                grad[i + 1 : hi, cols] -= np.outer(h[i + 1 : hi, i], d[cols])  # the rows still to come
                 moved[i - lo] = d
-        grad[:lo] -= h[:lo, lo:hi] @ moved
-        grad[hi:] -= h[hi:, lo:hi] @ moved
+        if np.any(moved):
+            # the rest of every row's share: rows outside the block all of it, the block's own rows what
+            # the immediate updates above left out (each move's effect on itself and the rows before it)
+            grad[:lo] -= h[:lo, lo:hi] @ moved
+            grad[hi:] -= h[hi:, lo:hi] @ moved
+            grad[lo:hi] -= np.triu(h[lo:hi, lo:hi]) @ moved
     return changed
 
 
@@ -103,16 +107,13 @@ def refit_scales(
     k, n = w.shape
     nb = k // block_size
     e = _code_offsets(codes, zeros, block_size).astype(np.float64)
-    hw = h @ w.astype(np.float64)
+    eb = e.reshape(nb, block_size, n)
     gram = np.empty((n, nb, nb))
-    rhs = np.empty((n, nb))
-    blocks = [slice(b * block_size, (b + 1) * block_size) for b in range(nb)]
-    for c, sc in enumerate(blocks):
-        he = h[:, sc] @ e[sc]  # [K, N]: H's columns of block c times that block's codes
-        for b, sb in enumerate(blocks):
-            gram[:, b, c] = np.einsum("kn,kn->n", e[sb], he[sb])
-    for b, sb in enumerate(blocks):
-        rhs[:, b] = np.einsum("kn,kn->n", e[sb], hw[sb])
+    for c in range(nb):
+        he = (h[:, c * block_size : (c + 1) * block_size] @ eb[c]).reshape(nb, block_size, n)
+        gram[:, :, c] = np.einsum("bkn,bkn->nb", eb, he)  # block b's codes against H's block c columns
+    hw = (h @ w.astype(np.float64)).reshape(nb, block_size, n)
+    rhs = np.einsum("bkn,bkn->nb", eb, hw)
     ridge = 1e-9 * np.maximum(np.einsum("nbb->n", gram), 1e-30)[:, None, None] * np.eye(nb)
     fit = np.linalg.solve(gram + ridge, rhs[..., None])[..., 0]
     ok = np.all(np.isfinite(fit) & (fit * steps > 0), axis=1)  # symmetric grids may have signed scales
@@ -170,7 +171,8 @@ def gptq_quantize(
         for b in range(n_blocks):
             fix_grid(b, w[b * block_size : (b + 1) * block_size])
     u, _ = inverse_hessian_factor(h[np.ix_(order, order)], damp)
-    w = w[order]
+    u = u.astype(np.float32)  # the factor in float64, the error feedback in float32 (GPTQ's own precision)
+    w = w[order].astype(np.float32)
     codes = np.zeros((kp, n), np.uint8)  # by original channel
     for lo in range(0, kp, block_size):
         hi = lo + block_size
@@ -178,16 +180,18 @@ def gptq_quantize(
             fix_grid(lo // block_size, w[lo:hi])
         rows = w[lo:hi]  # view: updated in place by this batch's own errors
         u_batch = u[lo:hi, lo:hi]
-        errors = np.zeros((block_size, n), np.float64)
-        for i in range(block_size):
-            channel = order[lo + i]
-            step = scales[:, channel // block_size].astype(np.float64)
-            zero = zeros[:, channel // block_size].astype(np.float64)
-            q = np.clip(np.rint(rows[i] / step) + zero, 0, qmax)
-            codes[channel] = q
-            err = (rows[i] - (q - zero) * step) / u_batch[i, i]
-            rows[i + 1 :] -= np.outer(u_batch[i, i + 1 :], err)
-            errors[i] = err
+        errors = np.zeros((block_size, n), np.float32)
+        for sub in range(0, block_size, SUB):
+            end = min(sub + SUB, block_size)
+            for i in range(sub, end):
+                channel = order[lo + i]
+                step, zero = scales[:, channel // block_size], zeros[:, channel // block_size]
+                q = np.clip(np.rint(rows[i] / step) + zero, 0, qmax)
+                codes[channel] = q
+                err = (rows[i] - (q - zero) * step) / u_batch[i, i]
+                rows[i + 1 : end] -= np.outer(u_batch[i, i + 1 : end], err)
+                errors[i] = err
+            rows[end:] -= u_batch[sub:end, end:].T @ errors[sub:end]
         w[hi:] -= u[lo:hi, hi:].T @ errors
     if refine_rounds:
         hd, _ = dampened_hessian(h, damp)

@@ -11,7 +11,7 @@ from sq_onnx import Recipe, convert
 from sq_onnx.calibration.calibration_data import load_calibration
 from sq_onnx.calibration.gptq_method import BatchGrams, batch_grams, float_target_weight, gram
 from sq_onnx.calibration.hessian import collect_hessians
-from sq_onnx.calibration.segment_runner import SegmentRunner, plan_runs, segment_model
+from sq_onnx.calibration.segment_runner import SegmentInputs, SegmentRunner, plan_runs, segment_model
 from sq_onnx.errors import RecipeError
 from sq_onnx.quantize_model import gptq_batches, quantize_graph
 from sq_onnx.runtime.model_inputs import input_specs
@@ -34,6 +34,14 @@ def _setup(llama_dir, samples: int = 3):
     return model, feeds
 
 
+def _twice(inputs: SegmentInputs) -> tuple[SegmentInputs, SegmentInputs]:
+    """Two readable copies of a runner step (its samples can be read once)."""
+    pairs = list(inputs.pairs)
+    xq, xf = [p[0] for p in pairs], [p[1] for p in pairs]
+    floats = xf if inputs.with_float else None
+    return tuple(SegmentInputs.of(inputs.index, inputs.target, inputs.channels, xq, floats) for _ in range(2))
+
+
 def _full_model_hessian(model: ir.Model, name: str, channels: int, feeds) -> np.ndarray:
     return collect_hessians(model, {name: channels}, feeds)[name]
 
@@ -42,8 +50,7 @@ def test_segments_reproduce_the_one_pass_hessians(llama_dir):
     model, feeds = _setup(llama_dir)
     batches = gptq_batches(model, Recipe())
     assert len(batches) > 4
-    steps = list(zip(batches, SegmentRunner(model, batches, feeds), strict=True))
-    for batch, inputs in steps:
+    for batch, inputs in zip(batches, SegmentRunner(model, batches, feeds), strict=True):
         name, channels = batch[0].input.name, batch[0].shape[0]
         assert (inputs.target, inputs.channels) == (name, channels)
         got = batch_grams(inputs).hessian
@@ -57,11 +64,28 @@ def test_the_cache_holds_only_values_that_cross_a_cut(llama_dir):
     runs = plan_runs(model.graph, batches)
     assert [r.target for r in runs] == [b[0].input.name for b in batches]
     produced = {v.name for node in model.graph for v in node.outputs}
+    widths = {b[0].input.name: b[0].shape[0] for b in batches}
+    hidden = min(widths.values())
     for run_ in runs:
-        assert run_.target in run_.keep
-        assert set(run_.outputs) <= set(run_.keep) <= produced
+        # an MLP's intermediate activation (down_proj's input, twice the hidden width) is recomputed by the
+        # next run, not cached; every other target is kept for the next run's linears
+        assert (run_.target in run_.keep) == (widths[run_.target] < 2 * hidden), run_.target
+    for before, run_ in zip(runs, runs[1:], strict=False):
+        if run_.target not in run_.keep:  # recomputed from what it came from: gate/up's input, still kept
+            assert before.target in run_.keep
+        assert set(run_.outputs) - {run_.target} <= set(run_.keep) <= produced
         # the residual stream, rotary tables and masks: a handful, not every tensor of the layer
         assert len(run_.keep) <= 12
+
+
+def test_a_step_read_after_the_next_is_refused(llama_dir):
+    model, feeds = _setup(llama_dir)
+    batches = gptq_batches(model, Recipe())
+    steps = list(
+        SegmentRunner(model, batches, feeds)
+    )  # each step's samples are gone once the next is asked for
+    with pytest.raises(RuntimeError, match="read each step before the next"):
+        batch_grams(steps[0])
 
 
 def test_each_hessian_sees_the_earlier_batches_quantized(llama_dir):
@@ -74,12 +98,13 @@ def test_each_hessian_sees_the_earlier_batches_quantized(llama_dir):
 
     def checked():
         """Compare each step's Hessian with the whole model as it stands at that moment."""
-        for inputs in SegmentRunner(model, batches, feeds):
+        for step in SegmentRunner(model, batches, feeds):
+            inputs, passed_on = _twice(step)
             got = batch_grams(inputs).hessian
             want = _full_model_hessian(model, inputs.target, got.shape[0], feeds)
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
             seen.append(inputs.target)
-            yield inputs
+            yield passed_on
 
     quantize_graph(model, recipe, segments=checked())
     assert seen == names
@@ -169,7 +194,8 @@ def test_cross_is_the_quantized_input_against_the_float_input(llama_dir):
     errors: list[float] = []
 
     def checked():
-        for inputs in SegmentRunner(model, batches, feeds, float_copy=True):
+        for step in SegmentRunner(model, batches, feeds, float_copy=True):
+            inputs, passed_on = _twice(step)
             name, channels = inputs.target, inputs.channels
             x_q = np.concatenate([a.reshape(-1, channels) for a in _tensor(model, name, feeds)])
             x_f = np.concatenate([a.reshape(-1, channels) for a in _tensor(float_model, name, feeds)])
@@ -177,7 +203,7 @@ def test_cross_is_the_quantized_input_against_the_float_input(llama_dir):
             cross = batch_grams(inputs).cross
             np.testing.assert_allclose(cross, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
             errors.append(rel_error(x_f, x_q))
-            yield inputs
+            yield passed_on
 
     quantize_graph(model, recipe, segments=checked())
     assert errors[0] == 0.0 and errors[-1] > 1e-3  # the float copy never sees the quantized layers
@@ -217,7 +243,6 @@ def test_holdout_falls_back_to_round_to_nearest_where_it_wins(llama_dir, tmp_pat
 def test_int8_inputs_round_the_quantized_side_only():
     """With int8_block, H and the cross term are those of the input as level 4 rounds it; the float side
     (GPTQ's target) stays exact."""
-    from sq_onnx.calibration.segment_runner import SegmentInputs
     from sq_onnx.quant.int8 import fake_blockwise
 
     rng = np.random.default_rng(0)
@@ -225,8 +250,8 @@ def test_int8_inputs_round_the_quantized_side_only():
     scale = np.where(np.arange(k) % 37 == 0, 30.0, 1.0).astype(np.float32)  # outlier channels
     xq = [(rng.normal(0, 1, (64, k)) * scale).astype(np.float32) for _ in range(4)]
     xf = [x + rng.normal(0, 0.1, x.shape).astype(np.float32) for x in xq]
-    step = SegmentInputs(0, "x", k, xq, xf)
-    plain, rounded = batch_grams(step), batch_grams(step, int8_block=block)
+    plain = batch_grams(SegmentInputs.of(0, "x", k, xq, xf))
+    rounded = batch_grams(SegmentInputs.of(0, "x", k, xq, xf), int8_block=block)
     rounded_xq = [fake_blockwise(x, block) for x in xq]
     want_h, want_cross = gram(rounded_xq, k, xf)
     np.testing.assert_allclose(rounded.hessian, want_h, rtol=1e-5)
