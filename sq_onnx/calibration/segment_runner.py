@@ -43,10 +43,11 @@ class Run:
     keep: tuple[str, ...]
 
 
-def plan_runs(graph: ir.Graph, batches: list[list[Linear]]) -> list[Run]:
+def plan_runs(graph: ir.Graph, batches: list[list[Linear]], widest_cached: int | None = None) -> list[Run]:
     """One run per batch, in order. ``batches`` must be in topological order (each batch's linears read
     one tensor). A node belongs to segment b if it is a linear of batch b, else to the segment before the
-    first batch it leads to (next(n) - 1); nodes that lead to no batch are never run."""
+    first batch it leads to (next(n) - 1); nodes that lead to no batch are never run. A target wider than
+    ``widest_cached`` channels (None: no limit) that ``_recompute`` allows is recomputed, not cached."""
     batch_of = {lin.node: b for b, linears in enumerate(batches) for lin in linears}
     order = list(graph)  # onnx_ir graphs are kept topologically sorted by the passes that edit them
     nxt: dict[ir.Node, float] = {}
@@ -79,7 +80,9 @@ def plan_runs(graph: ir.Graph, batches: list[list[Linear]]) -> list[Run]:
         if target not in graph_inputs:
             frontier.add(target)
             sources = _sources(values[target], cached | graph_inputs, live)
-            keep = keep | sources if _recompute(values, target, keep, sources) else keep | {target}
+            wide = widest_cached is not None and (_width(values[target]) or 0) > widest_cached
+            recompute = wide and _recompute(values, target, keep, sources)
+            keep = keep | sources if recompute else keep | {target}
         outputs = tuple(sorted(frontier - cached))
         runs.append(Run(target=target, outputs=outputs, keep=tuple(sorted(keep))))
         cached = keep
@@ -144,9 +147,13 @@ def segment_model(model: ir.Model, cached: list[str], outputs: list[str]) -> ir.
 
 
 Pair = tuple[np.ndarray, "np.ndarray | None"]
-# Samples one stream runs before the other takes its turn: ORT's threads spin a while after each run, so two
-# sessions taking turns sample by sample slow each other down; a chunk's targets are small.
-CHUNK = 16
+# Bytes of one batch's input that one stream computes before the other takes its turn: ORT's threads spin a
+# while after each run, so two sessions taking turns sample by sample slow each other down (+30% on 2 cores).
+CHUNK_BYTES = 1 << 26
+# Most bytes of cached activations (all samples, both streams) that one wide batch input may take before it
+# is recomputed by the next segment instead (recomputing an MLP's gate/up costs about half a layer's forward
+# pass again: 25% of GPTQ's time on SmolLM2's shape, where caching it takes 0.8 GB).
+CACHE_BYTES = 1 << 30
 
 
 @dataclass
@@ -191,7 +198,9 @@ class SegmentRunner:
         float_copy: bool = False,
     ) -> None:
         model.graph.sort()  # plan_runs walks the nodes in topological order
-        self.runs = plan_runs(model.graph, batches)
+        self.tokens = sum(_tokens(feed) for feed in feeds)
+        streams = 2 if float_copy else 1
+        self.runs = plan_runs(model.graph, batches, CACHE_BYTES // max(1, 4 * self.tokens * streams))
         self.channels = [linears[0].shape[0] for linears in batches]
         self.feeds = feeds
         self._streams = [_Stream(model)] + ([_Stream(copy_model(model))] if float_copy else [])
@@ -202,18 +211,20 @@ class SegmentRunner:
 
     def __iter__(self) -> Iterator[SegmentInputs]:
         for r, run in enumerate(self.runs):
-            pairs = self._pairs(run)
+            pairs = self._pairs(run, self.channels[r])
             yield SegmentInputs(
                 r, run.target, self.channels[r], len(self.feeds), pairs, with_float=self._float
             )
             for _ in pairs:  # the caller read fewer samples: finish the run so the caches stay whole
                 pass
 
-    def _pairs(self, run: Run) -> Iterator[Pair]:
+    def _pairs(self, run: Run, channels: int) -> Iterator[Pair]:
         with ExitStack() as stack:
             sessions = [stack.enter_context(stream.begin(run)) for stream in self._streams]
-            for lo in range(0, len(self.feeds), CHUNK):
-                chunk = range(lo, min(lo + CHUNK, len(self.feeds)))
+            per_sample = 4 * max(1, self.tokens // max(1, len(self.feeds))) * channels
+            step = max(1, CHUNK_BYTES // per_sample)
+            for lo in range(0, len(self.feeds), step):
+                chunk = range(lo, min(lo + step, len(self.feeds)))
                 xs = [
                     [stream.sample(run, sess, i, self.feeds[i]) for i in chunk]
                     for stream, sess in zip(self._streams, sessions, strict=True)
@@ -222,6 +233,15 @@ class SegmentRunner:
                 yield from zip(xs[0], others, strict=True)
             for stream in self._streams:
                 stream.end()
+
+
+def _tokens(feed: dict[str, np.ndarray]) -> int:
+    """Tokens in one feed (its input_ids, else its largest input's leading dimensions)."""
+    ids = feed.get("input_ids")
+    if ids is not None:
+        return int(ids.size)
+    largest = max(feed.values(), key=lambda a: a.size, default=None)
+    return int(np.prod(largest.shape[:-1])) if largest is not None and largest.ndim > 1 else 1
 
 
 class _Stream:

@@ -8,6 +8,7 @@ import onnx_ir as ir
 import pytest
 
 from sq_onnx import Recipe, convert
+from sq_onnx.calibration import segment_runner
 from sq_onnx.calibration.calibration_data import load_calibration
 from sq_onnx.calibration.gptq_method import BatchGrams, batch_grams, float_target_weight, gram
 from sq_onnx.calibration.hessian import collect_hessians
@@ -46,11 +47,16 @@ def _full_model_hessian(model: ir.Model, name: str, channels: int, feeds) -> np.
     return collect_hessians(model, {name: channels}, feeds)[name]
 
 
-def test_segments_reproduce_the_one_pass_hessians(llama_dir):
+@pytest.mark.parametrize("recompute", [False, True], ids=["cached", "recomputed"])
+def test_segments_reproduce_the_one_pass_hessians(llama_dir, monkeypatch, recompute):
     model, feeds = _setup(llama_dir)
     batches = gptq_batches(model, Recipe())
     assert len(batches) > 4
-    for batch, inputs in zip(batches, SegmentRunner(model, batches, feeds), strict=True):
+    if recompute:  # a cache budget of 0: every MLP intermediate is recomputed by the next segment
+        monkeypatch.setattr(segment_runner, "CACHE_BYTES", 0)
+    runner = SegmentRunner(model, batches, feeds)
+    assert any(run_.target not in run_.keep for run_ in runner.runs) == recompute
+    for batch, inputs in zip(batches, runner, strict=True):
         name, channels = batch[0].input.name, batch[0].shape[0]
         assert (inputs.target, inputs.channels) == (name, channels)
         got = batch_grams(inputs).hessian
@@ -61,7 +67,8 @@ def test_segments_reproduce_the_one_pass_hessians(llama_dir):
 def test_the_cache_holds_only_values_that_cross_a_cut(llama_dir):
     model, _ = _setup(llama_dir)
     batches = gptq_batches(model, Recipe())
-    runs = plan_runs(model.graph, batches)
+    assert all(r.target in r.keep for r in plan_runs(model.graph, batches))  # no limit: every target cached
+    runs = plan_runs(model.graph, batches, widest_cached=0)
     assert [r.target for r in runs] == [b[0].input.name for b in batches]
     produced = {v.name for node in model.graph for v in node.outputs}
     widths = {b[0].input.name: b[0].shape[0] for b in batches}
@@ -88,7 +95,10 @@ def test_a_step_read_after_the_next_is_refused(llama_dir):
         batch_grams(steps[0])
 
 
-def test_each_hessian_sees_the_earlier_batches_quantized(llama_dir):
+def test_each_hessian_sees_the_earlier_batches_quantized(llama_dir, monkeypatch):
+    monkeypatch.setattr(
+        segment_runner, "CACHE_BYTES", 0
+    )  # MLP intermediates recomputed from quantized layers
     model, feeds = _setup(llama_dir)
     recipe = Recipe(block_size=32, gptq_samples=3, gptq_sequential=True)
     batches = gptq_batches(model, recipe)
@@ -186,7 +196,8 @@ def test_float_target_weight_is_the_least_squares_fit_to_the_float_output():
     np.testing.assert_allclose(float_target_weight(w, h, h), w, rtol=1e-6)
 
 
-def test_cross_is_the_quantized_input_against_the_float_input(llama_dir):
+def test_cross_is_the_quantized_input_against_the_float_input(llama_dir, monkeypatch):
+    monkeypatch.setattr(segment_runner, "CACHE_BYTES", 0)
     model, feeds = _setup(llama_dir)
     float_model, _ = _setup(llama_dir)
     recipe = Recipe(block_size=32, gptq_samples=3, gptq_asymmetric=True)
