@@ -252,10 +252,11 @@ class _Stream:
         self.model = model
         self.cache: dict[str, list[np.ndarray | None]] = {}
         self._next: dict[str, list[np.ndarray | None]] = {}
+        self._inputs: list[str] | None = None  # the current segment session's input names
 
     def begin(self, run: Run) -> AbstractContextManager[Any]:
         """The session of ``run``'s segment (read from the cache as it is now), or none when it computes nothing."""
-        self._next = {k: [] for k in run.keep}
+        self._next, self._inputs = {k: [] for k in run.keep}, None
         if not run.outputs:
             return nullcontext()
         return in_memory_session(segment_model(self.model, list(self.cache), list(run.outputs)))
@@ -265,8 +266,9 @@ class _Stream:
         sample's old entries are released as soon as they are read, so the cache is never held twice."""
         new: dict[str, np.ndarray] = {}
         if sess is not None:
-            names = [v.name for v in sess.get_inputs()]
-            inputs = {n: self.cache[n][i] if n in self.cache else feed[n] for n in names}
+            if self._inputs is None:
+                self._inputs = [v.name for v in sess.get_inputs()]
+            inputs = {n: self.cache[n][i] if n in self.cache else feed[n] for n in self._inputs}
             new = dict(zip(run.outputs, sess.run(list(run.outputs), inputs), strict=True))
         target = new[run.target] if run.target in new else self._old(run.target, i, feed)
         for name in run.keep:
