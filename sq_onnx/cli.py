@@ -146,6 +146,13 @@ def _print_summary(result: dict[str, Any]) -> None:
         console.print(
             f"  {linears} linears joined into {len(joined)} MatMulNBits (shared inputs; --no-join-linears keeps one each)"
         )
+    w4a8 = result.get("nbits_a8_kernels")
+    if w4a8 is not None:
+        kept = ", ".join(f"{n} ({why})" for why, n in w4a8["kept"].items())
+        console.print(
+            f"  {w4a8['swapped']} MatMulNBits -> sq_onnx MatMulNBitsA8"
+            + (f"; kept as MatMulNBits: {kept}" if kept else "")
+        )
     for skip in result["skipped"]:
         console.print(f"  not smoothed: {skip['tensor']} -> {', '.join(skip['consumers'])}: {skip['reason']}")
     genai = result.get("genai")

@@ -223,8 +223,9 @@ class Recipe:
     act: ActMode = option(ActMode.PER_TOKEN, "W8A8 activation quantization")
     kernels: Kernels = option(
         Kernels.ORT,
-        "W8A8 ops: stock ONNX Runtime, or the sq_onnx custom ops (fused norm + quantize; CUDA kernels), which "
-        "sessions load with sq_onnx.register_custom_ops",
+        "stock ONNX Runtime ops, or the sq_onnx custom ops, which sessions load with sq_onnx.register_custom_ops: "
+        "W8A8 fused norm + quantize (CPU and CUDA); W4 at accuracy level 4, a W4A8 CPU kernel (AVX-512 VNNI) "
+        "in place of MatMulNBits",
     )
     format: Format = option(
         Format.CONTRIB,
@@ -310,8 +311,18 @@ class Recipe:
             )
         if self.gptq_samples < 1:
             raise RecipeError(f"--gptq-samples must be at least 1, got {self.gptq_samples}.")
-        if self.kernels == "sq_onnx" and (self.scheme != "w8a8" or self.act != "per-token"):
-            raise RecipeError("--kernels sq_onnx is for --scheme w8a8 with --act per-token.")
+        if self.kernels == "sq_onnx" and self.scheme == "w8a8" and self.act != "per-token":
+            raise RecipeError("--kernels sq_onnx is for --scheme w8a8 with --act per-token, or --scheme w4.")
+        if self.kernels == "sq_onnx" and self.scheme == "smooth":
+            raise RecipeError(
+                "--kernels sq_onnx is for --scheme w8a8 or w4; --scheme smooth quantizes nothing."
+            )
+        if self.kernels == "sq_onnx" and self.scheme == "w4" and self.accuracy_level not in ("4", "auto"):
+            raise RecipeError(
+                "--kernels sq_onnx with --scheme w4 computes as accuracy level 4 (int8 activations); use "
+                "--accuracy-level 4 or auto, or --kernels ort for level "
+                f"{self.accuracy_level}."
+            )
         if self.kernels == "sq_onnx" and self.format != "contrib":
             raise RecipeError(
                 "--kernels sq_onnx writes its own ops; --format qdq and qoperator are for --kernels ort."

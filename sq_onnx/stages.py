@@ -33,6 +33,7 @@ from sq_onnx.passes.analyze import Analysis, analyze
 from sq_onnx.passes.fuse_norm_quant import fusion_record
 from sq_onnx.passes.merge_matmulnbits import MergeSharedInputMatMulNBitsPass
 from sq_onnx.passes.smooth import producer_scales
+from sq_onnx.passes.use_nbits_a8_kernel import UseNBitsA8KernelPass
 from sq_onnx.plan import LinearPlan, plan_linears, without_act16_groups
 from sq_onnx.quantize_model import (
     Smoothed,
@@ -111,6 +112,9 @@ class ConvertResult:
     kept_8bit: list[dict[str, Any]] = field(default_factory=list)  # --keep-8bit's choice, with its scores
     device: str = "cpu"  # where the sessions ran (--device, resolved)
     joined_linears: list[list[str]] = field(default_factory=list)  # MatMulNBits joined per shared input
+    nbits_a8_kernels: dict[str, Any] | None = (
+        None  # W4 --kernels sq_onnx: MatMulNBits swapped, and why others stayed
+    )
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -475,6 +479,17 @@ def join_linears(conv: Conversion) -> None:
         join = MergeSharedInputMatMulNBitsPass()
         ir.passes.Sequential(join, RemoveUnusedNodesPass())(conv.work)
         conv.result.joined_linears = join.merged
+
+
+def use_nbits_a8_kernel(conv: Conversion) -> None:
+    """W4 ``--kernels sq_onnx``: the 4-bit MatMulNBits left at level 4 become ``sq_onnx::MatMulNBitsA8``, which
+    computes the same numbers (``passes.use_nbits_a8_kernel``). Runs last, after verification (at level 4, on
+    stock ORT) and the joins; a linear that ``--accuracy-level auto`` kept at level 0 stays MatMulNBits."""
+    if conv.recipe.kernels != "sq_onnx" or conv.recipe.scheme != "w4":
+        return
+    swap = UseNBitsA8KernelPass()
+    swap(conv.work)
+    conv.result.nbits_a8_kernels = {"swapped": swap.swapped, "kept": swap.kept}
 
 
 def save(conv: Conversion, out: Path) -> None:

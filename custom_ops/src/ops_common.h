@@ -191,13 +191,14 @@ struct Wrapped : K {
 };
 
 // ORT's view of a Kernel<T, B>: name, EP, types from the kernel's signature strings ('T' = activation type,
-// 'q' = int8), optional inputs after kRequired, and status-returning create/compute.
+// 'q' = int8, 'u' = uint8), optional inputs after kRequired, and status-returning create/compute.
 template <typename K, typename T>
 struct Op : Ort::CustomOpBase<Op<K, T>, Wrapped<K>, true> {
   const char* ep;
   explicit Op(const char* ep_name) : ep(ep_name) {}
   static ONNXTensorElementDataType code(char c) {
-    return c == 'q' ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : onnx_type<T>();
+    if (c == 'q') return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+    return c == 'u' ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : onnx_type<T>();
   }
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     try {

@@ -3,6 +3,7 @@
 
 #include <memory>
 
+#include "cpu_nbits_a8.h"
 #include "ops_common.h"
 
 namespace sq {
@@ -56,8 +57,75 @@ struct CpuBackend {
   }
 };
 
+inline int64_t int_attr(const OrtKernelInfo* info, const char* name) {
+  int64_t v = 0;
+  if (OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &v)) {
+    Ort::GetApi().ReleaseStatus(st);
+    throw BadInput(std::string("MatMulNBitsA8: attribute ") + name + " is required");
+  }
+  return v;
+}
+
+// MatMulNBits (4 or 8 bits, no g_idx) at accuracy_level 4's arithmetic on the kernel of cpu_nbits_a8.h: the same inputs
+// and attributes, so a pass swaps the op type and the domain and nothing else. Constant weights (initializers)
+// are repacked once, here; others on every call.
+struct MatMulNBitsA8Kernel {
+  static constexpr const char* kName = "MatMulNBitsA8";
+  static constexpr const char* kInputs = "TuTuT";  // A [..., K], B [N, blocks, block / 2], scales, zero_points, bias
+  static constexpr size_t kRequired = 3;
+  static constexpr const char* kOutputs = "T";
+  int64_t k, n, block, bits = 4;
+  std::shared_ptr<const NBitsPacked> packed;
+  explicit MatMulNBitsA8Kernel(const OrtKernelInfo* info)
+      : k(int_attr(info, "K")), n(int_attr(info, "N")), block(int_attr(info, "block_size")) {
+    require(k > 0 && n > 0, "MatMulNBitsA8: K and N must be positive");
+    require(block >= 8 && block % 8 == 0, "MatMulNBitsA8: block_size must be a multiple of 8");
+    if (OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_int64(info, "bits", &bits)) Ort::GetApi().ReleaseStatus(st);
+    require(bits == 4 || bits == 8, "MatMulNBitsA8: bits must be 4 or 8");
+    try {
+      Ort::ConstKernelInfo ki(info);
+      int is_b = 0, is_s = 0, is_z = 0;
+      Ort::ConstValue b = ki.GetTensorConstantInput(1, &is_b);
+      Ort::ConstValue s = ki.GetTensorConstantInput(2, &is_s);
+      const bool has_z = ki.GetInputCount() > 3 && !ki.GetInputName(3).empty();
+      Ort::ConstValue z = has_z ? ki.GetTensorConstantInput(3, &is_z) : Ort::ConstValue{nullptr};
+      if (is_b && is_s && (!has_z || is_z)) packed = pack(b.GetTensorData<uint8_t>(), s.GetTensorData<float>(),
+                                                          has_z ? z.GetTensorData<uint8_t>() : nullptr);
+    } catch (const std::exception&) {
+      packed = nullptr;  // packed on each call instead
+    }
+  }
+  std::shared_ptr<const NBitsPacked> pack(const uint8_t* b, const float* s, const uint8_t* z) const {
+    return pack_nbits(b, s, z, n, k, block, bits);
+  }
+  void Compute(Call& c) {
+    auto [m, ka] = c.rows_k(0, kName);
+    require(ka == k, "MatMulNBitsA8: the last dimension of A must be K (" + std::to_string(k) + ")");
+    const int64_t blocks = (k + block - 1) / block;
+    require(c.shape(1) == std::vector<int64_t>{n, blocks, block * bits / 8},
+            "MatMulNBitsA8: B must be [N, blocks, block_size * bits / 8]");
+    int64_t scales = 1;
+    for (int64_t d : c.shape(2)) scales *= d;
+    require(scales == n * blocks, "MatMulNBitsA8: scales must hold N x blocks values");
+    if (c.has(3)) {
+      int64_t zps = 1;
+      for (int64_t d : c.shape(3)) zps *= d;
+      require(zps == n * ((blocks * bits + 7) / 8), "MatMulNBitsA8: zero_points must be uint8 [N, ceil(blocks * bits / 8)]");
+    }
+    if (c.has(4)) require(c.shape(4) == std::vector<int64_t>{n}, "MatMulNBitsA8: bias must be [N]");
+    auto w = packed ? packed : pack(c.in<uint8_t>(1), c.in<float>(2), c.in<uint8_t>(3));
+    float* y = c.out<float>(0, with_last(c.shape(0), n));
+    nbits_a8_matmul(c.in<float>(0), m, *w, c.in<float>(4), y, ort_parallel_for(c));
+  }
+};
+
 }  // namespace
 
-std::vector<const OrtCustomOp*> cpu_ops() { return all_ops<CpuBackend>(nullptr); }
+std::vector<const OrtCustomOp*> cpu_ops() {
+  auto ops = all_ops<CpuBackend>(nullptr);
+  static Op<MatMulNBitsA8Kernel, float> nbits_a8(nullptr);  // float32 A only
+  ops.push_back(&nbits_a8);
+  return ops;
+}
 
 }  // namespace sq

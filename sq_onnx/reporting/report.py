@@ -92,6 +92,7 @@ def build_report(
         "skipped": result["skipped"],
         "fusions": result["fusions"],
         "joined_linears": result["joined_linears"],  # layers below by linear; the file joins these per input
+        "nbits_a8_kernels": result["nbits_a8_kernels"],
         "sizes": {
             "input_bytes": size_in,
             "output_bytes": size_out,

@@ -25,12 +25,7 @@ from sq_onnx.runtime.ort_session import session
 import ir_graphs
 from conftest import ids_feed, op_types, rel_error
 
-if not custom_ops.available():
-    if os.environ.get("SQ_ONNX_REQUIRE_OPS") == "1":
-        raise RuntimeError("SQ_ONNX_REQUIRE_OPS=1 but the sq_onnx custom-op library was not built")
-    pytest.skip(
-        "custom-op library not built (no ONNX Runtime headers at install time)", allow_module_level=True
-    )
+ort_ops.skip_module_without_library()
 
 # Forcing an instruction set and asking how the GEMM took W need the library's test entry points, which
 # tools/dev.sh builds in (SQ_ONNX_TEST_HOOKS=ON); a user's build has none, and those tests skip there.
@@ -380,8 +375,8 @@ def test_kernels_option_is_checked():
 
     with pytest.raises(RecipeError, match="per-token"):
         Recipe(scheme="w8a8", act="static", kernels="sq_onnx")
-    with pytest.raises(RecipeError, match="w8a8"):
-        Recipe(scheme="w4", kernels="sq_onnx")
+    with pytest.raises(RecipeError, match="accuracy level 4"):
+        Recipe(scheme="w4", kernels="sq_onnx", accuracy_level="0")
 
 
 def test_profile_shows_where_each_op_ran(tmp_path):
