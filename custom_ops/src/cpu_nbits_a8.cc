@@ -1,5 +1,6 @@
-// The W4A8 / W8A8 kernel of cpu_nbits_a8.h: packing, A's block quantization, and the product on AVX-512 VNNI, with a
-// portable path over the same packed layout for every other CPU (and as the tests' second opinion).
+// The W4A8 / W8A8 kernel of cpu_nbits_a8.h: packing, A's block quantization and the product, on AVX-512 VNNI,
+// AVX-VNNI and AVX2 (cpu_nbits_a8.inc, picked by cpu_isa()) and in portable C++ over the same packed layout (for
+// every other CPU, and as the tests' second opinion).
 #include "cpu_nbits_a8.h"
 
 #include <algorithm>
@@ -7,6 +8,7 @@
 #include <cstring>
 
 #include "cpu_isa.h"
+#include "cpu_simd.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -47,138 +49,114 @@ void quantize_row_scalar(const float* a, int64_t k, int64_t block, int64_t block
 }
 
 #ifdef SQ_X86
-#define SQ_AVX512 __attribute__((target("avx2,avx512f,avx512bw,avx512vnni")))
+// ---- SIMD paths: cpu_nbits_a8.inc over each instruction set's vectors ----------------------------------------
+namespace avx512vnni {  // 16 columns per vector, 32 registers: 4 rows x 2 vectors (16 + 16 accumulators... in use)
+#define SQ_NB_TARGET "avx2,fma,avx512f,avx512bw,avx512vnni"
+#define SQ_V __attribute__((target(SQ_NB_TARGET))) static
+struct Vec {
+  using V = __m512i;
+  using F = __m512;
+  static constexpr int kLanes = 16, kMr = 4, kNq = 2, kNqDecode = 4;
+  SQ_V V load(const void* p) { return _mm512_loadu_si512(p); }
+  SQ_V V zero() { return _mm512_setzero_si512(); }
+  SQ_V V bytes(char c) { return _mm512_set1_epi8(c); }
+  SQ_V V and_(V a, V b) { return _mm512_and_si512(a, b); }
+  SQ_V V srli16(V a, int) { return _mm512_srli_epi16(a, 4); }
+  SQ_V V bcast4(int32_t v) { return _mm512_set1_epi32(v); }
+  SQ_V V dot4(V acc, V u, V s) { return _mm512_dpbusd_epi32(acc, u, s); }
+  SQ_V V dot8(V acc, V u, V s) { return _mm512_dpbusd_epi32(acc, u, s); }
+  SQ_V V add32(V a, V b) { return _mm512_add_epi32(a, b); }
+  SQ_V V round(F f) { return _mm512_cvtps_epi32(f); }
+  SQ_V void store_bytes(int8_t* q, V c) { _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(c)); }
+  SQ_V int32_t hsum(V v) { return _mm512_reduce_add_epi32(v); }
+  SQ_V F fzero() { return _mm512_setzero_ps(); }
+  SQ_V F fload(const float* p) { return _mm512_loadu_ps(p); }
+  SQ_V void fstore(float* p, F v) { _mm512_storeu_ps(p, v); }
+  SQ_V F fset1(float v) { return _mm512_set1_ps(v); }
+  SQ_V F cvt(V v) { return _mm512_cvtepi32_ps(v); }
+  SQ_V F fmul(F a, F b) { return _mm512_mul_ps(a, b); }
+  SQ_V F fadd(F a, F b) { return _mm512_add_ps(a, b); }
+  SQ_V F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  SQ_V F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  SQ_V F fmax(F a, F b) { return _mm512_max_ps(a, b); }
+  SQ_V F fabs(F a) { return _mm512_abs_ps(a); }
+  SQ_V float hmax(F a) { return _mm512_reduce_max_ps(a); }
+};
+#undef SQ_V
+#include "cpu_nbits_a8.inc"
+#undef SQ_NB_TARGET
+}  // namespace avx512vnni
 
-// The scalar row's arithmetic on 16 lanes: the same products (a * inv, rounded to nearest-even by cvtps).
-SQ_AVX512 void quantize_row_avx512(const float* a, int64_t k, int64_t block, int64_t blocks, int8_t* q, float* sa,
-                                   float* xs) {
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t k0 = b * block, k1 = std::min(k, k0 + block), len = k1 - k0;
-    __m512 mx = _mm512_setzero_ps();
-    int64_t t = 0;
-    for (; t + 16 <= len; t += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(a + k0 + t)));
-    float amax = _mm512_reduce_max_ps(mx);
-    for (int64_t u = t; u < len; ++u) amax = std::max(amax, std::fabs(a[k0 + u]));
-    const float inv = amax != 0.0f ? 127.0f / amax : 0.0f;
-    const __m512 vinv = _mm512_set1_ps(inv);
-    __m512i sum = _mm512_setzero_si512();
-    for (t = 0; t + 16 <= len; t += 16) {
-      const __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(a + k0 + t), vinv));
-      sum = _mm512_add_epi32(sum, c);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k0 + t), _mm512_cvtsepi32_epi8(c));
-    }
-    int32_t s = _mm512_reduce_add_epi32(sum);
-    for (int64_t u = t; u < len; ++u) {
-      const int32_t c = static_cast<int32_t>(std::nearbyint(a[k0 + u] * inv));
-      q[k0 + u] = static_cast<int8_t>(c);
-      s += c;
-    }
-    std::memset(q + k1, 0, static_cast<size_t>(k0 + block - k1));
-    sa[b] = amax / 127.0f;
-    xs[b] = sa[b] * static_cast<float>(s);
+// The 256-bit operations that AVX2 and AVX-VNNI share (16 registers: 2 rows x 2 vectors).
+#define SQ_VEC256_COMMON                                                                                         \
+  using V = __m256i;                                                                                             \
+  using F = __m256;                                                                                              \
+  static constexpr int kLanes = 8, kMr = 2, kNq = 2, kNqDecode = 2;                                              \
+  SQ_V V load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }                      \
+  SQ_V V zero() { return _mm256_setzero_si256(); }                                                               \
+  SQ_V V bytes(char c) { return _mm256_set1_epi8(c); }                                                           \
+  SQ_V V and_(V a, V b) { return _mm256_and_si256(a, b); }                                                       \
+  SQ_V V srli16(V a, int) { return _mm256_srli_epi16(a, 4); }                                                    \
+  SQ_V V bcast4(int32_t v) { return _mm256_set1_epi32(v); }                                                      \
+  SQ_V V add32(V a, V b) { return _mm256_add_epi32(a, b); }                                                      \
+  SQ_V V round(F f) { return _mm256_cvtps_epi32(f); }                                                            \
+  SQ_V void store_bytes(int8_t* q, V c) {                                                                        \
+    const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));              \
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q), _mm_packs_epi16(w16, w16));                                  \
+  }                                                                                                              \
+  SQ_V int32_t hsum(V v) { return hsum256(v); }                                                                  \
+  SQ_V F fzero() { return _mm256_setzero_ps(); }                                                                 \
+  SQ_V F fload(const float* p) { return _mm256_loadu_ps(p); }                                                    \
+  SQ_V void fstore(float* p, F v) { _mm256_storeu_ps(p, v); }                                                    \
+  SQ_V F fset1(float v) { return _mm256_set1_ps(v); }                                                            \
+  SQ_V F cvt(V v) { return _mm256_cvtepi32_ps(v); }                                                              \
+  SQ_V F fmul(F a, F b) { return _mm256_mul_ps(a, b); }                                                          \
+  SQ_V F fadd(F a, F b) { return _mm256_add_ps(a, b); }                                                          \
+  SQ_V F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }                                               \
+  SQ_V F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }                                             \
+  SQ_V F fmax(F a, F b) { return _mm256_max_ps(a, b); }                                                          \
+  SQ_V F fabs(F a) { return _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }              \
+  SQ_V float hmax(F a) {                                                                                         \
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));                               \
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));                                                                      \
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));                                                \
   }
-}
 
-inline int32_t load4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
+#ifdef SQ_HAVE_AVXVNNI
+namespace avxvnni {
+#define SQ_NB_TARGET "avx2,fma,avxvnni"
+#define SQ_V __attribute__((target(SQ_NB_TARGET))) static
+struct Vec {
+  SQ_VEC256_COMMON
+  SQ_V V dot4(V acc, V u, V s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
+  SQ_V V dot8(V acc, V u, V s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
+};
+#undef SQ_V
+#include "cpu_nbits_a8.inc"
+#undef SQ_NB_TARGET
+}  // namespace avxvnni
+#endif
 
-// Rows [0, MR) of A against NP panels: float accumulators for the whole K, int32 ones per block.
-template <int BITS, int MR, int NP>
-SQ_AVX512 void micro_avx512(const QuantizedA& qa, int64_t m0, const NBitsPacked& w, int64_t p0, const float* bias,
-                            float* y, int64_t ldy) {
-  const int64_t bl = w.block, groups = bl / 8, blocks = w.blocks, pstride = w.panel_code_bytes();
-  const __m512i low = _mm512_set1_epi8(0x0f);
-  __m512 facc[MR][NP];
-  for (int i = 0; i < MR; ++i)
-    for (int p = 0; p < NP; ++p) facc[i][p] = _mm512_setzero_ps();
-  const uint8_t* codes = w.codes.data() + p0 * pstride;
-  for (int64_t b = 0; b < blocks; ++b) {
-    __m512i iacc[MR][NP];
-    for (int i = 0; i < MR; ++i)
-      for (int p = 0; p < NP; ++p) iacc[i][p] = _mm512_setzero_si512();
-    const uint8_t* cb = codes + b * w.block_code_bytes();
-    const int8_t* xb = qa.xq.data() + m0 * qa.kp + b * bl;
-    if constexpr (BITS == 8) {
-      for (int64_t v = 0; v < bl / 4; ++v) {
-        __m512i wv[NP];
-        for (int p = 0; p < NP; ++p) {
-          if (MR == 1) _mm_prefetch(reinterpret_cast<const char*>(cb + (p + NP) * pstride + v * 64), _MM_HINT_T0);
-          wv[p] = _mm512_loadu_si512(cb + p * pstride + v * 64);
-        }
-        for (int i = 0; i < MR; ++i) {
-          const __m512i x = _mm512_set1_epi32(load4(xb + i * qa.kp + 4 * v));
-          for (int p = 0; p < NP; ++p) iacc[i][p] = _mm512_dpbusd_epi32(iacc[i][p], wv[p], x);
-        }
-      }
-    } else {
-    for (int64_t v = 0; v < groups; ++v) {
-      __m512i lo[NP], hi[NP];
-      for (int p = 0; p < NP; ++p) {
-        // Decode reads W once, from memory: ask for the next call's panels at the same offset meanwhile.
-        if (MR == 1) _mm_prefetch(reinterpret_cast<const char*>(cb + (p + NP) * pstride + v * 64), _MM_HINT_T0);
-        const __m512i wv = _mm512_loadu_si512(cb + p * pstride + v * 64);
-        lo[p] = _mm512_and_si512(wv, low);
-        hi[p] = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
-      }
-      for (int i = 0; i < MR; ++i) {
-        const __m512i xl = _mm512_set1_epi32(load4(xb + i * qa.kp + 4 * v));
-        const __m512i xh = _mm512_set1_epi32(load4(xb + i * qa.kp + 4 * (v + groups)));
-        for (int p = 0; p < NP; ++p) {
-          iacc[i][p] = _mm512_dpbusd_epi32(iacc[i][p], lo[p], xl);
-          iacc[i][p] = _mm512_dpbusd_epi32(iacc[i][p], hi[p], xh);
-        }
-      }
-    }
-    }
-    for (int p = 0; p < NP; ++p) {
-      const int64_t at = ((p0 + p) * blocks + b) * kP;
-      const __m512 s = _mm512_loadu_ps(w.scale.data() + at), z = _mm512_loadu_ps(w.zscale.data() + at);
-      for (int i = 0; i < MR; ++i) {
-        const int64_t r = (m0 + i) * blocks + b;
-        const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(iacc[i][p]), _mm512_set1_ps(qa.sa[r]));
-        facc[i][p] = _mm512_fnmadd_ps(z, _mm512_set1_ps(qa.xs[r]), _mm512_fmadd_ps(f, s, facc[i][p]));
-      }
-    }
+namespace avx2 {
+#define SQ_NB_TARGET "avx2,fma"
+#define SQ_V __attribute__((target(SQ_NB_TARGET))) static
+struct Vec {
+  SQ_VEC256_COMMON
+  // vpmaddubsw's int16 pair sums are exact for 4-bit codes (2 x 15 x 127 < 2^15); 8-bit codes go as two nibbles.
+  SQ_V V dot4(V acc, V u, V s) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
   }
-  for (int p = 0; p < NP; ++p) {
-    const int64_t c0 = (p0 + p) * kP, cols = std::min<int64_t>(kP, w.n - c0);
-    const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1u);
-    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + c0) : _mm512_setzero_ps();
-    for (int i = 0; i < MR; ++i) _mm512_mask_storeu_ps(y + (m0 + i) * ldy + c0, mask, _mm512_add_ps(facc[i][p], bv));
+  SQ_V V dot8(V acc, V u, V s) {
+    const V low = _mm256_set1_epi8(0x0f);
+    const V hi = dot4(zero(), _mm256_and_si256(_mm256_srli_epi16(u, 4), low), s);
+    return _mm256_add_epi32(dot4(acc, _mm256_and_si256(u, low), s), _mm256_slli_epi32(hi, 4));
   }
-}
-
-template <int BITS, int NP>
-SQ_AVX512 void micro_rows_avx512(int64_t mr, const QuantizedA& qa, int64_t m0, const NBitsPacked& w, int64_t p0,
-                                 const float* bias, float* y, int64_t ldy) {
-  switch (mr) {
-    case 4: return micro_avx512<BITS, 4, NP>(qa, m0, w, p0, bias, y, ldy);
-    case 3: return micro_avx512<BITS, 3, NP>(qa, m0, w, p0, bias, y, ldy);
-    case 2: return micro_avx512<BITS, 2, NP>(qa, m0, w, p0, bias, y, ldy);
-    default: return micro_avx512<BITS, 1, NP>(qa, m0, w, p0, bias, y, ldy);
-  }
-}
-
-// Rows [m0, m1) x panels [q0, q1): four rows by two panels at a time (one row by four panels for decode).
-template <int BITS>
-SQ_AVX512 void tile_avx512(const QuantizedA& qa, int64_t m0, int64_t m1, const NBitsPacked& w, int64_t q0, int64_t q1,
-                           const float* bias, float* y) {
-  if (m1 - m0 == 1) {
-    int64_t p = q0;
-    for (; p + 4 <= q1; p += 4) micro_avx512<BITS, 1, 4>(qa, m0, w, p, bias, y, w.n);
-    for (; p < q1; ++p) micro_avx512<BITS, 1, 1>(qa, m0, w, p, bias, y, w.n);
-    return;
-  }
-  for (int64_t m = m0; m < m1; m += 4) {
-    const int64_t mr = std::min<int64_t>(4, m1 - m);
-    int64_t p = q0;
-    for (; p + 2 <= q1; p += 2) micro_rows_avx512<BITS, 2>(mr, qa, m, w, p, bias, y, w.n);
-    for (; p < q1; ++p) micro_rows_avx512<BITS, 1>(mr, qa, m, w, p, bias, y, w.n);
-  }
-}
+};
+#undef SQ_V
+#include "cpu_nbits_a8.inc"
+#undef SQ_NB_TARGET
+}  // namespace avx2
+#undef SQ_VEC256_COMMON
 #endif  // SQ_X86
 
 // The portable path: the same layout, int32 per block, float over blocks (the same order of float operations).
@@ -263,10 +241,11 @@ void nbits_a8_matmul(const float* a, int64_t m, const NBitsPacked& w, const floa
   qa.xq.resize(static_cast<size_t>(m * qa.kp));
   qa.sa.resize(static_cast<size_t>(m * w.blocks));
   qa.xs.resize(qa.sa.size());
-#ifdef SQ_X86
-  const bool avx512 = cpu_isa() == CpuIsa::kAvx512Vnni;
-#else
-  const bool avx512 = false;
+  CpuIsa isa = cpu_isa();  // the path taken: the GEMM's choice, less what this build or CPU lacks
+#ifndef SQ_X86
+  isa = CpuIsa::kScalar;
+#elif !defined(SQ_HAVE_AVXVNNI)
+  if (isa == CpuIsa::kAvxVnni) isa = CpuIsa::kAvx2;
 #endif
   constexpr int64_t kRowsPerTask = 64;
   const int64_t row_tasks = (m + kRowsPerTask - 1) / kRowsPerTask;
@@ -275,27 +254,40 @@ void nbits_a8_matmul(const float* a, int64_t m, const NBitsPacked& w, const floa
       int8_t* q = qa.xq.data() + r * qa.kp;
       float* sa = qa.sa.data() + r * w.blocks;
       float* xs = qa.xs.data() + r * w.blocks;
+      const float* row = a + r * w.k;
+      switch (isa) {
 #ifdef SQ_X86
-      if (avx512) {
-        quantize_row_avx512(a + r * w.k, w.k, w.block, w.blocks, q, sa, xs);
-        continue;
-      }
+        case CpuIsa::kAvx512Vnni: avx512vnni::quantize_row(row, w.k, w.block, w.blocks, q, sa, xs); continue;
+#ifdef SQ_HAVE_AVXVNNI
+        case CpuIsa::kAvxVnni: avxvnni::quantize_row(row, w.k, w.block, w.blocks, q, sa, xs); continue;
 #endif
-      quantize_row_scalar(a + r * w.k, w.k, w.block, w.blocks, q, sa, xs);
+        case CpuIsa::kAvx2: avx2::quantize_row(row, w.k, w.block, w.blocks, q, sa, xs); continue;
+#endif
+        default: quantize_row_scalar(row, w.k, w.block, w.blocks, q, sa, xs);
+      }
     }
   };
   pf(static_cast<size_t>(row_tasks), quantize);
-  // Tasks: rows by panel chunks. A chunk of 4 panels (64 columns) keeps its weights in L1/L2 across the rows.
-  constexpr int64_t kPanelsPerTask = 4;
-  const int64_t col_tasks = (w.panels + kPanelsPerTask - 1) / kPanelsPerTask;
+  // Tasks: rows by chunks of 64 columns, whose weights stay in L1/L2 across the rows. The SIMD paths count
+  // columns in vectors (16 or 8 lanes), the portable one in panels of 16.
+  constexpr int64_t kColsPerTask = 64;
+  const int64_t lanes = isa == CpuIsa::kAvx512Vnni ? 16 : (isa == CpuIsa::kScalar ? kP : 8);
+  const int64_t units = w.panels * kP / lanes, per_task = kColsPerTask / lanes;
+  const int64_t col_tasks = (units + per_task - 1) / per_task;
   pf(static_cast<size_t>(row_tasks * col_tasks), [&](size_t t) {
     const int64_t rt = static_cast<int64_t>(t) / col_tasks, ct = static_cast<int64_t>(t) % col_tasks;
     const int64_t m0 = rt * kRowsPerTask, m1 = std::min(m, m0 + kRowsPerTask);
-    const int64_t q0 = ct * kPanelsPerTask, q1 = std::min(w.panels, q0 + kPanelsPerTask);
+    const int64_t q0 = ct * per_task, q1 = std::min(units, q0 + per_task);
+    switch (isa) {
 #ifdef SQ_X86
-    if (avx512) return w.bits == 8 ? tile_avx512<8>(qa, m0, m1, w, q0, q1, bias, y) : tile_avx512<4>(qa, m0, m1, w, q0, q1, bias, y);
+      case CpuIsa::kAvx512Vnni: return avx512vnni::tile_any(qa, m0, m1, w, q0, q1, bias, y);
+#ifdef SQ_HAVE_AVXVNNI
+      case CpuIsa::kAvxVnni: return avxvnni::tile_any(qa, m0, m1, w, q0, q1, bias, y);
 #endif
-    tile_scalar(qa, m0, m1, w, q0, q1, bias, y);
+      case CpuIsa::kAvx2: return avx2::tile_any(qa, m0, m1, w, q0, q1, bias, y);
+#endif
+      default: return tile_scalar(qa, m0, m1, w, q0, q1, bias, y);
+    }
   });
 }
 
