@@ -81,6 +81,7 @@ RECIPES = {
     "w4": Recipe(scheme="w4", samples=4, gptq_samples=8),
     "w8a8": Recipe(scheme="w8a8", samples=4),
     "w8a8-kernels": Recipe(scheme="w8a8", samples=4, kernels="sq_onnx"),
+    "w4-kernels": Recipe(scheme="w4", samples=4, gptq_samples=8, kernels="sq_onnx", accuracy_level="4"),
 }
 
 
@@ -95,6 +96,8 @@ def test_converted_folder_runs_in_genai(name, llama_kv, calib_ids, tmp_path):
     assert CONFIG in result.genai["written"] and "tokenizer.json" in result.genai["written"]
     config = json.loads((out.parent / CONFIG).read_text())
     assert config["model"]["decoder"]["filename"] == "quantized.onnx"
+    if recipe.kernels == "sq_onnx" and recipe.scheme == "w4":
+        assert result.nbits_a8_kernels["swapped"] > 0
     library = config["model"]["decoder"]["session_options"].get("custom_ops_library")
     if recipe.kernels == "sq_onnx":  # the library travels inside the folder, named relative to it
         assert library and (out.parent / library).is_file() and not Path(library).is_absolute()
