@@ -31,6 +31,9 @@ from conftest import ids_feed, op_types, rel_error
 ort_ops.skip_module_without_library()
 
 HOOKS = custom_ops.has_test_hooks()
+BEST = custom_ops.CPU_ISAS[
+    ctypes.CDLL(str(custom_ops.library_path())).sq_onnx_cpu_isa()
+]  # the library's pick
 
 
 def _session(model):
@@ -118,6 +121,8 @@ SHAPES = [  # rows, K, N, block
 @pytest.mark.parametrize("constant", [True, False])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_matches_matmulnbits_level4(rows, k, n, block, symmetric, constant, bits, isa):
+    if isa != BEST and (symmetric or not constant):
+        pytest.skip("the lower instruction sets share the packing and the epilogue: asymmetric, packed once")
     rng = np.random.default_rng(rows * 7 + k)
     bq = _weights(k, n, block, symmetric, seed=k + n, bits=bits)
     bias = rng.normal(0, 1, n).astype(np.float32) if rows % 2 else None
