@@ -26,31 +26,116 @@ def _read_once(value: ir.Value | None) -> bool:
     return len(value.uses()) == 1 and not value.is_graph_output()
 
 
-def _linear_columns(value: ir.Value | None, channels: int) -> tuple[list[tuple[ir.Node, int]], Linear] | None:
-    """``value`` = a linear's output (+ a constant per-channel bias) read by one node only: dividing the
-    linear's output columns (and the bias) by s divides ``value`` by s exactly. The bias targets and the
-    linear, else None."""
+def _const_ints(value: ir.Value | None) -> list[int] | None:
+    const = None if value is None else value.const_value
+    return None if const is None else [int(v) for v in const.numpy().reshape(-1)]
+
+
+def _last_axis(axis: int, value: ir.Value) -> bool:
+    rank = None if value.shape is None else len(value.shape)
+    return axis == -1 or (rank is not None and axis == rank - 1)
+
+
+def _column_range(node: ir.Node, index: int, width: int) -> tuple[int, int] | None:
+    """The columns [lo, hi) of its input's last axis that output ``index`` of a Slice (constant, step 1) or
+    Split holds, or None (another axis, steps, ranges not known at export)."""
+    source = node.inputs[0]
+    if node.domain != "" or source is None:
+        return None
+    if node.op_type == "Slice" and index == 0:
+        starts, ends = _const_ints(node.inputs[1]), _const_ints(node.inputs[2])
+        axes = _const_ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else [-1]
+        steps = _const_ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1]
+        if (
+            None in (starts, ends, axes, steps)
+            or len(starts) != 1
+            or steps != [1]
+            or not _last_axis(axes[0], source)
+        ):
+            return None
+        lo, hi = (v + width if v < 0 else v for v in (starts[0], ends[0]))
+        return max(0, min(lo, width)), max(0, min(hi, width))
+    if node.op_type == "Split":
+        axis = node.attributes["axis"].value if "axis" in node.attributes else 0
+        if not _last_axis(int(axis), source):
+            return None
+        sizes = _const_ints(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        if sizes is None:
+            parts = len(node.outputs)
+            size = -(-width // parts)  # as ONNX splits evenly, the last part smaller
+            sizes = [min(size, width - i * size) for i in range(parts)]
+        if sum(sizes) != width:
+            return None
+        lo = sum(sizes[:index])
+        return lo, lo + sizes[index]
+    return None
+
+
+def _column_slice(value: ir.Value, channels: int) -> tuple[ir.Value, int] | None:
+    """``value`` = columns [lo, lo + channels) of a tensor (a fused projection's q/k/v or gate/up part), and
+    every other reader of that tensor reads other columns only: dividing those columns by s divides ``value``
+    and nothing else. The tensor and lo, else None."""
+    node = value.producer()
+    source = node.inputs[0] if node is not None and node.inputs else None
+    width = None if source is None or source.shape is None else source.shape[-1]
+    if not isinstance(width, int) or source.is_graph_output():
+        return None
+    ours = _column_range(node, list(node.outputs).index(value), width)
+    if ours is None or ours[1] - ours[0] != channels:
+        return None
+    for user, _ in source.uses():
+        if user.op_type == "Shape":
+            continue
+        for i, out in enumerate(user.outputs):
+            if user is node and out is value:
+                continue
+            other = _column_range(user, i, width) if user.inputs[0] is source else None
+            read = bool(out.uses()) or out.is_graph_output()
+            if other is None or (read and other[0] < ours[1] and ours[0] < other[1] and other[0] < other[1]):
+                return None
+    return source, ours[0]
+
+
+def _linear_columns(
+    value: ir.Value | None, channels: int
+) -> tuple[list[tuple[ir.Node, int]], Linear, int] | None:
+    """``value`` = a linear's output (+ a constant per-channel bias), or a column slice of one (a fused
+    projection), read by one node only: dividing those of the linear's output columns (and bias) by s divides
+    ``value`` by s exactly. The bias targets, the linear and the first column, else None."""
     if not _read_once(value):
         return None
+    offset = 0
+    sliced = _column_slice(value, channels) if value.producer().op_type in ("Slice", "Split") else None
+    if sliced is not None:
+        value, offset = sliced
+        if value.producer() is None:
+            return None
     node = value.producer()
+    width = channels if sliced is None else int(value.shape[-1])  # the linear's columns
     targets: list[tuple[ir.Node, int]] = []
     if node.op_type == "Add" and node.domain == "" and len(node.inputs) == 2:
         for i in (0, 1):
             inner = node.inputs[1 - i]
-            if is_channel_vector(node.inputs[i], channels) and _read_once(inner):
+            if is_channel_vector(node.inputs[i], width) and _read_once(inner):
                 targets, node = [(node, i)], inner.producer()
                 break
         else:
             return None
     linear = as_linear(node)
     dtype = None if linear is None else linear.source.dtype
-    if linear is None or linear.shape[1] != channels or dtype is None or not is_float_dtype(dtype.numpy()):
+    if linear is None or linear.shape[1] != width or dtype is None or not is_float_dtype(dtype.numpy()):
         return None
     if linear.bias is not None:
-        if not is_channel_vector(linear.bias, channels):
+        if not is_channel_vector(linear.bias, width):
             return None
         targets.append((node, 2))
-    return targets, linear
+    return targets, linear, offset
+
+
+def _shifted(found: tuple[list[tuple[ir.Node, int]], Linear, int], channels: int) -> np.ndarray | None:
+    """The producer columns of a fold's channels: None where they are the linear's own, in order."""
+    _, linear, offset = found
+    return None if linear.shape[1] == channels else offset + np.arange(channels)
 
 
 def linear_producer(node: ir.Node, channels: int) -> Fold | None:
@@ -61,11 +146,16 @@ def linear_producer(node: ir.Node, channels: int) -> Fold | None:
         for i in (1, 0):  # the exporters write act(gate) * up: try the second factor first
             found = _linear_columns(node.inputs[i], channels)
             if found is not None:
-                return f"gated product ({found[1].name})", found[0], [found[1]], None
+                return f"gated product ({found[1].name})", found[0], [found[1]], _shifted(found, channels)
     if node.op_type in POSITIVELY_HOMOGENEOUS and len(node.inputs) == 1:
         found = _linear_columns(node.inputs[0], channels)
         if found is not None:
-            return f"{node.op_type} of a linear ({found[1].name})", found[0], [found[1]], None
+            return (
+                f"{node.op_type} of a linear ({found[1].name})",
+                found[0],
+                [found[1]],
+                _shifted(found, channels),
+            )
     return attention_values(node, channels)
 
 
@@ -155,5 +245,5 @@ def attention_values(node: ir.Node, channels: int) -> Fold | None:
     if found is None:
         return None
     h, d = np.divmod(np.arange(channels), head_dim)
-    columns = (h // (heads // kv_heads)) * head_dim + d
+    columns = (h // (heads // kv_heads)) * head_dim + d + found[2]
     return f"attention values ({found[1].name}; the KV cache holds V/s)", found[0], [found[1]], columns

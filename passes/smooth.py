@@ -40,12 +40,19 @@ class SmoothedGroup:
 
 def producer_scales(group: SmoothGroup, scales: np.ndarray) -> np.ndarray:
     """s per producer column: the tensor's own s, or, where several channels read one column (query heads
-    sharing a KV head), that column's s (tied: ``tied_scales``)."""
+    sharing a KV head), that column's s (tied: ``tied_scales``); 1 for the columns the tensor does not read
+    (the other parts of a fused projection)."""
     if group.column_map is None:
         return scales
-    out = np.ones(int(group.column_map.max()) + 1, scales.dtype)
+    out = np.ones(_producer_width(group), scales.dtype)
     out[group.column_map] = scales
     return out
+
+
+def _producer_width(group: SmoothGroup) -> int:
+    """Columns of the producing linear (a fused projection has more than the tensor reads), or as many as the
+    map names."""
+    return group.fold_columns[0].shape[1] if group.fold_columns else int(group.column_map.max()) + 1
 
 
 def tied_scales(group: SmoothGroup, act: np.ndarray, w: np.ndarray, alpha: float) -> np.ndarray:
@@ -53,7 +60,7 @@ def tied_scales(group: SmoothGroup, act: np.ndarray, w: np.ndarray, alpha: float
     weight row among the channels that share it, so every channel gets the same s."""
     if group.column_map is None:
         return smoothing_scales(act, w, alpha)
-    n = int(group.column_map.max()) + 1
+    n = _producer_width(group)
     act_cols, w_cols = np.zeros(n, np.float64), np.zeros(n, np.float64)
     np.maximum.at(act_cols, group.column_map, act)
     np.maximum.at(w_cols, group.column_map, w)

@@ -28,8 +28,12 @@ EXPECTED = {
     "qwen3": LLAMA_LIKE,
     "gemma2": LLAMA_LIKE,
     "gemma3": LLAMA_LIKE,
-    # fused projections: v and up are column slices of one linear's output, not a linear's own columns
-    "phi3": {"norms": {("qkv_proj",), ("gate_up_proj",), ("lm_head",)}, "folds": set(), "unsmoothed": 2},
+    # fused projections: v and up are column slices of one linear's output, which absorb 1/s in those columns
+    "phi3": {
+        "norms": {("qkv_proj",), ("gate_up_proj",), ("lm_head",)},
+        "folds": {("gate_up_proj", "down_proj"), ("qkv_proj", "o_proj")},
+        "unsmoothed": 0,
+    },
     # Conv1D flattens [B, S, C] before its addmm (looked through); GELU is not positively homogeneous
     "gpt2": {"norms": {("c_attn",), ("c_fc",), ("lm_head",)}, "folds": set(), "unsmoothed": 2},
     "opt": {

@@ -194,3 +194,60 @@ def test_value_fold_keeps_decoding_with_the_kv_cache(llama_kv, tmp_path, calib_i
                 feed["position_ids"] = np.array([[mask.shape[1] - 1]], np.int64)
         steps.append(np.concatenate(logits))
     assert rel_error(steps[0], steps[1]) < 1e-5
+
+
+def _fused_mlp(reader: str) -> ir.Model:
+    """x -> fused gate/up linear [K, 2C] -> Split (or two Slices) -> act(gate) * up -> down [C, K]; ``reader``
+    adds another reader of the fused output: "" none, "overlap" a Slice over columns of both halves, "whole" a
+    graph output of the fused tensor."""
+    rng = np.random.default_rng(0)
+    k, c = 8, 6
+    tape = ir.tape.Tape()
+    x = ir.Value(name="x", shape=ir.Shape([1, 3, k]), type=ir.TensorType(ir.DataType.FLOAT))
+
+    def init(name: str, a: np.ndarray) -> ir.Value:
+        return tape.initializer(ir.tensor(a.astype(np.float32), name=name))
+
+    def ints(name: str, v: list[int]) -> ir.Value:
+        return tape.initializer(ir.tensor(np.array(v, np.int64), name=name))
+
+    fused = tape.op("MatMul", [x, init("gate_up.weight", rng.normal(0, 1, (k, 2 * c)))])
+    fused.shape = ir.Shape([1, 3, 2 * c])
+    gate, up = tape.op_multi_out("Split", [fused], {"axis": 2, "num_outputs": 2}, num_outputs=2)
+    product = tape.op("Mul", [tape.op("Mul", [gate, tape.op("Sigmoid", [gate])]), up])
+    y = tape.op("MatMul", [product, init("down.weight", rng.normal(0, 1, (c, k)))])
+    y.name, y.type = "y", ir.TensorType(ir.DataType.FLOAT)
+    outputs = [y]
+    if reader == "overlap":
+        extra = tape.op("Slice", [fused, ints("lo", [c - 2]), ints("hi", [c + 2]), ints("ax", [2])])
+        extra.name, extra.type = "extra", ir.TensorType(ir.DataType.FLOAT)
+        outputs.append(extra)
+    elif reader == "whole":
+        fused.name, fused.type = "fused", ir.TensorType(ir.DataType.FLOAT)
+        outputs.append(fused)
+    graph = ir.Graph([x], outputs, nodes=tape.nodes, initializers=tape.initializers, opset_imports={"": 21})
+    return ir.Model(graph, ir_version=10)
+
+
+def test_a_fused_projection_absorbs_1_over_s_in_its_own_columns():
+    """Phi-3's gate_up_proj: up is the second half of one linear's columns, so that half (and only it) takes
+    1/s; gate's half is untouched (SiLU is not homogeneous) and the function stays the same."""
+    model = _fused_mlp("")
+    (group,) = [g for g in analyze(model.graph, through_linears=True).groups if g.through_linear]
+    assert group.column_map.tolist() == list(range(6, 12))
+    x = np.random.default_rng(1).normal(0, 1, (1, 3, 8)) * [1, 1, 30, 1, 1, 1, 1, 1]  # an outlier channel
+    feed = {"x": x.astype(np.float32)}
+    before = _run_model(model, feed)
+    stats = collect_absmax(model, {group.name: group.channels}, [feed], show_progress=False)
+    smooth_groups(model.graph, [group], stats, alpha=0.5)
+    assert rel_error(before, _run_model(model, feed)) < 1e-5
+    weight = group.fold_columns[0].weight_as_now()()
+    original = _fused_mlp("").graph.initializers["gate_up.weight"].const_value.numpy()
+    np.testing.assert_array_equal(weight[:, :6], original[:, :6])  # gate's columns as they were
+    assert not np.array_equal(weight[:, 6:], original[:, 6:])
+
+
+@pytest.mark.parametrize("reader", ["overlap", "whole"])
+def test_a_fused_projection_read_elsewhere_is_not_folded(reader):
+    model = _fused_mlp(reader)
+    assert not [g for g in analyze(model.graph, through_linears=True).groups if g.through_linear]
