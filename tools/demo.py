@@ -23,7 +23,6 @@ from rich.table import Table
 
 from sq_onnx import Recipe, convert
 from sq_onnx.lm.evaluate import perplexity
-from sq_onnx.lm.export import export
 from sq_onnx.lm.genai_folder import genai_config_of, graph_names, write_config
 from sq_onnx.lm.generate import generate
 from sq_onnx.runtime import custom_ops
@@ -86,9 +85,10 @@ def main() -> None:
     out = Path(args.out)
     fp32 = out / "fp32" / "model.onnx"
     rows = []
-    if not fp32.exists():
+    if not fp32.exists():  # in its own process: torch's model would stay in this one's peak memory
         t = time.perf_counter()
-        export(find_gguf(), fp32.parent)
+        cmd = [sys.executable, "-m", "sq_onnx", "export", str(find_gguf()), "-o", str(fp32.parent)]
+        subprocess.run(cmd, check=True)
         console.print(f"exported in {time.perf_counter() - t:.0f}s")
     if not (fp32.parent / "genai_config.json").exists():  # exported before sq-onnx wrote genai configs
         config, _ = genai_config_of(fp32, *graph_names(fp32))
