@@ -1,0 +1,50 @@
+"""What ``--accuracy-level auto`` would choose for a converted W4 model on N built-in held-out samples: its
+4-bit MatMulNBits run at level 0 and at level 4 against the float model, judged by
+``sq_onnx.accuracy_level.choose`` as the conversion judges it (tools/RESULTS.md, "on 2 or 8 held-out samples").
+
+    python tools/level_choice.py demo_out/fp32/model.onnx demo_out/w4/model.onnx [--samples 8] [--seq-len 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sq_onnx import accuracy_level
+from sq_onnx.calibration.calibration_data import builtin_heldout_feeds
+from sq_onnx.runtime.model_inputs import check_feed, complete_feed, input_specs
+from sq_onnx.runtime.model_io import load_model
+from sq_onnx.verify import first_outputs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("fp32", type=Path)
+    parser.add_argument("w4", type=Path)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--tolerance", type=float, default=0.01)
+    args = parser.parse_args()
+    reference = load_model(args.fp32)
+    specs = input_specs(reference, args.fp32)
+    feeds, origin = builtin_heldout_feeds(args.samples, args.seq_len, args.fp32.parent / "tokenizer.json")
+    feeds = [complete_feed(check_feed(f, specs), specs) for f in feeds]
+    ref = first_outputs(reference, feeds, "fp32", True)
+    model = load_model(args.w4)
+    nodes = [n for n in model.graph if n.op_type == "MatMulNBits" and n.attributes["bits"].value == 4]
+    measured = {}
+    for level in (0, 4):
+        accuracy_level.set_level(nodes, level)
+        out = first_outputs(model, feeds, f"level {level}", True)
+        measured[level] = (accuracy_level.mean_kl(ref, out), accuracy_level.mean_nll(out, feeds))
+    choice = accuracy_level.choose(
+        measured[0][0], measured[4][0], args.tolerance, measured[0][1], measured[4][1]
+    )
+    print(f"{len(feeds)} samples of {args.seq_len} tokens ({origin}): level {choice.level}; {choice.reason}")
+    print(f"KL to fp32: level 0 {measured[0][0]:.4f}, level 4 {measured[4][0]:.4f}")
+
+
+if __name__ == "__main__":
+    main()
