@@ -116,13 +116,21 @@ SHAPES = [  # rows, K, N, block
 ]
 
 
+# The library's own path with and without zero points, weights packed once or per call; the other paths (which
+# share the packing and the epilogue) asymmetric and packed once.
+CASES = [
+    (isa, symmetric, constant)
+    for isa in custom_ops.CPU_ISAS
+    for symmetric in (False, True)
+    for constant in (True, False)
+    if isa == BEST or (not symmetric and constant)
+]
+
+
 @pytest.mark.parametrize("rows,k,n,block", SHAPES)
-@pytest.mark.parametrize("symmetric", [False, True])
-@pytest.mark.parametrize("constant", [True, False])
+@pytest.mark.parametrize("isa,symmetric,constant", CASES, indirect=["isa"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_matches_matmulnbits_level4(rows, k, n, block, symmetric, constant, bits, isa):
-    if isa != BEST and (symmetric or not constant):
-        pytest.skip("the lower instruction sets share the packing and the epilogue: asymmetric, packed once")
     rng = np.random.default_rng(rows * 7 + k)
     bq = _weights(k, n, block, symmetric, seed=k + n, bits=bits)
     bias = rng.normal(0, 1, n).astype(np.float32) if rows % 2 else None
