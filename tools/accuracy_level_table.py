@@ -16,20 +16,28 @@ from pathlib import Path
 from domain_table import add_eval_options, domain_row, print_markdown
 
 
-def at_level(src: Path, level: int) -> Path:
-    """``src`` with every MatMulNBits at ``level`` (written beside it, again when ``src`` is newer)."""
-    import onnx_ir as ir
-
+def edited_copy(src: Path, tag: str, edit) -> Path:
+    """``src`` with ``edit(model)`` applied, written beside it as ``STEM.TAG.onnx`` (again when ``src`` is newer)."""
     from sq_onnx.runtime.model_io import load_model, save_model
 
-    out = src.with_name(f"{src.stem}.level-{level}.onnx")
+    out = src.with_name(f"{src.stem}.{tag}.onnx")
     if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
         model = load_model(src)
+        edit(model)
+        save_model(model, out)
+    return out
+
+
+def at_level(src: Path, level: int) -> Path:
+    """``src`` with every MatMulNBits at ``level``."""
+    import onnx_ir as ir
+
+    def relevel(model) -> None:
         for node in model.graph:
             if node.op_type == "MatMulNBits":
                 node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", level)
-        save_model(model, out)
-    return out
+
+    return edited_copy(src, f"level-{level}", relevel)
 
 
 def main() -> None:

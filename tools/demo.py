@@ -28,7 +28,7 @@ from sq_onnx.lm.generate import generate
 from sq_onnx.runtime import custom_ops
 
 sys.path.insert(0, str(Path(__file__).parent))
-from accuracy_level_table import at_level  # noqa: E402
+from accuracy_level_table import at_level, edited_copy  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -44,14 +44,8 @@ def on_kernels(src: Path) -> Path:
     """``src`` with its level-4 MatMulNBits on ``sq_onnx::MatMulNBitsA8`` (the last step of a W4 conversion
     with ``--kernels sq_onnx``, which computes the same numbers), written beside it."""
     from sq_onnx.passes.use_nbits_a8_kernel import UseNBitsA8KernelPass
-    from sq_onnx.runtime.model_io import load_model, save_model
 
-    out = src.with_name(f"{src.stem}.sq_onnx-kernels.onnx")
-    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-        model = load_model(src)
-        UseNBitsA8KernelPass()(model)
-        save_model(model, out)
-    return out
+    return edited_copy(src, "sq_onnx-kernels", UseNBitsA8KernelPass())
 
 
 def size_mb(path: Path) -> float:

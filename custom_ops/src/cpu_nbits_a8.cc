@@ -25,7 +25,7 @@ inline uint8_t nibble(const uint8_t* bytes, int64_t i) { return (bytes[i / 2] >>
 // A quantized per block: xq [m][kp] (zeros past K), sa [m][blocks] (the scales), xs [m][blocks] (sa x the block's
 // sum of codes, for the zero points).
 struct QuantizedA {
-  int64_t kp = 0, blocks = 0;
+  int64_t kp = 0;
   std::vector<int8_t> xq;
   std::vector<float> sa, xs;
 };
@@ -61,7 +61,7 @@ struct Vec {
   SQ_V V zero() { return _mm512_setzero_si512(); }
   SQ_V V bytes(char c) { return _mm512_set1_epi8(c); }
   SQ_V V and_(V a, V b) { return _mm512_and_si512(a, b); }
-  SQ_V V srli16(V a, int) { return _mm512_srli_epi16(a, 4); }
+  SQ_V V high_nibbles(V a) { return _mm512_srli_epi16(a, 4); }
   SQ_V V bcast4(int32_t v) { return _mm512_set1_epi32(v); }
   SQ_V V dot4(V acc, V u, V s) { return _mm512_dpbusd_epi32(acc, u, s); }
   SQ_V V dot8(V acc, V u, V s) { return _mm512_dpbusd_epi32(acc, u, s); }
@@ -96,7 +96,7 @@ struct Vec {
   SQ_V V zero() { return _mm256_setzero_si256(); }                                                               \
   SQ_V V bytes(char c) { return _mm256_set1_epi8(c); }                                                           \
   SQ_V V and_(V a, V b) { return _mm256_and_si256(a, b); }                                                       \
-  SQ_V V srli16(V a, int) { return _mm256_srli_epi16(a, 4); }                                                    \
+  SQ_V V high_nibbles(V a) { return _mm256_srli_epi16(a, 4); }                                                   \
   SQ_V V bcast4(int32_t v) { return _mm256_set1_epi32(v); }                                                      \
   SQ_V V add32(V a, V b) { return _mm256_add_epi32(a, b); }                                                      \
   SQ_V V round(F f) { return _mm256_cvtps_epi32(f); }                                                            \
@@ -190,6 +190,28 @@ void tile_scalar(const QuantizedA& qa, int64_t m0, int64_t m1, const NBitsPacked
   }
 }
 
+// One instruction set's kernels: the GEMM's choice (cpu_isa()), less what this build or CPU lacks.
+struct Path {
+  void (*quantize_row)(const float*, int64_t, int64_t, int64_t, int8_t*, float*, float*);
+  void (*tile)(const QuantizedA&, int64_t, int64_t, const NBitsPacked&, int64_t, int64_t, const float*, float*);
+  int64_t lanes;  // output columns per unit of tile's column range
+};
+
+Path path_for(CpuIsa isa) {
+  switch (isa) {
+#ifdef SQ_X86
+    case CpuIsa::kAvx512Vnni: return {avx512vnni::quantize_row, avx512vnni::tile_any, 16};
+#ifdef SQ_HAVE_AVXVNNI
+    case CpuIsa::kAvxVnni: return {avxvnni::quantize_row, avxvnni::tile_any, 8};
+#else
+    case CpuIsa::kAvxVnni:
+#endif
+    case CpuIsa::kAvx2: return {avx2::quantize_row, avx2::tile_any, 8};
+#endif
+    default: return {quantize_row_scalar, tile_scalar, kP};
+  }
+}
+
 }  // namespace
 
 std::shared_ptr<const NBitsPacked> pack_nbits(const uint8_t* b, const float* scales, const uint8_t* zero_points,
@@ -236,58 +258,28 @@ std::shared_ptr<const NBitsPacked> pack_nbits(const uint8_t* b, const float* sca
 void nbits_a8_matmul(const float* a, int64_t m, const NBitsPacked& w, const float* bias, float* y, const ParallelFor& pf) {
   if (m == 0 || w.n == 0) return;
   QuantizedA qa;
-  qa.blocks = w.blocks;
   qa.kp = w.blocks * w.block;
   qa.xq.resize(static_cast<size_t>(m * qa.kp));
   qa.sa.resize(static_cast<size_t>(m * w.blocks));
   qa.xs.resize(qa.sa.size());
-  CpuIsa isa = cpu_isa();  // the path taken: the GEMM's choice, less what this build or CPU lacks
-#ifndef SQ_X86
-  isa = CpuIsa::kScalar;
-#elif !defined(SQ_HAVE_AVXVNNI)
-  if (isa == CpuIsa::kAvxVnni) isa = CpuIsa::kAvx2;
-#endif
+  const Path path = path_for(cpu_isa());
   constexpr int64_t kRowsPerTask = 64;
   const int64_t row_tasks = (m + kRowsPerTask - 1) / kRowsPerTask;
-  auto quantize = [&](size_t t) {
-    for (int64_t r = static_cast<int64_t>(t) * kRowsPerTask; r < std::min(m, (static_cast<int64_t>(t) + 1) * kRowsPerTask); ++r) {
-      int8_t* q = qa.xq.data() + r * qa.kp;
-      float* sa = qa.sa.data() + r * w.blocks;
-      float* xs = qa.xs.data() + r * w.blocks;
-      const float* row = a + r * w.k;
-      switch (isa) {
-#ifdef SQ_X86
-        case CpuIsa::kAvx512Vnni: avx512vnni::quantize_row(row, w.k, w.block, w.blocks, q, sa, xs); continue;
-#ifdef SQ_HAVE_AVXVNNI
-        case CpuIsa::kAvxVnni: avxvnni::quantize_row(row, w.k, w.block, w.blocks, q, sa, xs); continue;
-#endif
-        case CpuIsa::kAvx2: avx2::quantize_row(row, w.k, w.block, w.blocks, q, sa, xs); continue;
-#endif
-        default: quantize_row_scalar(row, w.k, w.block, w.blocks, q, sa, xs);
-      }
-    }
-  };
-  pf(static_cast<size_t>(row_tasks), quantize);
+  pf(static_cast<size_t>(row_tasks), [&](size_t t) {
+    for (int64_t r = static_cast<int64_t>(t) * kRowsPerTask; r < std::min(m, (static_cast<int64_t>(t) + 1) * kRowsPerTask); ++r)
+      path.quantize_row(a + r * w.k, w.k, w.block, w.blocks, qa.xq.data() + r * qa.kp, qa.sa.data() + r * w.blocks,
+                        qa.xs.data() + r * w.blocks);
+  });
   // Tasks: rows by chunks of 64 columns, whose weights stay in L1/L2 across the rows. The SIMD paths count
   // columns in vectors (16 or 8 lanes), the portable one in panels of 16.
   constexpr int64_t kColsPerTask = 64;
-  const int64_t lanes = isa == CpuIsa::kAvx512Vnni ? 16 : (isa == CpuIsa::kScalar ? kP : 8);
-  const int64_t units = w.panels * kP / lanes, per_task = kColsPerTask / lanes;
+  const int64_t units = w.panels * kP / path.lanes, per_task = kColsPerTask / path.lanes;
   const int64_t col_tasks = (units + per_task - 1) / per_task;
   pf(static_cast<size_t>(row_tasks * col_tasks), [&](size_t t) {
     const int64_t rt = static_cast<int64_t>(t) / col_tasks, ct = static_cast<int64_t>(t) % col_tasks;
     const int64_t m0 = rt * kRowsPerTask, m1 = std::min(m, m0 + kRowsPerTask);
     const int64_t q0 = ct * per_task, q1 = std::min(units, q0 + per_task);
-    switch (isa) {
-#ifdef SQ_X86
-      case CpuIsa::kAvx512Vnni: return avx512vnni::tile_any(qa, m0, m1, w, q0, q1, bias, y);
-#ifdef SQ_HAVE_AVXVNNI
-      case CpuIsa::kAvxVnni: return avxvnni::tile_any(qa, m0, m1, w, q0, q1, bias, y);
-#endif
-      case CpuIsa::kAvx2: return avx2::tile_any(qa, m0, m1, w, q0, q1, bias, y);
-#endif
-      default: return tile_scalar(qa, m0, m1, w, q0, q1, bias, y);
-    }
+    path.tile(qa, m0, m1, w, q0, q1, bias, y);
   });
 }
 

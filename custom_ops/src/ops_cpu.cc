@@ -104,14 +104,12 @@ struct MatMulNBitsA8Kernel {
     const int64_t blocks = (k + block - 1) / block;
     require(c.shape(1) == std::vector<int64_t>{n, blocks, block * bits / 8},
             "MatMulNBitsA8: B must be [N, blocks, block_size * bits / 8]");
-    int64_t scales = 1;
-    for (int64_t d : c.shape(2)) scales *= d;
-    require(scales == n * blocks, "MatMulNBitsA8: scales must hold N x blocks values");
-    if (c.has(3)) {
-      int64_t zps = 1;
-      for (int64_t d : c.shape(3)) zps *= d;
-      require(zps == n * ((blocks * bits + 7) / 8), "MatMulNBitsA8: zero_points must be uint8 [N, ceil(blocks * bits / 8)]");
-    }
+    require(c.ctx.GetInput(2).GetTensorTypeAndShapeInfo().GetElementCount() == static_cast<size_t>(n * blocks),
+            "MatMulNBitsA8: scales must hold N x blocks values");
+    if (c.has(3))
+      require(c.ctx.GetInput(3).GetTensorTypeAndShapeInfo().GetElementCount() ==
+                  static_cast<size_t>(n * ((blocks * bits + 7) / 8)),
+              "MatMulNBitsA8: zero_points must be uint8 [N, ceil(blocks * bits / 8)]");
     if (c.has(4)) require(c.shape(4) == std::vector<int64_t>{n}, "MatMulNBitsA8: bias must be [N]");
     auto w = packed ? packed : pack(c.in<uint8_t>(1), c.in<float>(2), c.in<uint8_t>(3));
     float* y = c.out<float>(0, with_last(c.shape(0), n));
