@@ -43,22 +43,56 @@ def _rows(logits: np.ndarray) -> np.ndarray:
     return logits.reshape(-1, logits.shape[-1])
 
 
+class LossSums:
+    """Mean KL from the float model and mean next-token NLL, summed one sample at a time so the choice
+    holds one sample's logits per level (not every sample's)."""
+
+    def __init__(self) -> None:
+        self.kl_sum, self.kl_count = 0.0, 0
+        self.nll_sum, self.nll_count, self.scorable = 0.0, 0, True
+
+    def add(self, reference: np.ndarray, output: np.ndarray, feed: dict[str, np.ndarray]) -> None:
+        self.add_kl(reference, output)
+        self.add_nll(output, feed)
+
+    def add_kl(self, reference: np.ndarray, output: np.ndarray) -> None:
+        kl = token_kl(_rows(reference), _rows(output))
+        self.kl_sum, self.kl_count = self.kl_sum + float(kl.sum()), self.kl_count + kl.size
+
+    def add_nll(self, output: np.ndarray, feed: dict[str, np.ndarray]) -> None:
+        ids = feed.get("input_ids")
+        if ids is None or output.ndim != 3 or output.shape[:2] != ids.shape:
+            self.scorable = False
+            return
+        for b in range(ids.shape[0]):
+            nll = token_nll(output[b], ids[b].astype(np.int64))
+            self.nll_sum, self.nll_count = self.nll_sum + float(nll.sum()), self.nll_count + nll.size
+
+    @property
+    def kl(self) -> float:
+        return self.kl_sum / self.kl_count
+
+    @property
+    def nll(self) -> float | None:
+        """None when the feeds carry no ``input_ids`` to score."""
+        return self.nll_sum / self.nll_count if self.scorable and self.nll_count else None
+
+
 def mean_kl(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
     """Mean KL(p_reference || p_output) over every position of every sample."""
-    kl = [token_kl(_rows(r), _rows(o)) for r, o in zip(reference, outputs, strict=True)]
-    return float(np.concatenate(kl).mean())
+    sums = LossSums()
+    for ref, out in zip(reference, outputs, strict=True):
+        sums.add_kl(ref, out)
+    return sums.kl
 
 
 def mean_nll(outputs: list[np.ndarray], feeds: list[dict[str, np.ndarray]]) -> float | None:
     """Mean negative log-likelihood of each next token ([batch, seq, vocab] logits); None when the feeds
     carry no ``input_ids`` to score."""
-    nll = []
+    sums = LossSums()
     for out, feed in zip(outputs, feeds, strict=True):
-        ids = feed.get("input_ids")
-        if ids is None or out.ndim != 3 or out.shape[:2] != ids.shape:
-            return None
-        nll += [token_nll(out[b], ids[b].astype(np.int64)) for b in range(ids.shape[0])]
-    return float(np.concatenate(nll).mean()) if nll else None
+        sums.add_nll(out, feed)
+    return sums.nll
 
 
 def set_level(nodes: list[ir.Node], level: int) -> None:

@@ -60,7 +60,7 @@ from sq_onnx.runtime.model_inputs import (
 )
 from sq_onnx.runtime.model_io import has_external_tensors, save_model, weight_bytes
 from sq_onnx.runtime.peak_memory import current_rss_bytes
-from sq_onnx.verify import compare, first_outputs
+from sq_onnx.verify import Agreement, AgreementSums, each_first_output
 from sq_onnx.version import __version__
 
 Feeds = list[dict[str, np.ndarray]]
@@ -326,6 +326,11 @@ def choose_alpha(conv: Conversion) -> None:
         conv.result.alpha = float(np.mean(list(conv.alpha.values())))
 
 
+# The smoothed float model must equal the original to float rounding: a wrong fold shows on any sample, so the
+# exactness check reads the first few verification samples, not all of them.
+EXACTNESS_SAMPLES = 2
+
+
 def smooth(conv: Conversion) -> None:
     """A smoothed copy of the model; it must compute what the original does (checked on the verification
     samples, to float rounding)."""
@@ -335,8 +340,7 @@ def smooth(conv: Conversion) -> None:
     conv.result.smoothed_groups = [asdict(g) for g in conv.smoothed.groups]
     if not (conv.smoothed.groups and conv.samples.verify):
         return
-    outputs = first_outputs(conv.work, conv.samples.verify, "smoothed", conv.show_progress)
-    check = compare(conv.calib.reference, outputs)
+    check, _ = _score(conv, "smoothed", limit=EXACTNESS_SAMPLES)
     tolerance = EQUIVALENCE_TOLERANCE.get(_weight_dtype(conv.analysis), 1e-4)
     equivalent = check.relative_error < tolerance
     conv.result.smoothing_check = {**check.to_dict(), "tolerance": tolerance, "equivalent": equivalent}
@@ -417,30 +421,42 @@ def verify(conv: Conversion) -> None:
 
 def _verify(conv: Conversion, nodes: list[ir.Node]) -> None:
     assert conv.smoothed is not None and conv.calib is not None and conv.samples is not None
-    feeds = conv.samples.verify
-    outputs = first_outputs(conv.work, feeds, "converted", conv.show_progress) if feeds else []
-    if nodes:
-        if not feeds:
+    if not conv.samples.verify:
+        if nodes:
             choice = accuracy_level.LevelChoice(
                 0, "no held-out samples to verify level 4 on (--verify-samples 0)"
             )
-        else:
-            accuracy_level.set_level(nodes, 4)
-            at4 = first_outputs(conv.work, feeds, "converted, accuracy level 4", conv.show_progress)
-            reference = conv.calib.reference
-            choice = accuracy_level.choose(
-                accuracy_level.mean_kl(reference, outputs),
-                accuracy_level.mean_kl(reference, at4),
-                conv.recipe.level4_tolerance,
-                accuracy_level.mean_nll(outputs, feeds),
-                accuracy_level.mean_nll(at4, feeds),
-            )
-            if choice.level == 4:
-                outputs = at4
+            accuracy_level.set_level(nodes, 0)
+            conv.result.accuracy_level = choice.to_dict()
+        return
+    agreement, losses = _score(conv, "converted", losses_too=bool(nodes))
+    if nodes:
+        accuracy_level.set_level(nodes, 4)
+        agreement4, losses4 = _score(conv, "converted, accuracy level 4", losses_too=True)
+        choice = accuracy_level.choose(
+            losses.kl, losses4.kl, conv.recipe.level4_tolerance, losses.nll, losses4.nll
+        )
+        if choice.level == 4:
+            agreement = agreement4
         accuracy_level.set_level(nodes, choice.level)
         conv.result.accuracy_level = choice.to_dict()
-    if feeds:
-        conv.result.verify = compare(conv.calib.reference, outputs).to_dict()
+    conv.result.verify = agreement.to_dict()
+
+
+def _score(
+    conv: Conversion, label: str, losses_too: bool = False, limit: int | None = None
+) -> tuple[Agreement, accuracy_level.LossSums]:
+    """The working model against the float reference on the verification samples (the first ``limit``), one
+    sample at a time (with ``losses_too``, also its KL from the float model and its next-token NLL)."""
+    assert conv.calib is not None and conv.samples is not None
+    feeds = conv.samples.verify[:limit]
+    agreement, losses = AgreementSums(), accuracy_level.LossSums()
+    outputs = each_first_output(conv.work, feeds, label, conv.show_progress)
+    for reference, output, feed in zip(conv.calib.reference[: len(feeds)], outputs, feeds, strict=True):
+        agreement.add(reference, output)
+        if losses_too:
+            losses.add(reference, output, feed)
+    return agreement.result(), losses
 
 
 def _auto_level_nodes(conv: Conversion) -> list[ir.Node]:
