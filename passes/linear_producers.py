@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from sq_onnx.passes.graph_edit import MS
 from sq_onnx.passes.linears import Linear, as_linear, is_channel_vector, is_constant, is_float_dtype
 
 # Element-wise activations f with f(x / s) = f(x) / s for every s > 0: a scale passes through them.
@@ -96,6 +97,22 @@ def _column_slice(value: ir.Value, channels: int) -> tuple[ir.Value, int] | None
     return source, ours[0]
 
 
+def _unflattened(value: ir.Value) -> ir.Value | None:
+    """The [B*S, C] linear output that a Reshape turns back into ``value`` [B, S, C] (GPT-2's Conv1D runs its
+    addmm on flattened rows), when nothing else reads it: the same columns, so the same fold."""
+    node = value.producer()
+    if node is None or node.op_type != "Reshape" or node.domain != "" or node.inputs[0] is None:
+        return None
+    source = node.inputs[0]
+    if source.shape is None or value.shape is None or len(source.shape) == 0 or len(value.shape) == 0:
+        return None
+    if source.shape[-1] != value.shape[-1] or not isinstance(value.shape[-1], int):
+        return None
+    if source.is_graph_output() or any(u is not node and u.op_type != "Shape" for u, _ in source.uses()):
+        return None
+    return source
+
+
 def _linear_columns(
     value: ir.Value | None, channels: int
 ) -> tuple[list[tuple[ir.Node, int]], Linear, int] | None:
@@ -108,6 +125,7 @@ def _linear_columns(
     sliced = _column_slice(value, channels) if value.producer().op_type in ("Slice", "Split") else None
     if sliced is not None:
         value, offset = sliced
+        value = _unflattened(value) or value
         if value.producer() is None:
             return None
     node = value.producer()
@@ -139,7 +157,10 @@ def _shifted(found: tuple[list[tuple[ir.Node, int]], Linear, int], channels: int
 
 
 def linear_producer(node: ir.Node, channels: int) -> Fold | None:
-    """A gated product (SwiGLU / GeGLU: act(gate) * up) or a positively homogeneous activation of a linear."""
+    """A gated product (SwiGLU / GeGLU: act(gate) * up), a positively homogeneous activation of a linear, or
+    attention's values (as torch.onnx writes it, or ORT's GroupQueryAttention)."""
+    if node.domain == MS and node.op_type == "GroupQueryAttention":
+        return grouped_query_values(node, channels)
     if node.domain != "":
         return None
     if node.op_type == "Mul" and len(node.inputs) == 2 and not any(is_constant(v) for v in node.inputs):
@@ -247,3 +268,49 @@ def attention_values(node: ir.Node, channels: int) -> Fold | None:
     h, d = np.divmod(np.arange(channels), head_dim)
     columns = (h // (heads // kv_heads)) * head_dim + d + found[2]
     return f"attention values ({found[1].name}; the KV cache holds V/s)", found[0], [found[1]], columns
+
+
+# GroupQueryAttention's attributes (onnxruntime 1.32) under which its output is linear in V, one query head
+# reading one KV head's channels: anything else (a quantized KV cache, attributes of a later version) keeps V.
+GQA_ATTRIBUTES = {
+    "causal", "do_rotary", "k_norm_epsilon", "k_quant_type", "kv_num_heads", "local_window_size", "num_heads",
+    "q_norm_epsilon", "qk_norm_epsilon", "qk_output", "rotary_interleaved", "scale", "sliding_window_cache",
+    "smooth_softmax", "softcap",
+}  # fmt: skip
+GQA_V_SCALE = 14  # input index of a quantized value cache's scale
+
+
+def _optional_input(node: ir.Node, index: int) -> ir.Value | None:
+    return node.inputs[index] if len(node.inputs) > index else None
+
+
+def grouped_query_values(node: ir.Node, channels: int) -> Fold | None:
+    """o_proj's input as onnxruntime-genai's builder writes attention: ``com.microsoft::GroupQueryAttention``
+    on separate q, k, v or on the packed qkv_proj (q, k and v columns in that order). The output is linear in V
+    (rotary embedding and any Q/K norm touch Q and K only), query head h reading KV head h // rep, so o_proj
+    channel h*D + d is V's column (h // rep)*D + d; the KV cache then holds V / s (the model's own, so exact).
+    A quantized value cache would round V / s differently: refused."""
+    attrs = node.attributes
+    if set(attrs) - GQA_ATTRIBUTES or _optional_input(node, GQA_V_SCALE) is not None:
+        return None
+    heads, kv_heads = attrs.get_int("num_heads", 0), attrs.get_int("kv_num_heads", 0)
+    if heads <= 0 or kv_heads <= 0 or heads % kv_heads or channels % heads:
+        return None
+    head_dim = channels // heads
+    value = _optional_input(node, 2)
+    if value is not None:
+        found = _linear_columns(value, kv_heads * head_dim)
+        start = 0 if found is None else found[2]
+    else:  # packed: the query input carries q, k and v; V's columns come after q's and k's
+        found = _linear_columns(node.inputs[0], (heads + 2 * kv_heads) * head_dim)
+        start = (heads + kv_heads) * head_dim
+    if found is None:
+        return None
+    h, d = np.divmod(np.arange(channels), head_dim)
+    columns = (h // (heads // kv_heads)) * head_dim + d + start
+    return (
+        f"attention values ({found[1].name}; GroupQueryAttention, the KV cache holds V/s)",
+        found[0],
+        [found[1]],
+        columns,
+    )

@@ -34,8 +34,13 @@ EXPECTED = {
         "folds": {("gate_up_proj", "down_proj"), ("qkv_proj", "o_proj")},
         "unsmoothed": 0,
     },
-    # Conv1D flattens [B, S, C] before its addmm (looked through); GELU is not positively homogeneous
-    "gpt2": {"norms": {("c_attn",), ("c_fc",), ("lm_head",)}, "folds": set(), "unsmoothed": 2},
+    # Conv1D flattens [B, S, C] before its addmm (looked through, both ways: c_attn's v columns fold through
+    # the Split of its unflattened output); GELU is not positively homogeneous, so mlp c_proj stays unsmoothed
+    "gpt2": {
+        "norms": {("c_attn",), ("c_fc",), ("lm_head",)},
+        "folds": {("c_attn", "c_proj")},
+        "unsmoothed": 1,
+    },
     "opt": {
         "norms": {("q_proj", "k_proj", "v_proj"), ("fc1",), ("lm_head",)},
         "folds": {("fc1", "fc2"), ("v_proj", "out_proj")},

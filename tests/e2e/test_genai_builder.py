@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 
@@ -22,7 +23,8 @@ pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not instal
 if importlib.util.find_spec("onnxruntime_genai.models.builder") is None:
     pytest.skip("this onnxruntime-genai has no model builder", allow_module_level=True)
 
-from test_genai import assert_same_tokens  # noqa: E402
+import onnxruntime_genai as og  # noqa: E402
+from test_genai import PROMPT, assert_same_tokens  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +80,10 @@ def test_builder_and_torch_onnx_graphs_have_the_same_groups(builder_folder, llam
     ):
         groups = analyze(ir.load(path).graph, through_linears=True).groups
         found[label] = [_roles([c.module for c in g.consumers]) for g in groups]
-    # per layer norm -> q, k, v; norm -> gate, up; up -> down through the gated product; final norm -> lm_head.
-    # v -> o folds only in the torch.onnx graph: the builder's GroupQueryAttention takes the packed qkv_proj
-    layer = [("qkv",), ("mlp_in",), ("down_proj",)]
-    assert found["builder"] == [*layer, *layer, ("lm_head",)]
-    assert [r for r in found["torch.onnx"] if r != ("o_proj",)] == found["builder"]
+    # per layer norm -> q, k, v; v -> o (GroupQueryAttention on the builder's packed qkv_proj, repeat_kv in
+    # torch.onnx's); norm -> gate, up; up -> down through the gated product; final norm -> lm_head
+    layer = [("qkv",), ("o_proj",), ("mlp_in",), ("down_proj",)]
+    assert found["builder"] == found["torch.onnx"] == [*layer, *layer, ("lm_head",)]
     builder_norms = analyze(ir.load(builder_folder / "model.onnx").graph).groups
     assert {g.kind for g in builder_norms} == {
         "SimplifiedLayerNormalization",
@@ -98,3 +99,29 @@ def test_a_converted_builder_folder_runs_in_genai(builder_folder, tmp_path, cali
     assert result.genai is not None and result.genai["written"]
     assert len(result.smoothed_groups) == 5
     assert_same_tokens(out.parent, out)
+
+
+def _genai_logits(folder: Path, steps: int = 4) -> np.ndarray:
+    """The last position's logits at each greedy step of onnxruntime-genai (the prompt, then through the cache)."""
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(PROMPT) + steps, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(PROMPT)
+    logits = []
+    while not generator.is_done():
+        logits.append(np.array(generator.get_logits()).reshape(-1))
+        generator.generate_next_token()
+    return np.stack(logits)
+
+
+def test_the_builders_attention_values_fold_exactly_through_its_kv_cache(builder_folder, tmp_path, calib_ids):
+    """v -> o through GroupQueryAttention: the cache then holds V / s, which genai feeds back step after step;
+    the smoothed float model must still compute what the builder's does."""
+    out = tmp_path / "smooth" / "model.onnx"
+    recipe = Recipe(scheme="smooth", linear_folds="on", samples=4)
+    result = convert(builder_folder / "model.onnx", out, recipe, calibration=calib_ids)
+    assert sum("GroupQueryAttention" in g["kind"] for g in result.smoothed_groups) == 2
+    before, after = _genai_logits(builder_folder), _genai_logits(out.parent)
+    assert before.shape == after.shape and before.shape[0] > 1
+    assert np.linalg.norm(after - before) / np.linalg.norm(before) < 1e-5

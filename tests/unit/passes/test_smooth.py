@@ -251,3 +251,83 @@ def test_a_fused_projection_absorbs_1_over_s_in_its_own_columns():
 def test_a_fused_projection_read_elsewhere_is_not_folded(reader):
     model = _fused_mlp(reader)
     assert not [g for g in analyze(model.graph, through_linears=True).groups if g.through_linear]
+
+
+def _gqa(packed: bool, attributes: dict | None = None) -> ir.Model:
+    """x -> q, k, v projections (or one packed qkv_proj, as onnxruntime-genai's builder writes it) ->
+    com.microsoft::GroupQueryAttention (4 query heads on 2 KV heads of 8 channels, with a past cache) -> o_proj."""
+    rng = np.random.default_rng(0)
+    k, heads, kv_heads, d, seq = 8, 4, 2, 8, 3
+    tape = ir.tape.Tape()
+    f32 = ir.TensorType(ir.DataType.FLOAT)
+    x = ir.Value(name="x", shape=ir.Shape([1, seq, k]), type=f32)
+    past = [ir.Value(name=n, shape=ir.Shape([1, kv_heads, 2, d]), type=f32) for n in ("past_k", "past_v")]
+
+    def init(name: str, a: np.ndarray) -> ir.Value:
+        return tape.initializer(ir.tensor(a, name=name))
+
+    def linear(name: str, columns: int) -> ir.Value:
+        out = tape.op(
+            "MatMul", [x, init(f"{name}.weight", rng.normal(0, 1, (k, columns)).astype(np.float32))]
+        )
+        out.shape = ir.Shape([1, seq, columns])
+        return out
+
+    widths = {"q": heads * d, "k": kv_heads * d, "v": kv_heads * d}
+    qkv = (
+        [linear("qkv_proj", sum(widths.values())), None, None]
+        if packed
+        else [linear(n, w) for n, w in widths.items()]
+    )
+    lengths = [
+        init("seqlens_k", np.array([seq + 2 - 1], np.int32)),
+        init("total", np.array(seq + 2, np.int32)),
+    ]
+    attrs = {"num_heads": heads, "kv_num_heads": kv_heads, **(attributes or {})}
+    attention, *present = tape.op_multi_out(
+        "GroupQueryAttention", [*qkv, *past, *lengths], attrs, domain="com.microsoft", num_outputs=3
+    )
+    attention.shape = ir.Shape([1, seq, heads * d])
+    y = tape.op(
+        "MatMul", [attention, init("o_proj.weight", rng.normal(0, 1, (heads * d, k)).astype(np.float32))]
+    )
+    for value, name in zip([y, *present], ["y", "present_k", "present_v"], strict=True):
+        value.name, value.type = name, f32
+    graph = ir.Graph(
+        [x, *past], [y, *present], nodes=tape.nodes, initializers=tape.initializers,
+        opset_imports={"": 21, "com.microsoft": 1},
+    )  # fmt: skip
+    return ir.Model(graph, ir_version=10)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["separate", "packed"])
+def test_grouped_query_attention_values_absorb_1_over_s_per_kv_head(packed):
+    """o_proj's input channel h*D + d reads V's column (h // 2)*D + d: one scale per V column, shared by the
+    query heads on that KV head; with the packed qkv_proj V's columns come after q's 32 and k's 16."""
+    model = _gqa(packed)
+    (group,) = [g for g in analyze(model.graph, through_linears=True).groups if g.through_linear]
+    start = 48 if packed else 0
+    assert group.column_map.tolist() == [start + (h // 2) * 8 + d for h in range(4) for d in range(8)]
+    rng = np.random.default_rng(1)
+    feed = {
+        "x": (rng.normal(0, 1, (1, 3, 8)) * [1, 1, 30, 1, 1, 1, 1, 1]).astype(np.float32),
+        "past_k": rng.normal(0, 1, (1, 2, 2, 8)).astype(np.float32),
+        "past_v": (rng.normal(0, 1, (1, 2, 2, 8)) * 20).astype(np.float32),
+    }
+    before = _run_model(model, feed)
+    original = group.fold_columns[0].weight_as_now()()
+    stats = collect_absmax(model, {group.name: group.channels}, [feed], show_progress=False)
+    smooth_groups(model.graph, [group], stats, alpha=0.5)
+    scaled = group.fold_columns[0].weight_as_now()()
+    s = original[0] / scaled[0]  # s per producer column (1 on q's and k's)
+    np.testing.assert_allclose(s[:start], 1.0)
+    assert np.ptp(s[start : start + 16]) > 0.1  # the outlier channel moved something
+    # the past values are the smoothed model's own present values: V / s
+    past_v = feed["past_v"] / s[start : start + 16].reshape(2, 1, 8)
+    assert rel_error(before, _run_model(model, {**feed, "past_v": past_v.astype(np.float32)})) < 1e-5
+
+
+@pytest.mark.parametrize("attributes", [{"v_quant_type": "PER_TENSOR"}, {"a_later_attribute": 1}])
+def test_grouped_query_attention_with_a_quantized_or_unknown_value_path_is_not_folded(attributes):
+    model = _gqa(packed=True, attributes=attributes)
+    assert not [g for g in analyze(model.graph, through_linears=True).groups if g.through_linear]
