@@ -79,7 +79,11 @@ def _wrapper(model, kv_cache: bool):
             self.m = m
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
-            cache = DynamicCache(config=self.m.config)
+            # a full cache in every layer, also the sliding-window ones: their window is in the mask. A cache built
+            # from the config keeps a sliding layer's last window - 1 positions, a choice that depends on the
+            # length, which the trace fixes at the example's (short) one: past the window the graph indexed its
+            # mask out of range (a GatherND error in ONNX Runtime, Gemma 2)
+            cache = DynamicCache()
             for i in range(layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.m(

@@ -102,23 +102,29 @@ def test_w4_converts_and_evaluates_and_generates_with_its_cache(family_model, tm
     assert w4.verify["top1_agreement"] > 0.5 and w4.verify["relative_error"] < 0.5
     result = perplexity(out, seq_len=32, windows=2, tokenizer=path.parent, compare=path)
     assert np.isfinite(result.perplexity) and 0.8 < result.compare["perplexity_ratio"] < 1.5
-    # a short prompt: the sequence stays within the tiny Gemmas' sliding window of 8 (see the xfail below)
     gen = generate(out, "The", max_new_tokens=4, tokenizer_dir=path.parent)
     assert gen["kv_cache"] and 1 <= gen["new_tokens"] <= 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known export bug: the torch.onnx graph of a Gemma 2 with sliding-window layers fails in GatherND once "
-    "prompt + cache pass the window (the float export too, not the quantization)",
-)
-def test_gemma2_decodes_past_its_sliding_window(tmp_path):
-    from sq_onnx.lm.export import export_model
-    from sq_onnx.lm.generate import generate
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_sliding_window_layers_decode_past_the_window_as_torch_does(family, tmp_path):
+    """Prefill 5 tokens, then decode one at a time through the KV cache to 14, past the tiny Gemmas' window of
+    8: every step's logits are torch's full forward pass at that position (which masks by the window)."""
+    import torch
 
-    save_model(export_model(tiny_models.build_family("gemma2"), kv_cache=True), tmp_path / "model.onnx")
-    tiny_models.write_tokenizer(tmp_path)
-    generate(tmp_path / "model.onnx", "The module", max_new_tokens=6)
+    from sq_onnx.lm.export import export_model
+    from sq_onnx.lm.lm_runner import LMRunner
+    from sq_onnx.runtime.model_inputs import input_specs
+    from sq_onnx.runtime.ort_session import session
+
+    model = tiny_models.build_family(family)
+    save_model(export_model(model, kv_cache=True), tmp_path / "model.onnx")
+    ids = tiny_models.random_ids(1, 14, seed=3)
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(ids)).logits.numpy()[0]
+    runner = LMRunner(session(tmp_path / "model.onnx"), input_specs(ir.load(tmp_path / "model.onnx")))
+    got = [runner.prefill(ids[:, :5])] + [runner.step(int(t)) for t in ids[0, 5:]]
+    np.testing.assert_allclose(np.stack(got), ref[4:], atol=1e-4, rtol=1e-4)
 
 
 def test_inspect_and_the_fused_kernels_on_each_family(family_model, tmp_path):
