@@ -60,7 +60,7 @@ from sq_onnx.runtime.model_inputs import (
 )
 from sq_onnx.runtime.model_io import has_external_tensors, save_model, weight_bytes
 from sq_onnx.runtime.peak_memory import current_rss_bytes
-from sq_onnx.verify import Agreement, AgreementSums, each_first_output
+from sq_onnx.verify import Agreement, AgreementSums, each_first_output, first_outputs
 from sq_onnx.version import __version__
 
 Feeds = list[dict[str, np.ndarray]]
@@ -265,6 +265,11 @@ def gather_samples(conv: Conversion, calibration: Any) -> None:
     conv.result.kept_float = [{"node": p.name, "reason": p.reason} for p in conv.plans if p.action == "keep"]
 
 
+# The smoothed float model must equal the original to float rounding: a wrong fold shows on any sample, so the
+# exactness check reads the first few verification samples (their float outputs come from calibration's session).
+EXACTNESS_SAMPLES = 2
+
+
 def calibrate_stage(conv: Conversion) -> None:
     """Per-channel abs-max of every tensor that smoothing, the clip search or static activations need, the
     float model's reference outputs on the verification samples, and rows for the layer search / report."""
@@ -293,7 +298,7 @@ def calibrate_stage(conv: Conversion) -> None:
         conv.src,
         tensors,
         conv.calib_feeds,
-        conv.samples.verify,
+        conv.samples.verify[:EXACTNESS_SAMPLES],  # for the smoothing check; verify runs the float model again
         row_tensors=row_tensors,
         max_rows=max_rows,
         seed=recipe.seed,
@@ -326,11 +331,6 @@ def choose_alpha(conv: Conversion) -> None:
         conv.result.alpha = float(np.mean(list(conv.alpha.values())))
 
 
-# The smoothed float model must equal the original to float rounding: a wrong fold shows on any sample, so the
-# exactness check reads the first few verification samples, not all of them.
-EXACTNESS_SAMPLES = 2
-
-
 def smooth(conv: Conversion) -> None:
     """A smoothed copy of the model; it must compute what the original does (checked on the verification
     samples, to float rounding)."""
@@ -340,7 +340,8 @@ def smooth(conv: Conversion) -> None:
     conv.result.smoothed_groups = [asdict(g) for g in conv.smoothed.groups]
     if not (conv.smoothed.groups and conv.samples.verify):
         return
-    check, _ = _score(conv, "smoothed", limit=EXACTNESS_SAMPLES)
+    check, _ = _score(conv, "smoothed", conv.calib.reference)
+    conv.calib.reference = []  # not held through quantization (50 MB per sample at a 49K vocabulary)
     tolerance = EQUIVALENCE_TOLERANCE.get(_weight_dtype(conv.analysis), 1e-4)
     equivalent = check.relative_error < tolerance
     conv.result.smoothing_check = {**check.to_dict(), "tolerance": tolerance, "equivalent": equivalent}
@@ -429,10 +430,11 @@ def _verify(conv: Conversion, nodes: list[ir.Node]) -> None:
             accuracy_level.set_level(nodes, 0)
             conv.result.accuracy_level = choice.to_dict()
         return
-    agreement, losses = _score(conv, "converted", losses_too=bool(nodes))
+    reference = first_outputs(conv.src, conv.samples.verify, "float model", conv.show_progress)
+    agreement, losses = _score(conv, "converted", reference, losses_too=bool(nodes))
     if nodes:
         accuracy_level.set_level(nodes, 4)
-        agreement4, losses4 = _score(conv, "converted, accuracy level 4", losses_too=True)
+        agreement4, losses4 = _score(conv, "converted, accuracy level 4", reference, losses_too=True)
         choice = accuracy_level.choose(
             losses.kl, losses4.kl, conv.recipe.level4_tolerance, losses.nll, losses4.nll
         )
@@ -444,18 +446,18 @@ def _verify(conv: Conversion, nodes: list[ir.Node]) -> None:
 
 
 def _score(
-    conv: Conversion, label: str, losses_too: bool = False, limit: int | None = None
+    conv: Conversion, label: str, reference: list[np.ndarray], losses_too: bool = False
 ) -> tuple[Agreement, accuracy_level.LossSums]:
-    """The working model against the float reference on the verification samples (the first ``limit``), one
-    sample at a time (with ``losses_too``, also its KL from the float model and its next-token NLL)."""
-    assert conv.calib is not None and conv.samples is not None
-    feeds = conv.samples.verify[:limit]
+    """The working model against the float model's ``reference`` outputs on the first verification samples,
+    one sample at a time (with ``losses_too``, also its KL from the float model and its next-token NLL)."""
+    assert conv.samples is not None
+    feeds = conv.samples.verify[: len(reference)]
     agreement, losses = AgreementSums(), accuracy_level.LossSums()
     outputs = each_first_output(conv.work, feeds, label, conv.show_progress)
-    for reference, output, feed in zip(conv.calib.reference[: len(feeds)], outputs, feeds, strict=True):
-        agreement.add(reference, output)
+    for ref, output, feed in zip(reference, outputs, feeds, strict=True):
+        agreement.add(ref, output)
         if losses_too:
-            losses.add(reference, output, feed)
+            losses.add(ref, output, feed)
     return agreement.result(), losses
 
 
