@@ -100,6 +100,16 @@ def set_level(nodes: list[ir.Node], level: int) -> None:
         node.attributes[LEVEL_ATTR] = ir.AttrInt64(LEVEL_ATTR, level)
 
 
+def linear_nodes_in_file(graph: ir.Graph) -> list[ir.Node]:
+    """In a written model, the MatMulNBits whose level ``--accuracy-level`` sets: all but the lm_head (the one
+    whose output is the logits), which keeps ``--lm-head-accuracy-level``."""
+    return [
+        n
+        for n in graph
+        if n.domain == MS and n.op_type == "MatMulNBits" and not n.outputs[0].is_graph_output()
+    ]
+
+
 def w4_nodes(graph: ir.Graph, names: set[str]) -> list[ir.Node]:
     """The MatMulNBits nodes written for the named linears."""
     return [n for n in graph if n.domain == MS and n.op_type == "MatMulNBits" and n.name in names]

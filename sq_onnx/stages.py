@@ -338,10 +338,11 @@ def smooth(conv: Conversion) -> None:
     alpha = conv.alpha if conv.analysis.groups else None
     conv.smoothed = smooth_copy(conv.src, conv.analysis, conv.plans, conv.calib.absmax, alpha)
     conv.result.smoothed_groups = [asdict(g) for g in conv.smoothed.groups]
-    if not (conv.smoothed.groups and conv.samples.verify):
+    # the float outputs are not held through quantization (50 MB per sample at a 49K vocabulary)
+    reference, conv.calib.reference = conv.calib.reference, []
+    if not (conv.smoothed.groups and reference):
         return
-    check, _ = _score(conv, "smoothed", conv.calib.reference)
-    conv.calib.reference = []  # not held through quantization (50 MB per sample at a 49K vocabulary)
+    check, _ = _score(conv, "smoothed", reference)
     tolerance = EQUIVALENCE_TOLERANCE.get(_weight_dtype(conv.analysis), 1e-4)
     equivalent = check.relative_error < tolerance
     conv.result.smoothing_check = {**check.to_dict(), "tolerance": tolerance, "equivalent": equivalent}

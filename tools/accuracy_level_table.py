@@ -32,12 +32,10 @@ def at_level(src: Path, level: int) -> Path:
     """``src`` with its MatMulNBits at ``level``, as ``--accuracy-level LEVEL`` writes them: the lm_head (the one
     whose output is the logits) keeps its own level (``--lm-head-accuracy-level``, 4 by default; at level 0 the
     8-bit vocabulary projection alone cut decoding to a third)."""
-    import onnx_ir as ir
+    from sq_onnx import accuracy_level
 
     def relevel(model) -> None:
-        for node in model.graph:
-            if node.op_type == "MatMulNBits" and not node.outputs[0].is_graph_output():
-                node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", level)
+        accuracy_level.set_level(accuracy_level.linear_nodes_in_file(model.graph), level)
 
     return edited_copy(src, f"level-{level}", relevel)
 

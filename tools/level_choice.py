@@ -14,7 +14,7 @@ from sq_onnx import accuracy_level
 from sq_onnx.calibration.calibration_data import builtin_heldout_feeds
 from sq_onnx.runtime.model_inputs import check_feed, complete_feed, input_specs
 from sq_onnx.runtime.model_io import load_model
-from sq_onnx.verify import first_outputs
+from sq_onnx.verify import each_first_output, first_outputs
 
 
 def main() -> None:
@@ -33,12 +33,16 @@ def main() -> None:
     feeds = [complete_feed(check_feed(f, specs), specs) for f in feeds]
     ref = first_outputs(reference, feeds, "fp32", True)
     model = load_model(args.w4)
-    nodes = [n for n in model.graph if n.op_type == "MatMulNBits" and n.attributes["bits"].value == 4]
+    nodes = accuracy_level.linear_nodes_in_file(model.graph)
     measured = {}
-    for level in (0, 4):
+    for level in (0, 4):  # one sample's outputs at a time, as the conversion scores them
         accuracy_level.set_level(nodes, level)
-        out = first_outputs(model, feeds, f"level {level}", True)
-        measured[level] = (accuracy_level.mean_kl(ref, out), accuracy_level.mean_nll(out, feeds))
+        sums = accuracy_level.LossSums()
+        for r, out, feed in zip(
+            ref, each_first_output(model, feeds, f"level {level}", True), feeds, strict=True
+        ):
+            sums.add(r, out, feed)
+        measured[level] = (sums.kl, sums.nll)
     choice = accuracy_level.choose(
         measured[0][0], measured[4][0], args.tolerance, measured[0][1], measured[4][1]
     )
