@@ -1,5 +1,5 @@
 """What ``--accuracy-level auto`` would choose for a converted W4 model on N built-in held-out samples: its
-4-bit MatMulNBits run at level 0 and at level 4 against the float model, judged by
+MatMulNBits but the lm_head run at level 0 and at level 4 against the float model, judged by
 ``sq_onnx.accuracy_level.choose`` as the conversion judges it (tools/RESULTS.md, "on 2 or 8 held-out samples").
 
     python tools/level_choice.py demo_out/fp32/model.onnx demo_out/w4/model.onnx [--samples 8] [--seq-len 256]
