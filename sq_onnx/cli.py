@@ -153,6 +153,10 @@ def _print_summary(result: dict[str, Any]) -> None:
             f"  {w4a8['swapped']} MatMulNBits -> sq_onnx MatMulNBitsA8"
             + (f"; kept as MatMulNBits: {kept}" if kept else "")
         )
+    if result.get("masked_attention"):
+        console.print(
+            f"  {result['masked_attention']} attention blocks -> sq_onnx MaskedAttention (causal keys skipped)"
+        )
     for skip in result["skipped"]:
         console.print(f"  not smoothed: {skip['tensor']} -> {', '.join(skip['consumers'])}: {skip['reason']}")
     genai = result.get("genai")

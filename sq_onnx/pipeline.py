@@ -67,6 +67,7 @@ def convert(
         parts = stages.report_parts(conv) if report_dir is not None else None
         stages.join_linears(conv)
         stages.use_nbits_a8_kernel(conv)
+        stages.fuse_attention(conv)
         stages.save(conv, out)
         stages.genai_folder(conv, out)
         timings["save"] = time.perf_counter() - began

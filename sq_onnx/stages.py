@@ -30,6 +30,7 @@ from sq_onnx.memory_check import check_memory, memory_need
 from sq_onnx.mixed_precision import layer_costs, promote
 from sq_onnx.opset_upgrade import upgrade_if_needed
 from sq_onnx.passes.analyze import Analysis, analyze
+from sq_onnx.passes.fuse_masked_attention import FuseMaskedAttentionPass
 from sq_onnx.passes.fuse_norm_quant import fusion_record
 from sq_onnx.passes.merge_matmulnbits import MergeSharedInputMatMulNBitsPass
 from sq_onnx.passes.smooth import producer_scales
@@ -115,6 +116,7 @@ class ConvertResult:
     nbits_a8_kernels: dict[str, Any] | None = (
         None  # W4 --kernels sq_onnx: MatMulNBits swapped, and why others stayed
     )
+    masked_attention: int | None = None  # W4 --kernels sq_onnx: attention blocks fused into MaskedAttention
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -509,6 +511,17 @@ def use_nbits_a8_kernel(conv: Conversion) -> None:
     swap = UseNBitsA8KernelPass()
     swap(conv.work)
     conv.result.nbits_a8_kernels = {"swapped": swap.swapped, "kept": swap.kept}
+
+
+def fuse_attention(conv: Conversion) -> None:
+    """W4 ``--kernels sq_onnx``: each exported attention (MatMul, scale, mask, Softmax, MatMul) becomes
+    ``sq_onnx::MaskedAttention``, which skips the keys a causal mask removes (``passes.fuse_masked_attention``;
+    the same numbers to float rounding). CPU-only like MatMulNBitsA8, so W8A8's kernels (CUDA too) keep theirs."""
+    if conv.recipe.kernels != "sq_onnx" or conv.recipe.scheme != "w4":
+        return
+    fuse = FuseMaskedAttentionPass()
+    fuse(conv.work)
+    conv.result.masked_attention = fuse.fused
 
 
 def save(conv: Conversion, out: Path) -> None:

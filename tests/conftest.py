@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import onnx_ir as ir
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from sq_onnx.runtime import custom_ops
 
 import tiny_models
 
@@ -65,6 +68,28 @@ def llama_kv(tmp_path_factory):
 def calib_ids() -> dict[str, np.ndarray]:
     """Token-id calibration arrays (first axis = samples)."""
     return {"input_ids": tiny_models.random_ids(10, 32)}
+
+
+@pytest.fixture(params=list(custom_ops.CPU_ISAS))
+def isa(request):
+    """Each instruction set this machine has (AVX-512 VNNI, AVX-VNNI, AVX2, portable C++), forced through the
+    test entry points and back to the best after; without them, only the one the library picked."""
+    if not custom_ops.available():
+        pytest.skip("custom-op library not built")
+    lib = ctypes.CDLL(str(custom_ops.library_path()))
+    wanted = custom_ops.CPU_ISAS.index(request.param)
+    if not custom_ops.has_test_hooks():
+        if lib.sq_onnx_cpu_isa() != wanted:
+            pytest.skip("library built without its test entry points (SQ_ONNX_TEST_HOOKS): its own path only")
+        yield request.param
+        return
+    control = custom_ops.cpu_isa_control()
+    if control.sq_onnx_cpu_select_isa(wanted) != 0:
+        pytest.skip(f"this CPU has no {request.param}")
+    try:
+        yield request.param
+    finally:
+        control.sq_onnx_cpu_select_isa(control.sq_onnx_cpu_best_isa())
 
 
 def op_types(path: Path) -> list[str]:

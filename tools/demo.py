@@ -41,11 +41,17 @@ def find_gguf() -> Path:
 
 
 def on_kernels(src: Path) -> Path:
-    """``src`` with its level-4 MatMulNBits on ``sq_onnx::MatMulNBitsA8`` (the last step of a W4 conversion
-    with ``--kernels sq_onnx``, which computes the same numbers), written beside it."""
+    """``src`` with its level-4 MatMulNBits on ``sq_onnx::MatMulNBitsA8`` and its attention on
+    ``sq_onnx::MaskedAttention`` (the last steps of a W4 conversion with ``--kernels sq_onnx``, which compute the
+    same numbers), written beside it."""
+    import onnx_ir as ir
+
+    from sq_onnx.passes.fuse_masked_attention import FuseMaskedAttentionPass
     from sq_onnx.passes.use_nbits_a8_kernel import UseNBitsA8KernelPass
 
-    return edited_copy(src, "sq_onnx-kernels", UseNBitsA8KernelPass())
+    return edited_copy(
+        src, "sq_onnx-kernels", ir.passes.Sequential(UseNBitsA8KernelPass(), FuseMaskedAttentionPass())
+    )
 
 
 def size_mb(path: Path) -> float:

@@ -1,8 +1,10 @@
 // CPU backend of the sq_onnx ops: the reference kernels of cpu_kernels.cc, run on ORT's intra-op threads.
 #include "ops_cpu.h"
 
+#include <cmath>
 #include <memory>
 
+#include "cpu_attention.h"
 #include "cpu_nbits_a8.h"
 #include "ops_common.h"
 
@@ -117,12 +119,48 @@ struct MatMulNBitsA8Kernel {
   }
 };
 
+// softmax(scale * Q K^T + mask) V with the keys a causal mask removes skipped (cpu_attention.h): what an exported
+// decoder's MatMul, Mul, Add, Softmax, MatMul compute, in one op (passes/fuse_masked_attention.py).
+struct MaskedAttentionKernel {
+  static constexpr const char* kName = "MaskedAttention";
+  static constexpr const char* kInputs = "TTTT";  // Q [B, H, S, D], K and V [B, Hk, T, D], mask [.., S or 1, T]
+  static constexpr size_t kRequired = 3;
+  static constexpr const char* kOutputs = "T";  // [B, H, S, D]
+  float scale;
+  explicit MaskedAttentionKernel(const OrtKernelInfo* info) : scale(float_attr(info, "scale", 0.0f)) {
+    require(scale != 0.0f && std::isfinite(scale), "MaskedAttention: attribute scale (non-zero) is required");
+  }
+  void Compute(Call& c) {
+    const auto q = c.shape(0), k = c.shape(1), v = c.shape(2);
+    require(q.size() == 4 && k.size() == 4, "MaskedAttention: Q, K and V must be [batch, heads, sequence, head size]");
+    require(v == k, "MaskedAttention: V must have K's shape");
+    require(k[0] == q[0] && k[3] == q[3], "MaskedAttention: K must have Q's batch and head size");
+    require(k[1] > 0 && q[1] % k[1] == 0, "MaskedAttention: Q's heads must be a multiple of K's");
+    AttentionShape s;
+    s.batch = q[0], s.heads = q[1], s.kv_heads = k[1], s.q_len = q[2], s.kv_len = k[2], s.head_size = q[3];
+    if (c.has(3)) {
+      auto m = c.shape(3);
+      require(m.size() >= 1 && m.size() <= 4 && m.back() == s.kv_len,
+              "MaskedAttention: the mask's last dimension must be K's sequence length");
+      m.insert(m.begin(), 4 - m.size(), 1);
+      require((m[0] == 1 || m[0] == s.batch) && (m[1] == 1 || m[1] == s.heads) && (m[2] == 1 || m[2] == s.q_len),
+              "MaskedAttention: the mask must broadcast to [batch, heads, Q's sequence length, K's]");
+      s.mask_batch = m[0], s.mask_heads = m[1], s.mask_rows = m[2];
+    }
+    float* out = c.out<float>(0, q);
+    masked_attention(c.in<float>(0), c.in<float>(1), c.in<float>(2), c.in<float>(3), s, scale, out,
+                     ort_parallel_for(c));
+  }
+};
+
 }  // namespace
 
 std::vector<const OrtCustomOp*> cpu_ops() {
   auto ops = all_ops<CpuBackend>(nullptr);
   static Op<MatMulNBitsA8Kernel, float> nbits_a8(nullptr);  // float32 A only
   ops.push_back(&nbits_a8);
+  static Op<MaskedAttentionKernel, float> attention(nullptr);  // float32 only
+  ops.push_back(&attention);
   return ops;
 }
 

@@ -93,6 +93,7 @@ def build_report(
         "fusions": result["fusions"],
         "joined_linears": result["joined_linears"],  # layers below by linear; the file joins these per input
         "nbits_a8_kernels": result["nbits_a8_kernels"],
+        "masked_attention": result["masked_attention"],
         "sizes": {
             "input_bytes": size_in,
             "output_bytes": size_out,

@@ -64,21 +64,10 @@ GEMM_SHAPES = [
 ]
 
 
-@pytest.fixture(params=range(len(custom_ops.CPU_ISAS)), ids=list(custom_ops.CPU_ISAS))
-def cpu_isa(request):
-    """Each instruction set of the CPU GEMM this machine has (skips the others), back to the best after."""
-    if not HOOKS:  # the instruction set cannot be forced: test the one the library chose
-        if ctypes.CDLL(str(custom_ops.library_path())).sq_onnx_cpu_isa() != request.param:
-            pytest.skip("library built without its test entry points (SQ_ONNX_TEST_HOOKS): other sets only")
-        yield request.param
-        return
-    lib = custom_ops.cpu_isa_control()
-    if lib.sq_onnx_cpu_select_isa(request.param) != 0:
-        pytest.skip(f"this CPU has no {custom_ops.CPU_ISAS[request.param]}")
-    try:
-        yield request.param
-    finally:
-        lib.sq_onnx_cpu_select_isa(lib.sq_onnx_cpu_best_isa())
+@pytest.fixture
+def cpu_isa(isa):
+    """``isa`` (tests/conftest.py) as its index in CPU_ISAS, as the GEMM's entry points take it."""
+    return custom_ops.CPU_ISAS.index(isa)
 
 
 @needs_hooks

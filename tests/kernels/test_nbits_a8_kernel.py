@@ -30,7 +30,6 @@ from conftest import ids_feed, op_types, rel_error
 
 ort_ops.skip_module_without_library()
 
-HOOKS = custom_ops.has_test_hooks()
 BEST = custom_ops.CPU_ISAS[
     ctypes.CDLL(str(custom_ops.library_path())).sq_onnx_cpu_isa()
 ]  # the library's pick
@@ -43,26 +42,6 @@ def _session(model):
     proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
     opts = session_options(custom_ops=True)
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
-@pytest.fixture(params=list(custom_ops.CPU_ISAS))
-def isa(request):
-    """Each instruction set this machine has (AVX-512 VNNI, AVX-VNNI, AVX2, portable C++), forced through the
-    test entry points; without them, only the one the library picked."""
-    lib = ctypes.CDLL(str(custom_ops.library_path()))
-    wanted = custom_ops.CPU_ISAS.index(request.param)
-    if not HOOKS:
-        if lib.sq_onnx_cpu_isa() != wanted:
-            pytest.skip("library built without its test entry points (SQ_ONNX_TEST_HOOKS): its own path only")
-        yield request.param
-        return
-    control = custom_ops.cpu_isa_control()
-    if control.sq_onnx_cpu_select_isa(wanted) != 0:
-        pytest.skip(f"this CPU has no {request.param}")
-    try:
-        yield request.param
-    finally:
-        control.sq_onnx_cpu_select_isa(control.sq_onnx_cpu_best_isa())
 
 
 def _weights(k: int, n: int, block: int, symmetric: bool, seed: int, bits: int = 4):
