@@ -14,9 +14,6 @@
 namespace sq {
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
-
 constexpr int64_t kTile = 16;  // query rows per task of the tiled path; shorter queries take the row path
 constexpr int64_t kPad = 64;   // keys and channels of the packed K^T and V, a multiple of every register tile
 
@@ -47,10 +44,12 @@ int64_t keys_needed(const float* mask, int64_t keys) {
 
 namespace portable {
 #define SQ_ATT_ATTR
+#define SQ_ATT_LANES 4
 #define SQ_ATT_ROWS 2
-#define SQ_ATT_VECS 1
+#define SQ_ATT_VECS 2
 #include "cpu_attention.inc"
 #undef SQ_ATT_ATTR
+#undef SQ_ATT_LANES
 #undef SQ_ATT_ROWS
 #undef SQ_ATT_VECS
 }  // namespace portable
@@ -58,20 +57,24 @@ namespace portable {
 #if defined(__x86_64__) || defined(__i386__)
 namespace avx2 {
 #define SQ_ATT_ATTR __attribute__((target("avx2,fma")))
-#define SQ_ATT_ROWS 2
+#define SQ_ATT_LANES 8
+#define SQ_ATT_ROWS 4
 #define SQ_ATT_VECS 2
 #include "cpu_attention.inc"
 #undef SQ_ATT_ATTR
+#undef SQ_ATT_LANES
 #undef SQ_ATT_ROWS
 #undef SQ_ATT_VECS
 }  // namespace avx2
 
 namespace avx512 {
 #define SQ_ATT_ATTR __attribute__((target("avx2,fma,avx512f,prefer-vector-width=512")))
+#define SQ_ATT_LANES 16
 #define SQ_ATT_ROWS 4
 #define SQ_ATT_VECS 4
 #include "cpu_attention.inc"
 #undef SQ_ATT_ATTR
+#undef SQ_ATT_LANES
 #undef SQ_ATT_ROWS
 #undef SQ_ATT_VECS
 }  // namespace avx512
