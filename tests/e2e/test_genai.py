@@ -98,6 +98,7 @@ def test_converted_folder_runs_in_genai(name, llama_kv, calib_ids, tmp_path):
     assert config["model"]["decoder"]["filename"] == "quantized.onnx"
     if recipe.kernels == "sq_onnx" and recipe.scheme == "w4":
         assert result.nbits_a8_kernels["swapped"] > 0
+        assert result.masked_attention == 2  # both layers' attention: genai runs MaskedAttention too
     library = config["model"]["decoder"]["session_options"].get("custom_ops_library")
     if recipe.kernels == "sq_onnx":  # the library travels inside the folder, named relative to it
         assert library and (out.parent / library).is_file() and not Path(library).is_absolute()
