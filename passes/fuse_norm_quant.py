@@ -102,10 +102,13 @@ class NormQuantFusion(pattern.RewriteRuleClassBase):
         return (xq, xs, outs[3]) if self.with_sum else (xq, xs)
 
     def check(self, context, x, y, **_) -> pattern.MatchResult:
-        norm = y.producer()
         used = _only_read_by(y, context.root, "the norm's output")
-        if used is not None:
-            return used
+        return used if used is not None else self.check_norm(x, y)
+
+    def check_norm(self, x: ir.Value, y: ir.Value) -> pattern.MatchResult:
+        """What the norm itself must be for the fused op: its other outputs unread, the last axis, the inputs
+        the fused op takes."""
+        norm = y.producer()
         sum_index = 3 if self.kind.residual_sum else None
         if not self.with_sum and sum_index is not None and len(norm.outputs) > 3 and norm.outputs[3].uses():
             return _fail("its residual sum is read (the rule that keeps the sum applies)")
@@ -123,11 +126,58 @@ class NormQuantFusion(pattern.RewriteRuleClassBase):
         return pattern.MatchResult()
 
     def rewrite(self, op, y, **_):
+        return self.fused(op, y)
+
+    def fused(self, op, y: ir.Value):
         norm = y.producer()
         eps = _attr_float(norm, "epsilon", self.kind.default_eps)
         outputs = 3 if self.kind.residual_sum else 2
         fused = getattr(op, self.kind.fused)(*norm.inputs, epsilon=eps, _domain=SQ, _outputs=outputs)
         return fused if self.with_sum or not self.kind.residual_sum else fused[:2]
+
+
+class NormReshapeQuantFusion(NormQuantFusion):
+    """norm(x, γ[, β]) -> Reshape to [..., C] -> QuantizePerToken  =>  the fused op, then the Reshape of its codes
+    and of its scales (to [..., 1]). GPT-2's Conv1D flattens [B, S, C] to [B*S, C] before its addmm; a reshape that
+    keeps the last axis keeps each row whole and in order, so quantizing per row before or after it is the same."""
+
+    def __init__(self, kind: NormKind):
+        super().__init__(kind)
+        self.name = f"{kind.op_type}({kind.domain or 'ai.onnx'}) -> Reshape -> {kind.fused}"
+
+    def pattern(self, op, x, shape):
+        y = getattr(op, self.kind.op_type)(
+            x,
+            _domain=self.kind.domain,
+            _allow_other_inputs=True,
+            _allow_other_attributes=True,
+            _outputs=["y"],
+        )
+        flat = op.Reshape(y, shape, _allow_other_attributes=True, _outputs=["flat"])
+        return op.QuantizePerToken(flat, _domain=SQ, _outputs=2)
+
+    def check(self, context, x, y, shape, flat, **_) -> pattern.MatchResult:
+        for value, reader, what in (
+            (y, flat.producer(), "the norm's output"),
+            (flat, context.root, "its reshape"),
+        ):
+            used = _only_read_by(value, reader, what)
+            if used is not None:
+                return used
+        dims = constant_array(shape) if is_constant(shape) else None
+        channels = y.shape[-1] if y.shape is not None and y.shape.rank() else None
+        if dims is None or dims.ndim != 1 or not isinstance(channels, int) or int(dims[-1]) != channels:
+            return _fail(
+                "the reshape between the norm and the quantization does not keep the last axis (a constant shape)"
+            )
+        return self.check_norm(x, y)
+
+    def rewrite(self, op, y, shape, flat, **_):
+        xq, xs = self.fused(op, y)
+        allowzero = _attr_int(flat.producer(), "allowzero", 0)
+        dims = constant_array(shape).astype(np.int64)
+        scale_shape = op.Constant(value=ir.tensor(np.concatenate([dims[:-1], [1]]).astype(np.int64)))
+        return op.Reshape(xq, shape, allowzero=allowzero), op.Reshape(xs, scale_shape, allowzero=allowzero)
 
 
 def _scalar(value: ir.Value | None) -> float | None:
@@ -205,6 +255,8 @@ def fusion_rules() -> pattern.RewriteRuleSet:
         if kind.residual_sum:
             rules.append(NormQuantFusion.rule(kind, with_sum=True))
         rules.append(NormQuantFusion.rule(kind))
+        if not kind.residual_sum:
+            rules.append(NormReshapeQuantFusion.rule(kind))
     rules.append(DecomposedRMSNormQuantFusion.rule())
     return pattern.RewriteRuleSet(rules, commute=True)
 

@@ -14,6 +14,7 @@ import sys
 
 import kernel_reference as ref
 import numpy as np
+import onnx_ir as ir
 import ort_ops
 import pytest
 from onnx import TensorProto
@@ -357,6 +358,44 @@ def test_norm_with_a_float_user_is_not_fused(tmp_path):
     assert "LayerNormalization" in ops and "LayerNormQuant" not in ops and "QuantizePerToken" in ops
     (refusal,) = result.to_dict()["fusions"]["not_fused"]  # what --json and the report show
     assert "also read by Relu" in refusal["reason"] and result.fusions["fused"] == 0
+
+
+def _norm_reshape_quant(last: int) -> ir.Model:
+    """x [2, 3, 16] -> LayerNormalization -> Reshape to [-1, last] -> QuantizePerToken, as W8A8 with the kernels
+    writes GPT-2's Conv1D input (before the norm fusion)."""
+    rng = np.random.default_rng(0)
+    tape = ir.tape.Tape()
+    x = ir.Value(name="x", shape=ir.Shape([2, 3, 16]), type=ir.TensorType(ir.DataType.FLOAT))
+    gamma = tape.initializer(ir.tensor(rng.normal(1, 0.2, 16).astype(np.float32), name="g"))
+    beta = tape.initializer(ir.tensor(rng.normal(0, 0.2, 16).astype(np.float32), name="b"))
+    y = tape.op("LayerNormalization", [x, gamma, beta], {"axis": -1, "epsilon": 1e-5})
+    y.shape, y.type = ir.Shape([2, 3, 16]), ir.TensorType(ir.DataType.FLOAT)
+    flat = tape.op("Reshape", [y, tape.initializer(ir.tensor(np.array([-1, last], np.int64), name="shape"))])
+    xq, xs = tape.op_multi_out("QuantizePerToken", [flat], num_outputs=2, domain="sq_onnx")
+    xq.name, xs.name = "xq", "xs"
+    graph = ir.Graph(
+        [x], [xq, xs], nodes=tape.nodes, initializers=tape.initializers, opset_imports={"": 21, "sq_onnx": 1}
+    )
+    return ir.Model(graph, ir_version=10)
+
+
+def test_norm_fuses_through_a_reshape_that_keeps_rows():
+    """GPT-2's case: the reshape moves after the fused op (codes to [-1, C], scales to [-1, 1]), same numbers;
+    a reshape that regroups the channels is refused, with the reason."""
+    from sq_onnx.passes.fuse_norm_quant import FuseNormQuantPass
+
+    feed = {"x": np.random.default_rng(1).normal(0, 3, (2, 3, 16)).astype(np.float32)}
+    model = _norm_reshape_quant(16)
+    before = ort_ops.make_session(ir.to_proto(model), ["CPUExecutionProvider"]).run(None, feed)
+    fuse = FuseNormQuantPass()
+    fuse(model)
+    assert fuse.fused == 1 and "LayerNormalization" not in [n.op_type for n in model.graph]
+    after = ort_ops.make_session(ir.to_proto(model), ["CPUExecutionProvider"]).run(None, feed)
+    assert [a.shape for a in after] == [(6, 16), (6, 1)]
+    assert np.abs(after[0].astype(int) - before[0]).max() <= 1 and rel_error(before[1], after[1]) < 1e-6
+    model = _norm_reshape_quant(32)
+    fuse(model)
+    assert fuse.fused == 0 and "does not keep the last axis" in fuse.refused[0].reason
 
 
 def test_kernels_option_is_checked():
