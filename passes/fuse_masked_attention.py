@@ -5,6 +5,8 @@ torch.onnx writes eager attention as
 
     MatMul(Q, Transpose(K, perm=[0, 1, 3, 2])) -> Mul(·, scale) -> Add(·, mask) -> Softmax(axis=-1) -> MatMul(·, V)
 
+(Div by the inverse scale, or no scale where the model scaled Q itself, as OPT does; no Add without a mask)
+
 and ONNX Runtime runs it as written: the whole [S, T] score matrix through four ops, though a causal mask
 removes half of it. ``MaskedAttention`` (custom_ops/src/cpu_attention.h) computes the same numbers (to float
 rounding) in one pass and leaves out the keys the mask removes after each query's last visible one: about half
@@ -62,21 +64,19 @@ def unexpanded(value: ir.Value) -> ir.Value:
 class MaskedAttentionFusion(pattern.RewriteRuleClassBase):
     """Softmax(scale * Q K^T [+ mask]) V -> MaskedAttention(Q, K, V[, mask], scale)."""
 
-    def __init__(self, divide: bool, masked: bool):
-        name = f"{'Div' if divide else 'Mul'}{' + mask' if masked else ''} attention -> {OP}"
+    def __init__(self, scale_op: str | None, masked: bool):
+        name = f"{scale_op or 'unscaled'}{' + mask' if masked else ''} attention -> {OP}"
         super().__init__(name=name, remove_nodes=False)
-        self.divide, self.masked = divide, masked
+        self.scale_op, self.masked = scale_op, masked
 
     def pattern(self, op, q, k, c, mask, v):
         scores = op.MatMul(q, op.Transpose(k, _outputs=["k_t"]), _outputs=["scores"])
-        scaled = (
-            op.Div(scores, c, _outputs=["scaled"]) if self.divide else op.Mul(scores, c, _outputs=["scaled"])
-        )
+        scaled = getattr(op, self.scale_op)(scores, c, _outputs=["scaled"]) if self.scale_op else scores
         logits = op.Add(scaled, mask, _outputs=["logits"]) if self.masked else scaled
         probs = op.Softmax(logits, _outputs=["probs"])
         return op.MatMul(probs, v)
 
-    def check(self, context, q, k, c, v, k_t, scores, scaled, probs, mask=None, logits=None, **_):
+    def check(self, context, q, k, v, k_t, scores, probs, c=None, scaled=None, mask=None, logits=None, **_):
         transpose = k_t.producer()
         perm = transpose.attributes.get("perm")
         if perm is None or list(perm.value) != [0, 1, 3, 2]:
@@ -87,29 +87,31 @@ class MaskedAttentionFusion(pattern.RewriteRuleClassBase):
             return _fail("not float32")
         if mask is not None and (_rank(mask) is None or _rank(mask) > 4 or mask.dtype != ir.DataType.FLOAT):
             return _fail("the mask is not a float32 tensor of rank <= 4")
-        scale = _scalar(c)
+        scale = _scalar(c) if self.scale_op else 1.0
         if scale is None or scale == 0.0:
             return _fail("the scale is not a non-zero constant scalar")
         axis = _attr_int(probs.producer(), "axis", -1)
         if axis not in (-1, 3):
             return _fail(f"softmax over axis {axis}, not the last")
-        chain = [k_t, scores, scaled] + ([logits] if logits is not None else []) + [probs]
+        chain = [x for x in (k_t, scores, scaled, logits, probs) if x is not None]
         for value in chain:
             if value.is_graph_output() or len(value.uses()) != 1:
                 return _fail(f"{value.name or 'an intermediate'} is also read elsewhere")
         return pattern.MatchResult()
 
-    def rewrite(self, op, q, k, c, v, mask=None, **_):
-        scale = _scalar(c)
+    def rewrite(self, op, q, k, v, c=None, mask=None, **_):
+        scale = _scalar(c) if self.scale_op else 1.0
         assert scale is not None
-        scale = 1.0 / scale if self.divide else scale
+        scale = 1.0 / scale if self.scale_op == "Div" else scale
         inputs = [q, unexpanded(k), unexpanded(v)] + ([mask] if mask is not None else [])
         return op.MaskedAttention(*inputs, scale=scale, _domain=SQ)
 
 
 def fusion_rules() -> pattern.RewriteRuleSet:
     rules = [
-        MaskedAttentionFusion.rule(divide, masked) for divide in (False, True) for masked in (True, False)
+        MaskedAttentionFusion.rule(scale_op, masked)
+        for scale_op in ("Mul", "Div", None)
+        for masked in (True, False)
     ]
     return pattern.RewriteRuleSet(rules, commute=True)
 

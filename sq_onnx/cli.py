@@ -191,8 +191,11 @@ def _print_summary(result: dict[str, Any]) -> None:
             f"cosine {v['cosine']:.5f}, top-1 agreement {top1}"
         )
     level = result.get("accuracy_level")
-    if level:
+    if level and "level" in level:
         console.print(f"  accuracy level {level['level']} (--accuracy-level auto): {level['reason']}")
+    if level and "lm_head" in level:
+        head = level["lm_head"]
+        console.print(f"  lm_head accuracy level {head['level']} (--accuracy-level auto): {head['reason']}")
     if result.get("report"):
         console.print(f"  report: {result['report'][0]}")
 

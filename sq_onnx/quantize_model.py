@@ -149,7 +149,7 @@ def quantize_graph(
         WeightBatch(
             [p.linear for p in batch],
             4 if batch[0].action == "w4" else 8,
-            recipe.lm_head_accuracy_level if batch[0].lm_head else recipe.written_accuracy_level,
+            recipe.written_lm_head_accuracy_level if batch[0].lm_head else recipe.written_accuracy_level,
         )
         for batch in weight_batches(plans, together=together)
     ]

@@ -208,7 +208,13 @@ class Recipe:
     lm_head: LmHead = option(LmHead.EIGHT, "bits for the vocabulary projection")
     # ORT's 8-bit MatMulNBits at level 0 is ~5x slower than fp32 for decode on AVX2 CPUs; level 4 is fast
     # and measured lossless for the lm_head (docs/EXPERIMENTS.md)
-    lm_head_accuracy_level: int = option(4, "MatMulNBits accuracy_level of the lm_head")
+    # auto: 4, unless --accuracy-level auto's verification finds it beyond --level4-tolerance of 0 (the level-4
+    # failure case without smoothing: +26% -> +71% perplexity over fp32, tools/RESULTS.md)
+    lm_head_accuracy_level: AccuracyLevel = option(
+        AccuracyLevel.AUTO,
+        "MatMulNBits accuracy_level of the lm_head; auto: 4, unless --accuracy-level auto also measures the "
+        "lm_head at level 4 beyond --level4-tolerance of level 0 on the held-out samples, then 0",
+    )
     # 8-bit rows measured within 0.2% perplexity on SmolLM2 (tools/RESULTS.md), a third of the W4 file
     # One kernel call per shared input instead of one per linear: decode 2.3x -> 2.6-2.9x fp32 on SmolLM2 (tools/RESULTS.md)
     join_linears: bool = option(
@@ -267,8 +273,10 @@ class Recipe:
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "act16", tuple(self.act16))
-        if isinstance(self.accuracy_level, int) and not isinstance(self.accuracy_level, bool):
-            object.__setattr__(self, "accuracy_level", str(self.accuracy_level))  # recipes before "auto"
+        for name in ("accuracy_level", "lm_head_accuracy_level"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, name, str(value))  # recipes before "auto"
         for name, kind in CHOICE_FIELDS.items():
             value = getattr(self, name)
             if value not in kind.values():
@@ -299,8 +307,6 @@ class Recipe:
             raise RecipeError("--search-samples must be >= 1 and --search-rows >= 16.")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise RecipeError(f"block size must be a power of two >= 16, got {self.block_size}.")
-        if self.lm_head_accuracy_level not in (0, 1, 2, 3, 4):
-            raise RecipeError(f"--lm-head-accuracy-level must be 0..4, got {self.lm_head_accuracy_level}.")
         if not 0.0 <= self.level4_tolerance <= 1.0:
             raise RecipeError(f"--level4-tolerance must be between 0 and 1, got {self.level4_tolerance}.")
         if not 0 <= self.gptq_refine <= 100:
@@ -377,10 +383,15 @@ class Recipe:
         """The level the W4 linears are written with; auto writes 0 and may raise it after verifying."""
         return 0 if self.accuracy_level == "auto" else int(self.accuracy_level)
 
+    @property
+    def written_lm_head_accuracy_level(self) -> int:
+        """The lm_head's level: auto writes 4 (``--accuracy-level auto`` may lower it to 0 after verifying)."""
+        return 4 if self.lm_head_accuracy_level == "auto" else int(self.lm_head_accuracy_level)
+
     def aimed_accuracy_level(self, lm_head: bool) -> int:
         """The level a weight-only linear is meant to run at: auto aims for 4 (and verifies it afterwards)."""
         if lm_head:
-            return self.lm_head_accuracy_level
+            return self.written_lm_head_accuracy_level
         return 4 if self.accuracy_level == "auto" else int(self.accuracy_level)
 
     @property
@@ -439,6 +450,7 @@ def _number(value: Any) -> bool:
 CHOICE_FIELDS: dict[str, type[Choice]] = {
     "scheme": Scheme,
     "accuracy_level": AccuracyLevel,
+    "lm_head_accuracy_level": AccuracyLevel,
     "linear_folds": LinearFolds,
     "alpha_search": AlphaSearch,
     "act": ActMode,

@@ -418,12 +418,12 @@ def verify(conv: Conversion) -> None:
     the W4 linears are also run at level 4 and keep it when it costs at most the tolerance. That choice is
     about ORT's CPU kernel (MLAS rounds the activations to int8 per block), so it is judged on the CPU
     whatever ``--device`` ran the rest."""
-    nodes = _auto_level_nodes(conv)
-    with running_on("cpu") if nodes else nullcontext():
-        _verify(conv, nodes)
+    nodes, head = _auto_level_nodes(conv), _auto_lm_head_nodes(conv)
+    with running_on("cpu") if nodes or head else nullcontext():
+        _verify(conv, nodes, head)
 
 
-def _verify(conv: Conversion, nodes: list[ir.Node]) -> None:
+def _verify(conv: Conversion, nodes: list[ir.Node], head: list[ir.Node]) -> None:
     assert conv.smoothed is not None and conv.calib is not None and conv.samples is not None
     if not conv.samples.verify:
         if nodes:
@@ -434,17 +434,27 @@ def _verify(conv: Conversion, nodes: list[ir.Node]) -> None:
             conv.result.accuracy_level = choice.to_dict()
         return
     reference = first_outputs(conv.src, conv.samples.verify, "float model", conv.show_progress)
-    agreement, losses = _score(conv, "converted", reference, losses_too=bool(nodes))
+    accuracy_level.set_level(head, 0)  # the linears' choice is judged with the lm_head in float, on its own
+    agreement, losses = _score(conv, "converted", reference, losses_too=bool(nodes or head))
+    tolerance = conv.recipe.level4_tolerance
     if nodes:
         accuracy_level.set_level(nodes, 4)
         agreement4, losses4 = _score(conv, "converted, accuracy level 4", reference, losses_too=True)
-        choice = accuracy_level.choose(
-            losses.kl, losses4.kl, conv.recipe.level4_tolerance, losses.nll, losses4.nll
-        )
+        choice = accuracy_level.choose(losses.kl, losses4.kl, tolerance, losses.nll, losses4.nll)
         if choice.level == 4:
-            agreement = agreement4
+            agreement, losses = agreement4, losses4
         accuracy_level.set_level(nodes, choice.level)
         conv.result.accuracy_level = choice.to_dict()
+    if head:  # then the lm_head at 4 (as written) against 0, with the linears at their chosen level
+        accuracy_level.set_level(head, 4)
+        agreement4, losses4 = _score(
+            conv, "converted, lm_head at accuracy level 4", reference, losses_too=True
+        )
+        head_choice = accuracy_level.choose(losses.kl, losses4.kl, tolerance, losses.nll, losses4.nll)
+        if head_choice.level == 4:
+            agreement = agreement4
+        accuracy_level.set_level(head, head_choice.level)
+        conv.result.accuracy_level = {**(conv.result.accuracy_level or {}), "lm_head": head_choice.to_dict()}
     conv.result.verify = agreement.to_dict()
 
 
@@ -462,6 +472,23 @@ def _score(
         if losses_too:
             losses.add(ref, output, feed)
     return agreement.result(), losses
+
+
+def _auto_lm_head_nodes(conv: Conversion) -> list[ir.Node]:
+    """The lm_head's MatMulNBits when ``--accuracy-level auto`` also decides its level (``--lm-head-accuracy-level
+    auto``): the one linear whose input no smoothing may have reached (``--no-smooth``, an unfoldable final norm),
+    and where level 4's int8 activations cost most at once (all logits)."""
+    recipe = conv.recipe
+    if (
+        recipe.accuracy_level != "auto"
+        or recipe.lm_head_accuracy_level != "auto"
+        or recipe.format != "contrib"
+    ):
+        return []
+    if conv.smoothed is None:
+        return []
+    names = {p.name for p in conv.smoothed.plans if p.action in ("w4", "w8") and p.lm_head}
+    return accuracy_level.w4_nodes(conv.work.graph, names)
 
 
 def _auto_level_nodes(conv: Conversion) -> list[ir.Node]:

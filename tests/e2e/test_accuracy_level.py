@@ -15,6 +15,9 @@ from sq_onnx.cli import main
 import tiny_models
 
 GAIN = 100.0  # real models' outlier channels: large γ, small weight rows (the float function is unchanged)
+HEAD_GAIN = (
+    1000.0  # the lm_head's outliers: at GAIN its level-4 cost sat near the tolerance on this tiny model
+)
 TOLERANCE = 0.001  # a tiny random model's logits are nearly flat: its perplexity moves little either way
 
 
@@ -34,6 +37,11 @@ def outlier_llama(tmp_path_factory):
                 norm.weight[channels] *= GAIN
                 for linear in linears:
                     linear.weight[:, channels] /= GAIN
+        # the final norm and an lm_head of its own (untied from the embedding, which keeps its rows)
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())
+        model.config.tie_word_embeddings = False
+        model.model.norm.weight[channels] *= HEAD_GAIN
+        model.lm_head.weight[:, channels] /= HEAD_GAIN
     folder = tmp_path_factory.mktemp("outlier_llama")
     tiny_models.export_torch(model, folder / "model.onnx")
     tiny_models.write_tokenizer(folder)
@@ -65,6 +73,12 @@ def test_auto_keeps_level_4_only_where_it_is_safe(outlier_llama, tmp_path, calib
         len(levels) == len(result.quantized_matmuls) - 1 - joined_away
     )  # every W4 linear; the lm_head is 8-bit
     assert set(levels.values()) == {chosen["level"]}
+    # the lm_head: its level-4 int8 input loses the outliers' neighbours unless the final norm was smoothed
+    assert chosen["lm_head"]["level"] == (4 if smooth else 0), chosen["lm_head"]
+    (head,) = [
+        n for n in ir.load(out).graph if n.op_type == "MatMulNBits" and n.attributes["bits"].value == 8
+    ]
+    assert head.attributes["accuracy_level"].value == chosen["lm_head"]["level"]
     metadata = ir.load(out).metadata_props
     assert json.loads(metadata["sq_onnx.recipe"])["accuracy_level"] == "auto"
     assert json.loads(metadata["sq_onnx.accuracy_level"]) == chosen  # what was chosen, and why
@@ -76,8 +90,9 @@ def test_a_fixed_level_is_written_as_given(outlier_llama, tmp_path, calib_ids):
         outlier_llama / "model.onnx", out, Recipe(samples=4, accuracy_level="4"), calibration=calib_ids
     )
     assert result.accuracy_level is None and set(_levels(out).values()) == {4}
-    old = Recipe.from_dict({"accuracy_level": 0})  # recipes written before "auto" held a number
+    old = Recipe.from_dict({"accuracy_level": 0, "lm_head_accuracy_level": 4})  # before "auto": numbers
     assert old.accuracy_level == "0" and old.written_accuracy_level == 0
+    assert old.lm_head_accuracy_level == "4" and old.written_lm_head_accuracy_level == 4
 
 
 def test_cli_says_which_level_and_why(outlier_llama, tmp_path, capsys):
@@ -86,6 +101,7 @@ def test_cli_says_which_level_and_why(outlier_llama, tmp_path, capsys):
     assert main([*args, "--level4-tolerance", str(TOLERANCE)]) == 0
     text = capsys.readouterr().out
     assert "accuracy level 0 (--accuracy-level auto): level 4 raises perplexity" in text and "beyond" in text
+    assert "lm_head accuracy level 0 (--accuracy-level auto)" in text
     with pytest.raises(SystemExit) as refused:
         main(
             [

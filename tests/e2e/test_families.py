@@ -159,3 +159,31 @@ def test_inspect_and_the_fused_kernels_on_each_family(family_model, tmp_path):
         )
         assert np.linalg.norm(stock - fused) < 0.1 * np.linalg.norm(ref - stock) + 1e-5 * np.linalg.norm(ref)
     assert all(r["reason"] for r in fusions["not_fused"])
+
+
+def test_masked_attention_keeps_each_family(family_model, tmp_path):
+    """``--kernels sq_onnx``'s attention fusion on each family's float export: every layer's attention becomes
+    MaskedAttention but Gemma 2's (its soft-capping sits between the scale and the mask), and prefill then
+    decode through the KV cache give the same logits to float rounding."""
+    from sq_onnx.lm.lm_runner import LMRunner
+    from sq_onnx.passes.fuse_masked_attention import FuseMaskedAttentionPass
+    from sq_onnx.runtime import custom_ops
+    from sq_onnx.runtime.model_inputs import input_specs
+    from sq_onnx.runtime.ort_session import session
+
+    if not custom_ops.available():
+        pytest.skip("custom-op library not built (no ONNX Runtime headers at install time)")
+    family, path = family_model
+    model = ir.load(path)
+    fuse = FuseMaskedAttentionPass()
+    fuse(model)
+    assert fuse.fused == (0 if family == "gemma2" else 2)
+    ir.save(model, tmp_path / "fused.onnx")
+    ids = tiny_models.random_ids(1, 10, seed=3)
+    logits = []
+    for p in (path, tmp_path / "fused.onnx"):
+        runner = LMRunner(session(p), input_specs(ir.load(p)))
+        steps = [runner.prefill(ids)]
+        steps += [runner.step(int(steps[-1].argmax())) for _ in range(5)]
+        logits.append(np.stack(steps))
+    assert np.linalg.norm(logits[0] - logits[1]) <= 1e-5 * np.linalg.norm(logits[0])
