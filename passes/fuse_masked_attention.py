@@ -21,23 +21,11 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from sq_onnx.passes.fuse_norm_quant import _fail
 from sq_onnx.passes.graph_edit import SQ, ensure_opset
-from sq_onnx.passes.linears import _attr_int, constant_array, is_constant
+from sq_onnx.passes.linears import _attr_int, _rank, constant_array, constant_scalar
 
 OP = "MaskedAttention"
-
-
-def _fail(reason: str) -> pattern.MatchResult:
-    return pattern.MatchResult().fail(reason)
-
-
-def _rank(value: ir.Value) -> int | None:
-    return value.shape.rank() if value.shape is not None else None
-
-
-def _scalar(value: ir.Value | None) -> float | None:
-    arr = constant_array(value) if is_constant(value) else None
-    return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None
 
 
 def unexpanded(value: ir.Value) -> ir.Value:
@@ -87,7 +75,7 @@ class MaskedAttentionFusion(pattern.RewriteRuleClassBase):
             return _fail("not float32")
         if mask is not None and (_rank(mask) is None or _rank(mask) > 4 or mask.dtype != ir.DataType.FLOAT):
             return _fail("the mask is not a float32 tensor of rank <= 4")
-        scale = _scalar(c) if self.scale_op else 1.0
+        scale = constant_scalar(c) if self.scale_op else 1.0
         if scale is None or scale == 0.0:
             return _fail("the scale is not a non-zero constant scalar")
         axis = _attr_int(probs.producer(), "axis", -1)
@@ -100,7 +88,7 @@ class MaskedAttentionFusion(pattern.RewriteRuleClassBase):
         return pattern.MatchResult()
 
     def rewrite(self, op, q, k, v, c=None, mask=None, **_):
-        scale = _scalar(c) if self.scale_op else 1.0
+        scale = constant_scalar(c) if self.scale_op else 1.0
         assert scale is not None
         scale = 1.0 / scale if self.scale_op == "Div" else scale
         inputs = [q, unexpanded(k), unexpanded(v)] + ([mask] if mask is not None else [])

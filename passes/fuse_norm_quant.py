@@ -25,7 +25,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
 
 from sq_onnx.passes.graph_edit import MS, SQ
-from sq_onnx.passes.linears import _attr_float, _attr_int, constant_array, is_constant
+from sq_onnx.passes.linears import _attr_float, _attr_int, constant_array, constant_scalar, is_constant
 
 
 @dataclass(frozen=True)
@@ -180,11 +180,6 @@ class NormReshapeQuantFusion(NormQuantFusion):
         return op.Reshape(xq, shape, allowzero=allowzero), op.Reshape(xs, scale_shape, allowzero=allowzero)
 
 
-def _scalar(value: ir.Value | None) -> float | None:
-    arr = constant_array(value) if is_constant(value) else None
-    return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None
-
-
 def _reduced_axes(node: ir.Node) -> list[int] | None:
     attr = node.attributes.get("axes")
     if attr is not None:
@@ -213,11 +208,11 @@ class DecomposedRMSNormQuantFusion(pattern.RewriteRuleClassBase):
         return op.QuantizePerToken(y, _domain=SQ, _outputs=2)
 
     def check(self, context, x, two, eps, one, gamma, y, **values) -> pattern.MatchResult:
-        if two is not None and _scalar(two) != 2.0:
+        if two is not None and constant_scalar(two) != 2.0:
             return _fail("the square is a Pow by something other than the constant 2")
-        if one is not None and _scalar(one) != 1.0:
+        if one is not None and constant_scalar(one) != 1.0:
             return _fail("the inverse is a Div of something other than the constant 1")
-        if _scalar(eps) is None:
+        if constant_scalar(eps) is None:
             return _fail("epsilon is not a constant scalar")
         g = constant_array(gamma) if is_constant(gamma) else None
         if g is None or g.ndim != 1 or not np.issubdtype(g.dtype, np.floating):
@@ -244,7 +239,7 @@ class DecomposedRMSNormQuantFusion(pattern.RewriteRuleClassBase):
         return pattern.MatchResult()
 
     def rewrite(self, op, x, eps, gamma, **_):
-        return op.RMSNormQuant(x, gamma, epsilon=_scalar(eps), _domain=SQ, _outputs=2)
+        return op.RMSNormQuant(x, gamma, epsilon=constant_scalar(eps), _domain=SQ, _outputs=2)
 
 
 def fusion_rules() -> pattern.RewriteRuleSet:

@@ -178,6 +178,12 @@ def _weight_source(value: ir.Value) -> tuple[ir.Value, bool] | None:
     return None
 
 
+def constant_scalar(value: ir.Value | None) -> float | None:
+    """The value's one constant number (a scalar or a one-element tensor), else None."""
+    arr = constant_array(value) if is_constant(value) else None
+    return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None
+
+
 def _rank(value: ir.Value) -> int | None:
     if value.shape is not None:
         return len(value.shape)

@@ -418,7 +418,7 @@ def verify(conv: Conversion) -> None:
     the W4 linears are also run at level 4 and keep it when it costs at most the tolerance. That choice is
     about ORT's CPU kernel (MLAS rounds the activations to int8 per block), so it is judged on the CPU
     whatever ``--device`` ran the rest."""
-    nodes, head = _auto_level_nodes(conv), _auto_lm_head_nodes(conv)
+    nodes, head = _auto_level_nodes(conv), _auto_level_nodes(conv, lm_head=True)
     with running_on("cpu") if nodes or head else nullcontext():
         _verify(conv, nodes, head)
 
@@ -474,28 +474,16 @@ def _score(
     return agreement.result(), losses
 
 
-def _auto_lm_head_nodes(conv: Conversion) -> list[ir.Node]:
-    """The lm_head's MatMulNBits when ``--accuracy-level auto`` also decides its level (``--lm-head-accuracy-level
-    auto``): the one linear whose input no smoothing may have reached (``--no-smooth``, an unfoldable final norm),
-    and where level 4's int8 activations cost most at once (all logits)."""
+def _auto_level_nodes(conv: Conversion, lm_head: bool = False) -> list[ir.Node]:
+    """The MatMulNBits nodes whose level ``--accuracy-level auto`` decides: the W4 linears, or (``lm_head``) the
+    lm_head's when ``--lm-head-accuracy-level`` is auto too: the one linear whose input no smoothing may have
+    reached (``--no-smooth``, an unfoldable final norm), where level 4's int8 activations touch every logit."""
     recipe = conv.recipe
-    if (
-        recipe.accuracy_level != "auto"
-        or recipe.lm_head_accuracy_level != "auto"
-        or recipe.format != "contrib"
-    ):
+    if recipe.accuracy_level != "auto" or recipe.format != "contrib" or conv.smoothed is None:
         return []
-    if conv.smoothed is None:
+    if lm_head and recipe.lm_head_accuracy_level != "auto":
         return []
-    names = {p.name for p in conv.smoothed.plans if p.action in ("w4", "w8") and p.lm_head}
-    return accuracy_level.w4_nodes(conv.work.graph, names)
-
-
-def _auto_level_nodes(conv: Conversion) -> list[ir.Node]:
-    """The MatMulNBits nodes whose level ``--accuracy-level auto`` decides (W4 linears, not the lm_head)."""
-    if conv.recipe.accuracy_level != "auto" or conv.recipe.format != "contrib" or conv.smoothed is None:
-        return []
-    names = {p.name for p in conv.smoothed.plans if p.action in ("w4", "w8") and not p.lm_head}
+    names = {p.name for p in conv.smoothed.plans if p.action in ("w4", "w8") and p.lm_head == lm_head}
     return accuracy_level.w4_nodes(conv.work.graph, names)
 
 
