@@ -3,15 +3,19 @@
 The estimate is a lower bound of the peak (tools/RESULTS.md, "Peak memory against model size"): ONNX Runtime's
 copy of the weights (twice that for a single-file model, whose protobuf is in memory too) plus the
 activations GPTQ caches for its Hessians (samples x tokens x the narrowest linear input, the residual stream
-that every cut holds, once per stream; the asymmetric target runs a float stream beside the quantized one). A conversion refused here would have been
-killed for memory hours later.
+that every cut holds, once per stream; the asymmetric target runs a float stream beside the quantized one), up
+to the segment runner's memory budget: past it the cache goes to files in TMPDIR, whose free space is checked
+too. A conversion refused here would have been killed for memory (or run out of disk) hours later.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from sq_onnx.calibration.segment_runner import CACHE_BYTES
 from sq_onnx.errors import SqOnnxError
 from sq_onnx.recipe import Recipe
 
@@ -40,6 +44,7 @@ class MemoryNeed:
 
     weights: int
     activations: int
+    spilled: int = 0  # the cache's bytes past the memory budget, written to TMPDIR
 
     @property
     def total(self) -> int:
@@ -52,15 +57,24 @@ def memory_need(weight_bytes: int, external_data: bool, recipe: Recipe, cached_w
     weights = weight_bytes * (1 if external_data else 2)
     if recipe.uses_gptq:
         streams = 2 if recipe.gptq_asymmetric else 1
-        activations = recipe.gptq_samples * recipe.seq_len * cached_width * 4 * streams
-    else:
-        activations = recipe.samples * recipe.seq_len * cached_width * 4
-    return MemoryNeed(weights, activations)
+        cache = recipe.gptq_samples * recipe.seq_len * cached_width * 4 * streams
+        return MemoryNeed(weights, min(cache, CACHE_BYTES), max(0, cache - CACHE_BYTES))
+    return MemoryNeed(weights, recipe.samples * recipe.seq_len * cached_width * 4)
 
 
 def check_memory(need: MemoryNeed, in_use: int, recipe: Recipe, external_data: bool) -> None:
     """Raise ``NotEnoughMemoryError`` when ``need`` exceeds the available memory plus what this process
-    already holds (``in_use``: the loaded model is part of the need)."""
+    already holds (``in_use``: the loaded model is part of the need), or its spilled cache the free space
+    of TMPDIR."""
+    if need.spilled:
+        folder = tempfile.gettempdir()
+        disk = shutil.disk_usage(folder).free if Path(folder).is_dir() else 0
+        if need.spilled > disk:
+            raise NotEnoughMemoryError(
+                f"GPTQ's activation cache needs {need.spilled / GB:.1f} GB of disk in {folder} beyond "
+                f"{CACHE_BYTES / GB:.1f} GB in memory, and {disk / GB:.1f} GB is free there: point TMPDIR at a "
+                f"larger disk or lower --gptq-samples (now {recipe.gptq_samples})."
+            )
     free = available_bytes()
     if free is None or need.total <= free + in_use:
         return

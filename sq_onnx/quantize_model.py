@@ -117,16 +117,16 @@ def quantize_graph(
         level4 = recipe.gptq_int8_inputs and recipe.aimed_accuracy_level(batch.linears[0].node in heads) == 4
         int8_block = recipe.block_size if level4 else None
         grams = (
-            batch_grams(_step_for(steps, name), recipe.gptq_holdout, int8_block)
+            batch_grams(_step_for(steps, name), recipe.gptq_holdout, int8_block, original)
             if steps is not None
             else None
         )
         hessian = grams.hessian if grams is not None else hessians(name)  # type: ignore[misc]
         gptq = dict(act_order=recipe.act_order, refine_rounds=recipe.gptq_refine, damp=recipe.gptq_damp)
 
-        def fitted(w: np.ndarray) -> BlockQuantized:
+        def fitted(w: np.ndarray, columns: slice) -> BlockQuantized:
             target = (
-                grams.target(w, recipe.gptq_target_ridge)
+                grams.target(w, recipe.gptq_target_ridge, columns)
                 if grams is not None and recipe.gptq_asymmetric
                 else w
             )
@@ -183,16 +183,18 @@ def quantize_graph(
     return Quantized(weights.replaced + w8a8.replaced, fell_back, embeddings=embeddings, **fusions)
 
 
-def by_columns(w: np.ndarray, fit: Callable[[np.ndarray], BlockQuantized]) -> BlockQuantized:
-    """``fit`` over column slices of a [K, N] weight at most COLUMN_BYTES of float64 wide (and at least 4K
-    columns), joined: GPTQ and the float target treat output columns independently, so the result is the
+def by_columns(w: np.ndarray, fit: Callable[[np.ndarray, slice], BlockQuantized]) -> BlockQuantized:
+    """``fit(columns of w, their slice)`` over column slices of a [K, N] weight at most COLUMN_BYTES of
+    float64 wide (and at least 4K columns), joined: GPTQ and the float target treat output columns independently, so the result is the
     same while the working arrays (float64 copies, codes, gradients) stay bounded. A vocabulary projection
     (576 x 49152 on SmolLM2, 896 x 151936 on Qwen2.5-0.5B) was the conversion's memory peak without it."""
     k, n = w.shape
     step = max(COLUMN_BYTES // (8 * k), 4 * k, 1)
     if n <= step:
-        return fit(w)
-    return BlockQuantized.joined([fit(w[:, lo : lo + step]) for lo in range(0, n, step)])
+        return fit(w, slice(None))
+    return BlockQuantized.joined(
+        [fit(w[:, lo : lo + step], slice(lo, lo + step)) for lo in range(0, n, step)]
+    )
 
 
 def _step_for(steps: Iterator[SegmentInputs], name: str) -> SegmentInputs:

@@ -189,7 +189,7 @@ def analyzed(
         raise NothingToQuantizeError("the model has no norm -> MatMul group that smoothing could fold into.")
     _refuse_old_runtime(recipe)
     # GPTQ's cache holds at least one value as wide as the narrowest linear input (the residual stream) per
-    # sample and stream at every cut; wider ones (an MLP's intermediate activation) are recomputed, not cached
+    # sample and stream at every cut (past its memory budget, in files)
     narrowest = min((p.linear.shape[0] for p in plans if p.action != "keep"), default=0)
     external = has_external_tensors(src)
     check_memory(

@@ -8,7 +8,9 @@ the whole conversion). Instead the graph is cut into segments, one per batch: ru
 linears (already quantized) and every node up to batch r's input, as a small ORT session of its own that
 reads the values crossing into it from a cache the earlier runs filled. All runs together cost about one
 forward pass; the cache holds only the values that cross a cut (the residual stream, attention masks,
-rotary tables): per sample, a few [tokens, width] tensors.
+rotary tables, an MLP's intermediate activation): per sample, a few [tokens, width] tensors. Past a memory
+budget the widest of them go to files in a temporary folder (``SpillFolder``), read back and deleted by the
+next run: exact, and cheaper than computing them again.
 
 The same segments run on a float copy of the model give, row for row, the input the float model would
 give each batch, which the asymmetric (float) target needs: X_qᵀX_f is summed like XᵀX, and no activation
@@ -18,14 +20,17 @@ is kept beyond the cut values.
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
+from sq_onnx.errors import CalibrationError
 from sq_onnx.passes.linears import Linear
 from sq_onnx.runtime.model_io import copy_model
 from sq_onnx.runtime.ort_session import in_memory_session
@@ -34,20 +39,17 @@ from sq_onnx.runtime.ort_session import in_memory_session
 @dataclass(frozen=True)
 class Run:
     """What run r does: compute ``outputs`` (new cache entries, batch r's input among them unless it is a
-    graph input) from the graph inputs and the cache, then keep only ``keep`` in the cache. A wide target
-    (an MLP's intermediate activation) is computed for the batch's statistics but not kept: the next run
-    recomputes it from the narrower values it came from, which ``keep`` holds instead."""
+    graph input) from the graph inputs and the cache, then keep only ``keep`` in the cache."""
 
     target: str
     outputs: tuple[str, ...]
     keep: tuple[str, ...]
 
 
-def plan_runs(graph: ir.Graph, batches: list[list[Linear]], widest_cached: int | None = None) -> list[Run]:
+def plan_runs(graph: ir.Graph, batches: list[list[Linear]]) -> list[Run]:
     """One run per batch, in order. ``batches`` must be in topological order (each batch's linears read
     one tensor). A node belongs to segment b if it is a linear of batch b, else to the segment before the
-    first batch it leads to (next(n) - 1); nodes that lead to no batch are never run. A target wider than
-    ``widest_cached`` channels (None: no limit) that ``_recompute`` allows is recomputed, not cached."""
+    first batch it leads to (next(n) - 1); nodes that lead to no batch are never run."""
     batch_of = {lin.node: b for b, linears in enumerate(batches) for lin in linears}
     order = list(graph)  # onnx_ir graphs are kept topologically sorted by the passes that edit them
     nxt: dict[ir.Node, float] = {}
@@ -59,7 +61,6 @@ def plan_runs(graph: ir.Graph, batches: list[list[Linear]], widest_cached: int |
         nxt[node] = first
     segment = {n: (batch_of[n] if n in batch_of else nxt[n] - 1) for n in order if nxt[n] < math.inf}
     live = _depends_on_inputs(graph, order)
-    values = {v.name: v for node in order for v in node.outputs} | {v.name: v for v in graph.inputs}
     last_use: dict[str, float] = {}  # value -> the last segment that reads it
     made_in: dict[str, float] = {}
     for node, seg in segment.items():
@@ -79,50 +80,11 @@ def plan_runs(graph: ir.Graph, batches: list[list[Linear]], widest_cached: int |
         keep = frontier - {target}
         if target not in graph_inputs:
             frontier.add(target)
-            sources = _sources(values[target], cached | graph_inputs, live)
-            wide = widest_cached is not None and (_width(values[target]) or 0) > widest_cached
-            recompute = wide and _recompute(values, target, keep, sources)
-            keep = keep | sources if recompute else keep | {target}
+            keep = keep | {target}
         outputs = tuple(sorted(frontier - cached))
         runs.append(Run(target=target, outputs=outputs, keep=tuple(sorted(keep))))
         cached = keep
     return runs
-
-
-def _width(value: ir.Value) -> int | None:
-    """The channel count of an activation (its last dimension), None when unknown."""
-    shape = value.shape
-    return shape[-1] if shape is not None and len(shape) and isinstance(shape[-1], int) else None
-
-
-def _sources(target: ir.Value, cached: set[str], live: set[str]) -> set[str]:
-    """The cached (or graph input) values that ``target`` is computed from."""
-    found: set[str] = set()
-    stack, seen = [target], set()
-    while stack:
-        value = stack.pop()
-        if value.name in seen or value.name not in live:
-            continue  # constants are recomputed from initializers, never cached
-        seen.add(value.name)
-        if value.name in cached:
-            found.add(value.name)
-            continue
-        producer = value.producer()
-        if producer is not None:
-            stack.extend(v for v in producer.inputs if v is not None)
-    return found
-
-
-def _recompute(values: dict[str, ir.Value], target: str, keep: set[str], sources: set[str]) -> bool:
-    """Whether to drop ``target`` from the cache and keep ``sources`` instead, for the next run to recompute
-    it: only for an expansion (the target at least twice as wide as every other cached value, like an MLP's
-    intermediate activation) whose sources not already kept are at most half its width together."""
-    width = _width(values[target])
-    others = [w for v in keep if (w := _width(values[v])) is not None]  # masks' widths are symbolic
-    extra = [_width(values[v]) for v in sources - keep]
-    if width is None or None in extra or not others:
-        return False
-    return width >= 2 * max(others) and 2 * sum(extra) <= width  # type: ignore[arg-type]
 
 
 def _depends_on_inputs(graph: ir.Graph, order: list[ir.Node]) -> set[str]:
@@ -150,10 +112,62 @@ Pair = tuple[np.ndarray, "np.ndarray | None"]
 # Bytes of one batch's input that one stream computes before the other takes its turn: ORT's threads spin a
 # while after each run, so two sessions taking turns sample by sample slow each other down (+30% on 2 cores).
 CHUNK_BYTES = 1 << 26
-# Most bytes of cached activations (all samples, both streams) that one wide batch input may take before it
-# is recomputed by the next segment instead (recomputing an MLP's gate/up costs about half a layer's forward
-# pass again: 25% of GPTQ's time on SmolLM2's shape, where caching it takes 0.8 GB).
+# Most bytes of cached activations (all samples, both streams) held in memory; past it the widest values a run
+# adds go to a ``SpillFolder``. (Recomputing an MLP's intermediate from gate/up's input instead cost about
+# half a layer's forward pass again: 23% more GPTQ time on Qwen2.5-0.5B's shape.)
 CACHE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class Spilled:
+    """One array in a file of a ``SpillFolder``."""
+
+    path: Path
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def load(self) -> np.ndarray:
+        return np.fromfile(self.path, self.dtype).reshape(self.shape)
+
+    def delete(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class SpillFolder:
+    """Arrays written to files of a temporary folder (made on first use, under TMPDIR), for the cache values
+    past the memory budget. The kernel's page cache may hold them for a while, but it can write them out and
+    reclaim that memory, which it cannot do with this process's own."""
+
+    def __init__(self) -> None:
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self._count = 0
+
+    def put(self, array: np.ndarray) -> Spilled:
+        try:
+            if self._dir is None:
+                self._dir = tempfile.TemporaryDirectory(prefix="sq-onnx-cache-")
+            path = Path(self._dir.name) / f"{self._count}.bin"
+            self._count += 1
+            np.ascontiguousarray(array).tofile(path)
+        except OSError as e:
+            where = self._dir.name if self._dir is not None else tempfile.gettempdir()
+            raise CalibrationError(
+                f"could not write GPTQ's activation cache to {where} ({e.strerror}): free space there, point "
+                "TMPDIR at a larger disk, or lower --gptq-samples."
+            ) from e
+        return Spilled(path, array.dtype, tuple(array.shape))
+
+    def close(self) -> None:
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+
+Entry = np.ndarray | Spilled
 
 
 @dataclass
@@ -199,28 +213,34 @@ class SegmentRunner:
     ) -> None:
         model.graph.sort()  # plan_runs walks the nodes in topological order
         self.tokens = sum(_tokens(feed) for feed in feeds)
-        streams = 2 if float_copy else 1
-        self.runs = plan_runs(model.graph, batches, CACHE_BYTES // max(1, 4 * self.tokens * streams))
+        self.runs = plan_runs(model.graph, batches)
         self.channels = [linears[0].shape[0] for linears in batches]
         self.feeds = feeds
-        self._streams = [_Stream(model)] + ([_Stream(copy_model(model))] if float_copy else [])
+        self.spill = SpillFolder()
+        budget = CACHE_BYTES // (2 if float_copy else 1)
+        self._streams = [_Stream(model, self.spill, budget)]
+        if float_copy:
+            self._streams.append(_Stream(copy_model(model), self.spill, budget))
         self._float = float_copy
 
     def __len__(self) -> int:
         return len(self.runs)
 
     def __iter__(self) -> Iterator[SegmentInputs]:
-        for r, run in enumerate(self.runs):
-            pairs = self._pairs(run, self.channels[r])
-            yield SegmentInputs(
-                r, run.target, self.channels[r], len(self.feeds), pairs, with_float=self._float
-            )
-            for _ in pairs:  # the caller read fewer samples: finish the run so the caches stay whole
-                pass
+        try:
+            for r, run in enumerate(self.runs):
+                pairs = self._pairs(run, self.channels[r])
+                yield SegmentInputs(
+                    r, run.target, self.channels[r], len(self.feeds), pairs, with_float=self._float
+                )
+                for _ in pairs:  # the caller read fewer samples: finish the run so the caches stay whole
+                    pass
+        finally:
+            self.spill.close()
 
     def _pairs(self, run: Run, channels: int) -> Iterator[Pair]:
         with ExitStack() as stack:
-            sessions = [stack.enter_context(stream.begin(run)) for stream in self._streams]
+            sessions = [stack.enter_context(stream.begin(run, len(self.feeds))) for stream in self._streams]
             per_sample = 4 * max(1, self.tokens // max(1, len(self.feeds))) * channels
             step = max(1, CHUNK_BYTES // per_sample)
             for lo in range(0, len(self.feeds), step):
@@ -246,43 +266,80 @@ def _tokens(feed: dict[str, np.ndarray]) -> int:
 
 class _Stream:
     """One model run segment by segment over the feeds, with its cache of the values crossing the cuts
-    (per value, one array per sample)."""
+    (per value, one entry per sample: the array, or where it was spilled). New values stay in memory up to
+    ``budget`` bytes over all samples; past it the widest go to ``spill``."""
 
-    def __init__(self, model: ir.Model) -> None:
+    def __init__(self, model: ir.Model, spill: SpillFolder, budget: int) -> None:
         self.model = model
-        self.cache: dict[str, list[np.ndarray | None]] = {}
-        self._next: dict[str, list[np.ndarray | None]] = {}
+        self.cache: dict[str, list[Entry | None]] = {}
+        self._next: dict[str, list[Entry]] = {}
         self._inputs: list[str] | None = None  # the current segment session's input names
+        self._spill, self._budget = spill, budget
+        self._to_spill: set[str] | None = (
+            None  # the run's new values that go to files (chosen on its first sample)
+        )
+        self._count = 0
 
-    def begin(self, run: Run) -> AbstractContextManager[Any]:
+    def begin(self, run: Run, count: int) -> AbstractContextManager[Any]:
         """The session of ``run``'s segment (read from the cache as it is now), or none when it computes nothing."""
-        self._next, self._inputs = {k: [] for k in run.keep}, None
+        self._next, self._inputs, self._to_spill, self._count = {k: [] for k in run.keep}, None, None, count
         if not run.outputs:
             return nullcontext()
         return in_memory_session(segment_model(self.model, list(self.cache), list(run.outputs)))
 
     def sample(self, run: Run, sess: Any, i: int, feed: dict[str, np.ndarray]) -> np.ndarray:
         """Run the segment on sample ``i``; returns the run's target and files what the cache keeps. The
-        sample's old entries are released as soon as they are read, so the cache is never held twice."""
+        sample's old entries are released as soon as they are read, so the cache is never held twice; a value
+        kept unchanged keeps its place (memory or file)."""
         new: dict[str, np.ndarray] = {}
         if sess is not None:
             if self._inputs is None:
                 self._inputs = [v.name for v in sess.get_inputs()]
-            inputs = {n: self.cache[n][i] if n in self.cache else feed[n] for n in self._inputs}
+            inputs = {n: self._array(n, i) if n in self.cache else feed[n] for n in self._inputs}
             new = dict(zip(run.outputs, sess.run(list(run.outputs), inputs), strict=True))
         target = new[run.target] if run.target in new else self._old(run.target, i, feed)
+        if self._to_spill is None:
+            self._to_spill = self._choose_spilled(new, run.keep, i)
+        carried: set[int] = set()
         for name in run.keep:
-            self._next[name].append(new[name] if name in new else self._old(name, i, feed))
+            if name in new:
+                value = new[name]
+                self._next[name].append(self._spill.put(value) if name in self._to_spill else value)
+            else:
+                entry = self.cache[name][i] if name in self.cache else feed[name]
+                assert entry is not None, f"{name} of sample {i} was released before it was read"
+                self._next[name].append(entry)
+                carried.add(id(entry))
         for entries in self.cache.values():
+            entry = entries[i]
+            if isinstance(entry, Spilled) and id(entry) not in carried:
+                entry.delete()
             entries[i] = None
         return target
 
+    def _choose_spilled(self, new: dict[str, np.ndarray], keep: tuple[str, ...], i: int) -> set[str]:
+        """The new values to write to files: the widest, until the cache's values in memory (carried and new,
+        every sample as large as this one) fit the budget."""
+        held = sum(
+            e.nbytes for n in keep if n in self.cache and isinstance(e := self.cache[n][i], np.ndarray)
+        )
+        fresh = sorted((n for n in keep if n in new), key=lambda n: new[n].nbytes, reverse=True)
+        total = self._count * (held + sum(new[n].nbytes for n in fresh))
+        spilled: set[str] = set()
+        for name in fresh:
+            if total <= self._budget:
+                break
+            spilled.add(name)
+            total -= self._count * new[name].nbytes
+        return spilled
+
+    def _array(self, name: str, i: int) -> np.ndarray:
+        entry = self.cache[name][i]
+        assert entry is not None, f"{name} of sample {i} was released before it was read"
+        return entry.load() if isinstance(entry, Spilled) else entry
+
     def _old(self, name: str, i: int, feed: dict[str, np.ndarray]) -> np.ndarray:
-        if name in self.cache:
-            value = self.cache[name][i]
-            assert value is not None, f"{name} of sample {i} was released before it was read"
-            return value
-        return feed[name]
+        return self._array(name, i) if name in self.cache else feed[name]
 
     def end(self) -> None:
         self.cache, self._next = self._next, {}

@@ -228,6 +228,25 @@ def test_a_model_too_large_for_the_memory_is_refused_before_any_work(
     memory_check.check_memory(need, 0, Recipe(), external_data=False)  # room: no refusal
 
 
+def test_gptq_cache_past_the_memory_budget_needs_disk_not_memory(monkeypatch, tmp_path):
+    """Past the segment runner's budget GPTQ's cache goes to TMPDIR: it counts against the disk there, and a
+    TMPDIR without the room is refused in one sentence before any work."""
+    import tempfile
+
+    import sq_onnx.memory_check as memory_check
+    from sq_onnx.calibration.segment_runner import CACHE_BYTES
+    from sq_onnx.memory_check import memory_need
+
+    need = memory_need(10 * 1024**2, True, Recipe(gptq_samples=512, seq_len=512), 2048)
+    cache = 512 * 512 * 2048 * 4 * 2
+    assert (need.activations, need.spilled) == (CACHE_BYTES, cache - CACHE_BYTES)
+    monkeypatch.setattr(memory_check, "available_bytes", lambda: 64 * 1024**3)
+    memory_check.check_memory(need, 0, Recipe(), external_data=True)  # this machine's TMPDIR has room
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+    with pytest.raises(memory_check.NotEnoughMemoryError, match=r"needs 3\.0 GB of disk in .*gone.*TMPDIR"):
+        memory_check.check_memory(need, 0, Recipe(), external_data=True)
+
+
 def test_device_cuda_without_a_usable_gpu_is_refused_before_any_work(
     llama_dir, tmp_path, capsys, monkeypatch
 ):

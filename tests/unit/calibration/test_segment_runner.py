@@ -3,6 +3,8 @@ whole (partly quantized) model's tensors, and a convert with them gives a workin
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -13,7 +15,7 @@ from sq_onnx.calibration.calibration_data import load_calibration
 from sq_onnx.calibration.gptq_method import BatchGrams, batch_grams, float_target_weight, gram
 from sq_onnx.calibration.hessian import collect_hessians
 from sq_onnx.calibration.segment_runner import SegmentInputs, SegmentRunner, plan_runs, segment_model
-from sq_onnx.errors import RecipeError
+from sq_onnx.errors import CalibrationError, RecipeError
 from sq_onnx.quantize_model import gptq_batches, quantize_graph
 from sq_onnx.runtime.model_inputs import input_specs
 from sq_onnx.runtime.ort_session import in_memory_session
@@ -47,40 +49,63 @@ def _full_model_hessian(model: ir.Model, name: str, channels: int, feeds) -> np.
     return collect_hessians(model, {name: channels}, feeds)[name]
 
 
-@pytest.mark.parametrize("recompute", [False, True], ids=["cached", "recomputed"])
-def test_segments_reproduce_the_one_pass_hessians(llama_dir, monkeypatch, recompute):
-    model, feeds = _setup(llama_dir)
-    batches = gptq_batches(model, Recipe())
-    assert len(batches) > 4
-    if recompute:  # a cache budget of 0: every MLP intermediate is recomputed by the next segment
-        monkeypatch.setattr(segment_runner, "CACHE_BYTES", 0)
+_PUT = segment_runner.SpillFolder.put
+
+
+def _spilled_shapes(model, batches, feeds, monkeypatch, budget: int) -> list[tuple[int, ...]]:
+    """Run every step with a cache budget of ``budget`` bytes, checking each Hessian against the whole model;
+    the shapes of the arrays that went to files."""
+    monkeypatch.setattr(segment_runner, "CACHE_BYTES", budget)
+    written: list[tuple[int, ...]] = []
+    monkeypatch.setattr(
+        segment_runner.SpillFolder, "put", lambda self, a: written.append(a.shape) or _PUT(self, a)
+    )
     runner = SegmentRunner(model, batches, feeds)
-    assert any(run_.target not in run_.keep for run_ in runner.runs) == recompute
     for batch, inputs in zip(batches, runner, strict=True):
         name, channels = batch[0].input.name, batch[0].shape[0]
         assert (inputs.target, inputs.channels) == (name, channels)
         got = batch_grams(inputs).hessian
         want = _full_model_hessian(model, name, channels, feeds)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert runner.spill._dir is None  # the folder is gone once the last step is read
+    return written
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 0, 20_000], ids=["in-memory", "spilled", "widest-spilled"])
+def test_segments_reproduce_the_one_pass_hessians(llama_dir, monkeypatch, budget):
+    """Past the memory budget the cache's values go to files and come back unchanged."""
+    model, feeds = _setup(llama_dir)
+    batches = gptq_batches(model, Recipe())
+    assert len(batches) > 4
+    written = _spilled_shapes(model, batches, feeds, monkeypatch, budget)
+    widest = max(b[0].shape[0] for b in batches)
+    if budget == 0:  # every value a run adds, of every width
+        assert len({s[-1] for s in written}) > 2
+    elif budget < 1 << 30:  # the widest first (the MLP's intermediate), not everything
+        everything = _spilled_shapes(model, batches, feeds, monkeypatch, 0)
+        assert widest in {s[-1] for s in written} and len(written) < len(everything)
+    else:
+        assert not written
+
+
+def test_an_unwritable_cache_folder_gets_one_sentence(llama_dir, monkeypatch, tmp_path):
+    model, feeds = _setup(llama_dir)
+    monkeypatch.setattr(segment_runner, "CACHE_BYTES", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))  # as TMPDIR naming a missing folder
+    with pytest.raises(CalibrationError, match="gone .No such file or directory.*TMPDIR"):
+        for step in SegmentRunner(model, gptq_batches(model, Recipe()), feeds):
+            batch_grams(step)
 
 
 def test_the_cache_holds_only_values_that_cross_a_cut(llama_dir):
     model, _ = _setup(llama_dir)
     batches = gptq_batches(model, Recipe())
-    assert all(r.target in r.keep for r in plan_runs(model.graph, batches))  # no limit: every target cached
-    runs = plan_runs(model.graph, batches, widest_cached=0)
+    runs = plan_runs(model.graph, batches)
     assert [r.target for r in runs] == [b[0].input.name for b in batches]
+    assert all(r.target in r.keep for r in runs)  # kept for the next run's linears
     produced = {v.name for node in model.graph for v in node.outputs}
-    widths = {b[0].input.name: b[0].shape[0] for b in batches}
-    hidden = min(widths.values())
-    for run_ in runs:
-        # an MLP's intermediate activation (down_proj's input, twice the hidden width) is recomputed by the
-        # next run, not cached; every other target is kept for the next run's linears
-        assert (run_.target in run_.keep) == (widths[run_.target] < 2 * hidden), run_.target
-    for before, run_ in zip(runs, runs[1:], strict=False):
-        if run_.target not in run_.keep:  # recomputed from what it came from: gate/up's input, still kept
-            assert before.target in run_.keep
-        assert set(run_.outputs) - {run_.target} <= set(run_.keep) <= produced
+    for run_ in runs[1:]:
+        assert set(run_.outputs) <= set(run_.keep) <= produced
         # the residual stream, rotary tables and masks: a handful, not every tensor of the layer
         assert len(run_.keep) <= 12
 
@@ -96,9 +121,7 @@ def test_a_step_read_after_the_next_is_refused(llama_dir):
 
 
 def test_each_hessian_sees_the_earlier_batches_quantized(llama_dir, monkeypatch):
-    monkeypatch.setattr(
-        segment_runner, "CACHE_BYTES", 0
-    )  # MLP intermediates recomputed from quantized layers
+    monkeypatch.setattr(segment_runner, "CACHE_BYTES", 0)  # every cached value read back from files
     model, feeds = _setup(llama_dir)
     recipe = Recipe(block_size=32, gptq_samples=3, gptq_sequential=True)
     batches = gptq_batches(model, recipe)
@@ -278,9 +301,9 @@ def test_int8_inputs_apply_where_a_linear_aims_at_level_4(
 
     seen: list[tuple[str, int | None]] = []
 
-    def record(inputs, holdout=0, int8_block=None):
+    def record(inputs, holdout=0, int8_block=None, weight=None):
         seen.append((inputs.target, int8_block))
-        return batch_grams(inputs, holdout, int8_block)
+        return batch_grams(inputs, holdout, int8_block, weight)
 
     monkeypatch.setattr(qm, "batch_grams", record)
     recipe = Recipe(samples=4, gptq_samples=4, block_size=32, gptq_int8_inputs=True, accuracy_level=level)
@@ -290,3 +313,23 @@ def test_int8_inputs_apply_where_a_linear_aims_at_level_4(
     head = [t for t, b in seen][-1]  # the lm_head reads the last tensor, and its level is 4 in every case
     assert blocks.pop(head) == 32
     assert set(blocks.values()) == {w4_block}
+
+
+@pytest.mark.parametrize("n", [8, 40], ids=["narrowing", "widening"])
+def test_a_narrowing_layer_gets_the_same_target_from_the_shift(n):
+    """down_proj (K = 4N) sums X_qᵀ(X_f − X_q)W instead of X_qᵀX_f: the float target must not change, for
+    the whole weight or a slice of its columns; a layer not twice as wide in as out keeps the cross term."""
+    rng = np.random.default_rng(4)
+    k = 48
+    xf = [rng.normal(size=(1, 30, k)).astype(np.float32) for _ in range(3)]
+    xq = [x + 0.1 * rng.normal(size=x.shape).astype(np.float32) for x in xf]
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    with_cross = batch_grams(SegmentInputs.of(0, "x", k, xq, xf))
+    with_weight = batch_grams(SegmentInputs.of(0, "x", k, xq, xf), weight=w)
+    assert (with_weight.shift is not None) == (2 * n < k) and (with_weight.cross is None) == (2 * n < k)
+    want = with_cross.target(w)
+    np.testing.assert_allclose(with_weight.target(w), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        with_weight.target(w[:, 2:5], columns=slice(2, 5)), want[:, 2:5], rtol=1e-4, atol=1e-5
+    )
+    assert np.abs(want - w).max() > 1e-2  # the correction is not negligible

@@ -252,12 +252,13 @@ def test_gptq_by_column_slices_is_gptq_on_the_whole_weight(monkeypatch, symmetri
     w = np.random.default_rng(9).normal(0, 0.1, (64, 600)).astype(np.float32)
     calls: list[int] = []
 
-    def fit(part: np.ndarray):
+    def fit(part: np.ndarray, columns: slice):
         calls.append(part.shape[1])
         target = float_target_weight(part, h, cross)
+        np.testing.assert_array_equal(part, w[:, columns])
         return gptq_quantize(target, h, 4, 32, symmetric, clip_search=True, act_order=True, refine_rounds=2)
 
-    whole = fit(w)
+    whole = fit(w, slice(None))
     monkeypatch.setattr(quantize_model, "COLUMN_BYTES", 8 * 64 * 100)  # slices of max(100, 4 K) = 256 columns
     calls.clear()
     sliced = quantize_model.by_columns(w, fit)
