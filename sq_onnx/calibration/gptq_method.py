@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sq_onnx.calibration.segment_runner import SegmentInputs
-from sq_onnx.quant.gptq import dampened_hessian
+from sq_onnx.quant.gptq import dampened_solve
 from sq_onnx.quant.int8 import fake_blockwise
 
 # Ridge of the float target's correction, as a fraction of mean(diag H) (chosen when GPTQ's dampening was 0.01). The
@@ -158,5 +158,4 @@ def corrected_weight(
     w: np.ndarray, hessian: np.ndarray, shift: np.ndarray, damp: float = TARGET_DAMP
 ) -> np.ndarray:
     """``float_target_weight`` from ``shift`` = X_qᵀ(X_f − X_q)W: W + (H + ridge)⁻¹ shift."""
-    h, _ = dampened_hessian(hessian, damp)
-    return (w.astype(np.float64) + np.linalg.solve(h, shift)).astype(np.float32)
+    return (w.astype(np.float64) + dampened_solve(hessian, shift, damp)).astype(np.float32)

@@ -9,6 +9,7 @@ weight error, is what gets minimised, and the result is the same MatMulNBits lay
 from __future__ import annotations
 
 import numpy as np
+from scipy.linalg import cho_factor, cho_solve, lapack
 
 from sq_onnx.quant.blockwise import BlockQuantized, choose_grid, pack_blocks
 
@@ -31,11 +32,24 @@ def dampened_hessian(hessian: np.ndarray, damp: float = DAMP) -> tuple[np.ndarra
 
 
 def inverse_hessian_factor(hessian: np.ndarray, damp: float = DAMP) -> tuple[np.ndarray, np.ndarray]:
-    """Upper Cholesky factor U of H⁻¹ (H dampened; channels never active get H_jj = 1) and the dead mask."""
+    """Upper Cholesky factor U of H⁻¹ (UᵀU = H⁻¹; H dampened, channels never active get H_jj = 1) and the
+    dead mask. H⁻¹ is never formed: with the channels reversed (J), JHJ = LLᵀ gives H = RRᵀ with R = JLJ
+    upper triangular, so U = R⁻¹: one factorisation and one triangular inverse, ~K³/1.5 operations against
+    ~3K³ for inverse-then-factor (Llama-3.2-1B's down_proj, K = 8192: 10% of a W4 conversion's time)."""
     h, dead = dampened_hessian(hessian, damp)
-    inv = np.linalg.inv(h)
-    inv = (inv + inv.T) / 2
-    return np.linalg.cholesky(inv).T, dead
+    # h is symmetric: its transpose is the same matrix in Fortran order, which LAPACK takes without a copy
+    low, info = lapack.dpotrf(h[::-1, ::-1].T, lower=1, clean=1, overwrite_a=1)
+    if info == 0:
+        u, info = lapack.dtrtri(low[::-1, ::-1], lower=0, overwrite_c=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"the dampened Hessian is not positive definite (LAPACK info {info})")
+    return np.ascontiguousarray(u), dead
+
+
+def dampened_solve(hessian: np.ndarray, rhs: np.ndarray, damp: float) -> np.ndarray:
+    """(H + damp · mean(diag H))⁻¹ rhs in float64, by Cholesky (H dampened as ``dampened_hessian``)."""
+    h, _ = dampened_hessian(hessian, damp)
+    return cho_solve(cho_factor(h, overwrite_a=True, check_finite=False), rhs, check_finite=False)
 
 
 def _block_grid(

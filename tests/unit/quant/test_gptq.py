@@ -266,3 +266,19 @@ def test_gptq_by_column_slices_is_gptq_on_the_whole_weight(monkeypatch, symmetri
     assert np.mean(sliced.q == whole.q) > 0.999  # identical up to BLAS rounding in rare ties
     np.testing.assert_allclose(sliced.dequantize(), whole.dequantize(), atol=1e-3)
     assert (sliced.zero_points is None) == symmetric and sliced.scales.shape == whole.scales.shape
+
+
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_inverse():
+    """U upper triangular with a positive diagonal and UᵀU = H⁻¹ (H dampened, a dead channel set to 1),
+    which is what GPTQ's error feedback reads row by row."""
+    from sq_onnx.quant.gptq import dampened_hessian, inverse_hessian_factor
+
+    x = _correlated_inputs(400, 96, seed=3)
+    x[:, 7] = 0.0  # a channel calibration never activated
+    h = x.T @ x
+    u, dead = inverse_hessian_factor(h, 0.3)
+    hd, _ = dampened_hessian(h, 0.3)
+    assert dead[7] and dead.sum() == 1
+    np.testing.assert_array_equal(u, np.triu(u))
+    assert (np.diag(u) > 0).all() and u.flags.c_contiguous
+    np.testing.assert_allclose(u.T @ u @ hd, np.eye(96), atol=1e-8)
