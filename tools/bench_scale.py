@@ -3,6 +3,7 @@
     python tools/bench_scale.py                                   # every shape, W4 and W8A8 defaults
     python tools/bench_scale.py --shapes smollm2-135m --schemes w4
     python tools/bench_scale.py --keep demo_out/scale              # keep the exported models for a rerun
+    python tools/bench_scale.py --shapes llama-3.2-1b --layers 2   # the shape's widths, 2 layers: per-layer cost
 
 Each shape is built with transformers from its real config (layers, widths, heads, vocabulary, tied
 embeddings) with random weights (timing does not depend on them), exported with KV cache by sq-onnx's own
@@ -73,9 +74,9 @@ SHAPES: dict[str, tuple[str, dict]] = {
 SEQ_LEN = 256
 
 
-def export_shape(name: str, folder: Path) -> tuple[Path, int]:
-    """The random model of ``name`` exported to ``folder/model.onnx`` (kept when already there); its
-    parameter count."""
+def export_shape(name: str, folder: Path, layers: int | None = None) -> tuple[Path, int]:
+    """The random model of ``name`` (with ``layers`` decoder layers instead of its own number) exported to
+    ``folder/model.onnx`` (kept when already there); its parameter count."""
     import torch
     import transformers as tf
 
@@ -83,6 +84,7 @@ def export_shape(name: str, folder: Path) -> tuple[Path, int]:
     from sq_onnx.runtime.model_io import save_model
 
     config_class, dims = SHAPES[name]
+    dims = dims | ({"num_hidden_layers": layers} if layers else {})
     config = getattr(tf, config_class)(**dims, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
     target = folder / "model.onnx"
     params_file = folder / "params.json"
@@ -123,6 +125,11 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     parser.add_argument("--schemes", default="w4,w8a8")
     parser.add_argument("--keep", type=Path, help="folder to keep the exported models in (reused when there)")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        help="decoder layers instead of the shape's own (its widths and vocabulary kept)",
+    )
     args = parser.parse_args()
     shapes = args.shapes.split(",")
     unknown = [s for s in shapes if s not in SHAPES]
@@ -131,14 +138,15 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="sq-onnx-scale-") as tmp:
         for shape in shapes:
-            folder = (args.keep or Path(tmp)) / shape
-            model, params = export_shape(shape, folder)
+            label = f"{shape}-{args.layers}-layers" if args.layers else shape
+            folder = (args.keep or Path(tmp)) / label
+            model, params = export_shape(shape, folder, args.layers)
             weights = sum(f.stat().st_size for f in folder.glob("model.onnx*"))
             for scheme in args.schemes.split(","):
                 result = convert(model, scheme, SHAPES[shape][1]["vocab_size"], Path(tmp))
-                rows.append((shape, params, weights, scheme, result))
+                rows.append((label, params, weights, scheme, result))
                 print(
-                    f"{shape} {scheme}: {result['seconds']:.0f}s, peak RSS {result['peak_rss_mb']:.0f} MB",
+                    f"{label} {scheme}: {result['seconds']:.0f}s, peak RSS {result['peak_rss_mb']:.0f} MB",
                     flush=True,
                 )
             if args.keep is None:
