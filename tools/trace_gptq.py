@@ -1,0 +1,142 @@
+"""Where a W4 conversion's time and memory go, GPTQ batch by batch (issue: 1B-class models in bounded time).
+
+    python tools/trace_gptq.py MODEL.onnx --vocab 128256              # default W4, random ids as calibration
+    python tools/trace_gptq.py MODEL.onnx --vocab 49152 --gptq-samples 64
+
+Converts in this process with the default W4 recipe (``--gptq-samples`` aside) while a thread samples the
+resident memory every 0.1 s, and marks each GPTQ batch's two phases: running its segment and summing its Gram
+matrices (``segments+grams``), then fitting its weights (``gptq``). Prints the stages' seconds, the peak over
+the weights' file size per phase, and the seconds of every batch: the per-layer cost of a shape exported with
+a few layers (``tools/bench_scale.py --layers``) times its layer count estimates the whole model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+import sq_onnx.quantize_model as quantize_model
+import sq_onnx.stages as stages
+from sq_onnx import Recipe, convert
+from sq_onnx.runtime.peak_memory import current_rss_bytes
+
+SEQ_LEN = 256
+MB = 1024**2
+
+
+class Tracer:
+    """Resident memory sampled every ``every`` seconds, each sample labelled with the phase set last."""
+
+    def __init__(self, every: float = 0.1) -> None:
+        self.phase = "calibrate, smooth"
+        self.samples: list[tuple[float, int, str]] = []
+        self._every, self._stop = every, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.mark(self.phase)
+            self._stop.wait(self._every)
+
+    def mark(self, phase: str) -> None:
+        """Enter ``phase`` now (also taking a sample, so a phase shorter than the interval is seen)."""
+        self.phase = phase
+        self.samples.append((time.perf_counter(), current_rss_bytes(), phase))
+
+    def __enter__(self) -> Tracer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def seconds(self) -> dict[str, float]:
+        """Seconds spent in each phase, in the order first seen."""
+        out: dict[str, float] = {}
+        for (t1, _, phase), (t2, _, _) in zip(self.samples, self.samples[1:], strict=False):
+            out[phase] = out.get(phase, 0.0) + t2 - t1
+        return out
+
+    def peaks(self) -> dict[str, int]:
+        """The highest resident memory in each kind of phase (batches of the same width together)."""
+        out: dict[str, int] = {}
+        for _, rss, phase in self.samples:
+            kind = phase.split(" #")[0] + (f" ({phase.split('(')[1]}" if "(" in phase else "")
+            out[kind] = max(out.get(kind, 0), rss)
+        return out
+
+
+def traced_batch_grams(tracer: Tracer):
+    """``quantize_model.batch_grams`` that marks the phases of each batch."""
+    original = quantize_model.batch_grams
+
+    def batch_grams(inputs, *args, **kwargs):
+        tracer.mark(f"segments+grams #{inputs.index} ({inputs.channels} wide)")
+        grams = original(inputs, *args, **kwargs)
+        tracer.mark(f"gptq #{inputs.index} ({inputs.channels} wide)")
+        return grams
+
+    return batch_grams
+
+
+def traced_quantize_graph(tracer: Tracer):
+    """``stages.quantize_graph`` that marks what follows it (emitting the nodes, verification, saving)."""
+    original = stages.quantize_graph
+
+    def quantize_graph(*args, **kwargs):
+        quantized = original(*args, **kwargs)
+        tracer.mark("verify, save")
+        return quantized
+
+    return quantize_graph
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument(
+        "--vocab", type=int, required=True, help="the model's vocabulary size (for random ids)"
+    )
+    parser.add_argument("--gptq-samples", type=int, default=Recipe().gptq_samples)
+    args = parser.parse_args()
+    recipe = Recipe(scheme="w4", gptq_samples=args.gptq_samples)
+    weights = sum(f.stat().st_size for f in args.model.parent.glob(args.model.name + "*"))
+    count = max(recipe.samples, recipe.gptq_samples) + recipe.verify_samples
+    with tempfile.TemporaryDirectory(prefix="sq-onnx-trace-") as tmp:
+        ids = np.random.default_rng(0).integers(3, args.vocab, (count, 1, SEQ_LEN), dtype=np.int64)
+        np.savez(Path(tmp) / "ids.npz", input_ids=ids)
+        with Tracer() as tracer:
+            quantize_model.batch_grams = traced_batch_grams(tracer)
+            stages.quantize_graph = traced_quantize_graph(tracer)
+            result = convert(
+                args.model, Path(tmp) / "out" / "model.onnx", recipe, calibration=Path(tmp) / "ids.npz"
+            )
+    console = Console(width=160)
+    per_stage = ", ".join(f"{k} {v:.0f}" for k, v in result.stage_seconds.items() if v >= 1)
+    console.print(
+        f"total {result.seconds:.0f} s ({per_stage}); peak RSS {result.peak_rss_mb:.0f} MB, weights {weights / MB:.0f} MB"
+    )
+    table = Table(title="peak resident memory per phase")
+    for col in ("phase", "peak MB", "over the weights MB"):
+        table.add_column(col, justify="right")
+    for phase, rss in tracer.peaks().items():
+        table.add_row(phase, f"{rss / MB:.0f}", f"{(rss - weights) / MB:+.0f}")
+    console.print(table)
+    table = Table(title="seconds per phase")
+    table.add_column("phase")
+    table.add_column("s", justify="right")
+    for phase, seconds in tracer.seconds().items():
+        table.add_row(phase, f"{seconds:.1f}")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
