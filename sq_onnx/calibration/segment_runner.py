@@ -275,9 +275,8 @@ class _Stream:
         self._next: dict[str, list[Entry]] = {}
         self._inputs: list[str] | None = None  # the current segment session's input names
         self._spill, self._budget = spill, budget
-        self._to_spill: set[str] | None = (
-            None  # the run's new values that go to files (chosen on its first sample)
-        )
+        # the run's new values that go to files, chosen on its first sample
+        self._to_spill: set[str] | None = None
         self._count = 0
 
     def begin(self, run: Run, count: int) -> AbstractContextManager[Any]:
