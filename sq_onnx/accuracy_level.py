@@ -34,6 +34,10 @@ class LevelChoice:
     nll_level0: float | None = None
     nll_level4: float | None = None
     sample_increase: float | None = None  # exp(NLL4 - NLL0) - 1: on the samples' next tokens
+    # standard errors of the two increases over the samples (per-sample differences; None below 2 samples):
+    # how far another draw of held-out text could move them, so a choice on the tolerance's edge reads as one
+    expected_error: float | None = None
+    sample_error: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,6 +54,8 @@ class LossSums:
     def __init__(self) -> None:
         self.kl_sum, self.kl_count = 0.0, 0
         self.nll_sum, self.nll_count, self.scorable = 0.0, 0, True
+        self.sample_kl: list[float] = []  # each sample's mean, for the estimates' standard errors
+        self.sample_nll: list[float] = []
 
     def add(self, reference: np.ndarray, output: np.ndarray, feed: dict[str, np.ndarray]) -> None:
         self.add_kl(reference, output)
@@ -58,6 +64,7 @@ class LossSums:
     def add_kl(self, reference: np.ndarray, output: np.ndarray) -> None:
         kl = token_kl(_rows(reference), _rows(output))
         self.kl_sum, self.kl_count = self.kl_sum + float(kl.sum()), self.kl_count + kl.size
+        self.sample_kl.append(float(kl.mean()))
 
     def add_nll(self, output: np.ndarray, feed: dict[str, np.ndarray]) -> None:
         ids = feed.get("input_ids")
@@ -67,6 +74,7 @@ class LossSums:
         for b in range(ids.shape[0]):
             nll = token_nll(output[b], ids[b].astype(np.int64))
             self.nll_sum, self.nll_count = self.nll_sum + float(nll.sum()), self.nll_count + nll.size
+            self.sample_nll.append(float(nll.mean()))
 
     @property
     def kl(self) -> float:
@@ -115,17 +123,62 @@ def w4_nodes(graph: ir.Graph, names: set[str]) -> list[ir.Node]:
     return [n for n in graph if n.domain == MS and n.op_type == "MatMulNBits" and n.name in names]
 
 
+def increase_error(level0: list[float], level4: list[float]) -> float | None:
+    """Standard error of exp(mean(level4 - level0)) - 1 over paired per-sample means (delta method); None
+    below 2 samples."""
+    if len(level0) < 2 or len(level0) != len(level4):
+        return None
+    diff = np.subtract(level4, level0)
+    return float(math.exp(diff.mean()) * diff.std(ddof=1) / math.sqrt(diff.size))
+
+
+def judge(losses0: LossSums, losses4: LossSums, tolerance: float) -> LevelChoice:
+    """``choose`` on two levels' summed losses, with the standard errors of both estimates."""
+    return choose(
+        losses0.kl,
+        losses4.kl,
+        tolerance,
+        losses0.nll,
+        losses4.nll,
+        expected_error=increase_error(losses0.sample_kl, losses4.sample_kl),
+        sample_error=increase_error(losses0.sample_nll, losses4.sample_nll),
+    )
+
+
+def _with_error(increase: float, error: float | None) -> str:
+    return f"{increase:+.2%}" if error is None else f"{increase:+.2%} (± {error:.2%})"
+
+
 def choose(
-    kl0: float, kl4: float, tolerance: float, nll0: float | None = None, nll4: float | None = None
+    kl0: float,
+    kl4: float,
+    tolerance: float,
+    nll0: float | None = None,
+    nll4: float | None = None,
+    expected_error: float | None = None,
+    sample_error: float | None = None,
 ) -> LevelChoice:
-    """Level 4 when both estimates of its perplexity increase over level 0 are at most ``tolerance``."""
+    """Level 4 when both estimates of its perplexity increase over level 0 are at most ``tolerance``. The
+    standard errors are reported, not used: the choice stays on the point estimates."""
     expected = math.exp(kl4 - kl0) - 1.0
     sample = None if nll0 is None or nll4 is None else math.exp(nll4 - nll0) - 1.0
     worst = max(expected, sample if sample is not None else -math.inf)
     within = worst <= tolerance
-    on_samples = "" if sample is None else f", {sample:+.2%} on the samples' own tokens"
+    on_samples = "" if sample is None else f", {_with_error(sample, sample_error)} on the samples' own tokens"
     reason = (
-        f"level 4 raises perplexity over level 0 by {expected:+.2%} as the float model predicts{on_samples} "
-        f"(held-out samples): {'within' if within else 'beyond'} the tolerance of {tolerance:.2%}"
+        f"level 4 raises perplexity over level 0 by {_with_error(expected, expected_error)} as the float model "
+        f"predicts{on_samples} (held-out samples): {'within' if within else 'beyond'} the tolerance of "
+        f"{tolerance:.2%}"
     )
-    return LevelChoice(4 if within else 0, reason, kl0, kl4, expected, nll0, nll4, sample)
+    return LevelChoice(
+        4 if within else 0,
+        reason,
+        kl0,
+        kl4,
+        expected,
+        nll0,
+        nll4,
+        sample,
+        expected_error,
+        sample_error if sample is not None else None,
+    )

@@ -440,7 +440,7 @@ def _verify(conv: Conversion, nodes: list[ir.Node], head: list[ir.Node]) -> None
     if nodes:
         accuracy_level.set_level(nodes, 4)
         agreement4, losses4 = _score(conv, "converted, accuracy level 4", reference, losses_too=True)
-        choice = accuracy_level.choose(losses.kl, losses4.kl, tolerance, losses.nll, losses4.nll)
+        choice = accuracy_level.judge(losses, losses4, tolerance)
         if choice.level == 4:
             agreement, losses = agreement4, losses4
         accuracy_level.set_level(nodes, choice.level)
@@ -450,7 +450,7 @@ def _verify(conv: Conversion, nodes: list[ir.Node], head: list[ir.Node]) -> None
         agreement4, losses4 = _score(
             conv, "converted, lm_head at accuracy level 4", reference, losses_too=True
         )
-        head_choice = accuracy_level.choose(losses.kl, losses4.kl, tolerance, losses.nll, losses4.nll)
+        head_choice = accuracy_level.judge(losses, losses4, tolerance)
         if head_choice.level == 4:
             agreement = agreement4
         accuracy_level.set_level(head, head_choice.level)

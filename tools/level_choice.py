@@ -1,8 +1,9 @@
 """What ``--accuracy-level auto`` would choose for a converted W4 model on N built-in held-out samples: its
 MatMulNBits but the lm_head run at level 0 and at level 4 against the float model, judged by
-``sq_onnx.accuracy_level.choose`` as the conversion judges it (tools/RESULTS.md, "on 2 or 8 held-out samples").
+``sq_onnx.accuracy_level.judge`` as the conversion judges it, with each estimate's standard error over the samples
+(tools/RESULTS.md, "on 2 or 8 held-out samples").
 
-    python tools/level_choice.py demo_out/fp32/model.onnx demo_out/w4/model.onnx [--samples 8] [--seq-len 256]
+    python tools/level_choice.py demo_out/fp32/model.onnx demo_out/w4/model.onnx [--samples 16] [--seq-len 256]
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def main() -> None:
     )
     parser.add_argument("fp32", type=Path)
     parser.add_argument("w4", type=Path)
-    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--tolerance", type=float, default=0.01)
     args = parser.parse_args()
@@ -42,12 +43,10 @@ def main() -> None:
             ref, each_first_output(model, feeds, f"level {level}", True), feeds, strict=True
         ):
             sums.add(r, out, feed)
-        measured[level] = (sums.kl, sums.nll)
-    choice = accuracy_level.choose(
-        measured[0][0], measured[4][0], args.tolerance, measured[0][1], measured[4][1]
-    )
+        measured[level] = sums
+    choice = accuracy_level.judge(measured[0], measured[4], args.tolerance)
     print(f"{len(feeds)} samples of {args.seq_len} tokens ({origin}): level {choice.level}; {choice.reason}")
-    print(f"KL to fp32: level 0 {measured[0][0]:.4f}, level 4 {measured[4][0]:.4f}")
+    print(f"KL to fp32: level 0 {measured[0].kl:.4f}, level 4 {measured[4].kl:.4f}")
 
 
 if __name__ == "__main__":

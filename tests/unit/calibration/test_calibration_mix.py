@@ -98,7 +98,7 @@ def test_convert_default_calibrates_on_the_mix_and_verifies_on_heldout_text(llam
     )
     assert result.calibration["source"].endswith("the model's own samples")
     assert result.calibration["verify_source"].startswith("held-out built-in text")
-    assert result.verify["samples"] == Recipe().verify_samples == 8
+    assert result.verify["samples"] == Recipe().verify_samples == 16
 
 
 def test_bad_mix_is_one_sentence_and_exit_2(llama_dir, tmp_path, capsys):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sq_onnx.accuracy_level import choose, mean_kl, mean_nll
+from sq_onnx.accuracy_level import LossSums, choose, increase_error, judge, mean_kl, mean_nll
 
 
 def _logits(seed: int, shape=(2, 6, 11)) -> np.ndarray:
@@ -42,3 +42,27 @@ def test_level_4_only_when_both_estimates_are_within_the_tolerance():
     assert chosen.level == 4 and chosen.sample_increase is None
     assert chosen.expected_increase == pytest.approx(0.0099)
     assert "+0.99%" in chosen.reason and "within" in chosen.reason
+
+
+def test_the_choice_reports_each_estimates_standard_error_over_the_samples():
+    """Paired per-sample differences: a level 4 that costs the same on every sample has no spread, and the
+    spread of unequal costs is their standard error (sd / sqrt(n)) carried through exp."""
+    ref = [_logits(s, (1, 6, 11)) for s in range(4)]
+    ids = [{"input_ids": np.random.default_rng(10 + s).integers(0, 11, (1, 6))} for s in range(4)]
+    level0, level4 = LossSums(), LossSums()
+    rng = np.random.default_rng(5)
+    for r, feed in zip(ref, ids, strict=True):
+        level0.add(r, r + rng.normal(0, 0.1, r.shape).astype(np.float32), feed)
+        level4.add(r, r + rng.normal(0, 0.3, r.shape).astype(np.float32), feed)
+    chosen = judge(level0, level4, 0.01)
+    for per0, per4, increase, error in (
+        (level0.sample_kl, level4.sample_kl, chosen.expected_increase, chosen.expected_error),
+        (level0.sample_nll, level4.sample_nll, chosen.sample_increase, chosen.sample_error),
+    ):
+        diff = np.subtract(per4, per0)
+        assert len(diff) == 4
+        assert error == pytest.approx(math.exp(diff.mean()) * diff.std(ddof=1) / 2.0, rel=1e-9)
+        assert f"(± {error:.2%})" in chosen.reason and error > 0
+        assert increase == pytest.approx(math.expm1(diff.mean()), rel=1e-6)  # equal-length samples
+    assert increase_error([0.1, 0.2], [0.3, 0.4]) == pytest.approx(0.0, abs=1e-15)  # the same cost everywhere
+    assert increase_error([0.1], [0.3]) is None
