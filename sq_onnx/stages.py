@@ -61,7 +61,7 @@ from sq_onnx.runtime.model_inputs import (
 )
 from sq_onnx.runtime.model_io import has_external_tensors, save_model, weight_bytes
 from sq_onnx.runtime.peak_memory import current_rss_bytes
-from sq_onnx.verify import Agreement, AgreementSums, each_first_output, first_outputs
+from sq_onnx.verify import Agreement, AgreementSums, HeldOutput, each_first_output, held_outputs
 from sq_onnx.version import __version__
 
 Feeds = list[dict[str, np.ndarray]]
@@ -433,7 +433,7 @@ def _verify(conv: Conversion, nodes: list[ir.Node], head: list[ir.Node]) -> None
             accuracy_level.set_level(nodes, 0)
             conv.result.accuracy_level = choice.to_dict()
         return
-    reference = first_outputs(conv.src, conv.samples.verify, "float model", conv.show_progress)
+    reference = held_outputs(conv.src, conv.samples.verify, "float model", conv.show_progress)
     accuracy_level.set_level(head, 0)  # the linears' choice is judged with the lm_head in float, on its own
     agreement, losses = _score(conv, "converted", reference, losses_too=bool(nodes or head))
     tolerance = conv.recipe.level4_tolerance
@@ -459,15 +459,17 @@ def _verify(conv: Conversion, nodes: list[ir.Node], head: list[ir.Node]) -> None
 
 
 def _score(
-    conv: Conversion, label: str, reference: list[np.ndarray], losses_too: bool = False
+    conv: Conversion, label: str, reference: list[np.ndarray] | list[HeldOutput], losses_too: bool = False
 ) -> tuple[Agreement, accuracy_level.LossSums]:
     """The working model against the float model's ``reference`` outputs on the first verification samples,
-    one sample at a time (with ``losses_too``, also its KL from the float model and its next-token NLL)."""
+    one sample at a time (with ``losses_too``, also its KL from the float model and its next-token NLL). The
+    smoothing check passes float32 outputs (it tests exactness to 1e-4); verification ``HeldOutput``s."""
     assert conv.samples is not None
     feeds = conv.samples.verify[: len(reference)]
     agreement, losses = AgreementSums(), accuracy_level.LossSums()
     outputs = each_first_output(conv.work, feeds, label, conv.show_progress)
-    for ref, output, feed in zip(reference, outputs, feeds, strict=True):
+    for held, output, feed in zip(reference, outputs, feeds, strict=True):
+        ref = held.restore() if isinstance(held, HeldOutput) else held
         agreement.add(ref, output)
         if losses_too:
             losses.add(ref, output, feed)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sq_onnx.accuracy_level import LossSums, mean_kl, mean_nll
-from sq_onnx.verify import compare
+from sq_onnx.verify import HeldOutput, compare
 
 
 def _pairs(shapes, seed=0):
@@ -57,3 +57,33 @@ def test_losses_weight_every_token_alike_across_samples():
     assert sums.nll == pytest.approx(sum(nll_rows) / (3 - 1 + 12 - 1), rel=1e-12)
     sums.add(refs[0], outs[0], {"x": ids[0]})  # a sample with nothing to score: no NLL at all
     assert sums.nll is None
+
+
+def test_the_held_reference_takes_half_the_memory_and_keeps_what_the_statistics_read():
+    """Logits of an LLM's size (a peaked row, values to about 35): the likeliest token's logit exactly, every
+    logit within float16's rounding of its offset below the row's maximum, and KL, top-1 and the error of
+    a W4-like output as with the float32 reference."""
+    rng = np.random.default_rng(3)
+    ref = rng.normal(0, 3, (1, 64, 4096)).astype(np.float32)
+    ref[..., 7] += 20.0  # a confident top token
+    out = (ref + rng.normal(0, 0.4, ref.shape)).astype(np.float32)
+    held = HeldOutput.of(ref)
+    assert held.offsets.nbytes + held.row_max.nbytes < 0.51 * ref.nbytes
+    back = held.restore()
+    assert back.dtype == np.float32 and back.shape == ref.shape
+    assert np.array_equal(back.max(axis=-1), ref.max(axis=-1))
+    assert np.abs(back - ref).max() <= 2.0**-11 * np.abs(ref - ref.max(-1, keepdims=True)).max() + 1e-6
+    assert mean_kl([back], [out]) == pytest.approx(mean_kl([ref], [out]), rel=1e-4)
+    exact, kept = compare([ref], [out]), compare([back], [out])
+    assert kept.top1_agreement == exact.top1_agreement
+    assert kept.relative_error == pytest.approx(exact.relative_error, rel=1e-3)
+
+
+@pytest.mark.parametrize("value", [np.inf, np.nan, -1e9])
+def test_outputs_float16_cannot_hold_are_kept_as_they_are(value):
+    ref = np.random.default_rng(4).normal(0, 3, (2, 5)).astype(np.float32)
+    ref[1, 2] = value
+    assert HeldOutput.of(ref).restore() is not None
+    np.testing.assert_array_equal(HeldOutput.of(ref).restore(), ref)
+    scalar = np.float32(2.5)
+    assert HeldOutput.of(scalar).restore() == scalar
