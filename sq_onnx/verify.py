@@ -85,7 +85,11 @@ def held_outputs(
 
 
 def _rows(x: np.ndarray) -> np.ndarray:
-    return x.reshape(-1, x.shape[-1]).astype(np.float64) if x.ndim else x.reshape(1, 1).astype(np.float64)
+    """[rows, last axis] in float32 (a view where it can be). The sums below are numpy's pairwise sums along
+    rows (relative error about 1e-7 at 128K columns), added up in float64: float64 copies of both outputs
+    took 2.5 s per sample at a 128K vocabulary, a third of verification's time at a 1B shape."""
+    x = np.asarray(x, dtype=np.float32)
+    return x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
 
 
 class AgreementSums:
@@ -100,18 +104,22 @@ class AgreementSums:
 
     def add(self, reference: np.ndarray, test: np.ndarray) -> None:
         ref, out = _rows(reference), _rows(test)
+        diff = ref - out
+        ref_rows = np.square(ref).sum(axis=1, dtype=np.float32).astype(np.float64)
+        out_rows = np.square(out).sum(axis=1, dtype=np.float32).astype(np.float64)
+        dot_rows = (ref * out).sum(axis=1, dtype=np.float32).astype(np.float64)
         self.samples += 1
-        self.ref_square += float(np.square(ref).sum())
-        self.diff_square += float(np.square(ref - out).sum())
-        self.out_square += float(np.square(out).sum())
-        norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+        self.ref_square += float(ref_rows.sum())
+        self.diff_square += float(np.square(diff).sum(axis=1, dtype=np.float32).astype(np.float64).sum())
+        self.out_square += float(out_rows.sum())
+        norms = np.sqrt(ref_rows) * np.sqrt(out_rows)
         safe = np.where(norms > 0, norms, 1.0)
-        self.cosines += float(np.where(norms > 0, (ref * out).sum(axis=1) / safe, 1.0).sum())
+        self.cosines += float(np.where(norms > 0, dot_rows / safe, 1.0).sum())
         self.rows += ref.shape[0]
         self.has_top1 = self.has_top1 and ref.shape[1] > 1
         self.top1 += int((ref.argmax(axis=1) == out.argmax(axis=1)).sum())
         if ref.size:
-            self.max_abs = max(self.max_abs, float(np.abs(ref - out).max()))
+            self.max_abs = max(self.max_abs, float(np.abs(diff).max()))
 
     def result(self) -> Agreement:
         if self.ref_square > 0:

@@ -32,8 +32,8 @@ def test_compare_over_samples_of_different_lengths_is_compare_over_their_rows():
     refs, outs = _pairs([(1, 3, 7), (2, 9, 7), (1, 1, 7)])
     got = compare(refs, outs)
     assert got.samples == 3
-    for key, value in _together(refs, outs).items():
-        assert getattr(got, key) == pytest.approx(value, rel=1e-12), key
+    for key, value in _together(refs, outs).items():  # float32 row sums, float64 totals
+        assert getattr(got, key) == pytest.approx(value, rel=1e-6), key
 
 
 def test_compare_has_no_top1_for_one_wide_outputs_and_zero_error_for_equal_ones():
