@@ -166,6 +166,11 @@ class Recipe:
         "(GPTAQ; implies --gptq-sequential and runs a float copy beside it; --no-gptq-asymmetric is plain GPTQ, "
         "about 25%% faster)",
     )
+    lm_head_gptq: bool = option(
+        True,
+        "W4: the 8- or 4-bit lm_head by GPTQ too (--no-lm-head-gptq: per-block rounding with the clip search; "
+        "saves the lm_head's segment run and GPTQ over every vocabulary column)",
+    )
     act_order: bool = option(True, "GPTQ: quantize the most active input channels first")
     # Each round can only lower GPTQ's layer loss; 4 rounds cost less than more samples for the same gain
     gptq_refine: int = option(

@@ -248,3 +248,34 @@ def test_joined_linears_change_no_output(llama_dir, tmp_path, calib_ids):
         counts.append(op_types(out).count("MatMulNBits"))
     assert counts[0] < counts[1] == len(result.quantized_matmuls)
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_no_lm_head_gptq_rounds_the_lm_head_and_leaves_every_other_linear_as_gptq_made_it(
+    llama_dir, tmp_path, calib_ids
+):
+    """--no-lm-head-gptq: the lm_head gets the per-block rounding --no-gptq gives it, no runner step is planned
+    for it, and every other linear's codes are the default conversion's (GPTQ runs in order, the lm_head last)."""
+    from sq_onnx.quantize_model import gptq_batches
+
+    src = llama_dir / "model.onnx"
+    base = dict(samples=4, gptq_samples=4, block_size=32)
+    model = ir.load(src)
+    with_head, without = (
+        gptq_batches(model, Recipe(**base)),
+        gptq_batches(model, Recipe(**base, lm_head_gptq=False)),
+    )
+    assert without == with_head[:-1] and len(with_head[-1]) == 1  # the lm_head is GPTQ's last batch
+    codes = {}
+    for name, extra in (("default", {}), ("rounded", {"lm_head_gptq": False}), ("no_gptq", {"gptq": False})):
+        convert(src, tmp_path / f"{name}.onnx", Recipe(**base, **extra), calibration=calib_ids)
+        graph = ir.load(tmp_path / f"{name}.onnx").graph
+        codes[name] = {n.attributes["bits"].as_int() == 8: [] for n in graph if n.op_type == "MatMulNBits"}
+        for n in graph:
+            if n.op_type == "MatMulNBits":
+                codes[name][n.attributes["bits"].as_int() == 8].append(n.inputs[1].const_value.numpy())
+    head = {name: c[True] for name, c in codes.items()}
+    assert len(head["default"]) == 1
+    np.testing.assert_array_equal(head["rounded"][0], head["no_gptq"][0])
+    assert not np.array_equal(head["rounded"][0], head["default"][0])
+    for a, b in zip(codes["rounded"][False], codes["default"][False], strict=True):
+        np.testing.assert_array_equal(a, b)
