@@ -2,6 +2,7 @@
 
     python tools/trace_gptq.py MODEL.onnx --vocab 128256              # default W4, random ids as calibration
     python tools/trace_gptq.py MODEL.onnx --vocab 49152 --gptq-samples 64
+    python tools/trace_gptq.py MODEL.onnx --vocab 128256 --no-lm-head-gptq
 
 Converts in this process with the default W4 recipe (``--gptq-samples`` aside) while a thread samples the
 resident memory every 0.1 s, and marks each GPTQ batch's two phases: running its segment and summing its Gram
@@ -106,8 +107,11 @@ def main() -> None:
         "--vocab", type=int, required=True, help="the model's vocabulary size (for random ids)"
     )
     parser.add_argument("--gptq-samples", type=int, default=Recipe().gptq_samples)
+    parser.add_argument(
+        "--no-lm-head-gptq", action="store_true", help="the lm_head by per-block rounding (convert's option)"
+    )
     args = parser.parse_args()
-    recipe = Recipe(scheme="w4", gptq_samples=args.gptq_samples)
+    recipe = Recipe(scheme="w4", gptq_samples=args.gptq_samples, lm_head_gptq=not args.no_lm_head_gptq)
     weights = sum(f.stat().st_size for f in args.model.parent.glob(args.model.name + "*"))
     count = max(recipe.samples, recipe.gptq_samples) + recipe.verify_samples
     with tempfile.TemporaryDirectory(prefix="sq-onnx-trace-") as tmp:
