@@ -112,8 +112,8 @@ def quantize_graph(
         name = batch.linears[0].input.name or ""
         grid = (recipe.block_size, recipe.symmetric)
         rounding = dict(clip_search=recipe.clip_search, importance=(importance or {}).get(name))
-        rounded = not recipe.lm_head_gptq and batch.linears[0].node in heads  # no step planned for it
-        if rounded or (steps is None and hessians is None):
+        fitted_by_gptq = recipe.gptq_fits(batch.linears[0].node in heads)  # else no step was planned for it
+        if not fitted_by_gptq or (steps is None and hessians is None):
             return quantize_weight(original, batch.bits, *grid, **rounding)
         level4 = recipe.gptq_int8_inputs and recipe.aimed_accuracy_level(batch.linears[0].node in heads) == 4
         int8_block = recipe.block_size if level4 else None
@@ -233,7 +233,7 @@ def gptq_batches(work: ir.Model, recipe: Recipe, plans: list[LinearPlan] | None 
     """The linears of each batch ``quantize_graph`` will hand to GPTQ, in the order it will."""
     plans = plans if plans is not None else plan_linears(work.graph, find_linears(work.graph), recipe)
     batches = weight_batches(plans, together=True)
-    return [[p.linear for p in b] for b in batches if recipe.lm_head_gptq or not b[0].lm_head]
+    return [[p.linear for p in b] for b in batches if recipe.gptq_fits(b[0].lm_head)]
 
 
 def _float64_bytes(plans: list[LinearPlan]) -> int:

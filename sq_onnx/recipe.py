@@ -394,6 +394,10 @@ class Recipe:
         """The lm_head's level: auto writes 4 (``--accuracy-level auto`` may lower it to 0 after verifying)."""
         return 4 if self.lm_head_accuracy_level == "auto" else int(self.lm_head_accuracy_level)
 
+    def gptq_fits(self, lm_head: bool) -> bool:
+        """Whether GPTQ, where it runs, fits this weight-only linear (``--no-lm-head-gptq`` rounds the lm_head)."""
+        return self.lm_head_gptq or not lm_head
+
     def aimed_accuracy_level(self, lm_head: bool) -> int:
         """The level a weight-only linear is meant to run at: auto aims for 4 (and verifies it afterwards)."""
         if lm_head:

@@ -344,7 +344,7 @@ def smooth(conv: Conversion) -> None:
     reference, conv.calib.reference = conv.calib.reference, []
     if not (conv.smoothed.groups and reference):
         return
-    check, _ = _score(conv, "smoothed", reference)
+    check, _ = _score(conv, "smoothed", [HeldOutput.whole(r) for r in reference])
     tolerance = EQUIVALENCE_TOLERANCE.get(_weight_dtype(conv.analysis), 1e-4)
     equivalent = check.relative_error < tolerance
     conv.result.smoothing_check = {**check.to_dict(), "tolerance": tolerance, "equivalent": equivalent}
@@ -459,17 +459,16 @@ def _verify(conv: Conversion, nodes: list[ir.Node], head: list[ir.Node]) -> None
 
 
 def _score(
-    conv: Conversion, label: str, reference: list[np.ndarray] | list[HeldOutput], losses_too: bool = False
+    conv: Conversion, label: str, reference: list[HeldOutput], losses_too: bool = False
 ) -> tuple[Agreement, accuracy_level.LossSums]:
     """The working model against the float model's ``reference`` outputs on the first verification samples,
-    one sample at a time (with ``losses_too``, also its KL from the float model and its next-token NLL). The
-    smoothing check passes float32 outputs (it tests exactness to 1e-4); verification ``HeldOutput``s."""
+    one sample at a time (with ``losses_too``, also its KL from the float model and its next-token NLL)."""
     assert conv.samples is not None
     feeds = conv.samples.verify[: len(reference)]
     agreement, losses = AgreementSums(), accuracy_level.LossSums()
     outputs = each_first_output(conv.work, feeds, label, conv.show_progress)
     for held, output, feed in zip(reference, outputs, feeds, strict=True):
-        ref = held.restore() if isinstance(held, HeldOutput) else held
+        ref = held.restore()
         agreement.add(ref, output)
         if losses_too:
             losses.add(ref, output, feed)

@@ -59,10 +59,12 @@ def main() -> None:
     print(f"{len(feeds)} samples of {args.seq_len} tokens ({origin}): level {choice.level}; {choice.reason}")
     print(f"KL to fp32: level 0 {measured[0].kl:.4f}, level 4 {measured[4].kl:.4f}")
     for size in args.spread:
-        print_spread(measured[0], measured[4], size)
+        print_spread(measured[0], measured[4], size, args.tolerance)
 
 
-def print_spread(level0: accuracy_level.LossSums, level4: accuracy_level.LossSums, size: int) -> None:
+def print_spread(
+    level0: accuracy_level.LossSums, level4: accuracy_level.LossSums, size: int, tolerance: float
+) -> None:
     """How far a conversion's choice on ``size`` of these samples could move: the standard deviation of
     both estimates over 2000 random draws of ``size`` samples without replacement."""
     n = len(level0.sample_kl)
@@ -79,7 +81,7 @@ def print_spread(level0: accuracy_level.LossSums, level4: accuracy_level.LossSum
     on_tokens = np.expm1([nll[d].mean() for d in draws]) if nll.size == n else np.array([np.nan])
     print(
         f"draws of {size} of the {n} samples: as the float model predicts sd {expected.std():.2%}, on the "
-        f"samples' tokens sd {on_tokens.std():.2%} (beyond 1%: {np.mean(on_tokens > 0.01):.0%} of draws)"
+        f"samples' tokens sd {on_tokens.std():.2%} (beyond {tolerance:.0%}: {np.mean(on_tokens > tolerance):.0%} of draws)"
     )
 
 
