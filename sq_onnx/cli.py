@@ -6,6 +6,7 @@ import argparse
 import json
 import signal
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -384,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     previous = _sigterm_as_interrupt()
     try:
-        return handlers[args.command](args)
+        with _run_failures(args):
+            return handlers[args.command](args)
     except SqOnnxError as exc:
         print(f"sq-onnx: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -394,6 +396,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _run_failures(args: argparse.Namespace) -> AbstractContextManager[None]:
+    """eval, bench and generate only run the models they are given: ONNX Runtime failing there is said in one
+    sentence (convert says it for its input's steps, ``sq_onnx.pipeline``)."""
+    if args.command not in ("eval", "bench", "generate"):
+        return nullcontext()
+    from sq_onnx.runtime.ort_session import run_failures_said
+
+    compare = getattr(args, "compare", None)
+    return run_failures_said(f"{args.model}" + (f" or {compare}" if compare else ""))
 
 
 def _sigterm_as_interrupt():

@@ -11,6 +11,10 @@ class ModelLoadError(SqOnnxError):
     """The input path is missing, not a file, or not a readable ONNX model."""
 
 
+class ModelRunError(SqOnnxError):
+    """ONNX Runtime loads the input model but fails running it: the model, not sq-onnx, needs fixing."""
+
+
 class NothingToQuantizeError(SqOnnxError):
     """The model has no MatMul/Gemm with a constant weight that the recipe would quantize."""
 

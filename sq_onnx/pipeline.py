@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,17 @@ from sq_onnx.recipe import Recipe
 from sq_onnx.reporting.report import build_report, check_report_dir, write_report
 from sq_onnx.runtime.device import running_on
 from sq_onnx.runtime.model_io import check_output_path, load_model
+from sq_onnx.runtime.ort_session import run_failures_said
 from sq_onnx.runtime.peak_memory import peak_rss_mb, reset_peak_rss
 from sq_onnx.stages import ConvertResult
+
+# The steps that run only the user's float model (sampling text from it, calibrating it): ONNX Runtime failing
+# there is the input's problem, said in one sentence (``run_failures_said``); later, a failure is ours.
+INPUT_MODEL_STEPS = ("samples", "calibrate")
+INPUT_FAILS = (
+    "the input model itself, so it cannot be calibrated",
+    "check that it runs in ONNX Runtime as it is, also through its KV cache (`sq-onnx generate MODEL PROMPT`)",
+)
 
 
 def convert(
@@ -61,7 +71,8 @@ def convert(
         ]
         for name, step in steps:
             began = time.perf_counter()
-            step()
+            with run_failures_said(*INPUT_FAILS) if name in INPUT_MODEL_STEPS else nullcontext():
+                step()
             timings[name] = time.perf_counter() - began
         began = time.perf_counter()
         parts = stages.report_parts(conv) if report_dir is not None else None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from sq_onnx.errors import ModelLoadError, SqOnnxError
+from sq_onnx.errors import ModelLoadError, ModelRunError, SqOnnxError
 from sq_onnx.runtime import custom_ops, device
 from sq_onnx.runtime.custom_ops import register_custom_ops
 from sq_onnx.runtime.float32_twin import float32_twin, has_bfloat16
@@ -34,7 +34,7 @@ def session_options(threads: int | None = None, custom_ops: bool = False):
     """Options for our sessions; ``custom_ops`` registers the sq_onnx op library (raises if it is missing)."""
     ort = _ort()
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors come back as exceptions, which we report; ORT would print them twice
     if threads:
         so.intra_op_num_threads = threads
     if custom_ops:
@@ -83,6 +83,22 @@ def in_memory_session(model: ir.Model, threads: int | None = None) -> Iterator[o
         path = Path(tmp) / "model.onnx"
         ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
         yield _checked_session(str(path), threads, custom)
+
+
+@contextmanager
+def run_failures_said(what: str, hint: str = "") -> Iterator[None]:
+    """ONNX Runtime's failure while running a model the user gave us becomes one sentence naming ``what`` failed:
+    a graph ORT loads but cannot run (onnxruntime-genai's CPU fp16 builder graph decoding on ORT 1.32, for one)
+    is the model's problem, and a traceback would hide that. Other exceptions pass through."""
+    try:
+        yield
+    except Exception as exc:  # ORT raises its own pybind types (Fail, RuntimeException, InvalidArgument, ...)
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelRunError(
+            f"ONNX Runtime fails running {what} ({first}){'; ' + hint if hint else ''}."
+        ) from None
 
 
 def _external_home(model: ir.Model) -> Path | None:

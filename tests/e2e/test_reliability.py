@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -298,3 +299,39 @@ def test_the_gpu_path_matches_the_cpu_path_to_float_rounding(llama_dir, tmp_path
         )
         < 0.02
     )
+
+
+def _fails_at_run_time(src: Path, folder: Path) -> Path:
+    """``src`` with a Reshape of the embedding to rows of 7 (and back) that ONNX Runtime loads but cannot run:
+    64 x tokens is a multiple of 7 only when the tokens are, so a run fails as a graph ORT mis-plans does."""
+    model = ir.load(src)
+    gather = next(n for n in model.graph if n.op_type == "Gather" and n.outputs[0].shape.rank() == 3)
+    h = gather.outputs[0]
+    users = list(h.uses())
+    tape = ir.tape.Tape()
+    rows = tape.op("Reshape", [h, tape.initializer(ir.tensor(np.array([-1, 7], np.int64), name="rows_of_7"))])
+    back = tape.op("Reshape", [rows, tape.op("Shape", [h])])
+    for node, index in users:
+        node.replace_input_with(index, back)
+    for init in tape.initializers:
+        model.graph.register_initializer(init)
+    model.graph.insert_after(gather, tape.nodes)
+    folder.mkdir()
+    ir.save(model, folder / "model.onnx")
+    (folder / "tokenizer.json").write_bytes((src.parent / "tokenizer.json").read_bytes())
+    return folder / "model.onnx"
+
+
+def test_a_model_onnx_runtime_cannot_run_is_said_in_one_sentence(llama_dir, tmp_path, calib_ids, capsys):
+    broken = _fails_at_run_time(llama_dir / "model.onnx", tmp_path / "broken")
+    np.savez(tmp_path / "c.npz", **calib_ids)
+    out = tmp_path / "q.onnx"
+    assert main(["convert", str(broken), "-o", str(out), "--calib", str(tmp_path / "c.npz"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sq-onnx: error: ONNX Runtime fails running the input model itself"), err
+    assert len(err.splitlines()) == 1 and "Reshape" in err
+    assert not out.exists()
+    assert main(["generate", str(broken), "some text", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"sq-onnx: error: ONNX Runtime fails running {broken}"), err
+    assert len(err.splitlines()) == 1
