@@ -10,7 +10,14 @@ import numpy as np
 import onnx_ir as ir
 
 from sq_onnx.passes.graph_edit import MS
-from sq_onnx.passes.linears import Linear, as_linear, is_channel_vector, is_constant, is_float_dtype
+from sq_onnx.passes.linears import (
+    Linear,
+    as_linear,
+    constant_array,
+    is_channel_vector,
+    is_constant,
+    is_float_dtype,
+)
 
 # Element-wise activations f with f(x / s) = f(x) / s for every s > 0: a scale passes through them.
 POSITIVELY_HOMOGENEOUS = ("Relu",)
@@ -28,13 +35,17 @@ def _read_once(value: ir.Value | None) -> bool:
 
 
 def _const_ints(value: ir.Value | None) -> list[int] | None:
-    const = None if value is None else value.const_value
-    return None if const is None else [int(v) for v in const.numpy().reshape(-1)]
+    """An initializer's or a Constant node's integers (onnxruntime-genai's builder writes Split sizes as
+    Constant nodes)."""
+    const = constant_array(value)
+    return None if const is None else [int(v) for v in const.reshape(-1)]
 
 
-def _last_axis(axis: int, value: ir.Value) -> bool:
-    rank = None if value.shape is None else len(value.shape)
-    return axis == -1 or (rank is not None and axis == rank - 1)
+def _last_axis(axis: int, value: ir.Value, part: ir.Value | None = None) -> bool:
+    """``axis`` is ``value``'s last, by its rank or, where its shape is unknown, by the rank of ``part`` (a
+    Slice / Split output, which has the same rank)."""
+    known = [v.shape for v in (value, part) if v is not None and v.shape is not None]
+    return axis == -1 or (bool(known) and axis == len(known[0]) - 1)
 
 
 def _column_range(node: ir.Node, index: int, width: int) -> tuple[int, int] | None:
@@ -51,14 +62,14 @@ def _column_range(node: ir.Node, index: int, width: int) -> tuple[int, int] | No
             None in (starts, ends, axes, steps)
             or len(starts) != 1
             or steps != [1]
-            or not _last_axis(axes[0], source)
+            or not _last_axis(axes[0], source, node.outputs[0])
         ):
             return None
         lo, hi = (v + width if v < 0 else v for v in (starts[0], ends[0]))
         return max(0, min(lo, width)), max(0, min(hi, width))
     if node.op_type == "Split":
         axis = node.attributes["axis"].value if "axis" in node.attributes else 0
-        if not _last_axis(int(axis), source):
+        if not _last_axis(int(axis), source, node.outputs[index]):
             return None
         sizes = _const_ints(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
         if sizes is None:
@@ -72,14 +83,26 @@ def _column_range(node: ir.Node, index: int, width: int) -> tuple[int, int] | No
     return None
 
 
+def _width(value: ir.Value) -> int | None:
+    """The last axis of ``value``: from its shape, or, where the exporter left it unknown (onnxruntime-genai's
+    builder writes no intermediate shapes), from the linear that produces it (through a bias Add)."""
+    if value.shape is not None and len(value.shape) and isinstance(value.shape[-1], int):
+        return value.shape[-1]
+    node = value.producer()
+    if node is not None and node.op_type == "Add" and node.domain == "":
+        node = next((i.producer() for i in node.inputs if i is not None and i.producer() is not None), None)
+    linear = as_linear(node) if node is not None else None
+    return None if linear is None else int(linear.shape[1])
+
+
 def _column_slice(value: ir.Value, channels: int) -> tuple[ir.Value, int] | None:
     """``value`` = columns [lo, lo + channels) of a tensor (a fused projection's q/k/v or gate/up part), and
     every other reader of that tensor reads other columns only: dividing those columns by s divides ``value``
     and nothing else. The tensor and lo, else None."""
     node = value.producer()
     source = node.inputs[0] if node is not None and node.inputs else None
-    width = None if source is None or source.shape is None else source.shape[-1]
-    if not isinstance(width, int) or source.is_graph_output():
+    width = None if source is None else _width(source)
+    if width is None or source.is_graph_output():
         return None
     ours = _column_range(node, list(node.outputs).index(value), width)
     if ours is None or ours[1] - ours[0] != channels:
@@ -129,7 +152,9 @@ def _linear_columns(
         if value.producer() is None:
             return None
     node = value.producer()
-    width = channels if sliced is None else int(value.shape[-1])  # the linear's columns
+    width = channels if sliced is None else _width(value)  # the linear's columns
+    if width is None:
+        return None
     targets: list[tuple[ir.Node, int]] = []
     if node.op_type == "Add" and node.domain == "" and len(node.inputs) == 2:
         for i in (0, 1):

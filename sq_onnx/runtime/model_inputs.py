@@ -49,14 +49,24 @@ def _genai_config(folder: Path) -> dict:
 
 def with_cache_dims(specs: list[InputSpec], genai_config: dict | None) -> list[InputSpec]:
     """onnxruntime-genai's model builder leaves the KV cache's head count or size symbolic ('kv_cache_dim');
-    its genai_config.json has them, so an empty cache can still be made (calibration, eval, generate)."""
+    its genai_config.json has them, so an empty cache can still be made (calibration, eval, generate). Layers
+    it lists under ``sliding_window`` keep a cache of the window's length ('past_sliding_length': the
+    builder's GroupQueryAttention with ``sliding_window_cache``, Gemma 2 / 3, refuses a shorter one), whose
+    valid positions the attention mask counts: their cache is ``window_size`` long from the first step."""
     decoder = (genai_config or {}).get("model", {}).get("decoder", {})
     known = {1: decoder.get("num_key_value_heads"), 3: decoder.get("head_size")}
+    window = decoder.get("sliding_window") or {}
+    windowed = (
+        {int(i) for i in window.get("layers") or []} if isinstance(window.get("window_size"), int) else set()
+    )
     out = []
     for spec in specs:
         if spec.is_past_kv and len(spec.dims) == 4:
+            sizes = dict(known)
+            if _layer(spec.name) in windowed:
+                sizes[2] = window["window_size"]
             dims = tuple(
-                known[i] if i in known and not isinstance(d, int) and isinstance(known[i], int) else d
+                sizes[i] if i in sizes and not isinstance(d, int) and isinstance(sizes[i], int) else d
                 for i, d in enumerate(spec.dims)
             )
             spec = InputSpec(spec.name, spec.dtype, dims)
@@ -64,16 +74,23 @@ def with_cache_dims(specs: list[InputSpec], genai_config: dict | None) -> list[I
     return out
 
 
+def _layer(name: str) -> int | None:
+    """The layer index in a cache input's name (past_key_values.3.key -> 3)."""
+    digits = [part for part in name.split(".") if part.isdigit()]
+    return int(digits[0]) if digits else None
+
+
 def is_language_model(specs: list[InputSpec]) -> bool:
     return any(s.name == "input_ids" for s in specs)
 
 
 def _past_kv_array(spec: InputSpec, batch: int) -> np.ndarray:
-    """An empty cache: batch from the sample, 0 past positions, static dims (heads, head size) kept."""
+    """An empty cache: batch from the sample, static dims (heads, head size) kept, 0 past positions or, for a
+    cache of fixed length (a sliding window's, ``with_cache_dims``), that many positions the mask leaves out."""
     dims = list(spec.dims)
     if len(dims) != 4:
         raise CalibrationError(f"cannot derive model input {spec.name!r}: expected a 4-D key/value cache.")
-    shape = [batch, dims[1], 0, dims[3]]
+    shape = [batch, dims[1], dims[2] if isinstance(dims[2], int) else 0, dims[3]]
     if not all(isinstance(d, int) for d in (shape[1], shape[3])):
         raise CalibrationError(
             f"cannot derive model input {spec.name!r}: its head dimensions are not static."

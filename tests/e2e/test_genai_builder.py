@@ -28,12 +28,13 @@ import onnxruntime_genai as og  # noqa: E402
 from test_genai import PROMPT, assert_same_tokens  # noqa: E402
 
 
-def _built(root: Path, precision: str, provider: str) -> Path:
-    """The builder's folder of the tiny Llama that the llama_kv fixture exports with torch.onnx."""
-    hf = root / "hf"
+def _built(root: Path, precision: str, provider: str, family: str = "llama") -> Path:
+    """The builder's folder of a tiny model: the Llama that the llama_kv fixture exports with torch.onnx, or
+    another of tiny_models.FAMILIES."""
+    hf = root / f"hf-{family}"
     if not hf.exists():
-        tiny_models.save_hf_folder(tiny_models.build_torch_model("llama", seed=4, layers=2), hf)
-    out = root / f"builder-{precision}-{provider}"
+        tiny_models.save_hf_folder(tiny_models.build_family(family, seed=4), hf)
+    out = root / f"builder-{family}-{precision}-{provider}"
     cmd = [
         sys.executable,
         "-m",
@@ -74,6 +75,27 @@ def builder_fp16_folder(builder_root) -> Path:
     inserts, fails to decode in onnxruntime-genai 0.18 / ORT 1.32 themselves: test_reliability's
     one-sentence test covers what convert says of such a graph.)"""
     return _built(builder_root, "fp16", "cuda")
+
+
+@pytest.fixture(scope="module")
+def builder_qwen3_folder(builder_root) -> Path:
+    """The builder's fp32 CPU folder of a tiny Qwen3: GroupQueryAttention on separate q, k, v (q / k norms
+    between the packed qkv_proj's Split and the attention), Split sizes as a Constant node, no shapes."""
+    return _built(builder_root, "fp32", "cpu", "qwen3")
+
+
+@pytest.fixture(scope="module")
+def builder_gemma2_folder(builder_root) -> Path:
+    """The builder's fp32 CPU folder of a tiny Gemma 2: its sliding-window layers' GroupQueryAttention keeps a
+    cache of the window's length (``sliding_window_cache``), which refuses an empty one."""
+    return _built(builder_root, "fp32", "cpu", "gemma2")
+
+
+BUILDER_FOLDERS = {
+    "llama": "builder_folder",
+    "qwen3": "builder_qwen3_folder",
+    "gemma2": "builder_gemma2_folder",
+}
 
 
 def _on_the_cpu(folder: Path, to: Path) -> Path:
@@ -125,7 +147,9 @@ def test_builder_and_torch_onnx_graphs_have_the_same_groups(precision, request, 
     }
 
 
-def test_a_converted_builder_folder_runs_in_genai(builder_folder, tmp_path, calib_ids):
+@pytest.mark.parametrize("family", BUILDER_FOLDERS)
+def test_a_converted_builder_folder_runs_in_genai(family, request, tmp_path, calib_ids):
+    builder_folder = request.getfixturevalue(BUILDER_FOLDERS[family])
     out = tmp_path / "w4" / "model.onnx"
     result = convert(
         builder_folder / "model.onnx", out, Recipe(samples=4, block_size=32), calibration=calib_ids
@@ -144,8 +168,12 @@ def test_a_converted_fp16_builder_folder_runs_in_genai(builder_fp16_folder, tmp_
     assert len(result.smoothed_groups) == 5
     written = ir.load(out)
     nbits = [n for n in written.graph if n.op_type == "MatMulNBits"]
-    assert nbits and all(n.inputs[2].dtype == ir.DataType.FLOAT16 for n in nbits), "fp16 scales, as the graph's"
-    assert not [n for n in written.graph if n.op_type == "MatMul"], "every linear of the builder's graph is W4"
+    assert nbits and all(n.inputs[2].dtype == ir.DataType.FLOAT16 for n in nbits), (
+        "fp16 scales, as the graph's"
+    )
+    assert not [n for n in written.graph if n.op_type == "MatMul"], (
+        "every linear of the builder's graph is W4"
+    )
     config = json.loads((out.parent / "genai_config.json").read_text())
     assert "cuda" in config["model"]["decoder"]["session_options"]["provider_options"][0], "still for the GPU"
     assert_same_tokens(_on_the_cpu(out.parent, tmp_path / "w4-cpu"), out)
@@ -165,9 +193,14 @@ def _genai_logits(folder: Path, steps: int = 4) -> np.ndarray:
     return np.stack(logits)
 
 
-def test_the_builders_attention_values_fold_exactly_through_its_kv_cache(builder_folder, tmp_path, calib_ids):
-    """v -> o through GroupQueryAttention: the cache then holds V / s, which genai feeds back step after step;
-    the smoothed float model must still compute what the builder's does."""
+@pytest.mark.parametrize("family", BUILDER_FOLDERS)
+def test_the_builders_attention_values_fold_exactly_through_its_kv_cache(
+    family, request, tmp_path, calib_ids
+):
+    """v -> o through GroupQueryAttention: the cache then holds V / s, which genai feeds back step after step
+    (past a sliding window's length for Gemma 2); the smoothed float model must still compute what the
+    builder's does."""
+    builder_folder = request.getfixturevalue(BUILDER_FOLDERS[family])
     out = tmp_path / "smooth" / "model.onnx"
     recipe = Recipe(scheme="smooth", linear_folds="on", samples=4)
     result = convert(builder_folder / "model.onnx", out, recipe, calibration=calib_ids)
