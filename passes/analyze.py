@@ -188,6 +188,12 @@ def classify_norm(value: ir.Value, channels: int) -> tuple[str, list[tuple[ir.No
     return f"its producer {op or '?'} ({node.name}) cannot absorb a per-channel scale"
 
 
+def reads_shape_only(node: ir.Node) -> bool:
+    """Shape and Size read a tensor's dimensions, never its values: scaling the tensor leaves them alone
+    (torch.onnx's TorchScript exporter, and so optimum's, reads the normed hidden states' shape in attention)."""
+    return node.domain == "" and node.op_type in ("Shape", "Size")
+
+
 def analyze(graph: ir.Graph, linears: list[Linear] | None = None, through_linears: bool = False) -> Analysis:
     """Group linears by their input tensor and decide, per tensor, whether smoothing can fold
     (``through_linears``: also into a linear producer's output columns)."""
@@ -209,7 +215,11 @@ def analyze(graph: ir.Graph, linears: list[Linear] | None = None, through_linear
         if any(c.shape[0] != channels for c in consumers):
             result.skipped.append(Skip(value.name or "", names, "consumers disagree on the input width"))
             continue
-        foreign = [u.node for u in value.uses() if id(u.node) not in linear_nodes or u.idx != 0]
+        foreign = [
+            u.node
+            for u in value.uses()
+            if (id(u.node) not in linear_nodes or u.idx != 0) and not reads_shape_only(u.node)
+        ]
         if foreign:
             other = foreign[0]
             reason = f"the tensor also feeds {other.op_type} ({other.name}), which cannot absorb the scale"

@@ -132,6 +132,40 @@ def export_torch(model, path: Path) -> Path:
     return path
 
 
+def export_torchscript(model, path: Path) -> Path:
+    """torch.onnx's TorchScript exporter (``dynamo=False``, as optimum and many users' scripts still export),
+    without KV cache: decomposed norms, attention shapes read from the normed hidden states (``Shape``),
+    dynamic Reshape targets, and no types on most intermediate values."""
+    import warnings
+
+    import torch
+
+    class Logits(torch.nn.Module):
+        def __init__(self, inner) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    ids = torch.tensor(random_ids(1, 16))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dynamic = {0: "batch", 1: "sequence"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Logits(model.eval()),
+            (ids, torch.ones_like(ids)),
+            str(path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_axes={"input_ids": dynamic, "attention_mask": dynamic, "logits": dynamic},
+            opset_version=17,
+            dynamo=False,
+        )
+    return path
+
+
 def fuse_for_ort(src: Path, dst: Path) -> Path:
     """The same model after onnxscript's ORT fusions (SimplifiedLayerNormalization, Skip* norms, ...)."""
     import onnx_ir as ir

@@ -96,12 +96,19 @@ def _depends_on_inputs(graph: ir.Graph, order: list[ir.Node]) -> set[str]:
     return live
 
 
-def segment_model(model: ir.Model, cached: list[str], outputs: list[str]) -> ir.Model:
+def segment_model(
+    model: ir.Model, cached: list[str], outputs: list[str], dtypes: dict[str, np.dtype] | None = None
+) -> ir.Model:
     """The part of ``model`` that computes ``outputs`` from the graph inputs and the ``cached`` values,
-    as a model of its own (initializers shared, not copied); inputs it does not read are dropped."""
+    as a model of its own (initializers shared, not copied); inputs it does not read are dropped. A cached
+    value the exporter wrote no type for (torch.onnx's TorchScript exporter leaves many) takes its dtype from
+    ``dtypes`` (the cached arrays'): ONNX Runtime refuses graph inputs without one."""
     graph = model.graph
     inputs = [v.name for v in graph.inputs] + [c for c in cached if c not in outputs]
     sub = ir.convenience.extract(graph, inputs, outputs)
+    for value in sub.inputs:
+        if value.type is None and value.name in (dtypes or {}):
+            value.type = ir.TensorType(ir.DataType.from_numpy(dtypes[value.name]))
     used = [v for v in sub.inputs if v.uses() or v in sub.outputs]
     sub.inputs.clear()
     sub.inputs.extend(used)
@@ -284,7 +291,12 @@ class _Stream:
         self._next, self._inputs, self._to_spill, self._count = {k: [] for k in run.keep}, None, None, count
         if not run.outputs:
             return nullcontext()
-        return in_memory_session(segment_model(self.model, list(self.cache), list(run.outputs)))
+        dtypes = {
+            name: entries[0].dtype
+            for name, entries in self.cache.items()
+            if entries and entries[0] is not None
+        }
+        return in_memory_session(segment_model(self.model, list(self.cache), list(run.outputs), dtypes))
 
     def sample(self, run: Run, sess: Any, i: int, feed: dict[str, np.ndarray]) -> np.ndarray:
         """Run the segment on sample ``i``; returns the run's target and files what the cache keeps. The

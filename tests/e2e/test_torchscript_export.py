@@ -1,0 +1,47 @@
+"""Graphs from torch.onnx's TorchScript exporter (``dynamo=False``; optimum and many users' own scripts still
+export this way): attention reads the normed hidden states' shape (``Shape``), norms are decomposed, most
+intermediate values carry no type. Smoothing must still find each norm's linears and keep the function, and
+GPTQ's segment runner must still run cuts at untyped values."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from sq_onnx import Recipe, convert
+from sq_onnx.passes.analyze import analyze
+
+import tiny_models
+from conftest import run
+
+
+@pytest.fixture(scope="module")
+def torchscript_llama(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("torchscript_llama")
+    return tiny_models.export_torchscript(
+        tiny_models.build_torch_model("llama", seed=4), folder / "model.onnx"
+    )
+
+
+def test_a_norm_whose_output_also_feeds_shape_is_smoothed(torchscript_llama):
+    graph = ir.load(torchscript_llama).graph
+    groups = analyze(graph).groups
+    modules = sorted(tuple(sorted(c.name.split("/")[-2] for c in g.consumers)) for g in groups)
+    per_layer = [("k_proj", "q_proj", "v_proj"), ("gate_proj", "up_proj")]
+    assert modules == sorted([*per_layer, *per_layer, ("lm_head",)])
+    shaped = [g for g in groups if any(u.node.op_type == "Shape" for u in g.tensor.uses())]
+    assert len(shaped) == 2, "the input norms' outputs also feed attention's Shape"
+
+
+@pytest.mark.parametrize("scheme", ["w4", "w8a8"])
+def test_a_torchscript_graph_converts_and_keeps_the_function(scheme, torchscript_llama, tmp_path, calib_ids):
+    out = tmp_path / "q.onnx"
+    recipe = Recipe(scheme=scheme, samples=4, gptq_samples=4, block_size=32)
+    result = convert(torchscript_llama, out, recipe, calibration=calib_ids)
+    assert len(result.smoothed_groups) == {"w4": 5, "w8a8": 7}[scheme]  # W8A8 also folds up -> down
+    assert result.smoothing_check["equivalent"]
+    ids = tiny_models.random_ids(1, 24, seed=9)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    ref, got = run(torchscript_llama, feed), run(out, feed)
+    assert np.mean(ref.argmax(-1) == got.argmax(-1)) > 0.75
