@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx_ir as ir
 
-from sq_onnx.lm.evaluate import token_kl, token_nll
+from sq_onnx.lm.fast_losses import kl_rows, next_token_nll
 from sq_onnx.passes.graph_edit import MS
 
 LEVEL_ATTR = "accuracy_level"
@@ -58,21 +58,26 @@ class LossSums:
         self.sample_nll: list[float] = []
 
     def add(self, reference: np.ndarray, output: np.ndarray, feed: dict[str, np.ndarray]) -> None:
-        self.add_kl(reference, output)
-        self.add_nll(output, feed)
+        lse = self.add_kl(reference, output)
+        self.add_nll(output, feed, lse)
 
-    def add_kl(self, reference: np.ndarray, output: np.ndarray) -> None:
-        kl = token_kl(_rows(reference), _rows(output))
+    def add_kl(self, reference: np.ndarray, output: np.ndarray) -> np.ndarray:
+        """Adds the sample's KL; returns log Σ exp of each output row (what its NLL needs again)."""
+        kl, lse = kl_rows(_rows(reference), _rows(output))
         self.kl_sum, self.kl_count = self.kl_sum + float(kl.sum()), self.kl_count + kl.size
         self.sample_kl.append(float(kl.mean()))
+        return lse
 
-    def add_nll(self, output: np.ndarray, feed: dict[str, np.ndarray]) -> None:
+    def add_nll(self, output: np.ndarray, feed: dict[str, np.ndarray], lse: np.ndarray | None = None) -> None:
         ids = feed.get("input_ids")
         if ids is None or output.ndim != 3 or output.shape[:2] != ids.shape:
             self.scorable = False
             return
+        rows = _rows(output)
+        lse = lse if lse is not None else kl_rows(rows, rows)[1]
+        seq = ids.shape[1]
         for b in range(ids.shape[0]):
-            nll = token_nll(output[b], ids[b].astype(np.int64))
+            nll = next_token_nll(output[b], lse[b * seq : (b + 1) * seq], ids[b])
             self.nll_sum, self.nll_count = self.nll_sum + float(nll.sum()), self.nll_count + nll.size
             self.sample_nll.append(float(nll.mean()))
 

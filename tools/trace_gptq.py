@@ -3,12 +3,16 @@
     python tools/trace_gptq.py MODEL.onnx --vocab 128256              # default W4, random ids as calibration
     python tools/trace_gptq.py MODEL.onnx --vocab 49152 --gptq-samples 64
     python tools/trace_gptq.py MODEL.onnx --vocab 128256 --no-lm-head-gptq
+    python tools/trace_gptq.py MODEL.onnx --vocab 128256 --tracemalloc   # who holds the memory at the peak
 
 Converts in this process with the default W4 recipe (``--gptq-samples`` aside) while a thread samples the
 resident memory every 0.1 s, and marks each GPTQ batch's two phases: running its segment and summing its Gram
 matrices (``segments+grams``), then fitting its weights (``gptq``). Prints the stages' seconds, the peak over
 the weights' file size per phase, and the seconds of every batch: the per-layer cost of a shape exported with
 a few layers (``tools/bench_scale.py --layers``) times its layer count estimates the whole model's.
+``--tracemalloc`` also snapshots Python's and numpy's allocations at each new high (every 64 MB) and prints
+where the highest one's bytes were allocated: what is not in it (ORT's own buffers, pages of the memory-mapped
+weights) is the resident memory less its total.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import tempfile
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -35,16 +40,25 @@ MB = 1024**2
 class Tracer:
     """Resident memory sampled every ``every`` seconds, each sample labelled with the phase set last."""
 
-    def __init__(self, every: float = 0.1) -> None:
+    def __init__(self, every: float = 0.1, snapshots: bool = False) -> None:
         self.phase = "calibrate, smooth"
         self.samples: list[tuple[float, int, str]] = []
+        self.snapshots = snapshots
+        self.highest: tuple[int, int, str, tracemalloc.Snapshot] | None = None  # traced, RSS, phase, snapshot
         self._every, self._stop = every, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self.mark(self.phase)
+            if self.snapshots:
+                self._snapshot_if_higher()
             self._stop.wait(self._every)
+
+    def _snapshot_if_higher(self) -> None:
+        traced, _ = tracemalloc.get_traced_memory()
+        if self.highest is None or traced > self.highest[0] + 64 * MB:
+            self.highest = (traced, current_rss_bytes(), self.phase, tracemalloc.take_snapshot())
 
     def mark(self, phase: str) -> None:
         """Enter ``phase`` now (also taking a sample, so a phase shorter than the interval is seen)."""
@@ -52,12 +66,28 @@ class Tracer:
         self.samples.append((time.perf_counter(), current_rss_bytes(), phase))
 
     def __enter__(self) -> Tracer:
+        if self.snapshots:
+            tracemalloc.start(12)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        if self.snapshots:
+            tracemalloc.stop()
+
+    def holders(self, top: int = 15) -> list[tuple[str, int]]:
+        """The highest snapshot's bytes by the innermost sq_onnx line that allocated them."""
+        if self.highest is None:
+            return []
+        by_site: dict[str, int] = {}
+        for stat in self.highest[3].statistics("traceback"):
+            ours = [f for f in stat.traceback if "sq_onnx" in f.filename or "/passes/" in f.filename]
+            frame = ours[-1] if ours else stat.traceback[-1]
+            site = f"{Path(frame.filename).name}:{frame.lineno}"
+            by_site[site] = by_site.get(site, 0) + stat.size
+        return sorted(by_site.items(), key=lambda kv: -kv[1])[:top]
 
     def seconds(self) -> dict[str, float]:
         """Seconds spent in each phase, in the order first seen."""
@@ -110,6 +140,11 @@ def main() -> None:
     parser.add_argument(
         "--no-lm-head-gptq", action="store_true", help="the lm_head by per-block rounding (convert's option)"
     )
+    parser.add_argument(
+        "--tracemalloc",
+        action="store_true",
+        help="where Python's and numpy's bytes were allocated at the peak",
+    )
     args = parser.parse_args()
     recipe = Recipe(scheme="w4", gptq_samples=args.gptq_samples, lm_head_gptq=not args.no_lm_head_gptq)
     weights = sum(f.stat().st_size for f in args.model.parent.glob(args.model.name + "*"))
@@ -117,7 +152,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sq-onnx-trace-") as tmp:
         ids = np.random.default_rng(0).integers(3, args.vocab, (count, 1, SEQ_LEN), dtype=np.int64)
         np.savez(Path(tmp) / "ids.npz", input_ids=ids)
-        with Tracer() as tracer:
+        with Tracer(snapshots=args.tracemalloc) as tracer:
             quantize_model.batch_grams = traced_batch_grams(tracer)
             stages.quantize_graph = traced_quantize_graph(tracer)
             result = convert(
@@ -140,6 +175,16 @@ def main() -> None:
     for phase, seconds in tracer.seconds().items():
         table.add_row(phase, f"{seconds:.1f}")
     console.print(table)
+    if tracer.highest is not None:
+        traced, rss, phase, _ = tracer.highest
+        table = Table(
+            title=f"allocations at the traced high: {traced / MB:.0f} MB traced, RSS {rss / MB:.0f} MB ({phase})"
+        )
+        table.add_column("allocated at (innermost sq_onnx line)")
+        table.add_column("MB", justify="right")
+        for site, size in tracer.holders():
+            table.add_row(site, f"{size / MB:.0f}")
+        console.print(table)
 
 
 if __name__ == "__main__":
