@@ -17,6 +17,10 @@ from sq_onnx.passes.linears import _attr_int, constant_array, is_constant
 from sq_onnx.quant.blockwise import pack_nibbles, quantize_blockwise
 
 FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+# Rows of the table quantized at once: each row's blocks are its own, so slices give the same codes, while the
+# float32 working copies stay small. Whole, Llama 3's 128K x 2048 table took 4 GB of them (a transposed copy,
+# the padded blocks, the divided blocks), the peak of a 1B-class conversion (tools/trace_gptq.py --tracemalloc).
+CHUNK_ROWS = 8192
 
 
 def embedding_gathers(graph: ir.Graph) -> list[ir.Node]:
@@ -61,12 +65,8 @@ class QuantizeEmbeddingPass(ir.passes.InPlacePass):
         rows = constant_array(table)
         assert rows is not None
         vocab, hidden = rows.shape
-        bq = quantize_blockwise(rows.T.astype(np.float32), self.bits, self.block_size, False)
-        codes = bq.q.reshape(vocab, -1)[:, :hidden].astype(np.uint8)  # a last block may be partial
-        if self.bits == 8:
-            data, zero = codes, bq.zero_points.astype(np.uint8)
-        else:
-            data, zero = pack_nibbles(codes), bq.packed_zero_points().reshape(vocab, -1)
+        parts = [self._rows(rows[lo : lo + CHUNK_ROWS]) for lo in range(0, vocab, CHUNK_ROWS)]
+        data, scales, zero = (np.concatenate([part[i] for part in parts]) for i in range(3))
         base = table.name or node.name or "embedding"
         scale_type = rows.dtype if rows.dtype != np.float64 else np.float32
         gather = ir.Node(
@@ -75,7 +75,7 @@ class QuantizeEmbeddingPass(ir.passes.InPlacePass):
             [
                 add_initializer(graph, f"{base}.q{self.bits}", np.ascontiguousarray(data)),
                 node.inputs[1],
-                add_initializer(graph, f"{base}.scales", bq.scales.astype(scale_type)),
+                add_initializer(graph, f"{base}.scales", scales.astype(scale_type)),
                 add_initializer(graph, f"{base}.zero_points", np.ascontiguousarray(zero)),
             ],
             attributes=[
@@ -88,3 +88,13 @@ class QuantizeEmbeddingPass(ir.passes.InPlacePass):
         )
         replace_node(graph, node, [gather], gather.outputs[0])
         self.replaced.append(node.name or "")
+
+    def _rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Data, scales and zero points of a slice of the table's rows, laid out as GatherBlockQuantized
+        reads them."""
+        count, hidden = rows.shape
+        bq = quantize_blockwise(rows.T.astype(np.float32), self.bits, self.block_size, False)
+        codes = bq.q.reshape(count, -1)[:, :hidden].astype(np.uint8)  # a last block may be partial
+        if self.bits == 8:
+            return codes, bq.scales, bq.zero_points.astype(np.uint8)
+        return pack_nibbles(codes), bq.scales, bq.packed_zero_points().reshape(count, -1)

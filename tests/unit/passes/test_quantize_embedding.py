@@ -9,6 +9,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
+from sq_onnx.passes import quantize_embedding
 from sq_onnx.passes.quantize_embedding import QuantizeEmbeddingPass
 
 VOCAB = 40
@@ -73,3 +74,17 @@ def test_gathers_that_are_not_embeddings_stay():
     model, _ = _model(64, axis=1)
     assert not QuantizeEmbeddingPass(8, 32)(model).modified
     assert [n.op_type for n in model.graph] == ["Gather"]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_table_quantized_in_slices_of_rows_is_the_table_quantized_whole(bits, monkeypatch):
+    """Rows are independent: slices (the last one short) must store exactly what one pass stores."""
+    stored = []
+    for rows in (VOCAB, 7):
+        monkeypatch.setattr(quantize_embedding, "CHUNK_ROWS", rows)
+        model, _ = _model(48)
+        QuantizeEmbeddingPass(bits, 32)(model)
+        (node,) = [n for n in model.graph if n.op_type == "GatherBlockQuantized"]
+        stored.append([v.const_value.numpy() for v in (node.inputs[0], node.inputs[2], node.inputs[3])])
+    for whole, sliced in zip(*stored, strict=True):
+        np.testing.assert_array_equal(whole, sliced)
