@@ -158,7 +158,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         if self.batches:
             ensure_opset(model, MS, 1)
         for batch in self.progress(self.batches):
-            weights = [linear.weight_kn().astype(np.float32) for linear in batch.linears]
+            # float32 weights as they are (a view of the memory-mapped external data): no copy of a 1 GB lm_head
+            weights = [np.asarray(linear.weight_kn(), np.float32) for linear in batch.linears]
             joined = weights[0] if len(weights) == 1 else np.concatenate(weights, axis=1)
             bq = self.quantize(batch, joined)
             lo = 0

@@ -43,6 +43,7 @@ class Tracer:
     def __init__(self, every: float = 0.1, snapshots: bool = False) -> None:
         self.phase = "calibrate, smooth"
         self.samples: list[tuple[float, int, str]] = []
+        self.anon: list[int] = []  # the anonymous part of each sample's resident memory
         self.snapshots = snapshots
         self.highest: tuple[int, int, str, tracemalloc.Snapshot] | None = None  # traced, RSS, phase, snapshot
         self._every, self._stop = every, threading.Event()
@@ -64,6 +65,7 @@ class Tracer:
         """Enter ``phase`` now (also taking a sample, so a phase shorter than the interval is seen)."""
         self.phase = phase
         self.samples.append((time.perf_counter(), current_rss_bytes(), phase))
+        self.anon.append(current_rss_bytes("RssAnon"))
 
     def __enter__(self) -> Tracer:
         if self.snapshots:
@@ -96,12 +98,14 @@ class Tracer:
             out[phase] = out.get(phase, 0.0) + t2 - t1
         return out
 
-    def peaks(self) -> dict[str, int]:
-        """The highest resident memory in each kind of phase (batches of the same width together)."""
-        out: dict[str, int] = {}
-        for _, rss, phase in self.samples:
+    def peaks(self) -> dict[str, tuple[int, int]]:
+        """The highest resident memory, and the highest anonymous part of it, in each kind of phase (batches
+        of the same width together)."""
+        out: dict[str, tuple[int, int]] = {}
+        for (_, rss, phase), anon in zip(self.samples, self.anon, strict=True):
             kind = phase.split(" #")[0] + (f" ({phase.split('(')[1]}" if "(" in phase else "")
-            out[kind] = max(out.get(kind, 0), rss)
+            high = out.get(kind, (0, 0))
+            out[kind] = (max(high[0], rss), max(high[1], anon))
         return out
 
 
@@ -163,11 +167,11 @@ def main() -> None:
     console.print(
         f"total {result.seconds:.0f} s ({per_stage}); peak RSS {result.peak_rss_mb:.0f} MB, weights {weights / MB:.0f} MB"
     )
-    table = Table(title="peak resident memory per phase")
-    for col in ("phase", "peak MB", "over the weights MB"):
+    table = Table(title="peak resident memory per phase (anonymous: without pages of memory-mapped files)")
+    for col in ("phase", "peak MB", "over the weights MB", "peak anonymous MB"):
         table.add_column(col, justify="right")
-    for phase, rss in tracer.peaks().items():
-        table.add_row(phase, f"{rss / MB:.0f}", f"{(rss - weights) / MB:+.0f}")
+    for phase, (rss, anon) in tracer.peaks().items():
+        table.add_row(phase, f"{rss / MB:.0f}", f"{(rss - weights) / MB:+.0f}", f"{anon / MB:.0f}")
     console.print(table)
     table = Table(title="seconds per phase")
     table.add_column("phase")

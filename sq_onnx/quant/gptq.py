@@ -21,10 +21,13 @@ DAMP = 0.01
 SUB = 16
 
 
-def dampened_hessian(hessian: np.ndarray, damp: float = DAMP) -> tuple[np.ndarray, np.ndarray]:
+def dampened_hessian(
+    hessian: np.ndarray, damp: float = DAMP, overwrite: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """H in float64 with channels never active set to H_jj = 1 and ``damp`` x mean(diag) added to the
-    diagonal, and the dead mask: positive definite, as both the inverse and the refinement need."""
-    h = np.array(hessian, dtype=np.float64)
+    diagonal, and the dead mask: positive definite, as both the inverse and the refinement need.
+    ``overwrite``: dampen a float64 ``hessian`` in place (512 MB saved at K = 8192)."""
+    h = hessian if overwrite and hessian.dtype == np.float64 else np.array(hessian, dtype=np.float64)
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
@@ -35,15 +38,22 @@ def inverse_hessian_factor(hessian: np.ndarray, damp: float = DAMP) -> tuple[np.
     """Upper Cholesky factor U of H⁻¹ (UᵀU = H⁻¹; H dampened, channels never active get H_jj = 1) and the
     dead mask. H⁻¹ is never formed: with the channels reversed (J), JHJ = LLᵀ gives H = RRᵀ with R = JLJ
     upper triangular, so U = R⁻¹: one factorisation and one triangular inverse, ~K³/1.5 operations against
-    ~3K³ for inverse-then-factor (Llama-3.2-1B's down_proj, K = 8192: 10% of a W4 conversion's time)."""
+    ~3K³ for inverse-then-factor (Llama-3.2-1B's down_proj, K = 8192: 10% of a W4 conversion's time).
+    U is returned in Fortran order. Each step works in place on one K x K float64 buffer handed to LAPACK
+    in the layout it takes without copying, so at most two are alive (four before: 2 GB at K = 8192)."""
     h, dead = dampened_hessian(hessian, damp)
-    # h is symmetric: its transpose is the same matrix in Fortran order, which LAPACK takes without a copy
-    low, info = lapack.dpotrf(h[::-1, ::-1].T, lower=1, clean=1, overwrite_a=1)
+    # JHJ in C order is, read in Fortran order, its own transpose: the same symmetric matrix
+    flipped = np.ascontiguousarray(h[::-1, ::-1])
+    del h
+    low, info = lapack.dpotrf(flipped.T, lower=1, clean=1, overwrite_a=1)
+    del flipped
     if info == 0:
-        u, info = lapack.dtrtri(low[::-1, ::-1], lower=0, overwrite_c=1)
+        upper = np.asfortranarray(low[::-1, ::-1])
+        del low
+        u, info = lapack.dtrtri(upper, lower=0, overwrite_c=1)
     if info != 0:
         raise np.linalg.LinAlgError(f"the dampened Hessian is not positive definite (LAPACK info {info})")
-    return np.ascontiguousarray(u), dead
+    return u, dead
 
 
 def dampened_solve(hessian: np.ndarray, rhs: np.ndarray, damp: float) -> np.ndarray:
@@ -187,8 +197,9 @@ def gptq_quantize(
     if act_order:
         for b in range(n_blocks):
             fix_grid(b, w[b * block_size : (b + 1) * block_size])
-    u, _ = inverse_hessian_factor(h[np.ix_(order, order)], damp)
-    u = u.astype(np.float32)  # the factor in float64, the error feedback in float32 (GPTQ's own precision)
+    u, _ = inverse_hessian_factor(h[np.ix_(order, order)] if act_order else h, damp)
+    # the factor in float64, the error feedback in float32 (GPTQ's own precision), rows contiguous
+    u = np.ascontiguousarray(u, dtype=np.float32)
     w = w[order].astype(np.float32)
     codes = np.zeros((kp, n), np.uint8)  # by original channel
     for lo in range(0, kp, block_size):
@@ -211,7 +222,7 @@ def gptq_quantize(
             rows[end:] -= u_batch[sub:end, end:].T @ errors[sub:end]
         w[hi:] -= u[lo:hi, hi:].T @ errors
     if refine_rounds:
-        hd, _ = dampened_hessian(h, damp)
+        hd, _ = dampened_hessian(h, damp, overwrite=True)  # h's last use
         for _ in range(refine_rounds):
             refine_codes(w0, hd, codes, scales, zeros, block_size, qmax)
             refit_scales(w0, hd, codes, scales, zeros, block_size)

@@ -31,11 +31,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def current_rss_bytes() -> int:
-    """This process's resident set size now (VmRSS; 0 where unknown)."""
+def current_rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident set size now (0 where unknown). ``field="RssAnon"``: its anonymous part only,
+    without pages of memory-mapped files (the weights' external data, which the kernel can drop and read
+    again): what the conversion itself must have in memory."""
     try:
         for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
