@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sq_onnx.passes.graph_edit import MS, add_initializer, ensure_opset, replace_node
-from sq_onnx.passes.linears import _attr_int, constant_array, is_constant
+from sq_onnx.passes.linears import _attr_int, constant_array, is_constant, release_weight
 from sq_onnx.quant.blockwise import pack_nibbles, quantize_blockwise
 
 FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
@@ -67,8 +67,10 @@ class QuantizeEmbeddingPass(ir.passes.InPlacePass):
         vocab, hidden = rows.shape
         parts = [self._rows(rows[lo : lo + CHUNK_ROWS]) for lo in range(0, vocab, CHUNK_ROWS)]
         data, scales, zero = (np.concatenate([part[i] for part in parts]) for i in range(3))
-        base = table.name or node.name or "embedding"
         scale_type = rows.dtype if rows.dtype != np.float64 else np.float32
+        del rows, parts
+        release_weight(table)  # its memory map, now read: a later reader (a float lm_head) maps it again
+        base = table.name or node.name or "embedding"
         gather = ir.Node(
             MS,
             "GatherBlockQuantized",

@@ -161,11 +161,13 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             # float32 weights as they are (a view of the memory-mapped external data): no copy of a 1 GB lm_head
             weights = [np.asarray(linear.weight_kn(), np.float32) for linear in batch.linears]
             joined = weights[0] if len(weights) == 1 else np.concatenate(weights, axis=1)
+            widths = [w.shape[1] for w in weights]
             bq = self.quantize(batch, joined)
+            del weights, joined  # views of the memory maps, which release() can only drop once unused
             lo = 0
-            for linear, w in zip(batch.linears, weights, strict=True):
+            for linear, width in zip(batch.linears, widths, strict=True):
                 linear.release()  # before the node leaves the graph: its weight is read through it
-                self.emit(model.graph, linear, bq.columns(lo, lo + w.shape[1]), batch.accuracy_level)
+                self.emit(model.graph, linear, bq.columns(lo, lo + width), batch.accuracy_level)
                 self.replaced.append(linear.name)
-                lo += w.shape[1]
+                lo += width
         return ir.passes.PassResult(model, modified=bool(self.replaced))

@@ -88,3 +88,24 @@ def test_the_table_quantized_in_slices_of_rows_is_the_table_quantized_whole(bits
         stored.append([v.const_value.numpy() for v in (node.inputs[0], node.inputs[2], node.inputs[3])])
     for whole, sliced in zip(*stored, strict=True):
         np.testing.assert_array_equal(whole, sliced)
+
+
+def test_quantized_weights_release_their_memory_maps(llama_dir, tmp_path):
+    """A weight in external data is read through a memory map, and GPTQ reads it as a view (no copy of a 1 GB
+    lm_head): once quantized, every such map must be closed, or a large model's float weights stay resident
+    through verification."""
+    from sq_onnx.passes.linears import find_linears
+    from sq_onnx.quantize_model import quantize_graph
+    from sq_onnx.recipe import Recipe
+
+    path = tmp_path / "external.onnx"
+    ir.save(
+        ir.load(llama_dir / "model.onnx"), path, external_data="external.onnx.data", size_threshold_bytes=0
+    )
+    model = ir.load(path)
+    tensors = [lin.source.const_value for lin in find_linears(model.graph)]
+    assert tensors and all(isinstance(t, ir.ExternalTensor) for t in tensors)
+    for t in tensors:
+        t.numpy()  # mapped, as a pass reading it leaves it
+    quantize_graph(model, Recipe(scheme="w4", gptq=False, block_size=32))
+    assert [t.name for t in tensors if t.raw is not None] == []
