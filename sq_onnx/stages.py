@@ -23,7 +23,7 @@ from sq_onnx.alpha_search import search_alpha_layer, search_alpha_model
 from sq_onnx.calibration.calibrate import Calibration, calibrate
 from sq_onnx.calibration.calibration_data import builtin_heldout_feeds, find_tokenizer, load_calibration
 from sq_onnx.calibration.hessian import ChunkedHessians
-from sq_onnx.calibration.segment_runner import SegmentRunner
+from sq_onnx.calibration.segment_runner import SegmentRunner, SpillFolder
 from sq_onnx.errors import NothingToQuantizeError, SqOnnxError
 from sq_onnx.lm.genai_folder import genai_config_of, write_folder
 from sq_onnx.memory_check import check_memory, memory_need
@@ -433,7 +433,22 @@ def _verify(conv: Conversion, nodes: list[ir.Node], head: list[ir.Node]) -> None
             accuracy_level.set_level(nodes, 0)
             conv.result.accuracy_level = choice.to_dict()
         return
-    reference = held_outputs(conv.src, conv.samples.verify, "float model", conv.show_progress)
+    spill = SpillFolder("the float model's reference outputs for verification", "lower --verify-samples")
+    try:
+        _verify_against(
+            conv,
+            nodes,
+            head,
+            held_outputs(conv.src, conv.samples.verify, "float model", conv.show_progress, spill),
+        )
+    finally:
+        spill.close()
+
+
+def _verify_against(
+    conv: Conversion, nodes: list[ir.Node], head: list[ir.Node], reference: list[HeldOutput]
+) -> None:
+    """``_verify`` with the float model's ``reference`` outputs on the verification samples."""
     accuracy_level.set_level(head, 0)  # the linears' choice is judged with the lm_head in float, on its own
     agreement, losses = _score(conv, "converted", reference, losses_too=bool(nodes or head))
     tolerance = conv.recipe.level4_tolerance

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx_ir as ir
 
+from sq_onnx.calibration.segment_runner import Spilled, SpillFolder
 from sq_onnx.runtime.ort_session import in_memory_session
 from sq_onnx.runtime.progress import track
 
@@ -48,6 +49,13 @@ def first_outputs(
     return list(each_first_output(model, feeds, label, show_progress))
 
 
+# Most bytes of the float model's held reference outputs kept in memory; the rest go to files (TMPDIR) and are
+# read back one sample at a time. 16 samples of 256 tokens at Llama 3's 128K vocabulary hold 1.05 GB, which
+# with ORT's transient float copy of an 8-bit lm_head at accuracy level 0 (1 GB) made verification the peak of a
+# 1B-class W4 conversion (tools/RESULTS.md).
+REFERENCE_BYTES = 1 << 28
+
+
 @dataclass(frozen=True)
 class HeldOutput:
     """A reference output kept at half the memory: float16 offsets below each row's maximum, the maximum in
@@ -56,7 +64,7 @@ class HeldOutput:
     likely than the top one). Verification holds the float model's logits for every sample: 2 GB at 16
     samples of 256 tokens and Llama 3's 128K vocabulary in float32."""
 
-    offsets: np.ndarray  # float16, the output's shape
+    offsets: np.ndarray | Spilled  # float16, the output's shape (or in a file of a SpillFolder)
     row_max: np.ndarray  # float32, the output's shape with the last axis 1
 
     @classmethod
@@ -77,16 +85,37 @@ class HeldOutput:
         return cls(offsets.astype(np.float16), row_max)
 
     def restore(self) -> np.ndarray:
-        if self.offsets.dtype != np.float16:  # kept as it was (a scalar, empty, non-finite or beyond float16)
-            return self.offsets
-        return self.offsets.astype(np.float32) + self.row_max
+        offsets = self.offsets.load() if isinstance(self.offsets, Spilled) else self.offsets
+        if offsets.dtype != np.float16:  # kept as it was (a scalar, empty, non-finite or beyond float16)
+            return offsets
+        return offsets.astype(np.float32) + self.row_max
+
+    def nbytes(self) -> int:
+        return 0 if isinstance(self.offsets, Spilled) else int(self.offsets.nbytes)
+
+    def to_file(self, folder: SpillFolder) -> HeldOutput:
+        """The same output with its offsets in a file of ``folder`` (the row maxima stay: 1/V of the size)."""
+        if isinstance(self.offsets, Spilled):
+            return self
+        return HeldOutput(folder.put(self.offsets), self.row_max)
 
 
 def held_outputs(
-    model: ir.Model, feeds: list[dict[str, np.ndarray]], label: str, show_progress: bool
+    model: ir.Model,
+    feeds: list[dict[str, np.ndarray]],
+    label: str,
+    show_progress: bool,
+    spill: SpillFolder | None = None,
 ) -> list[HeldOutput]:
-    """``first_outputs`` kept as ``HeldOutput``: one float32 output at a time, then half of it."""
-    return [HeldOutput.of(out) for out in each_first_output(model, feeds, label, show_progress)]
+    """``first_outputs`` kept as ``HeldOutput``: one float32 output at a time, then half of it; with ``spill``,
+    those past REFERENCE_BYTES in its files."""
+    held: list[HeldOutput] = []
+    for out in each_first_output(model, feeds, label, show_progress):
+        one = HeldOutput.of(out)
+        if spill is not None and sum(h.nbytes() for h in held) + one.nbytes() > REFERENCE_BYTES:
+            one = one.to_file(spill)
+        held.append(one)
+    return held
 
 
 def _rows(x: np.ndarray) -> np.ndarray:

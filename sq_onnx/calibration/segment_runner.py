@@ -149,9 +149,10 @@ class SpillFolder:
     past the memory budget. The kernel's page cache may hold them for a while, but it can write them out and
     reclaim that memory, which it cannot do with this process's own."""
 
-    def __init__(self) -> None:
+    def __init__(self, what: str = "GPTQ's activation cache", lower: str = "lower --gptq-samples") -> None:
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._count = 0
+        self._what, self._lower = what, lower  # for the error: what was written, and what to lower
 
     def put(self, array: np.ndarray) -> Spilled:
         try:
@@ -163,8 +164,8 @@ class SpillFolder:
         except OSError as e:
             where = self._dir.name if self._dir is not None else tempfile.gettempdir()
             raise CalibrationError(
-                f"could not write GPTQ's activation cache to {where} ({e.strerror}): free space there, point "
-                "TMPDIR at a larger disk, or lower --gptq-samples."
+                f"could not write {self._what} to {where} ({e.strerror}): free space there, point "
+                f"TMPDIR at a larger disk, or {self._lower}."
             ) from e
         return Spilled(path, array.dtype, tuple(array.shape))
 

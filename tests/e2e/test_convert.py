@@ -279,3 +279,33 @@ def test_no_lm_head_gptq_rounds_the_lm_head_and_leaves_every_other_linear_as_gpt
     assert not np.array_equal(head["rounded"][0], head["default"][0])
     for a, b in zip(codes["rounded"][False], codes["default"][False], strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_float_reference_past_its_memory_budget_is_read_back_from_files(
+    llama_dir, tmp_path, calib_ids, monkeypatch
+):
+    """Verification holds the float model's outputs for every sample (1 GB at a 128K vocabulary); past
+    REFERENCE_BYTES they wait in files. The numbers must not change, and no file may stay behind."""
+    import sq_onnx.verify as verify
+    from sq_onnx.calibration import segment_runner
+
+    recipe = Recipe(scheme="w4", samples=4, gptq=False, block_size=32, verify_samples=3)
+    results, folders = [], []
+    real = segment_runner.SpillFolder.put
+
+    def put(self, array):
+        spilled = real(self, array)
+        folders.append(spilled.path.parent)
+        return spilled
+
+    monkeypatch.setattr(segment_runner.SpillFolder, "put", put)
+    for budget in (1 << 40, 0):
+        monkeypatch.setattr(verify, "REFERENCE_BYTES", budget)
+        ids = {"input_ids": calib_ids["input_ids"][:7]}
+        results.append(
+            convert(llama_dir / "model.onnx", tmp_path / f"{budget}.onnx", recipe, calibration=ids)
+        )
+    assert len(folders) == 3, "with no budget every sample's reference goes to a file"
+    assert not any(f.exists() for f in folders), "the files are removed after verification"
+    assert results[0].verify == results[1].verify
+    assert results[0].accuracy_level == results[1].accuracy_level
