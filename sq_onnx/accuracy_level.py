@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx_ir as ir
 
-from sq_onnx.lm.fast_losses import kl_rows, next_token_nll
+from sq_onnx.lm.fast_losses import kl_rows, log_normalisers, next_token_nll
 from sq_onnx.passes.graph_edit import MS
 
 LEVEL_ATTR = "accuracy_level"
@@ -73,8 +73,7 @@ class LossSums:
         if ids is None or output.ndim != 3 or output.shape[:2] != ids.shape:
             self.scorable = False
             return
-        rows = _rows(output)
-        lse = lse if lse is not None else kl_rows(rows, rows)[1]
+        lse = lse if lse is not None else log_normalisers(_rows(output))
         seq = ids.shape[1]
         for b in range(ids.shape[0]):
             nll = next_token_nll(output[b], lse[b * seq : (b + 1) * seq], ids[b])

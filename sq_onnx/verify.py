@@ -95,8 +95,6 @@ class HeldOutput:
 
     def to_file(self, folder: SpillFolder) -> HeldOutput:
         """The same output with its offsets in a file of ``folder`` (the row maxima stay: 1/V of the size)."""
-        if isinstance(self.offsets, Spilled):
-            return self
         return HeldOutput(folder.put(self.offsets), self.row_max)
 
 
@@ -110,10 +108,12 @@ def held_outputs(
     """``first_outputs`` kept as ``HeldOutput``: one float32 output at a time, then half of it; with ``spill``,
     those past REFERENCE_BYTES in its files."""
     held: list[HeldOutput] = []
+    in_memory = 0
     for out in each_first_output(model, feeds, label, show_progress):
         one = HeldOutput.of(out)
-        if spill is not None and sum(h.nbytes() for h in held) + one.nbytes() > REFERENCE_BYTES:
+        if spill is not None and in_memory + one.nbytes() > REFERENCE_BYTES:
             one = one.to_file(spill)
+        in_memory += one.nbytes()
         held.append(one)
     return held
 

@@ -25,6 +25,11 @@ def _shifted_exp(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return e, total, top[:, 0].astype(np.float64) + np.log(total)
 
 
+def log_normalisers(logits: np.ndarray) -> np.ndarray:
+    """log Σ exp of each row of [rows, V] float32 logits, in float64 (what NLL needs)."""
+    return _shifted_exp(np.asarray(logits, np.float32))[2]
+
+
 def kl_rows(reference: np.ndarray, output: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """KL(p_reference ‖ p_output) per row of [rows, V] logits, and log Σ exp(output) per row (for NLL)."""
     r, o = np.asarray(reference, np.float32), np.asarray(output, np.float32)
@@ -33,10 +38,7 @@ def kl_rows(reference: np.ndarray, output: np.ndarray) -> tuple[np.ndarray, np.n
     diff *= p
     weighted = diff.sum(axis=-1, dtype=np.float32).astype(np.float64) / total  # Σ p_r (r − o)
     del p, diff
-    top = o.max(axis=-1, keepdims=True)
-    e = o - top
-    np.exp(e, out=e)
-    lse_o = top[:, 0].astype(np.float64) + np.log(e.sum(axis=-1, dtype=np.float32).astype(np.float64))
+    lse_o = log_normalisers(o)
     return weighted - lse_r + lse_o, lse_o
 
 
