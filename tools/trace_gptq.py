@@ -1,13 +1,14 @@
-"""Where a W4 conversion's time and memory go, GPTQ batch by batch (issue: 1B-class models in bounded time).
+"""Where a conversion's time and memory go, stage by stage and GPTQ batch by batch (issue: 1B-class models in bounded time).
 
     python tools/trace_gptq.py MODEL.onnx --vocab 128256              # default W4, random ids as calibration
     python tools/trace_gptq.py MODEL.onnx --vocab 49152 --gptq-samples 64
     python tools/trace_gptq.py MODEL.onnx --vocab 128256 --no-lm-head-gptq
     python tools/trace_gptq.py MODEL.onnx --vocab 128256 --tracemalloc   # who holds the memory at the peak
+    python tools/trace_gptq.py MODEL.onnx --vocab 128256 --scheme w8a8
 
-Converts in this process with the default W4 recipe (``--gptq-samples`` aside) while a thread samples the
+Converts in this process with the default W4 (or W8A8) recipe (``--gptq-samples`` aside) while a thread samples the
 resident memory every 0.1 s, and marks each GPTQ batch's two phases: running its segment and summing its Gram
-matrices (``segments+grams``), then fitting its weights (``gptq``). Prints the stages' seconds, the peak over
+matrices (``segments+grams``), then fitting its weights (``gptq``); the other stages mark their own phases. Prints the stages' seconds, the peak over
 the weights' file size per phase, and the seconds of every batch: the per-layer cost of a shape exported with
 a few layers (``tools/bench_scale.py --layers``) times its layer count estimates the whole model's.
 ``--tracemalloc`` also snapshots Python's and numpy's allocations at each new high (every 64 MB) and prints
@@ -41,7 +42,7 @@ class Tracer:
     """Resident memory sampled every ``every`` seconds, each sample labelled with the phase set last."""
 
     def __init__(self, every: float = 0.1, snapshots: bool = False) -> None:
-        self.phase = "calibrate, smooth"
+        self.phase = "load"
         self.samples: list[tuple[float, int, str]] = []
         self.anon: list[int] = []  # the anonymous part of each sample's resident memory
         self.snapshots = snapshots
@@ -122,16 +123,20 @@ def traced_batch_grams(tracer: Tracer):
     return batch_grams
 
 
-def traced_quantize_graph(tracer: Tracer):
-    """``stages.quantize_graph`` that marks what follows it (emitting the nodes, verification, saving)."""
-    original = stages.quantize_graph
+STAGES = ("gather_samples", "calibrate_stage", "smooth", "quantize", "verify", "join_linears", "save")
 
-    def quantize_graph(*args, **kwargs):
-        quantized = original(*args, **kwargs)
-        tracer.mark("verify, save")
-        return quantized
 
-    return quantize_graph
+def traced_stages(tracer: Tracer) -> None:
+    """Each of the conversion's ``STAGES`` marks its own phase when it starts (GPTQ's batches mark theirs
+    inside the quantize stage)."""
+    for name in STAGES:
+        original = getattr(stages, name)
+
+        def staged(*args, _original=original, _name=name, **kwargs):
+            tracer.mark(_name.removesuffix("_stage"))
+            return _original(*args, **kwargs)
+
+        setattr(stages, name, staged)
 
 
 def main() -> None:
@@ -140,6 +145,7 @@ def main() -> None:
     parser.add_argument(
         "--vocab", type=int, required=True, help="the model's vocabulary size (for random ids)"
     )
+    parser.add_argument("--scheme", default="w4", help="w4 (the default) or w8a8")
     parser.add_argument("--gptq-samples", type=int, default=Recipe().gptq_samples)
     parser.add_argument(
         "--no-lm-head-gptq", action="store_true", help="the lm_head by per-block rounding (convert's option)"
@@ -150,7 +156,7 @@ def main() -> None:
         help="where Python's and numpy's bytes were allocated at the peak",
     )
     args = parser.parse_args()
-    recipe = Recipe(scheme="w4", gptq_samples=args.gptq_samples, lm_head_gptq=not args.no_lm_head_gptq)
+    recipe = Recipe(scheme=args.scheme, gptq_samples=args.gptq_samples, lm_head_gptq=not args.no_lm_head_gptq)
     weights = sum(f.stat().st_size for f in args.model.parent.glob(args.model.name + "*"))
     count = max(recipe.samples, recipe.gptq_samples) + recipe.verify_samples
     with tempfile.TemporaryDirectory(prefix="sq-onnx-trace-") as tmp:
@@ -158,7 +164,7 @@ def main() -> None:
         np.savez(Path(tmp) / "ids.npz", input_ids=ids)
         with Tracer(snapshots=args.tracemalloc) as tracer:
             quantize_model.batch_grams = traced_batch_grams(tracer)
-            stages.quantize_graph = traced_quantize_graph(tracer)
+            traced_stages(tracer)
             result = convert(
                 args.model, Path(tmp) / "out" / "model.onnx", recipe, calibration=Path(tmp) / "ids.npz"
             )

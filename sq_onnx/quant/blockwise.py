@@ -125,6 +125,10 @@ def _grid(blocks: np.ndarray, bits: int, symmetric: bool, shrink: float | np.nda
     return scales, zero_points, q
 
 
+# Float32 bytes of the output columns quantized at once: each column's blocks are its own, so slicing changes no
+# code, and the clip search's working copies (several times the slice) stay small beside a 128K-wide lm_head.
+SLICE_BYTES = 64 * 1024**2
+
 CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.00 .. 0.50
 
 
@@ -167,15 +171,23 @@ def quantize_blockwise(
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     k, n = w_kn.shape
     n_blocks = -(-k // block_size)
-    wt = np.zeros((n, n_blocks * block_size), np.float32)
-    wt[:, :k] = w_kn.T
-    blocks = wt.reshape(n, n_blocks, block_size)
     weight = None
     if importance is not None:
         weight = np.ones(n_blocks * block_size, np.float32)
         weight[:k] = np.asarray(importance, np.float32)
         weight = weight.reshape(1, n_blocks, block_size)
-    scales, zero_points, q = choose_grid(blocks, bits, symmetric, clip_search, weight)
+    q = np.empty((n, n_blocks, block_size), np.uint8)
+    scales = np.empty((n, n_blocks), np.float32)
+    zero_points = None if symmetric else np.empty((n, n_blocks), np.uint8)
+    step = max(1, SLICE_BYTES // (4 * n_blocks * block_size))
+    for lo in range(0, n, step):
+        cols = slice(lo, min(lo + step, n))
+        wt = np.zeros((cols.stop - lo, n_blocks * block_size), np.float32)
+        wt[:, :k] = w_kn[:, cols].T
+        sc, zp, q[cols] = choose_grid(wt.reshape(-1, n_blocks, block_size), bits, symmetric, clip_search, weight)
+        scales[cols] = sc
+        if zero_points is not None:
+            zero_points[cols] = zp
     return pack_blocks(q, scales, zero_points, k, bits, block_size)
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
+from sq_onnx.quant import blockwise
 from sq_onnx.quant.blockwise import quantize_blockwise
 from sq_onnx.quant.int8 import fake_blockwise
 
@@ -101,3 +104,29 @@ def test_clip_search_never_worse_than_rtn_on_weighted_error(symmetric):
     x = rng.normal(0, 1, (3, 256)).astype(np.float32)
     sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(sess.run(None, {"X": x})[0], x @ clipped.dequantize(), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_columns_quantized_in_slices_give_the_same_codes(monkeypatch, symmetric):
+    """A 128K-wide lm_head is quantized a slice of columns at a time; the codes cannot depend on the slicing."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_t(3, (200, 37)).astype(np.float32)  # K not a multiple of the block, N not of the slice
+    importance = rng.uniform(0.1, 10.0, 200).astype(np.float32)
+    whole = quantize_blockwise(w, 4, 64, symmetric, clip_search=True, importance=importance)
+    monkeypatch.setattr(blockwise, "SLICE_BYTES", 4 * 4 * 256)  # 4 columns of 4 padded blocks at a time
+    sliced = quantize_blockwise(w, 4, 64, symmetric, clip_search=True, importance=importance)
+    np.testing.assert_array_equal(sliced.packed, whole.packed)
+    np.testing.assert_array_equal(sliced.scales, whole.scales)
+    np.testing.assert_array_equal(sliced.packed_zero_points(), whole.packed_zero_points())
+
+
+def test_a_wide_weight_is_quantized_in_bounded_memory(monkeypatch):
+    """The clip search's float working copies are a few slices, not a few copies of the whole weight."""
+    monkeypatch.setattr(blockwise, "SLICE_BYTES", 1 << 20)
+    w = np.random.default_rng(3).normal(0, 1, (256, 8192)).astype(np.float32)  # 8 MB
+    tracemalloc.start()
+    quantize_blockwise(w, 8, 128, False, clip_search=True)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    codes = w.size  # uint8 codes, and as many again packed
+    assert peak < 2 * codes + 8 * (1 << 20), f"{peak / 2**20:.1f} MB"
