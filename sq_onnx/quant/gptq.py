@@ -89,10 +89,10 @@ def refine_codes(
     fixed (QuantEase, Behdin et al., 2023): each channel in turn moves to the grid point nearest its
     optimum given all the others, so the loss never rises. Starting from GPTQ's codes, it undoes choices
     GPTQ's single greedy pass could not revisit. ``w`` [K, N] original weights, ``h`` [K, K] (positive
-    diagonal), ``codes`` [K, N] updated in place; ``steps``/``zeros`` [N, n_blocks]. Returns how many
-    codes changed."""
+    diagonal; float32 is used as it is, anything else is copied to it), ``codes`` [K, N] updated in place;
+    ``steps``/``zeros`` [N, n_blocks]. Returns how many codes changed."""
     k, n = w.shape
-    h = h.astype(np.float32)
+    h = np.asarray(h, np.float32)
     current = _code_offsets(codes, zeros, block_size) * np.repeat(steps.T, block_size, axis=0)
     grad = h @ (w.astype(np.float32) - current)  # G = H R: the loss's descent direction per channel
     diag = np.diag(h).copy()
@@ -112,22 +112,29 @@ def refine_codes(
                 current[i] += d
                 grad[i + 1 : hi, cols] -= np.outer(h[i + 1 : hi, i], d[cols])  # the rows still to come
                 moved[i - lo] = d
-        if np.any(moved):
-            # the rest of every row's share: rows outside the block all of it, the block's own rows what
-            # the immediate updates above left out (each move's effect on itself and the rows before it)
-            grad[:lo] -= h[:lo, lo:hi] @ moved
+        # the block's moves reach the rows still to come in this sweep; the rows already visited are not read
+        # again (the next sweep starts from a fresh gradient), and after the first sweep few columns move
+        cols = np.flatnonzero(moved.any(axis=0))
+        if 0 < cols.size < n // 2:
+            grad[hi:, cols] -= h[hi:, lo:hi] @ moved[:, cols]
+        elif cols.size:
             grad[hi:] -= h[hi:, lo:hi] @ moved
-            grad[lo:hi] -= np.triu(h[lo:hi, lo:hi]) @ moved
     return changed
 
 
 def refit_scales(
-    w: np.ndarray, h: np.ndarray, codes: np.ndarray, steps: np.ndarray, zeros: np.ndarray, block_size: int
+    w: np.ndarray,
+    h: np.ndarray,
+    codes: np.ndarray,
+    steps: np.ndarray,
+    zeros: np.ndarray,
+    block_size: int,
+    hw: np.ndarray | None = None,
 ) -> None:
     """The block scales that minimise tr((W−Ŵ)ᵀH(W−Ŵ)) with the codes and zero points fixed: per output
     column a least-squares problem in its n_blocks scales, coupled through H (solved for all columns at
     once). ``steps`` [N, n_blocks] updated in place; a column keeps its scales where the fit is degenerate
-    or flips a sign."""
+    or flips a sign. ``hw``: H @ W in float32, the same every round (computed here when not given)."""
     k, n = w.shape
     nb = k // block_size
     # the products in float32 (H is a float32 Gram sum upcast, the codes small integers: float64 bought
@@ -139,7 +146,7 @@ def refit_scales(
     for c in range(nb):
         he = (h[:, c * block_size : (c + 1) * block_size] @ eb[c]).reshape(nb, block_size, n)
         gram[:, :, c] = np.einsum("bkn,bkn->nb", eb, he)  # block b's codes against H's block c columns
-    hw = (h @ w.astype(np.float32)).reshape(nb, block_size, n)
+    hw = (h @ w.astype(np.float32) if hw is None else hw).reshape(nb, block_size, n)
     rhs = np.einsum("bkn,bkn->nb", eb, hw).astype(np.float64)
     ridge = 1e-9 * np.maximum(np.einsum("nbb->n", gram), 1e-30)[:, None, None] * np.eye(nb)
     fit = np.linalg.solve(gram + ridge, rhs[..., None])[..., 0]
@@ -223,8 +230,11 @@ def gptq_quantize(
         w[hi:] -= u[lo:hi, hi:].T @ errors
     if refine_rounds:
         hd, _ = dampened_hessian(h, damp, overwrite=True)  # h's last use
+        del h
+        hd = hd.astype(np.float32)  # the rounds' products are float32: one copy for all of them
+        hw = hd @ w0.astype(np.float32)
         for _ in range(refine_rounds):
             refine_codes(w0, hd, codes, scales, zeros, block_size, qmax)
-            refit_scales(w0, hd, codes, scales, zeros, block_size)
+            refit_scales(w0, hd, codes, scales, zeros, block_size, hw)
     zero_points = None if symmetric else zeros.astype(np.uint8)
     return pack_blocks(codes.T.reshape(n, n_blocks, block_size), scales, zero_points, k, bits, block_size)
