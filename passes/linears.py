@@ -12,7 +12,13 @@ import onnx_ir as ir
 
 
 def constant_array(value: ir.Value | None) -> np.ndarray | None:
-    """The value's constant content (initializer or Constant node), else None."""
+    """The value's constant content (initializer or Constant node, also behind Identity nodes: torch.onnx's
+    TorchScript exporter shares equal tensors that way), else None."""
+    while value is not None and value.const_value is None:
+        producer = value.producer()
+        if producer is None or producer.op_type != "Identity" or producer.domain != "":
+            break
+        value = producer.inputs[0]
     if value is None:
         return None
     tensor = ir.convenience.get_const_tensor(value)
@@ -45,8 +51,6 @@ def is_float_dtype(dtype: np.dtype) -> bool:
 
 def is_channel_vector(value: ir.Value | None, channels: int) -> bool:
     """A constant that broadcasts along the last axis only: shape [C] or [1, ..., 1, C]."""
-    if value is None or not is_constant(value):
-        return False
     arr = constant_array(value)
     if arr is None or arr.ndim == 0 or arr.shape[-1] != channels:
         return False

@@ -184,7 +184,9 @@ def quantize_blockwise(
         cols = slice(lo, min(lo + step, n))
         wt = np.zeros((cols.stop - lo, n_blocks * block_size), np.float32)
         wt[:, :k] = w_kn[:, cols].T
-        sc, zp, q[cols] = choose_grid(wt.reshape(-1, n_blocks, block_size), bits, symmetric, clip_search, weight)
+        sc, zp, q[cols] = choose_grid(
+            wt.reshape(-1, n_blocks, block_size), bits, symmetric, clip_search, weight
+        )
         scales[cols] = sc
         if zero_points is not None:
             zero_points[cols] = zp

@@ -10,6 +10,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from sq_onnx.errors import ModelLoadError, OutputError
+from sq_onnx.passes.infer_shapes import fill_missing_shapes
 
 TWO_GB = 2 * 1024**3
 # Stay clear of protobuf's hard 2 GiB limit: headers and graph structure need room too.
@@ -34,6 +35,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise ModelLoadError(f"{str(p)!r} is not a readable ONNX model (its graph has no nodes).")
     _check_external_data(model, p)
     _check_structure(model, p)
+    fill_missing_shapes(model)
     return model
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from sq_onnx import Recipe, convert
 from sq_onnx.passes.analyze import analyze
+from sq_onnx.runtime.model_io import load_model
 
 import tiny_models
 from conftest import run
@@ -44,4 +45,31 @@ def test_a_torchscript_graph_converts_and_keeps_the_function(scheme, torchscript
     ids = tiny_models.random_ids(1, 24, seed=9)
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     ref, got = run(torchscript_llama, feed), run(out, feed)
+    assert np.mean(ref.argmax(-1) == got.argmax(-1)) > 0.75
+
+
+@pytest.fixture(scope="module")
+def torchscript_gpt2(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("torchscript_gpt2")
+    return tiny_models.export_torchscript(tiny_models.build_family("gpt2"), folder / "model.onnx")
+
+
+def test_gpt2_conv1d_flatten_is_looked_through(torchscript_gpt2):
+    """GPT-2's Conv1D flattens its input by a Reshape whose target the graph computes from ``Shape(x)``, and the
+    exporter writes no shapes: loading infers them (data propagation), so the flatten is seen to keep the channel
+    axis last. Its norms' γ reach them through ``Identity`` (the exporter shares equal tensors)."""
+    groups = analyze(load_model(torchscript_gpt2).graph).groups
+    modules = sorted(tuple(c.name.split("/")[-2] for c in g.consumers) for g in groups)
+    assert modules == sorted([("c_attn",), ("c_fc",), ("c_attn",), ("c_fc",), ("lm_head",)])
+    assert all(g.kind == "LayerNormalization, flattened" for g in groups)
+
+
+def test_a_torchscript_gpt2_converts_smoothed_and_keeps_the_function(torchscript_gpt2, tmp_path, calib_ids):
+    out = tmp_path / "q.onnx"
+    result = convert(torchscript_gpt2, out, Recipe(scheme="w8a8", samples=4), calibration=calib_ids)
+    assert len(result.smoothed_groups) == 5
+    assert result.smoothing_check["equivalent"]
+    ids = tiny_models.random_ids(1, 24, seed=9)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    ref, got = run(torchscript_gpt2, feed), run(out, feed)
     assert np.mean(ref.argmax(-1) == got.argmax(-1)) > 0.75
