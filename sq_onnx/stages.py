@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -26,6 +27,7 @@ from sq_onnx.calibration.hessian import ChunkedHessians
 from sq_onnx.calibration.segment_runner import SegmentRunner, SpillFolder
 from sq_onnx.errors import NothingToQuantizeError, SqOnnxError
 from sq_onnx.lm.genai_folder import genai_config_of, write_folder
+from sq_onnx.lm_head_tail import also_an_output, head_input, tail_model
 from sq_onnx.memory_check import check_memory, memory_need
 from sq_onnx.mixed_precision import layer_costs, promote
 from sq_onnx.opset_upgrade import upgrade_if_needed
@@ -450,21 +452,29 @@ def _verify_against(
 ) -> None:
     """``_verify`` with the float model's ``reference`` outputs on the verification samples."""
     accuracy_level.set_level(head, 0)  # the linears' choice is judged with the lm_head in float, on its own
-    agreement, losses = _score(conv, "converted", reference, losses_too=bool(nodes or head))
-    tolerance = conv.recipe.level4_tolerance
-    if nodes:
-        accuracy_level.set_level(nodes, 4)
-        agreement4, losses4 = _score(conv, "converted, accuracy level 4", reference, losses_too=True)
-        choice = accuracy_level.judge(losses, losses4, tolerance)
-        if choice.level == 4:
-            agreement, losses = agreement4, losses4
-        accuracy_level.set_level(nodes, choice.level)
-        conv.result.accuracy_level = choice.to_dict()
+    # the runs below also keep the lm_head's input, so its own level is judged on the lm_head and what follows it
+    hidden = head_input(conv.work, head) if head else None
+    kept: dict[str, list[np.ndarray]] = {hidden.name: []} if hidden is not None and hidden.name else {}
+    kept4: dict[str, list[np.ndarray]] = {name: [] for name in kept}
+    with also_an_output(conv.work.graph, hidden if kept else None):
+        agreement, losses = _score(conv, "converted", reference, bool(nodes or head), kept)
+        tolerance = conv.recipe.level4_tolerance
+        if nodes:
+            accuracy_level.set_level(nodes, 4)
+            agreement4, losses4 = _score(conv, "converted, accuracy level 4", reference, True, kept4)
+            choice = accuracy_level.judge(losses, losses4, tolerance)
+            if choice.level == 4:
+                agreement, losses, kept = agreement4, losses4, kept4
+            accuracy_level.set_level(nodes, choice.level)
+            conv.result.accuracy_level = choice.to_dict()
     if head:  # then the lm_head at 4 (as written) against 0, with the linears at their chosen level
         accuracy_level.set_level(head, 4)
-        agreement4, losses4 = _score(
-            conv, "converted, lm_head at accuracy level 4", reference, losses_too=True
-        )
+        label = "converted, lm_head at accuracy level 4"
+        outputs = None
+        if kept and hidden is not None:
+            feeds = [{name: value} for name, values in kept.items() for value in values]
+            outputs = each_first_output(tail_model(conv.work, hidden), feeds, label, conv.show_progress)
+        agreement4, losses4 = _score(conv, label, reference, True, outputs=outputs)
         head_choice = accuracy_level.judge(losses, losses4, tolerance)
         if head_choice.level == 4:
             agreement = agreement4
@@ -474,14 +484,22 @@ def _verify_against(
 
 
 def _score(
-    conv: Conversion, label: str, reference: list[HeldOutput], losses_too: bool = False
+    conv: Conversion,
+    label: str,
+    reference: list[HeldOutput],
+    losses_too: bool = False,
+    keep: dict[str, list[np.ndarray]] | None = None,
+    outputs: Iterator[np.ndarray] | None = None,
 ) -> tuple[Agreement, accuracy_level.LossSums]:
     """The working model against the float model's ``reference`` outputs on the first verification samples,
-    one sample at a time (with ``losses_too``, also its KL from the float model and its next-token NLL)."""
+    one sample at a time (with ``losses_too``, also its KL from the float model and its next-token NLL).
+    ``keep``: as ``each_first_output``'s; ``outputs``: the samples' outputs from elsewhere (the lm_head's tail)
+    instead of running the working model."""
     assert conv.samples is not None
     feeds = conv.samples.verify[: len(reference)]
     agreement, losses = AgreementSums(), accuracy_level.LossSums()
-    outputs = each_first_output(conv.work, feeds, label, conv.show_progress)
+    if outputs is None:
+        outputs = each_first_output(conv.work, feeds, label, conv.show_progress, keep)
     for held, output, feed in zip(reference, outputs, feeds, strict=True):
         ref = held.restore()
         agreement.add(ref, output)

@@ -33,13 +33,22 @@ class Agreement:
 
 
 def each_first_output(
-    model: ir.Model, feeds: list[dict[str, np.ndarray]], label: str, show_progress: bool
+    model: ir.Model,
+    feeds: list[dict[str, np.ndarray]],
+    label: str,
+    show_progress: bool,
+    keep: dict[str, list[np.ndarray]] | None = None,
 ) -> Iterator[np.ndarray]:
-    """Run ``model`` on each feed in turn and yield its first output (the logits of an LLM)."""
+    """Run ``model`` on each feed in turn and yield its first output (the logits of an LLM). ``keep``: other
+    outputs of the model to fetch too, each sample's appended to the list under its name."""
+    extra = list(keep or {})
     with in_memory_session(model) as sess:
         name = sess.get_outputs()[0].name
         for feed in track(feeds, f"verifying ({label})", total=len(feeds), enabled=show_progress):
-            yield np.asarray(sess.run([name], feed)[0], dtype=np.float32)
+            results = sess.run([name, *extra], feed)
+            for key, value in zip(extra, results[1:], strict=True):
+                keep[key].append(value)  # type: ignore[index]
+            yield np.asarray(results[0], dtype=np.float32)
 
 
 def first_outputs(

@@ -9,7 +9,7 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from sq_onnx import Recipe, convert
+from sq_onnx import Recipe, convert, stages
 from sq_onnx.cli import main
 
 import tiny_models
@@ -114,3 +114,30 @@ def test_cli_says_which_level_and_why(outlier_llama, tmp_path, capsys):
             ]
         )
     assert refused.value.code == 2
+
+
+def test_the_lm_heads_level_is_judged_on_its_tail(outlier_llama, tmp_path, calib_ids, monkeypatch):
+    """The lm_head's level-4 run reuses the final hidden states of the run before it and runs only the lm_head
+    and what follows it: the same losses as running the whole model again, and the file's outputs unchanged."""
+    recipe = Recipe(samples=4, block_size=32, level4_tolerance=TOLERANCE)
+    runs: list[int] = []
+    each = stages.each_first_output
+
+    def counted(model, *args, **kwargs):
+        runs.append(len(model.graph))
+        return each(model, *args, **kwargs)
+
+    monkeypatch.setattr(stages, "each_first_output", counted)
+    tail = convert(outlier_llama / "model.onnx", tmp_path / "tail.onnx", recipe, calibration=calib_ids)
+    # the smoothing check, level 0, level 4, then the tail alone
+    assert len(runs) == 4 and runs[3] < runs[1] / 10, runs
+    monkeypatch.setattr(stages, "head_input", lambda *args: None)
+    whole = convert(outlier_llama / "model.onnx", tmp_path / "whole.onnx", recipe, calibration=calib_ids)
+    assert len(runs) == 8 and runs[7] == runs[5], runs  # the whole model again
+    for key in ("kl_level0", "kl_level4", "nll_level0", "nll_level4"):
+        assert tail.accuracy_level["lm_head"][key] == pytest.approx(
+            whole.accuracy_level["lm_head"][key], rel=1e-5, abs=1e-7
+        ), key
+    assert tail.accuracy_level["lm_head"]["level"] == whole.accuracy_level["lm_head"]["level"]
+    outputs = [v.name for v in ir.load(outlier_llama / "model.onnx").graph.outputs]
+    assert [v.name for v in ir.load(tmp_path / "tail.onnx").graph.outputs] == outputs
