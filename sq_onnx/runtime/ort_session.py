@@ -18,6 +18,11 @@ from sq_onnx.runtime.model_io import copy_model, has_external_tensors, weight_by
 
 # Above this, sessions for in-memory models go through a temporary file (see in_memory_session).
 IN_MEMORY_LIMIT = 64 * 1024**2
+# Above this many bytes of weights, a conversion's session runs without ORT's pre-packed copies of them, on the
+# memory-mapped weights (pages the kernel can drop): for Llama-3.2-1B's 4.9 GB, 1.4 GB of anonymous memory after
+# loading instead of 5.2, a peak of 5.55 GB instead of 5.99, loaded in 3 s instead of 16, for runs about 10%
+# slower (tools/RESULTS.md), of which a conversion does a few dozen. GPTQ's segment models (a layer each) keep them.
+PREPACK_LIMIT = 1536 * 1024**2
 
 
 def _ort():
@@ -30,13 +35,16 @@ def _ort():
     return onnxruntime
 
 
-def session_options(threads: int | None = None, custom_ops: bool = False):
-    """Options for our sessions; ``custom_ops`` registers the sq_onnx op library (raises if it is missing)."""
+def session_options(threads: int | None = None, custom_ops: bool = False, prepack: bool = True):
+    """Options for our sessions; ``custom_ops`` registers the sq_onnx op library (raises if it is missing);
+    ``prepack=False`` runs on the weights as they are (see PREPACK_LIMIT)."""
     ort = _ort()
     so = ort.SessionOptions()
     so.log_severity_level = 4  # errors come back as exceptions, which we report; ORT would print them twice
     if threads:
         so.intra_op_num_threads = threads
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     if custom_ops:
         register_custom_ops(so)
     return so
@@ -70,19 +78,21 @@ def in_memory_session(model: ir.Model, threads: int | None = None) -> Iterator[o
     if has_bfloat16(model):
         model = float32_twin(model)
     custom = custom_ops.DOMAIN in model.opset_imports
-    if weight_bytes(model) < IN_MEMORY_LIMIT and not has_external_tensors(model):
+    size = weight_bytes(model)
+    prepack = size <= PREPACK_LIMIT
+    if size < IN_MEMORY_LIMIT and not has_external_tensors(model):
         data = ir.to_proto(model).SerializeToString()
         yield _checked_session(data, threads, custom)
         return
     home = _external_home(model)
     if home is not None:
         with _files_beside(model, home) as path:
-            yield _checked_session(str(path), threads, custom)
+            yield _checked_session(str(path), threads, custom, prepack)
         return
     with tempfile.TemporaryDirectory(prefix="sq-onnx-") as tmp:
         path = Path(tmp) / "model.onnx"
         ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
-        yield _checked_session(str(path), threads, custom)
+        yield _checked_session(str(path), threads, custom, prepack)
 
 
 @contextmanager
@@ -155,11 +165,11 @@ def _files_beside(model: ir.Model, home: Path) -> Iterator[Path]:
         data_path.unlink(missing_ok=True)
 
 
-def _checked_session(model: bytes | str, threads: int | None, custom_ops: bool = False):
+def _checked_session(model: bytes | str, threads: int | None, custom_ops: bool = False, prepack: bool = True):
     """A session on the conversion's device (``sq_onnx.runtime.device``); ORT's refusal of a model the checker
     let through becomes one clear sentence."""
     ort = _ort()
-    so = session_options(threads, custom_ops)
+    so = session_options(threads, custom_ops, prepack)
     try:
         return ort.InferenceSession(model, so, providers=device.providers())
     except Exception as exc:  # ORT raises its own pybind types (Fail, InvalidGraph, NotImplemented, ...)
