@@ -23,6 +23,7 @@ from sq_onnx.passes.smooth import SmoothedGroup, SmoothPass
 from sq_onnx.plan import LinearPlan, act16_linears, plan_linears
 from sq_onnx.quant.blockwise import BlockQuantized
 from sq_onnx.recipe import Recipe
+from sq_onnx.runtime.device import gram_device
 from sq_onnx.runtime.model_io import copy_model
 from sq_onnx.runtime.progress import track
 
@@ -118,7 +119,7 @@ def quantize_graph(
         level4 = recipe.gptq_int8_inputs and recipe.aimed_accuracy_level(batch.linears[0].node in heads) == 4
         int8_block = recipe.block_size if level4 else None
         grams = (
-            batch_grams(_step_for(steps, name), recipe.gptq_holdout, int8_block, original)
+            batch_grams(_step_for(steps, name), recipe.gptq_holdout, int8_block, original, gram_device())
             if steps is not None
             else None
         )

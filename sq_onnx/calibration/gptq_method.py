@@ -6,7 +6,9 @@ inputs come from ``SegmentRunner`` steps; the maths of quantizing is ``sq_onnx.q
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -29,15 +31,23 @@ class GramSum:
     row with X): rows are gathered into float32 blocks of up to GRAM_ROWS rows and GRAM_BYTES, each block
     multiplied once (numpy runs syrk for x.T @ x) and summed in float64. With ``weight`` ([channels, N])
     instead of ``cross``: Σ Xᵀ(Y − X)W, all the float target needs, in 4·K·N operations per row against
-    2·K² for XᵀY (half the cost for an MLP's down_proj, whose K is 4x its N)."""
+    2·K² for XᵀY (half the cost for an MLP's down_proj, whose K is 4x its N).
 
-    def __init__(self, channels: int, cross: bool = False, weight: np.ndarray | None = None) -> None:
+    ``device``: a torch device ("cuda" when the conversion runs there, ``sq_onnx.runtime.device.gram_device``)
+    that multiplies and sums instead of numpy, in the same precisions (float32 products, float64 sums): at a
+    7B model's widths the products are most of a conversion's maths. None: numpy on the CPU."""
+
+    def __init__(
+        self, channels: int, cross: bool = False, weight: np.ndarray | None = None, device: str | None = None
+    ) -> None:
         self.channels = channels
         self.rows = max(1, min(GRAM_ROWS, GRAM_BYTES // (4 * channels)))
-        self.total = np.zeros((channels, channels), np.float64)
-        self.cross = np.zeros((channels, channels), np.float64) if cross and weight is None else None
-        self.weight = None if weight is None else np.asarray(weight, np.float32)
-        self.shift = None if weight is None else np.zeros(weight.shape, np.float64)
+        self._array = _numpy_arrays if device is None else _torch_arrays(device)
+        zeros = self._array.zeros
+        self.total = zeros((channels, channels))
+        self.cross = zeros((channels, channels)) if cross and weight is None else None
+        self.weight = None if weight is None else self._array.put(np.asarray(weight, np.float32))
+        self.shift = None if weight is None else zeros(tuple(weight.shape))
         self._xs: list[np.ndarray] = []
         self._ys: list[np.ndarray] = []
         self._held = 0
@@ -54,12 +64,12 @@ class GramSum:
     def _flush(self) -> None:
         if not self._xs:
             return
-        x = np.concatenate(self._xs) if len(self._xs) > 1 else self._xs[0]
+        x = self._array.put(np.concatenate(self._xs) if len(self._xs) > 1 else self._xs[0])
         for lo in range(0, x.shape[0], self.rows):
             part = x[lo : lo + self.rows]
             self.total += part.T @ part
         if self.cross is not None or self.shift is not None:
-            y = np.concatenate(self._ys) if len(self._ys) > 1 else self._ys[0]
+            y = self._array.put(np.concatenate(self._ys) if len(self._ys) > 1 else self._ys[0])
             for lo in range(0, x.shape[0], self.rows):
                 xb, yb = x[lo : lo + self.rows], y[lo : lo + self.rows]
                 if self.shift is not None:
@@ -69,8 +79,38 @@ class GramSum:
         self._xs, self._ys, self._held = [], [], 0
 
     def result(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Σ XᵀX and Σ XᵀY as float32 numpy arrays (``shift`` too, after this call)."""
         self._flush()
-        return self.total.astype(np.float32), (None if self.cross is None else self.cross.astype(np.float32))
+        got = self._array.get
+        if self.shift is not None:
+            self.shift = got(self.shift, np.float64)
+        return got(self.total, np.float32), (None if self.cross is None else got(self.cross, np.float32))
+
+
+@dataclass(frozen=True)
+class _Arrays:
+    """Where GramSum's sums live: zeros in float64, a float32 numpy block moved there, a sum brought back."""
+
+    zeros: Callable[[tuple[int, ...]], Any]
+    put: Callable[[np.ndarray], Any]
+    get: Callable[[Any, type], np.ndarray]
+
+
+_numpy_arrays = _Arrays(
+    zeros=lambda shape: np.zeros(shape, np.float64),
+    put=lambda a: a,
+    get=lambda a, dtype: a.astype(dtype, copy=False),
+)
+
+
+def _torch_arrays(device: str) -> _Arrays:
+    import torch
+
+    return _Arrays(
+        zeros=lambda shape: torch.zeros(shape, dtype=torch.float64, device=device),
+        put=lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device),
+        get=lambda a, dtype: a.cpu().numpy().astype(dtype),
+    )
 
 
 def gram(
@@ -116,19 +156,25 @@ class BatchGrams:
 
 
 def batch_grams(
-    inputs: SegmentInputs, holdout: int = 0, int8_block: int | None = None, weight: np.ndarray | None = None
+    inputs: SegmentInputs,
+    holdout: int = 0,
+    int8_block: int | None = None,
+    weight: np.ndarray | None = None,
+    device: str | None = None,
 ) -> BatchGrams:
     """The Gram matrices of one runner step, summed as its samples arrive; the last ``holdout`` samples (when
     fewer than all) are kept apart for ``held_out_loss``. With ``int8_block`` the quantized model's input is
     first rounded as MatMulNBits at accuracy_level 4 rounds it (int8 per block of K), so GPTQ fits the
     weights to what the kernel multiplies; the float side (the target) stays exact. With the batch's
     ``weight`` [K, N] and a float copy, a layer at least twice as wide in as out (down_proj) sums ``shift``
-    instead of ``cross``: the same target for half the operations."""
+    instead of ``cross``: the same target for half the operations. ``device``: as ``GramSum``'s."""
     n = inputs.count
     holdout = holdout if 0 < holdout < n else 0
     narrowing = weight is not None and inputs.with_float and 2 * weight.shape[1] < inputs.channels
-    fit = GramSum(inputs.channels, cross=inputs.with_float, weight=weight if narrowing else None)
-    held = GramSum(inputs.channels, cross=inputs.with_float) if holdout else None
+    fit = GramSum(
+        inputs.channels, cross=inputs.with_float, weight=weight if narrowing else None, device=device
+    )
+    held = GramSum(inputs.channels, cross=inputs.with_float, device=device) if holdout else None
     seen = 0
     for i, (x, y) in enumerate(inputs.pairs):
         x = x if int8_block is None else fake_blockwise(x, int8_block)

@@ -85,3 +85,20 @@ def running_on(device: str) -> Iterator[str]:
         yield resolved
     finally:
         _PROVIDERS.reset(token)
+
+
+def gram_device() -> str | None:
+    """The torch device for GPTQ's Gram sums: "cuda" while this conversion's sessions run on CUDA and torch can
+    use the GPU too, else None (numpy on the CPU). A CPU-only torch beside onnxruntime-gpu keeps numpy."""
+    if providers()[0] != "CUDAExecutionProvider":
+        return None
+    return "cuda" if _torch_cuda() else None
+
+
+@lru_cache(maxsize=1)
+def _torch_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())

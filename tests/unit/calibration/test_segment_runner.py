@@ -301,9 +301,9 @@ def test_int8_inputs_apply_where_a_linear_aims_at_level_4(
 
     seen: list[tuple[str, int | None]] = []
 
-    def record(inputs, holdout=0, int8_block=None, weight=None):
+    def record(inputs, holdout=0, int8_block=None, *rest):
         seen.append((inputs.target, int8_block))
-        return batch_grams(inputs, holdout, int8_block, weight)
+        return batch_grams(inputs, holdout, int8_block, *rest)
 
     monkeypatch.setattr(qm, "batch_grams", record)
     recipe = Recipe(samples=4, gptq_samples=4, block_size=32, gptq_int8_inputs=True, accuracy_level=level)
