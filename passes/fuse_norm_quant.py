@@ -9,7 +9,8 @@ exports LlamaRMSNorm, becomes RMSNormQuant the same way:
 
     γ * (x * Reciprocal(Sqrt(ReduceMean(Pow(x, 2), axes=[-1], keepdims=1) + eps)))
 
-(``Div(1, ·)`` for the Reciprocal and ``Mul(x, x)`` for the Pow too, either operand order). The rules match
+(``Div(1, ·)`` for the Reciprocal and ``Mul(x, x)`` for the Pow too, either operand order, and a no-op ``Cast``
+back to x's type before γ, as torch.onnx's TorchScript exporter writes it). The rules match
 without removing nodes (``remove_nodes=False``) so that their ``check`` sees every candidate and says in
 words why it declines; ``FuseNormQuantPass`` collects those reasons, and the cleanup drops what no one reads.
 """
@@ -204,10 +205,18 @@ class DecomposedRMSNormQuantFusion(pattern.RewriteRuleClassBase):
         root = op.Sqrt(shifted, _outputs=["root"])
         inverse = pattern.OrValue([op.Reciprocal(root), op.Div(one, root)], name="inverse")
         scaled = op.Mul(x, inverse, _outputs=["scaled"])
-        y = op.Mul(gamma, scaled, _outputs=["y"])
+        # torch.onnx's TorchScript exporter casts the normed value back to x's type before γ (a no-op in float32)
+        normed = pattern.OrValue(
+            [op.Cast(scaled, _allow_other_attributes=True, _outputs=["cast"]), scaled],
+            tag_var="cast_back",
+            tag_values=[True, False],
+        )
+        y = op.Mul(gamma, normed, _outputs=["y"])
         return op.QuantizePerToken(y, _domain=SQ, _outputs=2)
 
-    def check(self, context, x, two, eps, one, gamma, y, **values) -> pattern.MatchResult:
+    def check(self, context, x, two, eps, one, gamma, y, cast_back=False, **values) -> pattern.MatchResult:
+        if cast_back and (x.dtype is None or _attr_int(values["cast"].producer(), "to", 0) != x.dtype.value):
+            return _fail("the normed value is cast to another type than x's before γ")
         if two is not None and constant_scalar(two) != 2.0:
             return _fail("the square is a Pow by something other than the constant 2")
         if one is not None and constant_scalar(one) != 1.0:
@@ -229,9 +238,10 @@ class DecomposedRMSNormQuantFusion(pattern.RewriteRuleClassBase):
             or not _last_axis(axes[0], x)
         ):
             return _fail("the mean is not over the last axis with keepdims=1")
-        chain = [values[name] for name in ("squared", "mean", "shifted", "root", "inverse", "scaled")]
+        steps = ("squared", "mean", "shifted", "root", "inverse", "scaled") + (("cast",) if cast_back else ())
+        chain = [values[name] for name in steps]
         readers = [v.producer() for v in chain[1:]] + [y.producer(), context.root]
-        whats = [f"its {name} step" for name in ("squared", "mean", "shifted", "root", "inverse", "scaled")]
+        whats = [f"its {name} step" for name in steps]
         for value, reader, what in zip([*chain, y], readers, [*whats, "the norm's output"], strict=True):
             used = _only_read_by(value, reader, what)
             if used is not None:

@@ -37,6 +37,7 @@ def _build(
     x_second=False,
     leak=None,
     two=2.0,
+    cast_to=None,
 ):
     """x -> decomposed RMSNorm -> QuantizePerToken; ``leak`` names an intermediate given a second user."""
     tape = ir.tape.Tape()
@@ -57,6 +58,8 @@ def _build(
     else:
         inv = tape.op("Div", [_const(tape, "one", np.float32(1)), root])
     scaled = tape.op("Mul", [inv, x] if x_second else [x, inv])
+    if cast_to is not None:  # TorchScript: Cast(x * inv, to=x's type) before γ
+        scaled = tape.op("Cast", [scaled], {"to": ir.AttrInt64("to", cast_to)})
     out = tape.op("Mul", [gamma, scaled] if gamma_first else [scaled, gamma])
     xq, xs = tape.op_multi_out("QuantizePerToken", [out], num_outputs=2, domain=SQ)
     named = {"mean": mean, "inv": inv, "scaled": scaled, "out": out}
@@ -82,8 +85,17 @@ def _fuse(model: ir.Model) -> FuseNormQuantPass:
         {"gamma_first": False},
         {"axes": (2,)},
         {"eps_first": True, "x_second": True},
+        {"inverse": "Div", "cast_to": ir.DataType.FLOAT.value},
     ],
-    ids=["torch-export", "x-times-x", "div", "gamma-second", "axis-2", "operands-swapped"],
+    ids=[
+        "torch-export",
+        "x-times-x",
+        "div",
+        "gamma-second",
+        "axis-2",
+        "operands-swapped",
+        "torchscript-cast",
+    ],
 )
 def test_spellings_of_rmsnorm_fuse(kwargs):
     model, x, gamma = _build(**kwargs)
@@ -106,6 +118,7 @@ def test_spellings_of_rmsnorm_fuse(kwargs):
         ({"leak": "inv"}, "also read by Relu"),
         ({"leak": "scaled"}, "also read by Relu"),
         ({"leak": "out"}, "output"),
+        ({"cast_to": ir.DataType.FLOAT16.value}, "cast to another type"),
     ],
     ids=[
         "other-axis",
@@ -116,6 +129,7 @@ def test_spellings_of_rmsnorm_fuse(kwargs):
         "inv-used",
         "scaled-used",
         "output-used",
+        "cast-to-fp16",
     ],
 )
 def test_near_misses_are_refused_with_a_reason(kwargs, reason):
