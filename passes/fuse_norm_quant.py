@@ -64,11 +64,18 @@ def _fail(reason: str) -> pattern.MatchResult:
     return pattern.MatchResult().fail(reason)
 
 
-def _only_read_by(value: ir.Value, reader: ir.Node, what: str) -> pattern.MatchResult | None:
-    """A refusal when ``value`` has readers besides ``reader``, the next step the fusion replaces, else None."""
+def _only_read_by(
+    value: ir.Value, reader: ir.Node, what: str, shape_readers: bool = False
+) -> pattern.MatchResult | None:
+    """A refusal when ``value`` has readers besides ``reader``, the next step the fusion replaces, else None.
+    ``shape_readers``: readers of its shape alone (``Shape``) do not count (``_shapes_from``)."""
     if value.is_graph_output():
         return _fail(f"{what} is a graph output")
-    others = [user.op_type for user, _ in value.uses() if user is not reader]
+    others = [
+        user.op_type
+        for user, _ in value.uses()
+        if user is not reader and not (shape_readers and _reads_shape(user))
+    ]
     if others:
         return _fail(f"{what} is also read by {', '.join(sorted(set(others)))}, which is not quantized")
     return None
@@ -243,13 +250,27 @@ class DecomposedRMSNormQuantFusion(pattern.RewriteRuleClassBase):
         readers = [v.producer() for v in chain[1:]] + [y.producer(), context.root]
         whats = [f"its {name} step" for name in steps]
         for value, reader, what in zip([*chain, y], readers, [*whats, "the norm's output"], strict=True):
-            used = _only_read_by(value, reader, what)
+            used = _only_read_by(value, reader, what, shape_readers=value is y)
             if used is not None:
                 return used
         return pattern.MatchResult()
 
-    def rewrite(self, op, x, eps, gamma, **_):
+    def rewrite(self, op, x, eps, gamma, y, **_):
+        _shapes_from(y, x)
         return op.RMSNormQuant(x, gamma, epsilon=constant_scalar(eps), _domain=SQ, _outputs=2)
+
+
+def _reads_shape(node: ir.Node) -> bool:
+    return node.op_type == "Shape" and node.domain == ""
+
+
+def _shapes_from(y: ir.Value, x: ir.Value) -> None:
+    """``Shape`` readers of the norm's output ``y`` read ``x`` instead (a norm keeps its input's shape; γ is a
+    vector over the last axis): torch.onnx's TorchScript attention reads the input norm's output shape, and
+    would otherwise keep the whole decomposed norm computed for it."""
+    for user, index in list(y.uses()):
+        if _reads_shape(user):
+            user.replace_input_with(index, x)
 
 
 def fusion_rules() -> pattern.RewriteRuleSet:

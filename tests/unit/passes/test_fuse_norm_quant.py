@@ -38,6 +38,7 @@ def _build(
     leak=None,
     two=2.0,
     cast_to=None,
+    shape_reader=False,
 ):
     """x -> decomposed RMSNorm -> QuantizePerToken; ``leak`` names an intermediate given a second user."""
     tape = ir.tape.Tape()
@@ -64,6 +65,8 @@ def _build(
     xq, xs = tape.op_multi_out("QuantizePerToken", [out], num_outputs=2, domain=SQ)
     named = {"mean": mean, "inv": inv, "scaled": scaled, "out": out}
     outputs = [xq, xs] + ([tape.op("Relu", [named[leak]])] if leak else [])
+    if shape_reader:  # TorchScript attention reads the normed value's shape
+        outputs.append(tape.op("Shape", [out]))
     graph = ir.Graph(
         [x], outputs, nodes=tape.nodes, initializers=tape.initializers, opset_imports={"": 18, SQ: 1}
     )
@@ -189,3 +192,14 @@ def test_a_norm_with_a_float_reader_is_refused_with_the_reason():
     assert fuse.fused == 0
     (refusal,) = fuse.refused
     assert "also read by Relu" in refusal.reason
+
+
+def test_a_shape_reader_of_the_norm_reads_its_input_instead():
+    """torch.onnx's TorchScript attention reads the input norm's output shape: the norm still fuses, and the
+    Shape reads x (the same shape) so the decomposed norm is not kept computed for it."""
+    model, x, _ = _build(inverse="Div", cast_to=ir.DataType.FLOAT.value, shape_reader=True)
+    fuse = _fuse(model)
+    assert fuse.fused == 1 and not fuse.refused
+    (shape,) = [n for n in model.graph if n.op_type == "Shape"]
+    assert shape.inputs[0] is x
+    assert "ReduceMean" not in [n.op_type for n in model.graph]
