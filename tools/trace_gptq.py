@@ -5,6 +5,7 @@
     python tools/trace_gptq.py MODEL.onnx --vocab 128256 --no-lm-head-gptq
     python tools/trace_gptq.py MODEL.onnx --vocab 128256 --tracemalloc   # who holds the memory at the peak
     python tools/trace_gptq.py MODEL.onnx --vocab 128256 --scheme w8a8
+    python tools/trace_gptq.py MODEL.onnx --vocab 128256 --no-gptq      # the stages around GPTQ, quickly
 
 Converts in this process with the default W4 (or W8A8) recipe (``--gptq-samples`` aside) while a thread samples the
 resident memory every 0.1 s, and marks each GPTQ batch's two phases: running its segment and summing its Gram
@@ -151,12 +152,23 @@ def main() -> None:
         "--no-lm-head-gptq", action="store_true", help="the lm_head by per-block rounding (convert's option)"
     )
     parser.add_argument(
+        "--no-gptq",
+        action="store_true",
+        help="every weight by per-block rounding: the stages around GPTQ (calibration, smoothing, verification) "
+        "in minutes",
+    )
+    parser.add_argument(
         "--tracemalloc",
         action="store_true",
         help="where Python's and numpy's bytes were allocated at the peak",
     )
     args = parser.parse_args()
-    recipe = Recipe(scheme=args.scheme, gptq_samples=args.gptq_samples, lm_head_gptq=not args.no_lm_head_gptq)
+    recipe = Recipe(
+        scheme=args.scheme,
+        gptq=not args.no_gptq,
+        gptq_samples=args.gptq_samples,
+        lm_head_gptq=not args.no_lm_head_gptq,
+    )
     weights = sum(f.stat().st_size for f in args.model.parent.glob(args.model.name + "*"))
     count = max(recipe.samples, recipe.gptq_samples) + recipe.verify_samples
     with tempfile.TemporaryDirectory(prefix="sq-onnx-trace-") as tmp:
