@@ -63,7 +63,14 @@ from sq_onnx.runtime.model_inputs import (
 )
 from sq_onnx.runtime.model_io import has_external_tensors, save_model, weight_bytes
 from sq_onnx.runtime.peak_memory import current_rss_bytes
-from sq_onnx.verify import Agreement, AgreementSums, HeldOutput, each_first_output, held_outputs
+from sq_onnx.verify import (
+    Agreement,
+    AgreementSums,
+    HeldOutput,
+    HeldOutputs,
+    each_first_output,
+    held_outputs,
+)
 from sq_onnx.version import __version__
 
 Feeds = list[dict[str, np.ndarray]]
@@ -156,6 +163,9 @@ class Conversion:
     calib: Calibration | None = None
     alpha: float | dict[str, float] | None = None
     smoothed: Smoothed | None = None  # the copy being converted, the plans carried to it, groups and scales
+    # the float model's outputs on the verification samples, from calibration's session (half, or in files)
+    reference: HeldOutputs | None = None
+    reference_spill: SpillFolder | None = None
     genai: tuple[dict[str, Any] | None, str] | None = None  # the input's genai config and where it came from
 
     @property
@@ -298,16 +308,32 @@ def calibrate_stage(conv: Conversion) -> None:
         row_tensors = tuple(dict.fromkeys([*row_tensors, *quantized_inputs]))
         keeps_rows = recipe.alpha_search == "layer" or recipe.keep_8bit > 0
         max_rows = max_rows if keeps_rows else min(max_rows, REPORT_ROWS)
+    # the float model's outputs on every verification sample come from this session too (verification then
+    # runs no float model of its own, and no float session shares memory with the converted model's weights);
+    # the first few are also kept whole for the smoothing check
+    conv.reference_spill = SpillFolder(
+        "the float model's reference outputs for verification", "lower --verify-samples"
+    )
+    conv.reference = HeldOutputs(conv.reference_spill)
+    exact: list[np.ndarray] = []
+
+    def hold(i: int, output: np.ndarray) -> None:
+        if i < EXACTNESS_SAMPLES:
+            exact.append(output)
+        conv.reference.add(output)  # type: ignore[union-attr]
+
     conv.calib = calibrate(
         conv.src,
         tensors,
         conv.calib_feeds,
-        conv.samples.verify[:EXACTNESS_SAMPLES],  # for the smoothing check; verify runs the float model again
+        conv.samples.verify,
         row_tensors=row_tensors,
         max_rows=max_rows,
         seed=recipe.seed,
         show_progress=conv.show_progress,
+        on_reference=hold,
     )
+    conv.calib.reference = exact
 
 
 def choose_alpha(conv: Conversion) -> None:
@@ -435,16 +461,17 @@ def _verify(conv: Conversion, nodes: list[ir.Node], head: list[ir.Node]) -> None
             accuracy_level.set_level(nodes, 0)
             conv.result.accuracy_level = choice.to_dict()
         return
-    spill = SpillFolder("the float model's reference outputs for verification", "lower --verify-samples")
+    spill = conv.reference_spill or SpillFolder(
+        "the float model's reference outputs for verification", "lower --verify-samples"
+    )
     try:
-        _verify_against(
-            conv,
-            nodes,
-            head,
-            held_outputs(conv.src, conv.samples.verify, "float model", conv.show_progress, spill),
-        )
+        reference = conv.reference.outputs if conv.reference is not None else []
+        if len(reference) != len(conv.samples.verify):  # not from calibration: the float model runs here
+            reference = held_outputs(conv.src, conv.samples.verify, "float model", conv.show_progress, spill)
+        _verify_against(conv, nodes, head, reference)
     finally:
         spill.close()
+        conv.reference = None
 
 
 def _verify_against(

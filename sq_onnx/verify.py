@@ -107,6 +107,22 @@ class HeldOutput:
         return HeldOutput(folder.put(self.offsets), self.row_max)
 
 
+class HeldOutputs:
+    """Outputs kept as ``HeldOutput`` as they arrive, one float32 output at a time, then half of it; with
+    ``spill``, those past REFERENCE_BYTES in its files."""
+
+    def __init__(self, spill: SpillFolder | None = None) -> None:
+        self.outputs: list[HeldOutput] = []
+        self._spill, self._in_memory = spill, 0
+
+    def add(self, output: np.ndarray) -> None:
+        one = HeldOutput.of(output)
+        if self._spill is not None and self._in_memory + one.nbytes() > REFERENCE_BYTES:
+            one = one.to_file(self._spill)
+        self._in_memory += one.nbytes()
+        self.outputs.append(one)
+
+
 def held_outputs(
     model: ir.Model,
     feeds: list[dict[str, np.ndarray]],
@@ -114,17 +130,11 @@ def held_outputs(
     show_progress: bool,
     spill: SpillFolder | None = None,
 ) -> list[HeldOutput]:
-    """``first_outputs`` kept as ``HeldOutput``: one float32 output at a time, then half of it; with ``spill``,
-    those past REFERENCE_BYTES in its files."""
-    held: list[HeldOutput] = []
-    in_memory = 0
+    """``first_outputs`` kept as ``HeldOutputs``."""
+    held = HeldOutputs(spill)
     for out in each_first_output(model, feeds, label, show_progress):
-        one = HeldOutput.of(out)
-        if spill is not None and in_memory + one.nbytes() > REFERENCE_BYTES:
-            one = one.to_file(spill)
-        in_memory += one.nbytes()
-        held.append(one)
-    return held
+        held.add(out)
+    return held.outputs
 
 
 def _rows(x: np.ndarray) -> np.ndarray:

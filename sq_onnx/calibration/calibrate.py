@@ -6,6 +6,7 @@ arrays that leave ORT are [C] vectors: memory does not grow with the calibration
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,10 +92,12 @@ def calibrate(
     max_rows: int = 512,
     seed: int = 0,
     show_progress: bool = True,
+    on_reference: Callable[[int, np.ndarray], None] | None = None,
 ) -> Calibration:
     """Statistics over ``feeds``, reference outputs on ``reference_feeds`` and optional row samples,
     all from one ORT session (one copy of the weights in ORT). Memory is bounded by ``max_rows`` per
-    tensor, not by the number of feeds."""
+    tensor, not by the number of feeds. ``on_reference``: given each reference output (feed index, float32
+    output) as it comes, instead of keeping them all in ``Calibration.reference``."""
     work = copy_model(model)
     out_names = add_absmax_outputs(work, tensors)
     order = list(out_names.items())
@@ -124,8 +127,18 @@ def calibrate(
                 flat = np.asarray(arr, dtype=np.float32).reshape(-1, arr.shape[-1])
                 take = rng.choice(flat.shape[0], size=min(per_feed, flat.shape[0]), replace=False)
                 rows[name].append(flat[np.sort(take)])
-        for feed in reference_feeds:
-            reference.append(np.asarray(sess.run([first], feed)[0], dtype=np.float32))
+        references = track(
+            reference_feeds,
+            "float outputs to verify against",
+            total=len(reference_feeds),
+            enabled=show_progress,
+        )
+        for i, feed in enumerate(references):
+            output = np.asarray(sess.run([first], feed)[0], dtype=np.float32)
+            if on_reference is not None:
+                on_reference(i, output)
+            else:
+                reference.append(output)
     for tensor, arr in stats.items():
         if not np.all(np.isfinite(arr)):
             raise CalibrationError(

@@ -141,3 +141,32 @@ def test_the_lm_heads_level_is_judged_on_its_tail(outlier_llama, tmp_path, calib
     assert tail.accuracy_level["lm_head"]["level"] == whole.accuracy_level["lm_head"]["level"]
     outputs = [v.name for v in ir.load(outlier_llama / "model.onnx").graph.outputs]
     assert [v.name for v in ir.load(tmp_path / "tail.onnx").graph.outputs] == outputs
+
+
+def test_verification_reuses_calibrations_float_outputs(outlier_llama, tmp_path, calib_ids, monkeypatch):
+    """The float model's outputs on the verification samples come from calibration's session (kept at half,
+    in files past the budget): verification runs no float model of its own and reads the same numbers."""
+    recipe = Recipe(samples=4, block_size=32, level4_tolerance=TOLERANCE)
+    floats = []
+    held = stages.held_outputs
+
+    def counted(*args, **kwargs):
+        floats.append(1)
+        return held(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "held_outputs", counted)
+    reused = convert(outlier_llama / "model.onnx", tmp_path / "a.onnx", recipe, calibration=calib_ids)
+    assert floats == []
+    calibrate = stages.calibrate_stage
+
+    def without_reference(conv):
+        calibrate(conv)
+        conv.reference = None  # as before: verification runs the float model itself
+
+    monkeypatch.setattr(stages, "calibrate_stage", without_reference)
+    rerun = convert(outlier_llama / "model.onnx", tmp_path / "b.onnx", recipe, calibration=calib_ids)
+    assert floats == [1]
+    for key in ("relative_error", "cosine", "top1_agreement"):
+        assert reused.verify[key] == pytest.approx(rerun.verify[key], rel=1e-5, abs=1e-7), key
+    for key in ("kl_level0", "kl_level4", "nll_level0", "nll_level4"):
+        assert reused.accuracy_level[key] == pytest.approx(rerun.accuracy_level[key], rel=1e-5, abs=1e-7), key
