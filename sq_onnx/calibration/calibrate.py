@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -79,7 +80,7 @@ class Calibration:
 
     absmax: dict[str, np.ndarray]
     mean_square: dict[str, np.ndarray] = field(default_factory=dict)
-    reference: list[np.ndarray] = field(default_factory=list)
+    reference: list[Any] = field(default_factory=list)  # float32 arrays, or what ``on_reference`` kept
     rows: dict[str, np.ndarray] = field(default_factory=dict)
 
 
