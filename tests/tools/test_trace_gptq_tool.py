@@ -22,9 +22,11 @@ def test_trace_gptq_times_each_batch_and_finds_the_peak(monkeypatch, capsys, lla
     monkeypatch.setattr(sys, "argv", argv)
     # main() swaps in its traced functions: monkeypatch puts the originals back afterwards
     monkeypatch.setattr(trace_gptq.quantize_model, "batch_grams", trace_gptq.quantize_model.batch_grams)
-    monkeypatch.setattr(trace_gptq.stages, "quantize_graph", trace_gptq.stages.quantize_graph)
+    for name in trace_gptq.STAGES:  # and each stage, which it wraps to mark its phase
+        monkeypatch.setattr(trace_gptq.stages, name, getattr(trace_gptq.stages, name))
     trace_gptq.main()
     out = capsys.readouterr().out
-    assert "peak RSS" in out and "calibrate" in out
-    for phase in ("segments+grams #0", "gptq #0", "verify, save"):
-        assert phase in out, phase
+    assert "peak RSS" in out
+    rows = [line for line in out.splitlines() if line.startswith("│")]  # the tables' rows, not the summary
+    for phase in ("calibrate", "smooth", "segments+grams #0", "gptq #0", "verify", "save"):
+        assert any(f" {phase} " in row for row in rows), phase
