@@ -368,7 +368,7 @@ def smooth(conv: Conversion) -> None:
     alpha = conv.alpha if conv.analysis.groups else None
     conv.smoothed = smooth_copy(conv.src, conv.analysis, conv.plans, conv.calib.absmax, alpha)
     conv.result.smoothed_groups = [asdict(g) for g in conv.smoothed.groups]
-    # the float outputs are not held through quantization (50 MB per sample at a 49K vocabulary)
+    # the whole float32 outputs are read once, here (verification reads the half-precision ones in conv.reference)
     reference, conv.calib.reference = conv.calib.reference, []
     if not (conv.smoothed.groups and reference):
         return
