@@ -4,12 +4,13 @@ GB of weights, 5.2 -> 1.4 GB of anonymous memory), for runs about 10% faster."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import onnx_ir as ir
 import pytest
-
-from sq_onnx.runtime import ort_session
-from sq_onnx.runtime.peak_memory import current_rss_bytes
 
 K, N = 1024, 8192  # 32 MB of float32 weight
 
@@ -27,30 +28,43 @@ def external_matmul(tmp_path_factory):
     y.name, y.shape, y.type = "Y", ir.Shape(["m", N]), ir.TensorType(ir.DataType.FLOAT)
     graph = ir.Graph([x], [y], nodes=tape.nodes, initializers=tape.initializers, opset_imports={"": 17})
     ir.save(ir.Model(graph, ir_version=8), folder / "model.onnx", external_data="model.onnx.data")
-    return ir.load(folder / "model.onnx")
+    return folder / "model.onnx"
 
 
-def _config_entry(options, key: str) -> str | None:
+_IN_A_FRESH_PROCESS = """
+import json, sys
+import numpy as np
+import onnx_ir as ir
+from sq_onnx.runtime import ort_session
+from sq_onnx.runtime.peak_memory import current_rss_bytes
+ort_session.PREPACK_LIMIT = int(sys.argv[2])
+model = ir.load(sys.argv[1])
+before = current_rss_bytes("RssAnon")
+with ort_session.in_memory_session(model) as sess:
+    grown = current_rss_bytes("RssAnon") - before
     try:
-        return options.get_session_config_entry(key)
+        entry = sess.get_session_options().get_session_config_entry("session.disable_prepacking")
     except RuntimeError:  # ORT raises for a key never set
-        return None
+        entry = None
+    x = np.ones((3, model.graph.inputs[0].shape[1]), np.float32)
+    y = sess.run(None, {"X": x})[0]
+error = float(np.abs(y - x @ model.graph.initializers["W"].const_value.numpy()).max())
+print(json.dumps({"grown": grown, "entry": entry, "error": error}))
+"""
 
 
 @pytest.mark.parametrize("limit, packed", [(1 << 40, True), (1 << 20, False)])
-def test_large_models_run_without_prepacked_weights(external_matmul, monkeypatch, limit, packed):
-    monkeypatch.setattr(ort_session, "PREPACK_LIMIT", limit)
-    before = current_rss_bytes("RssAnon")
-    with ort_session.in_memory_session(external_matmul) as sess:
-        grown = current_rss_bytes("RssAnon") - before
-        entry = _config_entry(sess.get_session_options(), "session.disable_prepacking")
-        x = np.ones((3, K), np.float32)
-        np.testing.assert_allclose(
-            sess.run(None, {"X": x})[0],
-            x @ external_matmul.graph.initializers["W"].const_value.numpy(),
-            rtol=1e-4,
-            atol=1e-3,
-        )
-    assert (entry != "1") == packed
+def test_large_models_run_without_prepacked_weights(external_matmul, limit, packed):
+    """In a fresh process: in a long-lived test worker the allocator hands back memory it already holds, and the
+    packed copy would not show as growth."""
+    run = subprocess.run(
+        [sys.executable, "-c", _IN_A_FRESH_PROCESS, str(external_matmul), str(limit)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    seen = json.loads(run.stdout.splitlines()[-1])
+    assert seen["error"] < 1e-2
+    assert (seen["entry"] != "1") == packed
     weight = K * N * 4
-    assert (grown > weight * 3 // 4) == packed, f"{grown / 2**20:.0f} MB of anonymous memory"
+    assert (seen["grown"] > weight * 3 // 4) == packed, f"{seen['grown'] / 2**20:.0f} MB of anonymous memory"
