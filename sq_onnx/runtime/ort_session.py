@@ -18,11 +18,16 @@ from sq_onnx.runtime.model_io import copy_model, has_external_tensors, weight_by
 
 # Above this, sessions for in-memory models go through a temporary file (see in_memory_session).
 IN_MEMORY_LIMIT = 64 * 1024**2
-# Above this many bytes of weights, a conversion's session runs without ORT's pre-packed copies of them, on the
-# memory-mapped weights (pages the kernel can drop): for Llama-3.2-1B's 4.9 GB, 1.4 GB of anonymous memory after
-# loading instead of 5.2, a peak of 5.55 GB instead of 5.99, loaded in 3 s instead of 16, for runs about 10%
-# slower (tools/RESULTS.md), of which a conversion does a few dozen. GPTQ's segment models (a layer each) keep them.
+# Above this many bytes of weights, a conversion's session on a float model runs "lean", on the memory-mapped
+# weights as they are (pages the kernel can drop): without ORT's pre-packed copies of them (for Llama-3.2-1B's
+# 4.9 GB, 1.4 GB of anonymous memory after loading instead of 5.2, a peak of 5.55 GB instead of 5.99, loaded in
+# 3 s instead of 16, for runs about 10% slower; tools/RESULTS.md) and without constant folding, which turns a tied
+# lm_head's Transpose(embedding) into a second copy of the table (1 GB at Llama-3.2-1B, at no measurable cost
+# per run when not folded). GPTQ's segment models (a layer each) keep both.
 PREPACK_LIMIT = 1536 * 1024**2
+# Ops that run on weights ORT packs when the session is made: MatMulNBits computes at accuracy_level 4 only on
+# prepacked weights, our kernels pack there on request. A model with any of them is never run lean.
+PACKED_WEIGHT_OPS = {("com.microsoft", "MatMulNBits")}
 
 
 def _ort():
@@ -35,16 +40,17 @@ def _ort():
     return onnxruntime
 
 
-def session_options(threads: int | None = None, custom_ops: bool = False, prepack: bool = True):
+def session_options(threads: int | None = None, custom_ops: bool = False, lean: bool = False):
     """Options for our sessions; ``custom_ops`` registers the sq_onnx op library (raises if it is missing);
-    ``prepack=False`` runs on the weights as they are (see PREPACK_LIMIT)."""
+    ``lean`` runs on the weights as they are, no packed or folded copies (see PREPACK_LIMIT)."""
     ort = _ort()
     so = ort.SessionOptions()
     so.log_severity_level = 4  # errors come back as exceptions, which we report; ORT would print them twice
     if threads:
         so.intra_op_num_threads = threads
-    if not prepack:
+    if lean:
         so.add_session_config_entry("session.disable_prepacking", "1")
+        so.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
     if custom_ops:
         register_custom_ops(so)
     return so
@@ -79,7 +85,7 @@ def in_memory_session(model: ir.Model, threads: int | None = None) -> Iterator[o
         model = float32_twin(model)
     custom = custom_ops.DOMAIN in model.opset_imports
     size = weight_bytes(model)
-    prepack = size <= PREPACK_LIMIT
+    lean = size > PREPACK_LIMIT and not runs_on_packed_weights(model)
     if size < IN_MEMORY_LIMIT and not has_external_tensors(model):
         data = ir.to_proto(model).SerializeToString()
         yield _checked_session(data, threads, custom)
@@ -87,12 +93,12 @@ def in_memory_session(model: ir.Model, threads: int | None = None) -> Iterator[o
     home = _external_home(model)
     if home is not None:
         with _files_beside(model, home) as path:
-            yield _checked_session(str(path), threads, custom, prepack)
+            yield _checked_session(str(path), threads, custom, lean)
         return
     with tempfile.TemporaryDirectory(prefix="sq-onnx-") as tmp:
         path = Path(tmp) / "model.onnx"
         ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
-        yield _checked_session(str(path), threads, custom, prepack)
+        yield _checked_session(str(path), threads, custom, lean)
 
 
 @contextmanager
@@ -165,11 +171,19 @@ def _files_beside(model: ir.Model, home: Path) -> Iterator[Path]:
         data_path.unlink(missing_ok=True)
 
 
-def _checked_session(model: bytes | str, threads: int | None, custom_ops: bool = False, prepack: bool = True):
+def runs_on_packed_weights(model: ir.Model) -> bool:
+    """Whether any node of ``model`` is an op that needs its weights packed when the session is made."""
+    return any(
+        (node.domain or "", node.op_type) in PACKED_WEIGHT_OPS or node.domain == custom_ops.DOMAIN
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+    )
+
+
+def _checked_session(model: bytes | str, threads: int | None, custom_ops: bool = False, lean: bool = False):
     """A session on the conversion's device (``sq_onnx.runtime.device``); ORT's refusal of a model the checker
     let through becomes one clear sentence."""
     ort = _ort()
-    so = session_options(threads, custom_ops, prepack)
+    so = session_options(threads, custom_ops, lean)
     try:
         return ort.InferenceSession(model, so, providers=device.providers())
     except Exception as exc:  # ORT raises its own pybind types (Fail, InvalidGraph, NotImplemented, ...)
