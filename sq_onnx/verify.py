@@ -65,6 +65,9 @@ def first_outputs(
 REFERENCE_BYTES = 1 << 28
 
 
+HALVING_BYTES = 8 * 1024**2  # float32 rows halved at a time
+
+
 @dataclass(frozen=True)
 class HeldOutput:
     """A reference output kept at half the memory: float16 offsets below each row's maximum, the maximum in
@@ -88,10 +91,17 @@ class HeldOutput:
         if output.ndim == 0 or output.size == 0 or not np.isfinite(output).all():
             return whole
         row_max = output.max(axis=-1, keepdims=True)
-        offsets = output - row_max
-        if offsets.min() < -float(np.finfo(np.float16).max):  # beyond float16 (a -1e9 mask value): as it is
-            return whole
-        return cls(offsets.astype(np.float16), row_max)
+        rows, maxima = output.reshape(-1, output.shape[-1]), row_max.reshape(-1, 1)
+        offsets = np.empty(rows.shape, np.float16)
+        step = max(1, HALVING_BYTES // max(1, rows.shape[1] * 4))
+        for start in range(
+            0, len(rows), step
+        ):  # no float32 copy of the whole output (131 MB a sample at 128K)
+            part = rows[start : start + step] - maxima[start : start + step]
+            if part.min() < -float(np.finfo(np.float16).max):  # beyond float16 (a -1e9 mask value): as it is
+                return whole
+            offsets[start : start + step] = part
+        return cls(offsets.reshape(output.shape), row_max)
 
     def restore(self) -> np.ndarray:
         offsets = self.offsets.load() if isinstance(self.offsets, Spilled) else self.offsets

@@ -87,3 +87,24 @@ def test_outputs_float16_cannot_hold_are_kept_as_they_are(value):
     np.testing.assert_array_equal(HeldOutput.of(ref).restore(), ref)
     scalar = np.float32(2.5)
     assert HeldOutput.of(scalar).restore() == scalar
+
+
+def test_the_reference_is_halved_a_slice_at_a_time(monkeypatch):
+    """Halving makes no float32 copy of the whole output (131 MB a sample at a 128K vocabulary), and gives the
+    offsets one subtraction of the whole would; a value beyond float16 in a later slice still keeps it whole."""
+    import tracemalloc
+
+    from sq_onnx import verify
+
+    monkeypatch.setattr(verify, "HALVING_BYTES", 3 * 4096 * 4)  # three rows at a time
+    ref = np.random.default_rng(5).normal(0, 3, (2, 32, 4096)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        held = HeldOutput.of(ref)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.75 * ref.nbytes, f"{peak / ref.nbytes:.2f} of the output's size held while halving it"
+    np.testing.assert_array_equal(held.offsets, (ref - ref.max(axis=-1, keepdims=True)).astype(np.float16))
+    ref[1, 30, 9] = -1e9
+    np.testing.assert_array_equal(HeldOutput.of(ref).restore(), ref)
