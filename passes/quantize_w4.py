@@ -40,9 +40,11 @@ def quantize_weight(
     act_order: bool = False,
     refine_rounds: int = 0,
     damp: float = DAMP,
+    device: str | None = None,
 ) -> BlockQuantized:
     """A [K, N] float32 weight in MatMulNBits' layout: GPTQ's error feedback when the input's ``hessian``
-    is given, else per-block rounding (with the clip search weighted by ``importance``)."""
+    is given (its maths on the torch ``device`` when one is named), else per-block rounding (with the clip
+    search weighted by ``importance``)."""
     if hessian is not None:
         return gptq_quantize(
             w,
@@ -54,6 +56,7 @@ def quantize_weight(
             act_order=act_order,
             refine_rounds=refine_rounds,
             damp=damp,
+            device=device,
         )
     return quantize_blockwise(w, bits, block_size, symmetric, clip_search=clip_search, importance=importance)
 

@@ -23,7 +23,7 @@ from sq_onnx.passes.smooth import SmoothedGroup, SmoothPass
 from sq_onnx.plan import LinearPlan, act16_linears, plan_linears
 from sq_onnx.quant.blockwise import BlockQuantized
 from sq_onnx.recipe import Recipe
-from sq_onnx.runtime.device import gram_device
+from sq_onnx.runtime.device import gptq_device
 from sq_onnx.runtime.model_io import copy_model
 from sq_onnx.runtime.progress import track
 
@@ -116,15 +116,18 @@ def quantize_graph(
         fitted_by_gptq = recipe.gptq_fits(batch.linears[0].node in heads)  # else no step was planned for it
         if not fitted_by_gptq or (steps is None and hessians is None):
             return quantize_weight(original, batch.bits, *grid, **rounding)
+        device = gptq_device()
         level4 = recipe.gptq_int8_inputs and recipe.aimed_accuracy_level(batch.linears[0].node in heads) == 4
         int8_block = recipe.block_size if level4 else None
         grams = (
-            batch_grams(_step_for(steps, name), recipe.gptq_holdout, int8_block, original, gram_device())
+            batch_grams(_step_for(steps, name), recipe.gptq_holdout, int8_block, original, device)
             if steps is not None
             else None
         )
         hessian = grams.hessian if grams is not None else hessians(name)  # type: ignore[misc]
-        gptq = dict(act_order=recipe.act_order, refine_rounds=recipe.gptq_refine, damp=recipe.gptq_damp)
+        gptq = dict(
+            act_order=recipe.act_order, refine_rounds=recipe.gptq_refine, damp=recipe.gptq_damp, device=device
+        )
 
         def fitted(w: np.ndarray, columns: slice) -> BlockQuantized:
             target = (

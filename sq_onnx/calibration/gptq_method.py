@@ -33,7 +33,7 @@ class GramSum:
     instead of ``cross``: Σ Xᵀ(Y − X)W, all the float target needs, in 4·K·N operations per row against
     2·K² for XᵀY (half the cost for an MLP's down_proj, whose K is 4x its N).
 
-    ``device``: a torch device ("cuda" when the conversion runs there, ``sq_onnx.runtime.device.gram_device``)
+    ``device``: a torch device ("cuda" when the conversion runs there, ``sq_onnx.runtime.device.gptq_device``)
     that multiplies and sums instead of numpy, in the same precisions (float32 products, float64 sums): at a
     7B model's widths the products are most of a conversion's maths. None: numpy on the CPU."""
 

@@ -8,6 +8,8 @@ weight error, is what gets minimised, and the result is the same MatMulNBits lay
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy.linalg import cho_factor, cho_solve, lapack
 
@@ -19,6 +21,131 @@ DAMP = 0.01
 # Channels whose errors are passed on one at a time before the rest of the block gets them in one product:
 # the per-channel updates touch SUB rows, not the block's, and the block's share becomes a matrix product.
 SUB = 16
+
+
+class _NumpyOps:
+    """The few calls in which numpy and torch differ; the loops' slicing, products and in-place arithmetic read
+    the same for both. These run GPTQ on the CPU in numpy (the default)."""
+
+    float32, float64, uint8 = np.float32, np.float64, np.uint8
+
+    def put(self, a: np.ndarray, dtype: Any = None) -> Any:
+        return np.asarray(a, dtype)
+
+    def get(self, a: Any) -> np.ndarray:
+        return a
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        return np.zeros(shape, dtype)
+
+    def as_type(self, a: Any, dtype: Any) -> Any:
+        return a.astype(dtype)
+
+    def rint(self, a: Any) -> Any:
+        return np.rint(a)
+
+    def clip(self, a: Any, low: float, high: float) -> Any:
+        return np.clip(a, low, high)
+
+    def outer(self, a: Any, b: Any) -> Any:
+        return np.outer(a, b)
+
+    def nonzero(self, a: Any) -> Any:
+        """Flat indices of the non-zero entries (a 1-D ``a``)."""
+        return np.flatnonzero(a)
+
+    def repeat_rows(self, a: Any, times: int) -> Any:
+        return np.repeat(a, times, axis=0)
+
+    def diag(self, a: Any) -> Any:
+        return np.diag(a).copy()
+
+    def eye(self, n: int) -> Any:
+        return np.eye(n)
+
+    def einsum(self, equation: str, *operands: Any) -> Any:
+        return np.einsum(equation, *operands)
+
+    def at_least(self, a: Any, low: float) -> Any:
+        return np.maximum(a, low)
+
+    def isfinite(self, a: Any) -> Any:
+        return np.isfinite(a)
+
+    def solve(self, a: Any, b: Any) -> Any:
+        return np.linalg.solve(a, b)
+
+    def inverse_factor(self, h: np.ndarray, damp: float) -> Any:
+        return inverse_hessian_factor(h, damp)[0]
+
+
+class _TorchOps(_NumpyOps):
+    """GPTQ's maths on a torch device ("cuda" when the conversion runs there), in the same precisions."""
+
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self.torch, self.device = torch, device
+        self.float32, self.float64, self.uint8 = torch.float32, torch.float64, torch.uint8
+
+    def put(self, a: np.ndarray, dtype: Any = None) -> Any:
+        t = self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+        return t if dtype is None else t.to(dtype)
+
+    def get(self, a: Any) -> np.ndarray:
+        return a.cpu().numpy()
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        return self.torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def as_type(self, a: Any, dtype: Any) -> Any:
+        return a.to(dtype)
+
+    def rint(self, a: Any) -> Any:
+        return self.torch.round(a)  # half to even, as np.rint
+
+    def clip(self, a: Any, low: float, high: float) -> Any:
+        return self.torch.clamp(a, low, high)
+
+    def outer(self, a: Any, b: Any) -> Any:
+        return self.torch.outer(a, b)
+
+    def nonzero(self, a: Any) -> Any:
+        return self.torch.nonzero(a).flatten()
+
+    def repeat_rows(self, a: Any, times: int) -> Any:
+        return self.torch.repeat_interleave(a, times, dim=0)
+
+    def diag(self, a: Any) -> Any:
+        return self.torch.diagonal(a).clone()
+
+    def eye(self, n: int) -> Any:
+        return self.torch.eye(n, dtype=self.torch.float64, device=self.device)
+
+    def einsum(self, equation: str, *operands: Any) -> Any:
+        return self.torch.einsum(equation, *operands)
+
+    def at_least(self, a: Any, low: float) -> Any:
+        return self.torch.clamp_min(a, low)
+
+    def isfinite(self, a: Any) -> Any:
+        return self.torch.isfinite(a)
+
+    def solve(self, a: Any, b: Any) -> Any:
+        return self.torch.linalg.solve(a, b)
+
+    def inverse_factor(self, h: np.ndarray, damp: float) -> Any:
+        """U with UᵀU = H⁻¹ by the GPTQ reference's route (H's factor, its inverse, the inverse's upper
+        factor), in float64 on the device: the same matrix as ``inverse_hessian_factor`` to rounding."""
+        torch = self.torch
+        hd = self.put(dampened_hessian(h, damp)[0])
+        low = torch.linalg.cholesky(hd)
+        return torch.linalg.cholesky(torch.cholesky_inverse(low), upper=True)
+
+
+def gptq_ops(device: str | None) -> _NumpyOps:
+    """numpy on the CPU (None), else torch on ``device``."""
+    return _NumpyOps() if device is None else _TorchOps(device)
 
 
 def dampened_hessian(
@@ -71,87 +198,93 @@ def _block_grid(
     return sc[:, 0], (zp[:, 0] if zp is not None else None)
 
 
-def _code_offsets(codes: np.ndarray, zeros: np.ndarray, block_size: int) -> np.ndarray:
+def _code_offsets(codes: Any, zeros: Any, block_size: int, ops: _NumpyOps | None = None) -> Any:
     """codes − zero point [K, N], float32: the dequantized weights divided by their block's scale."""
-    return codes.astype(np.float32) - np.repeat(zeros.T.astype(np.float32), block_size, axis=0)
+    ops = ops or _NumpyOps()
+    return ops.as_type(codes, ops.float32) - ops.repeat_rows(ops.as_type(zeros.T, ops.float32), block_size)
 
 
 def refine_codes(
-    w: np.ndarray,
-    h: np.ndarray,
-    codes: np.ndarray,
-    steps: np.ndarray,
-    zeros: np.ndarray,
+    w: Any,
+    h: Any,
+    codes: Any,
+    steps: Any,
+    zeros: Any,
     block_size: int,
     qmax: int,
+    ops: _NumpyOps | None = None,
 ) -> int:
     """One sweep of cyclic coordinate descent on the layer loss tr((W−Ŵ)ᵀH(W−Ŵ)) over the codes, grids
     fixed (QuantEase, Behdin et al., 2023): each channel in turn moves to the grid point nearest its
     optimum given all the others, so the loss never rises. Starting from GPTQ's codes, it undoes choices
     GPTQ's single greedy pass could not revisit. ``w`` [K, N] original weights, ``h`` [K, K] (positive
     diagonal; float32 is used as it is, anything else is copied to it), ``codes`` [K, N] updated in place;
-    ``steps``/``zeros`` [N, n_blocks]. Returns how many codes changed."""
+    ``steps``/``zeros`` [N, n_blocks]. Returns how many codes changed. ``ops``: where the arrays live
+    (``gptq_ops``; numpy when None)."""
+    ops = ops or _NumpyOps()
     k, n = w.shape
-    h = np.asarray(h, np.float32)
-    current = _code_offsets(codes, zeros, block_size) * np.repeat(steps.T, block_size, axis=0)
-    grad = h @ (w.astype(np.float32) - current)  # G = H R: the loss's descent direction per channel
-    diag = np.diag(h).copy()
+    h = ops.as_type(h, ops.float32)
+    current = _code_offsets(codes, zeros, block_size, ops) * ops.repeat_rows(steps.T, block_size)
+    grad = h @ (ops.as_type(w, ops.float32) - current)  # G = H R: the loss's descent direction per channel
+    diag = ops.diag(h)
     changed = 0
     for lo in range(0, k, block_size):  # lazy updates: within a block row by row, every row once per block
         hi, b = lo + block_size, lo // block_size
         step, zero = steps[:, b], zeros[:, b]
-        moved = np.zeros((block_size, n), np.float32)
+        moved = ops.zeros((block_size, n), ops.float32)
         for i in range(lo, hi):
             target = current[i] + grad[i] / diag[i]
-            q = np.clip(np.rint(target / step + zero), 0, qmax)
+            q = ops.clip(ops.rint(target / step + zero), 0, qmax)
             d = (q - zero) * step - current[i]
-            cols = np.flatnonzero(d)  # after the first sweep few codes move: touch only their columns
-            if cols.size:
-                changed += int(np.count_nonzero(q != codes[i]))
+            cols = ops.nonzero(d)  # after the first sweep few codes move: touch only their columns
+            if len(cols):
+                changed += int((q != codes[i]).sum())
                 codes[i] = q
                 current[i] += d
-                grad[i + 1 : hi, cols] -= np.outer(h[i + 1 : hi, i], d[cols])  # the rows still to come
+                grad[i + 1 : hi, cols] -= ops.outer(h[i + 1 : hi, i], d[cols])  # the rows still to come
                 moved[i - lo] = d
         # the block's moves reach the rows still to come in this sweep; the rows already visited are not read
         # again (the next sweep starts from a fresh gradient), and after the first sweep few columns move
-        cols = np.flatnonzero(moved.any(axis=0))
-        if 0 < cols.size < n // 2:
+        cols = ops.nonzero((moved != 0).sum(0))
+        if 0 < len(cols) < n // 2:
             grad[hi:, cols] -= h[hi:, lo:hi] @ moved[:, cols]
-        elif cols.size:
+        elif len(cols):
             grad[hi:] -= h[hi:, lo:hi] @ moved
     return changed
 
 
 def refit_scales(
-    w: np.ndarray,
-    h: np.ndarray,
-    codes: np.ndarray,
-    steps: np.ndarray,
-    zeros: np.ndarray,
+    w: Any,
+    h: Any,
+    codes: Any,
+    steps: Any,
+    zeros: Any,
     block_size: int,
-    hw: np.ndarray | None = None,
+    hw: Any = None,
+    ops: _NumpyOps | None = None,
 ) -> None:
     """The block scales that minimise tr((W−Ŵ)ᵀH(W−Ŵ)) with the codes and zero points fixed: per output
     column a least-squares problem in its n_blocks scales, coupled through H (solved for all columns at
     once). ``steps`` [N, n_blocks] updated in place; a column keeps its scales where the fit is degenerate
     or flips a sign. ``hw``: H @ W in float32, the same every round (computed here when not given)."""
+    ops = ops or _NumpyOps()
     k, n = w.shape
     nb = k // block_size
     # the products in float32 (H is a float32 Gram sum upcast, the codes small integers: float64 bought
     # nothing but twice the time, a third of GPTQ's maths at K = 8192); the small systems in float64
-    h = np.asarray(h, np.float32)
-    e = _code_offsets(codes, zeros, block_size).astype(np.float32)
+    h = ops.as_type(h, ops.float32)
+    e = _code_offsets(codes, zeros, block_size, ops)
     eb = e.reshape(nb, block_size, n)
-    gram = np.empty((n, nb, nb))
+    gram = ops.zeros((n, nb, nb), ops.float64)
     for c in range(nb):
         he = (h[:, c * block_size : (c + 1) * block_size] @ eb[c]).reshape(nb, block_size, n)
-        gram[:, :, c] = np.einsum("bkn,bkn->nb", eb, he)  # block b's codes against H's block c columns
-    hw = (h @ w.astype(np.float32) if hw is None else hw).reshape(nb, block_size, n)
-    rhs = np.einsum("bkn,bkn->nb", eb, hw).astype(np.float64)
-    ridge = 1e-9 * np.maximum(np.einsum("nbb->n", gram), 1e-30)[:, None, None] * np.eye(nb)
-    fit = np.linalg.solve(gram + ridge, rhs[..., None])[..., 0]
-    ok = np.all(np.isfinite(fit) & (fit * steps > 0), axis=1)  # symmetric grids may have signed scales
-    steps[ok] = fit[ok].astype(steps.dtype)
+        gram[:, :, c] = ops.einsum("bkn,bkn->nb", eb, he)  # block b's codes against H's block c columns
+    hw = (h @ ops.as_type(w, ops.float32) if hw is None else hw).reshape(nb, block_size, n)
+    rhs = ops.as_type(ops.einsum("bkn,bkn->nb", eb, hw), ops.float64)
+    ridge = 1e-9 * ops.at_least(ops.einsum("nbb->n", gram), 1e-30)[:, None, None] * ops.eye(nb)
+    fit = ops.solve(gram + ridge, rhs[..., None])[..., 0]
+    ok = (ops.isfinite(fit) & (fit * steps > 0)).all(-1)  # symmetric grids may have signed scales
+    steps[ok] = ops.as_type(fit[ok], steps.dtype)
 
 
 def gptq_quantize(
@@ -164,6 +297,7 @@ def gptq_quantize(
     act_order: bool = False,
     damp: float = DAMP,
     refine_rounds: int = 0,
+    device: str | None = None,
 ) -> BlockQuantized:
     """Quantize a [K, N] weight along K in blocks of ``block_size`` with GPTQ error feedback.
 
@@ -174,13 +308,17 @@ def gptq_quantize(
     the original weights, so the MatMulNBits layout (contiguous blocks along K) is unchanged.
     ``clip_search``: the range shrink with the least error weighted by diag H. ``refine_rounds``: after
     GPTQ, that many rounds of one coordinate-descent sweep over the codes and a least-squares refit of the
-    block scales, both on the same loss (each can only lower it).
+    block scales, both on the same loss (each can only lower it). ``device``: a torch device for the
+    factor, the error feedback and the refinement ("cuda" when the conversion runs there,
+    ``sq_onnx.runtime.device.gptq_device``); None: numpy and LAPACK on the CPU. The grids are chosen in
+    numpy either way.
     """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     k, n = w_kn.shape
     if hessian.shape != (k, k):
         raise ValueError(f"hessian must be [{k}, {k}], got {list(hessian.shape)}")
+    ops = gptq_ops(device)
     n_blocks = -(-k // block_size)
     kp = n_blocks * block_size
     h = np.eye(kp, dtype=np.float64)  # padded channels: zero weights, uncorrelated, quantized exactly
@@ -188,7 +326,7 @@ def gptq_quantize(
     w = np.zeros((kp, n), np.float64)
     w[:k] = w_kn
     w[np.diag(h) <= 0] = 0.0
-    importance = np.diag(h)
+    importance = np.diag(h).copy()
     w0 = w.copy() if refine_rounds else w
     qmax = (1 << bits) - 1
     scales = np.zeros((n, n_blocks), np.float32)
@@ -204,37 +342,45 @@ def gptq_quantize(
     if act_order:
         for b in range(n_blocks):
             fix_grid(b, w[b * block_size : (b + 1) * block_size])
-    u, _ = inverse_hessian_factor(h[np.ix_(order, order)] if act_order else h, damp)
     # the factor in float64, the error feedback in float32 (GPTQ's own precision), rows contiguous
-    u = np.ascontiguousarray(u, dtype=np.float32)
-    w = w[order].astype(np.float32)
-    codes = np.zeros((kp, n), np.uint8)  # by original channel
+    u = ops.as_type(ops.inverse_factor(h[np.ix_(order, order)] if act_order else h, damp), ops.float32)
+    if device is None:
+        u = np.ascontiguousarray(u)
+    w = ops.put(w[order], ops.float32)
+    steps, offsets = ops.put(scales), ops.put(zeros)  # the grids where the feedback runs
+    codes = ops.zeros((kp, n), ops.uint8)  # by original channel
     for lo in range(0, kp, block_size):
         hi = lo + block_size
         if not act_order:
-            fix_grid(lo // block_size, w[lo:hi])
+            b = lo // block_size
+            fix_grid(b, ops.get(w[lo:hi]))
+            steps[:, b], offsets[:, b] = ops.put(scales[:, b]), ops.put(zeros[:, b])
         rows = w[lo:hi]  # view: updated in place by this batch's own errors
         u_batch = u[lo:hi, lo:hi]
-        errors = np.zeros((block_size, n), np.float32)
+        errors = ops.zeros((block_size, n), ops.float32)
         for sub in range(0, block_size, SUB):
             end = min(sub + SUB, block_size)
             for i in range(sub, end):
-                channel = order[lo + i]
-                step, zero = scales[:, channel // block_size], zeros[:, channel // block_size]
-                q = np.clip(np.rint(rows[i] / step) + zero, 0, qmax)
+                channel = int(order[lo + i])
+                step, zero = steps[:, channel // block_size], offsets[:, channel // block_size]
+                q = ops.clip(ops.rint(rows[i] / step) + zero, 0, qmax)
                 codes[channel] = q
                 err = (rows[i] - (q - zero) * step) / u_batch[i, i]
-                rows[i + 1 : end] -= np.outer(u_batch[i, i + 1 : end], err)
+                rows[i + 1 : end] -= ops.outer(u_batch[i, i + 1 : end], err)
                 errors[i] = err
             rows[end:] -= u_batch[sub:end, end:].T @ errors[sub:end]
         w[hi:] -= u[lo:hi, hi:].T @ errors
+    del u, w
     if refine_rounds:
         hd, _ = dampened_hessian(h, damp, overwrite=True)  # h's last use
         del h
-        hd = hd.astype(np.float32)  # the rounds' products are float32: one copy for all of them
-        hw = hd @ w0.astype(np.float32)
+        hd = ops.put(hd, ops.float32)  # the rounds' products are float32: one copy for all of them
+        w0 = ops.put(w0, ops.float32)
+        hw = hd @ w0
         for _ in range(refine_rounds):
-            refine_codes(w0, hd, codes, scales, zeros, block_size, qmax)
-            refit_scales(w0, hd, codes, scales, zeros, block_size, hw)
+            refine_codes(w0, hd, codes, steps, offsets, block_size, qmax, ops)
+            refit_scales(w0, hd, codes, steps, offsets, block_size, hw, ops)
+        scales = ops.get(steps)
+    codes = ops.get(codes)
     zero_points = None if symmetric else zeros.astype(np.uint8)
     return pack_blocks(codes.T.reshape(n, n_blocks, block_size), scales, zero_points, k, bits, block_size)
