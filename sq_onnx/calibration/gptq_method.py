@@ -134,15 +134,16 @@ class BatchGrams:
     cross: np.ndarray | None
     held: tuple[np.ndarray, np.ndarray | None] | None = None
     shift: np.ndarray | None = None
+    device: str | None = None  # where the target's solve runs (GramSum's device)
 
     def target(self, w: np.ndarray, ridge: float = TARGET_DAMP, columns: slice = slice(None)) -> np.ndarray:
         """``float_target_weight`` of the batch's joined [K, N] weight, or of its ``columns`` (``w`` is then
         those columns); ``w`` itself without a float copy."""
         if self.shift is not None:
-            return corrected_weight(w, self.hessian, self.shift[:, columns], ridge)
+            return corrected_weight(w, self.hessian, self.shift[:, columns], ridge, self.device)
         if self.cross is None:
             return w
-        return float_target_weight(w, self.hessian, self.cross, ridge)
+        return float_target_weight(w, self.hessian, self.cross, ridge, self.device)
 
     def held_out_loss(self, w: np.ndarray, w_hat: np.ndarray) -> float:
         """The batch's output error on the held-out samples, up to a constant: ‖X_q Ŵ − X_f W‖² with the
@@ -185,23 +186,31 @@ def batch_grams(
             f"step {inputs.index} gave {seen} of its {n} samples: read each step before the next"
         )
     hessian, cross = fit.result()
-    return BatchGrams(hessian, cross, held.result() if held is not None else None, fit.shift)
+    return BatchGrams(hessian, cross, held.result() if held is not None else None, fit.shift, device)
 
 
 def float_target_weight(
-    w: np.ndarray, hessian: np.ndarray, cross: np.ndarray, damp: float = TARGET_DAMP
+    w: np.ndarray,
+    hessian: np.ndarray,
+    cross: np.ndarray,
+    damp: float = TARGET_DAMP,
+    device: str | None = None,
 ) -> np.ndarray:
     """argmin_Ŵ ‖X_q Ŵ − X_f W‖² = W + H⁻¹X_qᵀ(X_f − X_q)W (H = X_qᵀX_q): quantizing this target with
     GPTQ on H minimises the distance to the float model's output, not to this layer's own output on the
     already degraded input. The correction is a ridge regression of the upstream error on the layer's input,
     with ``damp`` x mean(diag H) on the diagonal; W itself is never shrunk, so a layer whose input is still
-    exact keeps W. ``w`` [K, N]."""
+    exact keeps W. ``w`` [K, N]. ``device``: where the solve runs (``dampened_solve``)."""
     delta = cross.astype(np.float64) - hessian.astype(np.float64)  # X_qᵀ(X_f − X_q)
-    return corrected_weight(w, hessian, delta @ w.astype(np.float64), damp)
+    return corrected_weight(w, hessian, delta @ w.astype(np.float64), damp, device)
 
 
 def corrected_weight(
-    w: np.ndarray, hessian: np.ndarray, shift: np.ndarray, damp: float = TARGET_DAMP
+    w: np.ndarray,
+    hessian: np.ndarray,
+    shift: np.ndarray,
+    damp: float = TARGET_DAMP,
+    device: str | None = None,
 ) -> np.ndarray:
     """``float_target_weight`` from ``shift`` = X_qᵀ(X_f − X_q)W: W + (H + ridge)⁻¹ shift."""
-    return (w.astype(np.float64) + dampened_solve(hessian, shift, damp)).astype(np.float32)
+    return (w.astype(np.float64) + dampened_solve(hessian, shift, damp, device)).astype(np.float32)

@@ -183,10 +183,19 @@ def inverse_hessian_factor(hessian: np.ndarray, damp: float = DAMP) -> tuple[np.
     return u, dead
 
 
-def dampened_solve(hessian: np.ndarray, rhs: np.ndarray, damp: float) -> np.ndarray:
-    """(H + damp · mean(diag H))⁻¹ rhs in float64, by Cholesky (H dampened as ``dampened_hessian``)."""
+def dampened_solve(
+    hessian: np.ndarray, rhs: np.ndarray, damp: float, device: str | None = None
+) -> np.ndarray:
+    """(H + damp · mean(diag H))⁻¹ rhs in float64, by Cholesky (H dampened as ``dampened_hessian``); on the
+    torch ``device`` when one is named (``gptq_quantize``'s)."""
     h, _ = dampened_hessian(hessian, damp)
-    return cho_solve(cho_factor(h, overwrite_a=True, check_finite=False), rhs, check_finite=False)
+    if device is None:
+        return cho_solve(cho_factor(h, overwrite_a=True, check_finite=False), rhs, check_finite=False)
+    ops = _TorchOps(device)
+    torch = ops.torch
+    low = torch.linalg.cholesky(ops.put(h))
+    del h
+    return ops.get(torch.cholesky_solve(ops.put(rhs, ops.float64), low))
 
 
 def _block_grid(
