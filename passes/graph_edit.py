@@ -43,9 +43,22 @@ def set_weight(graph: ir.Graph, linear: Linear, w_kn: np.ndarray, suffix: str) -
 
 
 def _use_weight(linear: Linear, value: ir.Value) -> None:
-    """Point the linear at a [K, N] weight: Gemm/FusedMatMul lose transB and alpha (folded in)."""
+    """Point the linear at a [K, N] weight: Gemm/FusedMatMul lose transB and alpha (folded in). A Transpose
+    that fed the old weight and has no other reader goes too: sessions on large models do not fold constants
+    (``sq_onnx.runtime.ort_session.PREPACK_LIMIT``), and ORT would transpose a tied lm_head's whole embedding
+    on every run for nothing (1 GB at Llama-3.2-1B, 2 GB more resident at the smoothing check)."""
     node = linear.node
+    old = node.inputs[1]
     node.replace_input_with(1, value)
+    producer = old.producer() if old is not None else None
+    if (
+        producer is not None
+        and producer.op_type == "Transpose"
+        and not old.uses()
+        and not old.is_graph_output()
+        and producer.graph is not None
+    ):
+        producer.graph.remove(producer, safe=True)
     if node.op_type in ("Gemm", "FusedMatMul"):
         node.attributes["transB"] = ir.AttrInt64("transB", 0)
         node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)

@@ -331,3 +331,22 @@ def test_grouped_query_attention_values_absorb_1_over_s_per_kv_head(packed):
 def test_grouped_query_attention_with_a_quantized_or_unknown_value_path_is_not_folded(attributes):
     model = _gqa(packed=True, attributes=attributes)
     assert not [g for g in analyze(model.graph, through_linears=True).groups if g.through_linear]
+
+
+def test_smoothing_a_tied_lm_head_leaves_no_transpose_behind(llama_dir):
+    """The lm_head reads the tied embedding through a Transpose; smoothed, it reads its own [K, N] weight, and
+    the Transpose goes with its last reader: sessions on large models do not fold constants, and ORT would
+    transpose the whole table on every run for nothing."""
+    from sq_onnx.passes.linears import find_linears, is_lm_head
+
+    model = ir.load(llama_dir / "model.onnx")
+    (head,) = [lin for lin in find_linears(model.graph) if is_lm_head(lin, model.graph)]
+    before = head.node.inputs[1].producer()
+    assert before is not None and before.op_type == "Transpose"
+    analysis = analyze(model.graph)
+    stats = {g.name: np.linspace(1, 50, g.channels).astype(np.float32) for g in analysis.groups}
+    SmoothPass(analysis.groups, stats, alpha=0.5)(model)
+    assert head.node.inputs[1].producer() is None
+    dead = [n.op_type for n in model.graph if not any(o.uses() or o.is_graph_output() for o in n.outputs)]
+    assert dead == []
+    assert before.graph is None
