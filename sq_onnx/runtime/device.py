@@ -90,7 +90,7 @@ def running_on(device: str) -> Iterator[str]:
 def gptq_device() -> str | None:
     """The torch device for GPTQ's maths (the Gram sums, the inverse Hessian's factor, the error feedback and the
     refinement): "cuda" while this conversion's sessions run on CUDA and torch can use the GPU too, else None
-    (numpy on the CPU, where it is 2.4x faster than torch's CPU device: tools/RESULTS.md). A CPU-only torch
+    (numpy on the CPU, where it is about 2x faster than torch's CPU device: tools/RESULTS.md). A CPU-only torch
     beside onnxruntime-gpu keeps numpy."""
     if providers()[0] != "CUDAExecutionProvider":
         return None
