@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 from scipy.linalg import cho_factor, cho_solve, lapack
 
+from sq_onnx.quant import gptq_ops as _ops
 from sq_onnx.quant.blockwise import BlockQuantized, choose_grid, pack_blocks
+from sq_onnx.quant.gptq_ops import NumpyOps, TorchOps
 
 # Dampening of H's diagonal, as a fraction of its mean (the GPTQ paper's default): keeps the Cholesky
 # factorisation stable when calibration leaves some directions of X unexplored.
@@ -21,131 +23,6 @@ DAMP = 0.01
 # Channels whose errors are passed on one at a time before the rest of the block gets them in one product:
 # the per-channel updates touch SUB rows, not the block's, and the block's share becomes a matrix product.
 SUB = 16
-
-
-class _NumpyOps:
-    """The few calls in which numpy and torch differ; the loops' slicing, products and in-place arithmetic read
-    the same for both. These run GPTQ on the CPU in numpy (the default)."""
-
-    float32, float64, uint8 = np.float32, np.float64, np.uint8
-
-    def put(self, a: np.ndarray, dtype: Any = None) -> Any:
-        return np.asarray(a, dtype)
-
-    def get(self, a: Any) -> np.ndarray:
-        return a
-
-    def zeros(self, shape: tuple[int, ...], dtype: Any) -> Any:
-        return np.zeros(shape, dtype)
-
-    def as_type(self, a: Any, dtype: Any) -> Any:
-        return a.astype(dtype)
-
-    def rint(self, a: Any) -> Any:
-        return np.rint(a)
-
-    def clip(self, a: Any, low: float, high: float) -> Any:
-        return np.clip(a, low, high)
-
-    def outer(self, a: Any, b: Any) -> Any:
-        return np.outer(a, b)
-
-    def nonzero(self, a: Any) -> Any:
-        """Flat indices of the non-zero entries (a 1-D ``a``)."""
-        return np.flatnonzero(a)
-
-    def repeat_rows(self, a: Any, times: int) -> Any:
-        return np.repeat(a, times, axis=0)
-
-    def diag(self, a: Any) -> Any:
-        return np.diag(a).copy()
-
-    def eye(self, n: int) -> Any:
-        return np.eye(n)
-
-    def einsum(self, equation: str, *operands: Any) -> Any:
-        return np.einsum(equation, *operands)
-
-    def at_least(self, a: Any, low: float) -> Any:
-        return np.maximum(a, low)
-
-    def isfinite(self, a: Any) -> Any:
-        return np.isfinite(a)
-
-    def solve(self, a: Any, b: Any) -> Any:
-        return np.linalg.solve(a, b)
-
-    def inverse_factor(self, h: np.ndarray, damp: float) -> Any:
-        return inverse_hessian_factor(h, damp)[0]
-
-
-class _TorchOps(_NumpyOps):
-    """GPTQ's maths on a torch device ("cuda" when the conversion runs there), in the same precisions."""
-
-    def __init__(self, device: str) -> None:
-        import torch
-
-        self.torch, self.device = torch, device
-        self.float32, self.float64, self.uint8 = torch.float32, torch.float64, torch.uint8
-
-    def put(self, a: np.ndarray, dtype: Any = None) -> Any:
-        t = self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
-        return t if dtype is None else t.to(dtype)
-
-    def get(self, a: Any) -> np.ndarray:
-        return a.cpu().numpy()
-
-    def zeros(self, shape: tuple[int, ...], dtype: Any) -> Any:
-        return self.torch.zeros(shape, dtype=dtype, device=self.device)
-
-    def as_type(self, a: Any, dtype: Any) -> Any:
-        return a.to(dtype)
-
-    def rint(self, a: Any) -> Any:
-        return self.torch.round(a)  # half to even, as np.rint
-
-    def clip(self, a: Any, low: float, high: float) -> Any:
-        return self.torch.clamp(a, low, high)
-
-    def outer(self, a: Any, b: Any) -> Any:
-        return self.torch.outer(a, b)
-
-    def nonzero(self, a: Any) -> Any:
-        return self.torch.nonzero(a).flatten()
-
-    def repeat_rows(self, a: Any, times: int) -> Any:
-        return self.torch.repeat_interleave(a, times, dim=0)
-
-    def diag(self, a: Any) -> Any:
-        return self.torch.diagonal(a).clone()
-
-    def eye(self, n: int) -> Any:
-        return self.torch.eye(n, dtype=self.torch.float64, device=self.device)
-
-    def einsum(self, equation: str, *operands: Any) -> Any:
-        return self.torch.einsum(equation, *operands)
-
-    def at_least(self, a: Any, low: float) -> Any:
-        return self.torch.clamp_min(a, low)
-
-    def isfinite(self, a: Any) -> Any:
-        return self.torch.isfinite(a)
-
-    def solve(self, a: Any, b: Any) -> Any:
-        return self.torch.linalg.solve(a, b)
-
-    def inverse_factor(self, h: np.ndarray, damp: float) -> Any:
-        """U with UᵀU = H⁻¹ by the GPTQ reference's route (H's factor, its inverse, the inverse's upper
-        factor), in float64 on the device: the same matrix as ``inverse_hessian_factor`` to rounding."""
-        torch = self.torch
-        hd = self.put(dampened_hessian(h, damp)[0])
-        low = torch.linalg.cholesky(hd)
-        return torch.linalg.cholesky(torch.cholesky_inverse(low), upper=True)
-
-
-def gptq_ops(device: str | None) -> _NumpyOps:
-    """numpy on the CPU (None), else torch on ``device``."""
-    return _NumpyOps() if device is None else _TorchOps(device)
 
 
 def dampened_hessian(
@@ -191,11 +68,7 @@ def dampened_solve(
     h, _ = dampened_hessian(hessian, damp)
     if device is None:
         return cho_solve(cho_factor(h, overwrite_a=True, check_finite=False), rhs, check_finite=False)
-    ops = _TorchOps(device)
-    torch = ops.torch
-    low = torch.linalg.cholesky(ops.put(h))
-    del h
-    return ops.get(torch.cholesky_solve(ops.put(rhs, ops.float64), low))
+    return TorchOps(device).cholesky_solve(h, rhs)
 
 
 def _block_grid(
@@ -207,9 +80,9 @@ def _block_grid(
     return sc[:, 0], (zp[:, 0] if zp is not None else None)
 
 
-def _code_offsets(codes: Any, zeros: Any, block_size: int, ops: _NumpyOps | None = None) -> Any:
+def _code_offsets(codes: Any, zeros: Any, block_size: int, ops: NumpyOps | None = None) -> Any:
     """codes − zero point [K, N], float32: the dequantized weights divided by their block's scale."""
-    ops = ops or _NumpyOps()
+    ops = ops or NumpyOps()
     return ops.as_type(codes, ops.float32) - ops.repeat_rows(ops.as_type(zeros.T, ops.float32), block_size)
 
 
@@ -221,7 +94,7 @@ def refine_codes(
     zeros: Any,
     block_size: int,
     qmax: int,
-    ops: _NumpyOps | None = None,
+    ops: NumpyOps | None = None,
 ) -> int:
     """One sweep of cyclic coordinate descent on the layer loss tr((W−Ŵ)ᵀH(W−Ŵ)) over the codes, grids
     fixed (QuantEase, Behdin et al., 2023): each channel in turn moves to the grid point nearest its
@@ -229,8 +102,8 @@ def refine_codes(
     GPTQ's single greedy pass could not revisit. ``w`` [K, N] original weights, ``h`` [K, K] (positive
     diagonal; float32 is used as it is, anything else is copied to it), ``codes`` [K, N] updated in place;
     ``steps``/``zeros`` [N, n_blocks]. Returns how many codes changed. ``ops``: where the arrays live
-    (``gptq_ops``; numpy when None)."""
-    ops = ops or _NumpyOps()
+    (``sq_onnx.quant.gptq_ops``; numpy when None)."""
+    ops = ops or NumpyOps()
     k, n = w.shape
     h = ops.as_type(h, ops.float32)
     current = _code_offsets(codes, zeros, block_size, ops) * ops.repeat_rows(steps.T, block_size)
@@ -270,13 +143,13 @@ def refit_scales(
     zeros: Any,
     block_size: int,
     hw: Any = None,
-    ops: _NumpyOps | None = None,
+    ops: NumpyOps | None = None,
 ) -> None:
     """The block scales that minimise tr((W−Ŵ)ᵀH(W−Ŵ)) with the codes and zero points fixed: per output
     column a least-squares problem in its n_blocks scales, coupled through H (solved for all columns at
     once). ``steps`` [N, n_blocks] updated in place; a column keeps its scales where the fit is degenerate
     or flips a sign. ``hw``: H @ W in float32, the same every round (computed here when not given)."""
-    ops = ops or _NumpyOps()
+    ops = ops or NumpyOps()
     k, n = w.shape
     nb = k // block_size
     # the products in float32 (H is a float32 Gram sum upcast, the codes small integers: float64 bought
@@ -327,7 +200,7 @@ def gptq_quantize(
     k, n = w_kn.shape
     if hessian.shape != (k, k):
         raise ValueError(f"hessian must be [{k}, {k}], got {list(hessian.shape)}")
-    ops = gptq_ops(device)
+    ops = _ops.gptq_ops(device)
     n_blocks = -(-k // block_size)
     kp = n_blocks * block_size
     h = np.eye(kp, dtype=np.float64)  # padded channels: zero weights, uncorrelated, quantized exactly
@@ -352,9 +225,12 @@ def gptq_quantize(
         for b in range(n_blocks):
             fix_grid(b, w[b * block_size : (b + 1) * block_size])
     # the factor in float64, the error feedback in float32 (GPTQ's own precision), rows contiguous
-    u = ops.as_type(ops.inverse_factor(h[np.ix_(order, order)] if act_order else h, damp), ops.float32)
-    if device is None:
-        u = np.ascontiguousarray(u)
+    ordered = h[np.ix_(order, order)] if act_order else h
+    if isinstance(ops, TorchOps):  # the same U as inverse_hessian_factor, to rounding
+        u = ops.as_type(ops.upper_factor_of_inverse(dampened_hessian(ordered, damp)[0]), ops.float32)
+    else:
+        u = np.ascontiguousarray(inverse_hessian_factor(ordered, damp)[0], dtype=np.float32)
+    del ordered
     w = ops.put(w[order], ops.float32)
     steps, offsets = ops.put(scales), ops.put(zeros)  # the grids where the feedback runs
     codes = ops.zeros((kp, n), ops.uint8)  # by original channel

@@ -105,15 +105,15 @@ def test_a_conversion_runs_gptq_where_gptq_device_says(llama_dir, tmp_path, cali
     codes: on this tiny model with 4 samples GPTQ is chaotic in its Hessians' rounding (numpy's own Hessians
     scaled by 1 + 1e-6 noise left 63-100% of the codes equal per linear, outputs 2-3% apart, as the torch
     device's sums do); each step alone matches numpy (the tests above)."""
-    import sq_onnx.quant.gptq as gptq
+    import sq_onnx.quant.gptq_ops as gptq_ops
     import sq_onnx.quantize_model as qm
 
     recipe = Recipe(samples=4, block_size=32, lm_head="fp")
     numpy_out, torch_out = tmp_path / "numpy.onnx", tmp_path / "torch.onnx"
     convert(llama_dir / "model.onnx", numpy_out, recipe, calibration=calib_ids)
     seen = []
-    real = gptq.gptq_ops
-    monkeypatch.setattr(gptq, "gptq_ops", lambda device: seen.append(device) or real(device))
+    real = gptq_ops.gptq_ops
+    monkeypatch.setattr(gptq_ops, "gptq_ops", lambda device: seen.append(device) or real(device))
     monkeypatch.setattr(qm, "gptq_device", lambda: "cpu")
     convert(llama_dir / "model.onnx", torch_out, recipe, calibration=calib_ids)
     assert seen and set(seen) == {"cpu"}
