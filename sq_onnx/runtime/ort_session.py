@@ -26,8 +26,17 @@ IN_MEMORY_LIMIT = 64 * 1024**2
 # per run when not folded). GPTQ's segment models (a layer each) keep both.
 PREPACK_LIMIT = 1536 * 1024**2
 # Ops that run on weights ORT packs when the session is made: MatMulNBits computes at accuracy_level 4 only on
-# prepacked weights, our kernels pack there on request. A model with any of them is never run lean.
-PACKED_WEIGHT_OPS = {("com.microsoft", "MatMulNBits")}
+# prepacked weights, ORT fuses QDQ weights (DequantizeLinear -> MatMul) into MatMulNBits or int8 ops that pack
+# theirs, and our kernels pack there on request. A model with any of them is never run lean: lean sessions are
+# for the float model a conversion starts from.
+PACKED_WEIGHT_OPS = {
+    ("com.microsoft", "MatMulNBits"),
+    ("com.microsoft", "MatMulIntegerToFloat"),
+    ("com.microsoft", "DynamicQuantizeMatMul"),
+    ("", "DequantizeLinear"),
+    ("", "MatMulInteger"),
+    ("", "QLinearMatMul"),
+}
 
 
 def _ort():

@@ -104,3 +104,23 @@ def test_models_that_run_on_packed_weights_are_never_lean(monkeypatch, tmp_path)
         pass
     assert chosen == [False]
     assert ort_session.runs_on_packed_weights(model)
+
+
+def _weight_matmul(qdq: bool) -> ir.Model:
+    """Y = X @ W, W an int8 initializer behind DequantizeLinear (QDQ) or a float one."""
+    tape = ir.tape.Tape()
+    x = ir.Value(name="X", shape=ir.Shape(["m", 8]), type=ir.TensorType(ir.DataType.FLOAT))
+    if qdq:
+        q = tape.initializer(ir.tensor(np.zeros((8, 4), np.int8), name="Wq"))
+        w = tape.op("DequantizeLinear", [q, tape.initializer(ir.tensor(np.float32(0.1), name="scale"))])
+    else:
+        w = tape.initializer(ir.tensor(np.zeros((8, 4), np.float32), name="W"))
+    y = tape.op("MatMul", [x, w])
+    graph = ir.Graph([x], [y], nodes=tape.nodes, initializers=tape.initializers, opset_imports={"": 21})
+    return ir.Model(graph, ir_version=10)
+
+
+def test_qdq_weights_need_packing_too():
+    """ORT fuses DequantizeLinear -> MatMul into MatMulNBits (level 4 by default for QDQ) or int8 ops."""
+    assert ort_session.runs_on_packed_weights(_weight_matmul(qdq=True))
+    assert not ort_session.runs_on_packed_weights(_weight_matmul(qdq=False))
