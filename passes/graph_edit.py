@@ -45,7 +45,7 @@ def set_weight(graph: ir.Graph, linear: Linear, w_kn: np.ndarray, suffix: str) -
 def _use_weight(linear: Linear, value: ir.Value) -> None:
     """Point the linear at a [K, N] weight: Gemm/FusedMatMul lose transB and alpha (folded in). A Transpose
     that fed the old weight and has no other reader goes too: sessions on large models do not fold constants
-    (``sq_onnx.runtime.ort_session.PREPACK_LIMIT``), and ORT would transpose a tied lm_head's whole embedding
+    (``sq_onnx.runtime.ort_session.LEAN_LIMIT``), and ORT would transpose a tied lm_head's whole embedding
     on every run for nothing (1 GB at Llama-3.2-1B, 2 GB more resident at the smoothing check)."""
     node = linear.node
     old = node.inputs[1]

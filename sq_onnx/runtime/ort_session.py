@@ -24,7 +24,7 @@ IN_MEMORY_LIMIT = 64 * 1024**2
 # 3 s instead of 16, for runs about 10% slower; tools/RESULTS.md) and without constant folding, which turns a tied
 # lm_head's Transpose(embedding) into a second copy of the table (1 GB at Llama-3.2-1B, at no measurable cost
 # per run when not folded). GPTQ's segment models (a layer each) keep both.
-PREPACK_LIMIT = 1536 * 1024**2
+LEAN_LIMIT = 1536 * 1024**2
 # Ops that run on weights ORT packs when the session is made: MatMulNBits computes at accuracy_level 4 only on
 # prepacked weights, ORT fuses QDQ weights (DequantizeLinear -> MatMul) into MatMulNBits or int8 ops that pack
 # theirs, and our kernels pack there on request. A model with any of them is never run lean: lean sessions are
@@ -51,7 +51,7 @@ def _ort():
 
 def session_options(threads: int | None = None, custom_ops: bool = False, lean: bool = False):
     """Options for our sessions; ``custom_ops`` registers the sq_onnx op library (raises if it is missing);
-    ``lean`` runs on the weights as they are, no packed or folded copies (see PREPACK_LIMIT)."""
+    ``lean`` runs on the weights as they are, no packed or folded copies (see LEAN_LIMIT)."""
     ort = _ort()
     so = ort.SessionOptions()
     so.log_severity_level = 4  # errors come back as exceptions, which we report; ORT would print them twice
@@ -94,7 +94,7 @@ def in_memory_session(model: ir.Model, threads: int | None = None) -> Iterator[o
         model = float32_twin(model)
     custom = custom_ops.DOMAIN in model.opset_imports
     size = weight_bytes(model)
-    lean = size > PREPACK_LIMIT and not runs_on_packed_weights(model)
+    lean = size > LEAN_LIMIT and not runs_on_packed_weights(model)
     if size < IN_MEMORY_LIMIT and not has_external_tensors(model):
         data = ir.to_proto(model).SerializeToString()
         yield _checked_session(data, threads, custom)

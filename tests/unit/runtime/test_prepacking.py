@@ -42,7 +42,7 @@ import numpy as np
 import onnx_ir as ir
 from sq_onnx.runtime import ort_session
 from sq_onnx.runtime.peak_memory import current_rss_bytes
-ort_session.PREPACK_LIMIT = int(sys.argv[2])
+ort_session.LEAN_LIMIT = int(sys.argv[2])
 model = ir.load(sys.argv[1])
 before = current_rss_bytes("RssAnon")
 with ort_session.in_memory_session(model) as sess:
@@ -98,7 +98,7 @@ def test_models_that_run_on_packed_weights_are_never_lean(monkeypatch, tmp_path)
     model = _matmul_nbits_model()
     ir.save(model, tmp_path / "w4.onnx", external_data="w4.onnx.data", size_threshold_bytes=0)
     chosen = []
-    monkeypatch.setattr(ort_session, "PREPACK_LIMIT", 0)
+    monkeypatch.setattr(ort_session, "LEAN_LIMIT", 0)
     monkeypatch.setattr(ort_session, "_checked_session", lambda *args: chosen.append(args[-1]))
     with ort_session.in_memory_session(ir.load(tmp_path / "w4.onnx")):
         pass
