@@ -10,6 +10,12 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from sq_onnx.passes.linears import find_linears
 
+# value.meta key: the value's dims when the graph's inputs take the stand-in sizes below (in memory only).
+CONCRETE_SHAPE = "sq_onnx.concrete_shape"
+# Stand-ins for the inputs' symbolic dims (batch, sequence, past length): primes far from any head count or
+# width, so no stand-in is mistaken for a model dimension. Each symbol keeps its size across inputs.
+STAND_INS = (1009, 1013, 1019, 1021, 1031, 1033, 1039, 1049, 1051, 1061)
+
 
 def fill_missing_shapes(model: ir.Model) -> bool:
     """Infer the graph's value shapes in place when some linear's input has none; returns whether it ran. A graph
@@ -18,4 +24,49 @@ def fill_missing_shapes(model: ir.Model) -> bool:
     if all(linear.input.shape is not None for linear in find_linears(model.graph)):
         return False
     ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+    note_concrete_shapes(model)
     return True
+
+
+def note_concrete_shapes(model: ir.Model) -> int:
+    """Record in ``value.meta[CONCRETE_SHAPE]`` the dims a value takes when the graph inputs' symbolic dims take
+    stand-in sizes (None where still unknown), for values where that knows more than the symbolic shape;
+    returns how many. TorchScript attention
+    computes its head split and repeat_kv from ``Shape`` / ``Where`` / ``Expand`` at run time, which symbolic
+    inference cannot follow, but with sizes it can: the heads then read as numbers (the value-to-output
+    fold's head mapping needs them). The model's own shapes are left as they were."""
+    graph = model.graph
+    inputs = [v for v in graph.inputs if v.shape is not None]
+    symbols = sorted({str(d) for v in inputs for d in v.shape if not isinstance(d, int)})
+    if len(symbols) > len(STAND_INS):
+        return 0
+    size = dict(zip(symbols, STAND_INS, strict=False))
+    values = ir.convenience.create_value_mapping(graph)
+    saved = {name: (v.shape, v.dtype) for name, v in values.items()}
+    for value in inputs:
+        value.shape = ir.Shape([d if isinstance(d, int) else size[str(d)] for d in value.shape])
+    try:
+        ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+        concrete = {
+            name: tuple(d if isinstance(d, int) else None for d in v.shape)
+            for name, v in values.items()
+            if v.shape is not None
+        }
+    finally:
+        _restore(values, saved)
+    noted = 0
+    for name, dims in concrete.items():
+        shape = values[name].shape
+        if (
+            shape is not None
+            and len(shape) == len(dims)
+            and any(isinstance(c, int) and not isinstance(d, int) for d, c in zip(shape, dims, strict=True))
+        ):
+            values[name].meta[CONCRETE_SHAPE] = dims
+            noted += 1
+    return noted
+
+
+def _restore(values: dict[str, ir.Value], saved: dict[str, tuple]) -> None:
+    for name, (shape, dtype) in saved.items():
+        values[name].shape, values[name].dtype = shape, dtype

@@ -10,6 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sq_onnx.passes.graph_edit import MS
+from sq_onnx.passes.infer_shapes import CONCRETE_SHAPE
 from sq_onnx.passes.linears import (
     Linear,
     as_linear,
@@ -206,9 +207,14 @@ def linear_producer(node: ir.Node, channels: int) -> Fold | None:
 
 
 def _dims(value: ir.Value | None) -> tuple[int | None, ...] | None:
+    """The value's static dims (None where symbolic), filled from the sizes it takes at stand-in input sizes
+    where symbolic inference lost them (``infer_shapes.note_concrete_shapes``: TorchScript attention)."""
     if value is None or value.shape is None:
         return None
-    return tuple(d if isinstance(d, int) else None for d in value.shape)
+    concrete = value.meta.get(CONCRETE_SHAPE)
+    if concrete is None or len(concrete) != len(value.shape):  # none noted, or the value was reshaped since
+        concrete = (None,) * len(value.shape)
+    return tuple(d if isinstance(d, int) else c for d, c in zip(value.shape, concrete, strict=True))
 
 
 def _op(value: ir.Value | None, op: str, reader: ir.Node, kv_output: bool = False) -> ir.Node | None:
@@ -218,13 +224,23 @@ def _op(value: ir.Value | None, op: str, reader: ir.Node, kv_output: bool = Fals
     if value is None or (value.is_graph_output() and not kv_output):
         return None
     node = value.producer()
-    if node is None or node.op_type != op or node.domain != "":
+    if node is None or node.domain != "" or (node.op_type != op and not _keeps_shape(node)):
         return None
     for user, _ in value.uses():
         truncates = kv_output and user.op_type == "Slice" and all(o.is_graph_output() for o in user.outputs)
         if user is not reader and user.op_type != "Shape" and not truncates:
             return None
+    if node.op_type != op:  # a Reshape to the shape it had (TorchScript writes one after P @ V)
+        return _op(node.inputs[0], op, node)
     return node
+
+
+def _keeps_shape(node: ir.Node) -> bool:
+    """A Reshape whose output has its input's dims, all known: it moves no element."""
+    if node.op_type != "Reshape":
+        return False
+    before, after = _dims(node.inputs[0]), _dims(node.outputs[0])
+    return before is not None and None not in before and before == after
 
 
 def _is_past(value: ir.Value | None) -> bool:
@@ -245,8 +261,7 @@ def _unsqueezes_axis_2(node: ir.Node | None) -> bool:
     attr = node.attributes.get("axes")
     axes = list(attr.value) if attr is not None else None
     if axes is None and len(node.inputs) > 1:
-        const = node.inputs[1].const_value if node.inputs[1] is not None else None
-        axes = None if const is None else [int(a) for a in const.numpy().reshape(-1)]
+        axes = _const_ints(node.inputs[1])
     return axes == [2]
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from sq_onnx import Recipe, convert
 from sq_onnx.passes.analyze import analyze
+from sq_onnx.passes.infer_shapes import STAND_INS
 from sq_onnx.runtime.model_io import load_model
 
 import tiny_models
@@ -35,12 +36,31 @@ def test_a_norm_whose_output_also_feeds_shape_is_smoothed(torchscript_llama):
     assert len(shaped) == 2, "the input norms' outputs also feed attention's Shape"
 
 
+def test_value_to_output_folds_through_torchscript_attention(torchscript_llama, tmp_path):
+    """TorchScript attention computes its head split and repeat_kv's Expand from ``Shape`` at run time, which
+    symbolic inference cannot follow; at stand-in input sizes it can. v_proj -> o_proj then folds with the same
+    KV-head column map (GQA: 4 query heads on 2 KV heads) as the dynamo export of the same model, and the
+    model's own shapes stay symbolic."""
+    dynamo = tiny_models.export_torch(
+        tiny_models.build_torch_model("llama", seed=4), tmp_path / "dynamo.onnx"
+    )
+    model = load_model(torchscript_llama)
+    maps = []
+    for graph in (model.graph, load_model(dynamo).graph):
+        groups = analyze(graph, through_linears=True).groups
+        maps.append([g.column_map.tolist() for g in groups if g.kind.startswith("attention values")])
+    assert len(maps[0]) == 2 and maps[0] == maps[1]
+    assert len(set(maps[0][0])) == 32 and maps[0][0] != list(range(64))  # each KV column read by 2 heads
+    stand_ins = set(STAND_INS)
+    assert not any(d in stand_ins for node in model.graph for v in node.outputs for d in (v.shape or ()))
+
+
 @pytest.mark.parametrize("scheme", ["w4", "w8a8"])
 def test_a_torchscript_graph_converts_and_keeps_the_function(scheme, torchscript_llama, tmp_path, calib_ids):
     out = tmp_path / "q.onnx"
     recipe = Recipe(scheme=scheme, samples=4, gptq_samples=4, block_size=32)
     result = convert(torchscript_llama, out, recipe, calibration=calib_ids)
-    assert len(result.smoothed_groups) == {"w4": 5, "w8a8": 7}[scheme]  # W8A8 also folds up -> down
+    assert len(result.smoothed_groups) == {"w4": 5, "w8a8": 9}[scheme]  # W8A8 also folds up -> down, v -> o
     assert result.smoothing_check["equivalent"]
     ids = tiny_models.random_ids(1, 24, seed=9)
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
