@@ -12,6 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sq_onnx.passes.graph_edit import MS
+from sq_onnx.passes.infer_shapes import known_dims
 from sq_onnx.passes.linear_producers import Fold, linear_producer
 from sq_onnx.passes.linears import Linear, find_linears, is_channel_vector, is_constant
 
@@ -133,7 +134,7 @@ def _flattened_from(value: ir.Value, channels: int) -> ir.Value | None:
     if node is None or node.op_type != "Reshape" or node.domain != "" or node.inputs[0] is None:
         return None
     source = node.inputs[0]
-    dims_in, dims_out = source.shape, value.shape
+    dims_in, dims_out = known_dims(source), known_dims(value)
     if dims_in is None or dims_out is None or len(dims_in) == 0 or len(dims_out) == 0:
         return None
     if dims_in[-1] != channels or dims_out[-1] != channels or source.is_graph_output():

@@ -70,3 +70,14 @@ def note_concrete_shapes(model: ir.Model) -> int:
 def _restore(values: dict[str, ir.Value], saved: dict[str, tuple]) -> None:
     for name, (shape, dtype) in saved.items():
         values[name].shape, values[name].dtype = shape, dtype
+
+
+def known_dims(value: ir.Value | None) -> tuple[int | None, ...] | None:
+    """The value's static dims (None where symbolic), filled from the sizes it takes at stand-in input sizes
+    where symbolic inference lost them (``note_concrete_shapes``: TorchScript attention)."""
+    if value is None or value.shape is None:
+        return None
+    concrete = value.meta.get(CONCRETE_SHAPE)
+    if concrete is None or len(concrete) != len(value.shape):  # none noted, or the value was reshaped since
+        concrete = (None,) * len(value.shape)
+    return tuple(d if isinstance(d, int) else c for d, c in zip(value.shape, concrete, strict=True))

@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sq_onnx.passes.graph_edit import MS
-from sq_onnx.passes.infer_shapes import CONCRETE_SHAPE
+from sq_onnx.passes.infer_shapes import known_dims
 from sq_onnx.passes.linears import (
     Linear,
     as_linear,
@@ -206,17 +206,6 @@ def linear_producer(node: ir.Node, channels: int) -> Fold | None:
     return attention_values(node, channels)
 
 
-def _dims(value: ir.Value | None) -> tuple[int | None, ...] | None:
-    """The value's static dims (None where symbolic), filled from the sizes it takes at stand-in input sizes
-    where symbolic inference lost them (``infer_shapes.note_concrete_shapes``: TorchScript attention)."""
-    if value is None or value.shape is None:
-        return None
-    concrete = value.meta.get(CONCRETE_SHAPE)
-    if concrete is None or len(concrete) != len(value.shape):  # none noted, or the value was reshaped since
-        concrete = (None,) * len(value.shape)
-    return tuple(d if isinstance(d, int) else c for d, c in zip(value.shape, concrete, strict=True))
-
-
 def _op(value: ir.Value | None, op: str, reader: ir.Node, kv_output: bool = False) -> ir.Node | None:
     """``value``'s producer when it is ``op`` (default domain) and nothing but ``reader`` reads ``value``'s
     numbers (Shape nodes read only its shape). ``kv_output``: the value is the KV cache, which the graph may
@@ -239,7 +228,7 @@ def _keeps_shape(node: ir.Node) -> bool:
     """A Reshape whose output has its input's dims, all known: it moves no element."""
     if node.op_type != "Reshape":
         return False
-    before, after = _dims(node.inputs[0]), _dims(node.outputs[0])
+    before, after = known_dims(node.inputs[0]), known_dims(node.outputs[0])
     return before is not None and None not in before and before == after
 
 
@@ -272,7 +261,7 @@ def attention_values(node: ir.Node, channels: int) -> Fold | None:
     fold exact under grouped-query attention. The KV cache then holds V / s (the model's own, so exact)."""
     if node.op_type != "Reshape" or node.domain != "":
         return None
-    dims = _dims(node.inputs[0])
+    dims = known_dims(node.inputs[0])
     if dims is None or len(dims) != 4 or None in dims[2:] or dims[2] * dims[3] != channels:  # type: ignore[operator]
         return None
     heads, head_dim = int(dims[2]), int(dims[3])  # type: ignore[arg-type]
@@ -283,7 +272,7 @@ def attention_values(node: ir.Node, channels: int) -> Fold | None:
     values, reader, kv_heads = product.inputs[1], product, heads
     merge = _op(values, "Reshape", reader)  # repeat_kv: [B,kvH,T,D] -> [B,kvH,1,T,D] -> expand -> [B,H,T,D]
     if merge is not None:
-        rep_dims = _dims(merge.inputs[0])
+        rep_dims = known_dims(merge.inputs[0])
         expand = _op(merge.inputs[0], "Expand", merge)
         unsqueeze = _op(expand.inputs[0], "Unsqueeze", expand) if expand is not None else None
         if rep_dims is None or len(rep_dims) != 5 or rep_dims[1] is None or not _unsqueezes_axis_2(unsqueeze):
@@ -298,9 +287,9 @@ def attention_values(node: ir.Node, channels: int) -> Fold | None:
         values, reader = fresh[0], cache
     swap = _op(values, "Transpose", reader)
     split = _op(swap.inputs[0], "Reshape", swap) if _swaps_heads_and_sequence(swap) else None
-    if split is None or heads % kv_heads or _dims(split.outputs[0]) is None:
+    if split is None or heads % kv_heads or known_dims(split.outputs[0]) is None:
         return None
-    if _dims(split.outputs[0])[2:] != (kv_heads, head_dim):  # type: ignore[index]
+    if known_dims(split.outputs[0])[2:] != (kv_heads, head_dim):  # type: ignore[index]
         return None
     found = _linear_columns(split.inputs[0], kv_heads * head_dim)
     if found is None:

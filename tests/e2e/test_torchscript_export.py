@@ -55,6 +55,17 @@ def test_value_to_output_folds_through_torchscript_attention(torchscript_llama, 
     assert not any(d in stand_ins for node in model.graph for v in node.outputs for d in (v.shape or ()))
 
 
+def test_gpt2_value_fold_through_torchscript_attention(torchscript_gpt2, tmp_path):
+    """GPT-2's attn c_proj reads attention through Conv1D's flatten, whose dims (like the heads') are known only
+    at stand-in sizes: v (c_attn's last third) -> c_proj folds with the dynamo export's columns."""
+    dynamo = tiny_models.export_torch(tiny_models.build_family("gpt2"), tmp_path / "dynamo.onnx")
+    maps = []
+    for path in (torchscript_gpt2, dynamo):
+        groups = analyze(load_model(path).graph, through_linears=True).groups
+        maps.append([g.column_map.tolist() for g in groups if g.kind.startswith("attention values")])
+    assert len(maps[0]) == 2 and maps[0] == maps[1] and maps[0][0] == list(range(128, 192))
+
+
 @pytest.mark.parametrize("scheme", ["w4", "w8a8"])
 def test_a_torchscript_graph_converts_and_keeps_the_function(scheme, torchscript_llama, tmp_path, calib_ids):
     out = tmp_path / "q.onnx"
@@ -87,7 +98,8 @@ def test_gpt2_conv1d_flatten_is_looked_through(torchscript_gpt2):
 def test_a_torchscript_gpt2_converts_smoothed_and_keeps_the_function(torchscript_gpt2, tmp_path, calib_ids):
     out = tmp_path / "q.onnx"
     result = convert(torchscript_gpt2, out, Recipe(scheme="w8a8", samples=4), calibration=calib_ids)
-    assert len(result.smoothed_groups) == 5
+    kinds = [g["kind"].split(" (")[0] for g in result.smoothed_groups]
+    assert len(kinds) == 7 and kinds.count("attention values") == 2  # v -> attn c_proj too
     assert result.smoothing_check["equivalent"]
     ids = tiny_models.random_ids(1, 24, seed=9)
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
