@@ -81,3 +81,56 @@ def known_dims(value: ir.Value | None) -> tuple[int | None, ...] | None:
     if concrete is None or len(concrete) != len(value.shape):  # none noted, or the value was reshaped since
         concrete = (None,) * len(value.shape)
     return tuple(d if isinstance(d, int) else c for d, c in zip(value.shape, concrete, strict=True))
+
+
+# Ops of the integer arithmetic exporters write on shapes (torch.onnx's TorchScript exporter computes a fused
+# projection's chunk bounds as (Shape(x)[-1] + 1) / 2 * i).
+_ARITHMETIC = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lambda a, b: a * b}
+
+
+def shape_ints(value: ir.Value | None, depth: int = 0) -> list[int] | None:
+    """The integers a small shape computation yields from the graph's static dims and constants alone (no
+    stand-in sizes), or None where it reads a symbolic dim or an op outside Shape / Gather / Unsqueeze /
+    Squeeze / Concat / Cast / Add / Sub / Mul / Div. For bounds the exporter computed from a static width."""
+    if value is None or depth > 16:
+        return None
+    if value.const_value is not None:
+        return [int(v) for v in value.const_value.numpy().reshape(-1)]
+    node = value.producer()
+    if node is None or node.domain != "":
+        return None
+    op = node.op_type
+    if op == "Constant" and "value" in node.attributes:
+        return [int(v) for v in node.attributes["value"].value.numpy().reshape(-1)]
+    if op == "Shape":
+        source = node.inputs[0]
+        if source is None or source.shape is None:
+            return None
+        dims = [d if isinstance(d, int) else None for d in source.shape]
+        start, end = (node.attributes[k].value if k in node.attributes else None for k in ("start", "end"))
+        return dims[start:end]  # type: ignore[return-value]  # None entries: symbolic, caught by the reader
+    args = [shape_ints(v, depth + 1) for v in node.inputs]
+    if any(a is None for a in args) or not args:
+        return None
+    if op == "Gather" and len(args) == 2 and (node.attributes.get_int("axis", 0) == 0):
+        data, index = args
+        picked = [data[i] if -len(data) <= i < len(data) else None for i in index]
+        return None if None in picked else picked  # type: ignore[return-value]
+    if None in (v for a in args for v in a):
+        return None
+    if op in ("Unsqueeze", "Squeeze", "Cast"):
+        return args[0]
+    if op == "Concat":
+        return [v for a in args for v in a]
+    if op in _ARITHMETIC or op == "Div":
+        a, b = args
+        if len(b) == 1:
+            b = b * len(a)
+        if len(a) == 1:
+            a = a * len(b)
+        if len(a) != len(b) or (op == "Div" and 0 in b):
+            return None
+        if op == "Div":  # ONNX integer Div truncates toward zero
+            return [int(x / y) for x, y in zip(a, b, strict=True)]
+        return [_ARITHMETIC[op](x, y) for x, y in zip(a, b, strict=True)]
+    return None

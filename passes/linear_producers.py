@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sq_onnx.passes.graph_edit import MS
-from sq_onnx.passes.infer_shapes import known_dims
+from sq_onnx.passes.infer_shapes import known_dims, shape_ints
 from sq_onnx.passes.linears import (
     Linear,
     as_linear,
@@ -37,9 +37,9 @@ def _read_once(value: ir.Value | None) -> bool:
 
 def _const_ints(value: ir.Value | None) -> list[int] | None:
     """An initializer's or a Constant node's integers (onnxruntime-genai's builder writes Split sizes as
-    Constant nodes)."""
+    Constant nodes), or those a shape computation yields from static dims (TorchScript's chunk bounds)."""
     const = constant_array(value)
-    return None if const is None else [int(v) for v in const.reshape(-1)]
+    return shape_ints(value) if const is None else [int(v) for v in const.reshape(-1)]
 
 
 def _last_axis(axis: int, value: ir.Value, part: ir.Value | None = None) -> bool:

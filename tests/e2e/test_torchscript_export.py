@@ -105,3 +105,27 @@ def test_a_torchscript_gpt2_converts_smoothed_and_keeps_the_function(torchscript
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     ref, got = run(torchscript_gpt2, feed), run(out, feed)
     assert np.mean(ref.argmax(-1) == got.argmax(-1)) > 0.75
+
+
+def test_phi3_up_to_down_fold_through_torchscript_chunk(tmp_path, calib_ids):
+    """TorchScript writes Phi-3's ``gate_up.chunk(2, -1)`` as Slices whose bounds it computes from
+    ``Shape(gate_up)[-1]`` (a static width): evaluated, up_proj's columns (the second half) fold into down_proj
+    as in the dynamo export, and smoothing keeps the function."""
+    model = tiny_models.build_family("phi3")
+    script = tiny_models.export_torchscript(model, tmp_path / "script" / "model.onnx")
+    dynamo = tiny_models.export_torch(model, tmp_path / "dynamo" / "model.onnx")
+    maps = []
+    for path in (script, dynamo):
+        groups = analyze(load_model(path).graph, through_linears=True).groups
+        maps.append([g.column_map.tolist() for g in groups if g.kind.startswith("gated product")])
+    assert len(maps[0]) == 2 and maps[0] == maps[1] and maps[0][0] == list(range(128, 256))
+    out = tmp_path / "smooth.onnx"
+    result = convert(
+        script, out, Recipe(scheme="smooth", samples=4, linear_folds="on"), calibration=calib_ids
+    )
+    assert result.smoothing_check["equivalent"]
+    assert sum(g["kind"].startswith("gated product") for g in result.smoothed_groups) == 2
+    ids = tiny_models.random_ids(1, 24, seed=9)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    ref, got = run(script, feed), run(out, feed)
+    assert np.abs(ref - got).max() < 1e-5 * np.abs(ref).max()
