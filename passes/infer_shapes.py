@@ -42,7 +42,7 @@ def note_concrete_shapes(model: ir.Model) -> int:
         return 0
     size = dict(zip(symbols, STAND_INS, strict=False))
     values = ir.convenience.create_value_mapping(graph)
-    saved = {name: (v.shape, v.dtype) for name, v in values.items()}
+    saved = {name: (v.shape, v.type) for name, v in values.items()}
     for value in inputs:
         value.shape = ir.Shape([d if isinstance(d, int) else size[str(d)] for d in value.shape])
     try:
@@ -68,8 +68,8 @@ def note_concrete_shapes(model: ir.Model) -> int:
 
 
 def _restore(values: dict[str, ir.Value], saved: dict[str, tuple]) -> None:
-    for name, (shape, dtype) in saved.items():
-        values[name].shape, values[name].dtype = shape, dtype
+    for name, (shape, type_) in saved.items():
+        values[name].shape, values[name].type = shape, type_
 
 
 def known_dims(value: ir.Value | None) -> tuple[int | None, ...] | None:
