@@ -10,11 +10,9 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from sq_onnx.passes.linears import find_linears
 
-# value.meta key: the value's dims when the graph's inputs take the stand-in sizes below (in memory only).
-CONCRETE_SHAPE = "sq_onnx.concrete_shape"
-# Stand-ins for the inputs' symbolic dims (batch, sequence, past length): primes far from any head count or
-# width, so no stand-in is mistaken for a model dimension. Each symbol keeps its size across inputs.
-STAND_INS = (1009, 1013, 1019, 1021, 1031, 1033, 1039, 1049, 1051, 1061)
+# value.meta key: the value's dims by ONNX Runtime's symbolic shape inference, ints and symbol names (in memory
+# only, never saved: the model's own shapes stay what ONNX's inference made of them).
+SYMBOLIC_SHAPE = "sq_onnx.symbolic_shape"
 
 
 def fill_missing_shapes(model: ir.Model) -> bool:
@@ -24,63 +22,75 @@ def fill_missing_shapes(model: ir.Model) -> bool:
     if all(linear.input.shape is not None for linear in find_linears(model.graph)):
         return False
     ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
-    note_concrete_shapes(model)
+    note_symbolic_shapes(model)
     return True
 
 
-def note_concrete_shapes(model: ir.Model) -> int:
-    """Record in ``value.meta[CONCRETE_SHAPE]`` the dims a value takes when the graph inputs' symbolic dims take
-    stand-in sizes (None where still unknown), for values where that knows more than the symbolic shape;
-    returns how many. TorchScript attention
-    computes its head split and repeat_kv from ``Shape`` / ``Where`` / ``Expand`` at run time, which symbolic
-    inference cannot follow, but with sizes it can: the heads then read as numbers (the value-to-output
-    fold's head mapping needs them). The model's own shapes are left as they were."""
-    graph = model.graph
-    inputs = [v for v in graph.inputs if v.shape is not None]
-    symbols = sorted({str(d) for v in inputs for d in v.shape if not isinstance(d, int)})
-    if len(symbols) > len(STAND_INS):
-        return 0
-    size = dict(zip(symbols, STAND_INS, strict=False))
-    values = ir.convenience.create_value_mapping(graph)
-    saved = {name: (v.shape, v.type) for name, v in values.items()}
-    for value in inputs:
-        value.shape = ir.Shape([d if isinstance(d, int) else size[str(d)] for d in value.shape])
+def note_symbolic_shapes(model: ir.Model) -> int:
+    """Record in ``value.meta[SYMBOLIC_SHAPE]`` the dims ONNX Runtime's symbolic shape inference (sympy) gives a
+    value whose shape ONNX's own inference left partly unknown; returns how many. TorchScript attention computes
+    its head split and repeat_kv's Expand from ``Shape`` through ``Where`` at run time, which ONNX's data
+    propagation drops and ORT's tool follows: the heads then read as numbers (the value-to-output fold's head
+    mapping needs them) and a Reshape to the shape it had as such. Without onnxruntime, or where the tool
+    fails, nothing is noted."""
     try:
-        ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
-        concrete = {
-            name: tuple(d if isinstance(d, int) else None for d in v.shape)
-            for name, v in values.items()
-            if v.shape is not None
-        }
-    finally:
-        _restore(values, saved)
+        from onnx_ir.passes.common._c_api_utils import call_onnx_api  # the model without its large tensors
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:
+        return 0
+
+    def infer(proto):
+        return SymbolicShapeInference.infer_shapes(proto, auto_merge=False, guess_output_rank=False)
+
+    try:
+        inferred = call_onnx_api(infer, model)
+    except Exception:  # noqa: BLE001  # the tool asserts on graphs it cannot follow: keep what ONNX found
+        return 0
+    found = {}
+    for info in [*inferred.graph.value_info, *inferred.graph.output]:
+        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+            dims = info.type.tensor_type.shape.dim
+            found[info.name] = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims
+            )
     noted = 0
-    for name, dims in concrete.items():
-        shape = values[name].shape
-        if (
-            shape is not None
-            and len(shape) == len(dims)
-            and any(isinstance(c, int) and not isinstance(d, int) for d, c in zip(shape, dims, strict=True))
-        ):
-            values[name].meta[CONCRETE_SHAPE] = dims
-            noted += 1
+    for node in model.graph:
+        for value in node.outputs:
+            dims = found.get(value.name)
+            if dims is None or None in dims or (value.shape is not None and len(value.shape) != len(dims)):
+                continue
+            if value.shape is None or not all(isinstance(d, int) for d in value.shape):
+                value.meta[SYMBOLIC_SHAPE] = dims
+                noted += 1
     return noted
 
 
-def _restore(values: dict[str, ir.Value], saved: dict[str, tuple]) -> None:
-    for name, (shape, type_) in saved.items():
-        values[name].shape, values[name].type = shape, type_
-
-
 def known_dims(value: ir.Value | None) -> tuple[int | None, ...] | None:
-    """The value's static dims (None where symbolic), filled from the sizes it takes at stand-in input sizes
-    where symbolic inference lost them (``note_concrete_shapes``: TorchScript attention)."""
-    if value is None or value.shape is None:
+    """The value's static dims (None where symbolic), from its shape or, where ONNX's inference lost them,
+    ONNX Runtime's symbolic inference (``note_symbolic_shapes``: TorchScript attention)."""
+    if value is None:
         return None
-    concrete = value.meta.get(CONCRETE_SHAPE)
-    if concrete is None or len(concrete) != len(value.shape):  # none noted, or the value was reshaped since
-        concrete = (None,) * len(value.shape)
-    return tuple(d if isinstance(d, int) else c for d, c in zip(value.shape, concrete, strict=True))
+    symbolic = value.meta.get(SYMBOLIC_SHAPE)
+    if value.shape is None:
+        return None if symbolic is None else tuple(d if isinstance(d, int) else None for d in symbolic)
+    if symbolic is None or len(symbolic) != len(value.shape):  # none noted, or the value was reshaped since
+        symbolic = (None,) * len(value.shape)
+    return tuple(
+        d if isinstance(d, int) else (s if isinstance(s, int) else None)
+        for d, s in zip(value.shape, symbolic, strict=True)
+    )
+
+
+def same_dims(a: ir.Value | None, b: ir.Value | None) -> bool:
+    """Both values have the same shape at every size of the inputs: equal static dims, symbols equal by ONNX
+    Runtime's symbolic inference (one run names each derived dim once)."""
+    if a is None or b is None:
+        return False
+    dims = [v.meta.get(SYMBOLIC_SHAPE) for v in (a, b)]
+    if None in dims:
+        dims = [known_dims(v) for v in (a, b)]
+        return dims[0] is not None and None not in dims[0] and dims[0] == dims[1]
+    return dims[0] == dims[1]
 
 
 # Ops of the integer arithmetic exporters write on shapes (torch.onnx's TorchScript exporter computes a fused
@@ -89,8 +99,7 @@ _ARITHMETIC = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lamb
 
 
 def shape_ints(value: ir.Value | None, depth: int = 0) -> list[int] | None:
-    """The integers a small shape computation yields from the graph's static dims and constants alone (no
-    stand-in sizes), or None where it reads a symbolic dim or an op outside Shape / Gather / Unsqueeze /
+    """The integers a small shape computation yields from the graph's static dims and constants alone, or None where it reads a symbolic dim or an op outside Shape / Gather / Unsqueeze /
     Squeeze / Concat / Cast / Add / Sub / Mul / Div. For bounds the exporter computed from a static width."""
     if value is None or depth > 16:
         return None
@@ -103,12 +112,11 @@ def shape_ints(value: ir.Value | None, depth: int = 0) -> list[int] | None:
     if op == "Constant" and "value" in node.attributes:
         return [int(v) for v in node.attributes["value"].value.numpy().reshape(-1)]
     if op == "Shape":
-        source = node.inputs[0]
-        if source is None or source.shape is None:
+        dims = known_dims(node.inputs[0])
+        if dims is None:
             return None
-        dims = [d if isinstance(d, int) else None for d in source.shape]
         start, end = (node.attributes[k].value if k in node.attributes else None for k in ("start", "end"))
-        return dims[start:end]  # type: ignore[return-value]  # None entries: symbolic, caught by the reader
+        return list(dims)[start:end]  # type: ignore[return-value]  # None entries: symbolic, caught by the reader
     args = [shape_ints(v, depth + 1) for v in node.inputs]
     if any(a is None for a in args) or not args:
         return None

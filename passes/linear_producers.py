@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sq_onnx.passes.graph_edit import MS
-from sq_onnx.passes.infer_shapes import known_dims, shape_ints
+from sq_onnx.passes.infer_shapes import known_dims, same_dims, shape_ints
 from sq_onnx.passes.linears import (
     Linear,
     as_linear,
@@ -225,11 +225,8 @@ def _op(value: ir.Value | None, op: str, reader: ir.Node, kv_output: bool = Fals
 
 
 def _keeps_shape(node: ir.Node) -> bool:
-    """A Reshape whose output has its input's dims, all known: it moves no element."""
-    if node.op_type != "Reshape":
-        return False
-    before, after = known_dims(node.inputs[0]), known_dims(node.outputs[0])
-    return before is not None and None not in before and before == after
+    """A Reshape whose output has its input's shape: it moves no element."""
+    return node.op_type == "Reshape" and same_dims(node.inputs[0], node.outputs[0])
 
 
 def _is_past(value: ir.Value | None) -> bool:
