@@ -11,14 +11,20 @@ import numpy as np
 import onnx_ir as ir
 
 
-def constant_array(value: ir.Value | None) -> np.ndarray | None:
-    """The value's constant content (initializer or Constant node, also behind Identity nodes: torch.onnx's
-    TorchScript exporter shares equal tensors that way), else None."""
+def _behind_identities(value: ir.Value | None) -> ir.Value | None:
+    """What ``value`` is an Identity (chain) of: torch.onnx's TorchScript exporter shares equal tensors that
+    way (a tiny random model's zero biases, a norm's γ of ones)."""
     while value is not None and value.const_value is None:
         producer = value.producer()
         if producer is None or producer.op_type != "Identity" or producer.domain != "":
             break
         value = producer.inputs[0]
+    return value
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant content (initializer or Constant node, also behind Identity nodes), else None."""
+    value = _behind_identities(value)
     if value is None:
         return None
     tensor = ir.convenience.get_const_tensor(value)
@@ -26,6 +32,8 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
 
 
 def is_constant(value: ir.Value | None) -> bool:
+    """An initializer or a Constant node's output, also behind Identity nodes."""
+    value = _behind_identities(value)
     if value is None:
         return False
     if value.const_value is not None:

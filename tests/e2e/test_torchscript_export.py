@@ -12,6 +12,7 @@ import pytest
 from sq_onnx import Recipe, convert
 from sq_onnx.passes.analyze import analyze
 from sq_onnx.passes.infer_shapes import known_dims
+from sq_onnx.passes.linears import find_linears
 from sq_onnx.runtime.model_io import load_model
 
 import tiny_models
@@ -130,4 +131,31 @@ def test_phi3_up_to_down_fold_through_torchscript_chunk(tmp_path, calib_ids):
     ids = tiny_models.random_ids(1, 24, seed=9)
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     ref, got = run(script, feed), run(out, feed)
+    assert np.abs(ref - got).max() < 1e-5 * np.abs(ref).max()
+
+
+def test_linears_whose_bias_the_exporter_shares_through_identity(tmp_path, calib_ids):
+    """A fresh model's zero biases are equal tensors, which torch.onnx's TorchScript exporter (and optimum, which
+    uses it) shares behind ``Identity`` nodes: those Gemms are still linears (OPT's fc2 and the second layer's
+    fc1 were not), fc1 -> fc2 folds, and smoothing keeps the function."""
+    import torch
+
+    model = tiny_models.build_family("opt")
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.zero_()
+    path = tiny_models.export_torchscript(model, tmp_path / "model.onnx")
+    graph = load_model(path).graph
+    biases = [n.inputs[2] for n in graph if n.op_type == "Gemm" and len(n.inputs) > 2]
+    assert any(b.producer() is not None and b.producer().op_type == "Identity" for b in biases)
+    names = sorted(linear.name.split("/")[-2] for linear in find_linears(graph))
+    assert names == sorted([*["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"] * 2, "lm_head"])
+    out = tmp_path / "smooth.onnx"
+    result = convert(path, out, Recipe(scheme="smooth", samples=4, linear_folds="on"), calibration=calib_ids)
+    kinds = [g["kind"].split(" (")[0] for g in result.smoothed_groups]
+    assert result.smoothing_check["equivalent"] and kinds.count("Relu of a linear") == 2
+    ids = tiny_models.random_ids(1, 24, seed=9)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    ref, got = run(path, feed), run(out, feed)
     assert np.abs(ref - got).max() < 1e-5 * np.abs(ref).max()
