@@ -85,9 +85,16 @@ def derive_config(
         graph_outputs |= {"present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}
     context = _first(hf_config, "max_position_embeddings", "n_positions", "max_sequence_length") or 2048
     eos = hf_config.get("eos_token_id")
+    pad = _first(hf_config, "pad_token_id")
+    tokens = {
+        "bos_token_id": hf_config.get("bos_token_id"),
+        "eos_token_id": eos,
+        "pad_token_id": pad if pad is not None else (eos[0] if isinstance(eos, list) else eos),
+    }
     return {
         "model": {
-            "bos_token_id": hf_config.get("bos_token_id"),
+            # genai refuses a null id ("Expected a number"): a config.json without one leaves genai's default
+            **{key: value for key, value in tokens.items() if value is not None},
             "context_length": context,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
@@ -100,8 +107,6 @@ def derive_config(
                 "num_hidden_layers": layers,
                 "num_key_value_heads": _first(hf_config, "num_key_value_heads") or heads,
             },
-            "eos_token_id": eos,
-            "pad_token_id": _first(hf_config, "pad_token_id") or (eos[0] if isinstance(eos, list) else eos),
             "type": hf_config["model_type"],
             "vocab_size": hf_config.get("vocab_size"),
         },

@@ -123,11 +123,20 @@ def test_a_config_from_elsewhere_is_carried_over_with_what_it_sets(llama_kv, cal
     assert json.loads((out.parent / CONFIG).read_text())["search"]["max_length"] == 77
 
 
-def test_a_config_is_derived_from_config_json_when_none_is_beside_the_input(llama_kv, calib_ids, tmp_path):
+@pytest.mark.parametrize("bos", ["as exported", "null"])
+def test_a_config_is_derived_from_config_json_when_none_is_beside_the_input(
+    bos, llama_kv, calib_ids, tmp_path
+):
+    """Also from a config.json whose bos_token_id is null (genai refuses a null id, so none is written)."""
     _, folder = llama_kv
     src = tmp_path / "src"
     shutil.copytree(folder, src)
     (src / CONFIG).unlink()
+    if bos == "null":
+        for name in ("config.json", "generation_config.json"):
+            if (src / name).is_file():
+                hf = json.loads((src / name).read_text())
+                (src / name).write_text(json.dumps({**hf, "bos_token_id": None}))
     out = tmp_path / "out" / "model.onnx"
     result = convert(src / "model.onnx", out, Recipe(scheme="w8a8", samples=4), calibration=calib_ids)
     assert result.genai["config"].startswith("derived")
