@@ -35,6 +35,15 @@ KV_PATTERNS = {
 }
 
 
+# The decoder model types onnxruntime-genai runs by name (its src/models/model_type.h, ModelType::IsLLM, as of
+# 0.18); any other decoder runs as genai's generic "decoder" (OPT, say, which has no type of its own there).
+GENAI_LLM_TYPES = frozenset(
+    ("chatglm", "decoder", "ernie4_5", "gemma", "gemma2", "gemma3_text", "gpt2", "gptoss", "granite")
+    + ("internlm2", "llama", "mistral", "nemotron", "olmo", "phi", "phimoe", "phi3", "phi3small", "qwen2")
+    + ("qwen3", "smollm3")
+)
+
+
 class GenaiConfigError(SqOnnxError):
     """A genai config that cannot be written or does not fit the graph."""
 
@@ -107,7 +116,7 @@ def derive_config(
                 "num_hidden_layers": layers,
                 "num_key_value_heads": _first(hf_config, "num_key_value_heads") or heads,
             },
-            "type": hf_config["model_type"],
+            "type": hf_config["model_type"] if hf_config["model_type"] in GENAI_LLM_TYPES else "decoder",
             "vocab_size": hf_config.get("vocab_size"),
         },
         "search": {

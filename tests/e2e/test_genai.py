@@ -23,6 +23,8 @@ from sq_onnx.runtime.model_inputs import input_specs
 from sq_onnx.runtime.model_io import load_model
 from sq_onnx.runtime.ort_session import session
 
+import tiny_models
+
 og = pytest.importorskip(
     "onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install onnxruntime-genai)"
 )
@@ -140,6 +142,18 @@ def test_a_config_is_derived_from_config_json_when_none_is_beside_the_input(
     out = tmp_path / "out" / "model.onnx"
     result = convert(src / "model.onnx", out, Recipe(scheme="w8a8", samples=4), calibration=calib_ids)
     assert result.genai["config"].startswith("derived")
+    assert_same_tokens(out.parent, out)
+
+
+def test_a_family_genai_has_no_type_for_runs_as_its_generic_decoder(tmp_path, calib_ids):
+    """OPT has no model type in genai: the config names genai's generic "decoder", and the converted folder
+    decodes in genai as in sq-onnx's runner."""
+    hf = tmp_path / "hf"
+    tiny_models.save_hf_folder(tiny_models.build_family("opt"), hf)
+    assert main(["export", str(hf), "-o", str(tmp_path / "fp32"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "fp32" / CONFIG).read_text())["model"]["type"] == "decoder"
+    out = tmp_path / "w8a8" / "model.onnx"
+    convert(tmp_path / "fp32" / "model.onnx", out, Recipe(scheme="w8a8", samples=4), calibration=calib_ids)
     assert_same_tokens(out.parent, out)
 
 
