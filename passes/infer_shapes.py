@@ -99,8 +99,9 @@ _ARITHMETIC = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lamb
 
 
 def shape_ints(value: ir.Value | None, depth: int = 0) -> list[int] | None:
-    """The integers a small shape computation yields from the graph's static dims and constants alone, or None where it reads a symbolic dim or an op outside Shape / Gather / Unsqueeze /
-    Squeeze / Concat / Cast / Add / Sub / Mul / Div. For bounds the exporter computed from a static width."""
+    """The integers a small shape computation yields from the graph's static dims and constants alone, or None
+    where it reads a symbolic dim or an op outside Shape / Gather / Unsqueeze / Squeeze / Concat / Cast / Add /
+    Sub / Mul / Div. For bounds the exporter computed from a static width."""
     if value is None or depth > 16:
         return None
     if value.const_value is not None:
