@@ -631,7 +631,9 @@ def genai_folder(conv: Conversion, out: Path) -> None:
             conv.result.genai = {"written": [], "why_not": origin}
         return
     library = custom_ops.require_library() if conv.recipe.kernels == "sq_onnx" else None
-    written = write_folder(config, conv.input_path.parent, out, library)
+    tokenizer = Path(conv.tokenizer) if conv.tokenizer is not None else None
+    tokenizer = tokenizer.parent if tokenizer is not None and tokenizer.is_file() else tokenizer
+    written = write_folder(config, conv.input_path.parent, out, library, tokenizer)
     conv.result.genai = {"written": written, "config": origin}
 
 

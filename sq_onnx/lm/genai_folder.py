@@ -202,10 +202,15 @@ def genai_config_of(
 
 
 def write_folder(
-    config: dict[str, Any], source_folder: Path, out_model: Path, custom_ops_library: Path | None = None
+    config: dict[str, Any],
+    source_folder: Path,
+    out_model: Path,
+    custom_ops_library: Path | None = None,
+    tokenizer_folder: Path | None = None,
 ) -> list[str]:
     """Make ``out_model``'s folder a genai folder: ``config`` with the new file name (and the custom-op library
-    copied in and named, when given), and the tokenizer files from ``source_folder``. A file already there
+    copied in and named, when given), and the tokenizer files from ``source_folder``, or, for those it lacks,
+    from ``tokenizer_folder`` (``--tokenizer``: optimum's export folders hold no tokenizer). A file already there
     with other content is left as it is. Returns the files written."""
     config = json.loads(json.dumps(config))  # the caller's stays as it was
     decoder = config["model"]["decoder"]
@@ -221,9 +226,12 @@ def write_folder(
     elif "custom_ops_library" in decoder.get("session_options", {}):
         del decoder["session_options"]["custom_ops_library"]  # the output needs no library the input did
     for name in TOKENIZER_FILES:
-        src, dst = source_folder / name, folder / name
-        if src.is_file() and not dst.exists():
-            shutil.copy2(src, dst)
+        found = [
+            f / name for f in (source_folder, tokenizer_folder) if f is not None and (f / name).is_file()
+        ]
+        dst = folder / name
+        if found and not dst.exists():
+            shutil.copy2(found[0], dst)
             written.append(name)
     existing = folder / CONFIG
     if existing.exists() and json.loads(existing.read_text()).get("model", {}).get("decoder", {}).get(

@@ -145,6 +145,22 @@ def test_a_config_is_derived_from_config_json_when_none_is_beside_the_input(
     assert_same_tokens(out.parent, out)
 
 
+def test_the_tokenizer_comes_from_tokenizer_dir_when_the_input_folder_has_none(llama_kv, calib_ids, tmp_path):
+    """optimum's export folders hold config.json but no tokenizer: ``--tokenizer DIR`` fills the genai folder."""
+    _, folder = llama_kv
+    src = tmp_path / "src"
+    shutil.copytree(folder, src)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (src / name).unlink(missing_ok=True)
+    out = tmp_path / "out" / "model.onnx"
+    result = convert(
+        src / "model.onnx", out, Recipe(scheme="w8a8", samples=4), calibration=calib_ids, tokenizer=folder
+    )
+    assert "tokenizer.json" in result.genai["written"]
+    model = og.Model(str(out.parent))
+    assert og.Tokenizer(model).encode("hello world").size > 0
+
+
 def test_a_family_genai_has_no_type_for_runs_as_its_generic_decoder(tmp_path, calib_ids):
     """OPT has no model type in genai: the config names genai's generic "decoder", and the converted folder
     decodes in genai as in sq-onnx's runner."""
