@@ -90,13 +90,16 @@ def _scaled(linear: Linear, scales: np.ndarray, axis: int):
     shape = (-1, 1) if axis == 0 else (1, -1)
 
     def make() -> np.ndarray:
+        # Row-major results: the weight read may be a transposed view (a tied lm_head reads the embedding as
+        # [K, N]), and numpy would keep its column order, which the initializer then copies once more
+        # (1 GB each at Llama-3.2-1B's lm_head, both alive at once).
         w = original()
-        if w.dtype == np.float32 and axis == 0:
-            out = w * scales.astype(np.float32).reshape(shape)  # one float32 product is correctly rounded
+        if w.dtype == np.float32 and axis == 0:  # one float32 product is correctly rounded
+            out = np.multiply(w, scales.astype(np.float32).reshape(shape), order="C")
         elif axis == 0:
-            out = (w.astype(np.float64) * scales.astype(np.float64).reshape(shape)).astype(w.dtype)
+            out = (w.astype(np.float64) * scales.astype(np.float64).reshape(shape)).astype(w.dtype, order="C")
         else:
-            out = (w.astype(np.float64) / scales.astype(np.float64).reshape(shape)).astype(w.dtype)
+            out = (w.astype(np.float64) / scales.astype(np.float64).reshape(shape)).astype(w.dtype, order="C")
         del w
         release_weight(source)
         return out

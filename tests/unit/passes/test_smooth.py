@@ -350,3 +350,24 @@ def test_smoothing_a_tied_lm_head_leaves_no_transpose_behind(llama_dir):
     dead = [n.op_type for n in model.graph if not any(o.uses() or o.is_graph_output() for o in n.outputs)]
     assert dead == []
     assert before.graph is None
+
+
+def test_a_weight_read_transposed_is_smoothed_without_a_second_copy(monkeypatch):
+    """A linear that reads its weight through a Transpose (a tied lm_head reads the embedding so) gets a
+    smoothed weight computed row-major at once: it is held once while the lazy initializer is read, not as a
+    column-major product plus its row-major copy (1 GB each at Llama-3.2-1B's lm_head)."""
+    import tracemalloc
+
+    monkeypatch.setattr(ir_graphs, "N", 32768)  # a [C, 32768] float32 weight, 8 MB: fixed costs do not count
+    model = ir_graphs.build_norm_graph("SimplifiedLayerNormalization", consumers=1, transposed_weight=True)
+    analysis = analyze(model.graph)
+    stats = {g.name: np.linspace(1, 50, g.channels).astype(np.float32) for g in analysis.groups}
+    SmoothPass(analysis.groups, stats, alpha=0.5)(model)
+    (linear,) = analysis.groups[0].consumers
+    tensor = linear.node.inputs[1].const_value
+    tracemalloc.start()
+    weight = tensor.numpy()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert weight.shape[1] == 32768 and weight.flags["C_CONTIGUOUS"]
+    assert peak < 1.3 * weight.nbytes
