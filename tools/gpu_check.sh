@@ -23,31 +23,11 @@ lib=${1:?usage: tools/gpu_check.sh path/to/libsq_onnx_ops.so [bench iterations]}
 iters=${2:-20}
 [ -f "$lib" ] || { echo "no library at $lib" >&2; exit 2; }
 out=${OUT:-gpu_check_out}
-mkdir -p "$out"
+# shellcheck source=tools/gpu_steps.sh
+. tools/gpu_steps.sh
 SQ_ONNX_OPS_LIB=$(realpath "$lib")
-export SQ_ONNX_OPS_LIB PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-# onnxruntime-gpu staged by tools/gpu_ort_wheel.sh, ahead of the image's CPU onnxruntime
-[ -d /tmp/sq_ort_site ] && PYTHONPATH=/tmp/sq_ort_site:$PYTHONPATH
-py=${PYTHON:-python3}
-status=0
-
-step() {  # step NAME COMMAND...: run, log to $out/NAME.log, one summary line
-  local name=$1 rc
-  shift
-  local t0=$SECONDS
-  "$@" >"$out/$name.log" 2>&1
-  rc=$?
-  echo "$name: rc $rc in $((SECONDS - t0)) s; last line: $(tail -n 1 "$out/$name.log")"
-  [ "$rc" -eq 0 ] || status=1
-}
-
-{
-  date -u +%FT%TZ
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  nvcc --version | tail -n 2
-  "$py" -c "import torch, onnxruntime; print('torch', torch.__version__, '| onnxruntime', onnxruntime.__version__)"
-} >"$out/device.txt" 2>&1
-cat "$out/device.txt"
+export SQ_ONNX_OPS_LIB
+device_info sh -c 'nvcc --version | tail -n 2'
 
 step tests "$py" -m pytest -p no:cacheprovider -rs tests/kernels/test_cuda_kernels.py tests/kernels/test_library_build.py \
   tests/kernels/test_ort_cuda_session.py

@@ -16,30 +16,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_convert_out}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-[ -d /tmp/sq_ort_site ] && PYTHONPATH=/tmp/sq_ort_site:$PYTHONPATH
-py=${PYTHON:-python3}
+# shellcheck source=tools/gpu_steps.sh
+. tools/gpu_steps.sh
 models=${SQ_SCALE_MODELS:-/tmp/sq_scale_models}
-status=0
-
-step() {  # step NAME COMMAND...: run, log to $out/NAME.log, one summary line
-  local name=$1 rc
-  shift
-  local t0=$SECONDS
-  "$@" >"$out/$name.log" 2>&1
-  rc=$?
-  echo "$name: rc $rc in $((SECONDS - t0)) s; last line: $(tail -n 1 "$out/$name.log")"
-  [ "$rc" -eq 0 ] || status=1
-}
-
-{
-  date -u +%FT%TZ
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  nproc
-  "$py" -c "import torch, onnxruntime as o; print('torch', torch.__version__, torch.cuda.is_available(), '| onnxruntime', o.__version__, o.get_available_providers())"
-} >"$out/device.txt" 2>&1
-cat "$out/device.txt"
+device_info nproc
 
 step gptq_tests "$py" -m pytest -p no:cacheprovider -rs tests/unit/calibration/test_gptq_device.py
 step convert_1b "$py" tools/bench_scale.py --shapes llama-3.2-1b --schemes w4 --device cuda --keep "$models"
