@@ -1,6 +1,7 @@
 """tools/avx2_only.sh: the command it runs sees a CPU without AVX-512 (numpy's own CPUID reading says so) but
 with AVX2, while the same command outside sees this CPU as it is; a real segmentation fault still ends the
-process instead of looping in the CPUID handler."""
+process instead of looping in the CPUID handler; programs with SIGSEGV handlers of their own (Python's
+faulthandler, GCC) keep working and keep them."""
 
 from __future__ import annotations
 
@@ -39,9 +40,27 @@ def test_the_command_sees_avx2_without_avx512(tmp_path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "True", "True"]
     assert (tmp_path / "sq-onnx" / "avx2_only.so").is_file()
-    if "avx512f" in CPU_FLAGS:  # the mask, not the machine, took AVX-512 away
+    from numpy._core._multiarray_umath import __cpu_features__
+
+    if __cpu_features__["AVX512F"]:  # the mask, not the machine, took AVX-512 away
         plain = run([sys.executable, "-c", FEATURES], tmp_path, masked=False)
         assert plain.stdout.split()[0] == "True"
+
+
+def test_programs_keep_their_own_segv_handlers(tmp_path) -> None:
+    done = run([sys.executable, "-X", "faulthandler", "-c", FEATURES], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True", "True"]
+    crash = [sys.executable, "-X", "faulthandler", "-c", "import ctypes; ctypes.string_at(0)"]
+    done = run(crash, tmp_path, timeout=30)
+    assert done.returncode in (-11, 139)
+    assert "Fatal Python error: Segmentation fault" in done.stderr  # faulthandler's own report
+    # GCC's cc1 installs a SIGSEGV handler, then reads CPUID for -march=native
+    src = tmp_path / "f.c"
+    src.write_text("int f(int x) { return x + 1; }\n")
+    cc = os.environ.get("CC", "cc")
+    done = run([cc, "-march=native", "-O2", "-c", str(src), "-o", str(tmp_path / "f.o")], tmp_path)
+    assert done.returncode == 0, done.stderr
 
 
 def test_a_real_fault_still_ends_the_process(tmp_path) -> None:

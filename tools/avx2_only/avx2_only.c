@@ -7,10 +7,13 @@
 // bits cleared. Every library in the process then takes the path it takes on an AVX2-only CPU, on this
 // CPU's cores (same caches, memory and clock: a reading of the kernels, not of another machine).
 //
-// Build: cc -O2 -shared -fPIC -o avx2_only.so avx2_only.c   Run: LD_PRELOAD=$PWD/avx2_only.so COMMAND
-// Do not combine with Python's faulthandler (PYTHONFAULTHANDLER, pytest): it replaces the SIGSEGV handler.
+// Programs that install a SIGSEGV handler of their own (Python's faulthandler, pytest, GCC's cc1) keep it: this
+// library's sigaction / signal keep its own handler installed and pass every fault that is not a CPUID to theirs.
+//
+// Build: cc -O2 -shared -fPIC -o avx2_only.so avx2_only.c -ldl   Run: LD_PRELOAD=$PWD/avx2_only.so COMMAND
 #define _GNU_SOURCE
 #include <cpuid.h>
+#include <dlfcn.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -56,12 +59,40 @@ static void mask(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
   }
 }
 
+typedef int (*sigaction_fn)(int, const struct sigaction *, struct sigaction *);
+static sigaction_fn real_sigaction_fn;
+static int installed;
+static struct sigaction program_segv;  // the SIGSEGV disposition the program asked for (SIG_DFL at first)
+
+static int real_sigaction(int sig, const struct sigaction *act, struct sigaction *old) {
+  if (!real_sigaction_fn) real_sigaction_fn = (sigaction_fn)dlsym(RTLD_NEXT, "sigaction");
+  return real_sigaction_fn(sig, act, old);
+}
+
+// A fault that is not a CPUID goes where the program's disposition sends it; the default kills the process as
+// it would have (SIG_DFL back in place, the signal raised again: pending until this handler returns).
+static void pass_on(int sig, siginfo_t *info, void *context) {
+  if (program_segv.sa_flags & SA_SIGINFO) {
+    program_segv.sa_sigaction(sig, info, context);
+  } else if (program_segv.sa_handler != SIG_DFL && program_segv.sa_handler != SIG_IGN) {
+    program_segv.sa_handler(sig);
+  } else {
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    installed = 0;
+    real_sigaction(sig, &dfl, NULL);
+    raise(sig);
+  }
+}
+
 static void on_segv(int sig, siginfo_t *info, void *context) {
   ucontext_t *uc = (ucontext_t *)context;
   greg_t *g = uc->uc_mcontext.gregs;
   const unsigned char *ip = (const unsigned char *)g[REG_RIP];
-  if (ip[0] != 0x0f || ip[1] != 0xa2) {  // a real fault: let it kill the process as it would have
-    signal(sig, SIG_DFL);
+  // CPUID faults arrive with si_code SI_KERNEL; <= 0: sent by kill / raise, not by an instruction
+  if (info->si_code <= 0 || ip[0] != 0x0f || ip[1] != 0xa2) {
+    pass_on(sig, info, context);
     return;
   }
   uint32_t r[4];
@@ -73,17 +104,34 @@ static void on_segv(int sig, siginfo_t *info, void *context) {
   g[REG_RCX] = r[2];
   g[REG_RDX] = r[3];
   g[REG_RIP] += 2;
-  (void)info;
+}
+
+int sigaction(int sig, const struct sigaction *act, struct sigaction *old) {
+  if (sig != SIGSEGV || !installed) return real_sigaction(sig, act, old);
+  if (old) *old = program_segv;
+  if (act) program_segv = *act;
+  return 0;
+}
+
+sighandler_t signal(int sig, sighandler_t handler) {
+  struct sigaction act, old;
+  memset(&act, 0, sizeof act);
+  act.sa_handler = handler;
+  act.sa_flags = SA_RESTART;
+  if (sigaction(sig, &act, &old) != 0) return SIG_ERR;
+  return old.sa_handler;
 }
 
 __attribute__((constructor)) static void avx2_only_init(void) {
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
   sa.sa_sigaction = on_segv;
-  sa.sa_flags = SA_SIGINFO;
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK;  // on the program's alternate stack, if it sets one (stack overflows)
   sigemptyset(&sa.sa_mask);
-  if (sigaction(SIGSEGV, &sa, NULL) != 0 || syscall(SYS_arch_prctl, ARCH_SET_CPUID, 0) != 0) {
+  program_segv.sa_handler = SIG_DFL;
+  if (real_sigaction(SIGSEGV, &sa, NULL) != 0 || syscall(SYS_arch_prctl, ARCH_SET_CPUID, 0) != 0) {
     fprintf(stderr, "avx2_only: this CPU or kernel cannot make CPUID fault (no cpuid_fault): not masking\n");
     exit(3);
   }
+  installed = 1;
 }
