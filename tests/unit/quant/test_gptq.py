@@ -231,13 +231,22 @@ def test_convert_gives_the_same_model_with_or_without_shared_gptq_passes(
     monkeypatch.setattr(quantize_model, "SHARED_WEIGHT_BYTES", 0)
     alone = tmp_path / "alone.onnx"
     convert(llama_dir / "model.onnx", alone, recipe, calibration=calib_ids)
-    a = {v.name: v.const_value.numpy() for v in ir.load(shared).graph.initializers.values()}
-    b = {v.name: v.const_value.numpy() for v in ir.load(alone).graph.initializers.values()}
-    assert a.keys() == b.keys()
-    codes = [n for n in a if n.endswith(".q4")]
-    assert codes
-    same = np.mean([np.mean(a[n] == b[n]) for n in codes])
-    assert same > 0.999
+    a, b = ir.load(shared).graph, ir.load(alone).graph
+    codes = [n.inputs[1].name for n in a if n.op_type == "MatMulNBits"]
+    assert codes == [n.inputs[1].name for n in b if n.op_type == "MatMulNBits"]
+    # The first linears GPTQ fits (layer 0's q/k/v) see the same float inputs either way: the same codes.
+    first = codes[0]
+    assert (
+        np.mean(a.initializers[first].const_value.numpy() == b.initializers[first].const_value.numpy())
+        > 0.999
+    )
+    # After them, each layer's inputs come from the quantized layers before it, so a rounding tie decided the
+    # other way early changes later codes (by 12-30% on an AVX2-only CPU's BLAS paths, none on AVX-512):
+    # the two models must be equally close to the float one.
+    feed = ids_feed()
+    ref = run(llama_dir / "model.onnx", feed)
+    err_shared, err_alone = rel_error(ref, run(shared, feed)), rel_error(ref, run(alone, feed))
+    assert abs(err_shared - err_alone) < 0.05 * err_alone
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
