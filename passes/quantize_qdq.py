@@ -9,9 +9,12 @@ MatMul -> MatMulNBits; Q/DQ around a MatMul -> QLinearMatMul or MatMulIntegerToF
   0; one pair per tensor, shared by q/k/v), the per-channel int8 weight -> DequantizeLinear(axis 1), MatMul;
   the ``wide`` linears' inputs are int16 (A16W8, as QNN runs the layers int8 activations hurt most; ORT's
   CPU runs them as float MatMuls);
-- W8A8 ``qoperator``: QuantizeLinear(X) -> QLinearMatMul(..., y_scale) -> DequantizeLinear, y_scale from the
-  calibrated abs-max of the linear's output, activations and outputs uint8 around 128 (codes -127..127 + 128) (QLinearMatMul's scales are scalars per tensor in ORT, so it
-  cannot carry per-token activation scales).
+- W8A8 ``qoperator``: QuantizeLinear(X) (the same calibrated int8 scale) -> MatMulInteger with the per-channel
+  int8 weight -> Cast -> Mul(x_scale · w_scale): the QOperator form's integer MatMul with a float output (what
+  ORT's own dynamic quantization writes in that form; ORT fuses it into MatMulIntegerToFloat). Not
+  QLinearMatMul: its output is requantized to int8 with one scale per tensor, which LLMs' outputs cannot carry
+  (massive activations up to 25,000 beside channels below 50; gated products): on SmolLM2 it dropped top-1
+  agreement with the float model to 29% (tools/RESULTS.md), and every output here is read in float anyway.
 A bias is a separate Add. Scales are in the activations' type (float32 or float16).
 """
 
@@ -80,41 +83,31 @@ def emit_blocked_dq(graph: ir.Graph, linear: Linear, bq: BlockQuantized, accurac
 
 
 class QuantizeW8A8QDQPass(ir.passes.InPlacePass):
-    """Replace ``linears`` by W8A8 in standard ops: Q/DQ + MatMul (``qoperator=False``) or QLinearMatMul.
+    """Replace ``linears`` by W8A8 in standard ops: Q/DQ + MatMul (``qoperator=False``) or MatMulInteger.
 
     Precondition (``requires``): every linear is a node of this graph with float32 / float16 activations;
-    ``act_absmax`` holds the calibrated abs-max of every input tensor (after smoothing), and for
-    ``qoperator`` ``out_absmax`` that of every linear's output. After the call, ``replaced`` names the
-    replaced nodes."""
+    ``act_absmax`` holds the calibrated abs-max of every input tensor (after smoothing). After the call,
+    ``replaced`` names the replaced nodes."""
 
     def __init__(
         self,
         linears: list[Linear],
         act_absmax: dict[str, float],
-        out_absmax: dict[str, float] | None = None,
         qoperator: bool = False,
         wide: frozenset[str] = frozenset(),
     ):
         super().__init__()
         self.wide = wide  # names of the linears whose input is quantized to int16 (A16W8), not int8
-        self.linears, self.act_absmax, self.out_absmax, self.qoperator = (
-            linears,
-            act_absmax,
-            out_absmax,
-            qoperator,
-        )
+        self.linears, self.act_absmax, self.qoperator = linears, act_absmax, qoperator
         self.replaced: list[str] = []
 
     def requires(self, model: ir.Model) -> None:
         require_in_graph(model, self.linears)
         if self.wide and self.qoperator:
-            raise ir.passes.PreconditionError("QLinearMatMul takes 8-bit activations only")
+            raise ir.passes.PreconditionError("--format qoperator takes 8-bit activations only")
         for linear in self.linears:
             if linear.input.name not in self.act_absmax:
                 raise ir.passes.PreconditionError(f"no calibrated activation range for {linear.input.name}")
-            output = linear.node.outputs[0].name
-            if self.qoperator and output not in (self.out_absmax or {}):
-                raise ir.passes.PreconditionError(f"no calibrated output range for {output}")
             try:
                 _scale_type(linear)
             except ValueError as exc:
@@ -125,13 +118,8 @@ class QuantizeW8A8QDQPass(ir.passes.InPlacePass):
         quantized: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}  # X -> (Xq, scale, DQ(Xq))
         if not self.linears:
             return ir.passes.PassResult(model, modified=False)
-        # activations: int8 around 0 for QDQ; for QLinearMatMul uint8 around 128 (ORT's own convention: its
-        # optimizer's QDQ propagation past Reshapes breaks on int8 QLinearMatMul outputs in ORT 1.32)
-        zero = (
-            add_initializer(graph, "sq_onnx.zero_uint8", np.array(128, np.uint8))
-            if self.qoperator
-            else add_initializer(graph, "sq_onnx.zero_int8", np.array(0, np.int8))
-        )
+        # int8 activations around 0 (int8 x int8: no int16 saturation on AVX2 CPUs without VNNI)
+        zero = add_initializer(graph, "sq_onnx.zero_int8", np.array(0, np.int8))
         self.replaced = []
         # a tensor read by any wide linear is quantized once, to int16, for all its readers
         wide_inputs = {id(lin.input) for lin in self.linears if lin.name in self.wide}
@@ -157,21 +145,16 @@ class QuantizeW8A8QDQPass(ir.passes.InPlacePass):
             wq, ws = quantize_per_channel(linear.weight_kn())
             base = linear.weight_name or linear.name
             w = add_initializer(graph, f"{base}.int8", wq)
-            w_scale = add_initializer(graph, f"{base}.w_scale", ws.astype(dtype))
             w_zero = add_initializer(graph, f"{base}.w_zero", np.zeros(ws.shape, np.int8))
             if self.qoperator:
-                out = linear.node.outputs[0].name or ""
-                y_scale = add_initializer(
-                    graph, f"{base}.y_scale", np.array(max((self.out_absmax or {})[out], EPS) / 127.0, dtype)
-                )
-                mm = ir.Node(
-                    "",
-                    "QLinearMatMul",
-                    [xq, x_scale, zero, w, w_scale, w_zero, y_scale, zero],
-                    name=linear.name,
-                )
-                nodes = [mm, ir.Node("", "DequantizeLinear", [mm.outputs[0], y_scale, zero])]
+                mm = ir.Node("", "MatMulInteger", [xq, w, zero, w_zero], name=linear.name)
+                to = ir.AttrInt64("to", int(linear.activation_type))
+                as_float = ir.Node("", "Cast", [mm.outputs[0]], attributes=[to])
+                scale = (x_scale.const_value.numpy().astype(np.float32) * ws).astype(dtype)
+                y_scale = add_initializer(graph, f"{base}.y_scale", scale)
+                nodes = [mm, as_float, ir.Node("", "Mul", [as_float.outputs[0], y_scale])]
             else:
+                w_scale = add_initializer(graph, f"{base}.w_scale", ws.astype(dtype))
                 w_dq = ir.Node(
                     "", "DequantizeLinear", [w, w_scale, w_zero], attributes=[ir.AttrInt64("axis", 1)]
                 )

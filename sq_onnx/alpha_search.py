@@ -68,8 +68,8 @@ def search_alpha_model(
 
     def score(alpha: float | None) -> float:
         smoothed = smooth_copy(src, analysis, plans, stats, alpha)
-        inputs, outputs = activation_ranges(recipe, stats, smoothed)
-        quantize_graph(smoothed.model, fixed, smoothed.plans, static_ranges=inputs, output_ranges=outputs)
+        inputs = activation_ranges(recipe, stats, smoothed)
+        quantize_graph(smoothed.model, fixed, smoothed.plans, static_ranges=inputs)
         with in_memory_session(smoothed.model) as sess:
             return loss_of(sess)
 

@@ -92,7 +92,6 @@ def quantize_graph(
     importance: dict[str, np.ndarray] | None = None,
     hessians: Callable[[str], np.ndarray] | None = None,
     segments: Iterable[SegmentInputs] | None = None,
-    output_ranges: dict[str, float] | None = None,
 ) -> Quantized:
     """Quantize ``work`` in place according to ``plans`` (made on this graph; None: planned here).
 
@@ -101,8 +100,7 @@ def quantize_graph(
     taken after the batches before it are quantized, so every Hessian sees the quantized layers upstream.
     With a float copy in the runner and ``recipe.gptq_asymmetric`` GPTQ fits the float target; with
     ``recipe.gptq_holdout`` a batch keeps GPTQ's weights only where they beat round-to-nearest with the clip
-    search on the held-out samples. ``output_ranges``: the calibrated abs-max of each W8A8 linear's output
-    (``--format qoperator``)."""
+    search on the held-out samples."""
     plans = plans if plans is not None else plan_linears(work.graph, find_linears(work.graph), recipe)
     ensure_opset(work, "com.microsoft", 1)
     steps = iter(segments) if segments is not None else None
@@ -172,7 +170,6 @@ def quantize_graph(
         w8a8 = QuantizeW8A8QDQPass(
             w8a8_linears,
             static_ranges or {},
-            output_ranges,
             qoperator=recipe.format == "qoperator",
             wide=act16_linears(plans, recipe),
         )
@@ -260,20 +257,9 @@ def static_ranges(stats: dict[str, np.ndarray], smoothed: list[SmoothedGroup]) -
     return {name: after.get(name, float(arr.max())) for name, arr in stats.items()}
 
 
-def w8a8_outputs(plans: list[LinearPlan]) -> dict[str, int]:
-    """Output tensor -> channels of every W8A8 linear (QLinearMatMul's output scale is calibrated on them)."""
-    return {p.linear.node.outputs[0].name or "": p.linear.shape[1] for p in plans if p.action == "w8a8"}
-
-
-def output_ranges(stats: dict[str, np.ndarray], plans: list[LinearPlan]) -> dict[str, float]:
-    """Per-tensor abs-max of every W8A8 linear's output (smoothing leaves outputs as they are)."""
-    return {name: float(stats[name].max()) for name in w8a8_outputs(plans)}
-
-
 def activation_ranges(
     recipe: Recipe, stats: dict[str, np.ndarray], smoothed: Smoothed
-) -> tuple[dict[str, float] | None, dict[str, float] | None]:
-    """The calibrated ranges the recipe's W8A8 form needs: (inputs for --act static, outputs for qoperator)."""
+) -> dict[str, float] | None:
+    """The calibrated per-tensor ranges the recipe's W8A8 form needs (--act static), else None."""
     inputs = static_ranges(stats, smoothed.groups) if recipe.act == "static" else None
-    outputs = output_ranges(stats, smoothed.plans) if recipe.format == "qoperator" else None
-    return inputs, outputs
+    return inputs

@@ -56,7 +56,7 @@ class Kernels(Choice):
 class Format(Choice):
     CONTRIB = "contrib"  # ORT's contrib ops: MatMulNBits, MatMulIntegerToFloat (or the sq_onnx kernels)
     QDQ = "qdq"  # QuantizeLinear / DequantizeLinear around standard MatMuls, for execution providers
-    QOPERATOR = "qoperator"  # QLinearMatMul (W8A8 with static activations)
+    QOPERATOR = "qoperator"  # QuantizeLinear + MatMulInteger, float outputs (W8A8 with static activations)
 
 
 class EmbeddingBits(Choice):
@@ -242,7 +242,7 @@ class Recipe:
         Format.CONTRIB,
         "how quantized linears are written: ORT's contrib ops; qdq (standard Q/DQ ops, W8A8 with --act static, "
         "W4 as blocked int4 DequantizeLinear, opset 21) for TensorRT / QNN / OpenVINO / DirectML; qoperator "
-        "(QLinearMatMul, W8A8 with --act static)",
+        "(QuantizeLinear + MatMulInteger with a float output, W8A8 with --act static)",
     )
     exclude: tuple[str, ...] = option(
         (),
@@ -345,12 +345,12 @@ class Recipe:
             )
         if self.format == "qoperator" and self.scheme != "w8a8":
             raise RecipeError(
-                "--format qoperator writes QLinearMatMul, which is W8A8; use --format qdq for w4."
+                "--format qoperator writes MatMulInteger, which is W8A8; use --format qdq for w4."
             )
         if self.format in ("qdq", "qoperator") and self.scheme == "w8a8" and self.act != "static":
             raise RecipeError(
                 f"--format {self.format} carries one calibrated activation scale per tensor "
-                "(QuantizeLinear's and QLinearMatMul's are scalars): add --act static."
+                "(QuantizeLinear's scale is a scalar): add --act static."
             )
         if self.keep_8bit < 0 or (self.keep_8bit and self.scheme != "w4"):
             raise RecipeError("--keep-8bit takes a count >= 0 and applies to --scheme w4 only.")
@@ -363,7 +363,7 @@ class Recipe:
         if self.act16 and not (self.scheme == "w8a8" and self.act == "static" and self.format == "qdq"):
             raise RecipeError(
                 "--act16 writes int16 QuantizeLinear / DequantizeLinear pairs: it needs --scheme w8a8 --act static "
-                "--format qdq (QLinearMatMul and the contrib int8 ops take 8-bit activations only)."
+                "--format qdq (MatMulInteger and the contrib int8 ops take 8-bit activations only)."
             )
         for flag, patterns in (("--exclude", self.exclude), ("--act16", self.act16)):
             for pattern in patterns:

@@ -46,7 +46,6 @@ from sq_onnx.quantize_model import (
     input_importance,
     quantize_graph,
     smooth_copy,
-    w8a8_outputs,
 )
 from sq_onnx.recipe import Recipe
 from sq_onnx.reporting.layer_error import LayerError, layer_errors
@@ -296,8 +295,6 @@ def calibrate_stage(conv: Conversion) -> None:
         tensors.update({p.linear.input.name: p.linear.shape[0] for p in plans if p.action in ("w4", "w8")})
     if recipe.scheme == "w8a8" and recipe.act == "static":
         tensors.update({p.linear.input.name: p.linear.shape[0] for p in plans if p.action == "w8a8"})
-    if recipe.format == "qoperator":  # QLinearMatMul's output scale (smoothing leaves outputs as they are)
-        tensors.update(w8a8_outputs(plans))
     row_tensors = tuple(g.name for g in analysis.groups) if recipe.alpha_search == "layer" else ()
     if recipe.keep_8bit:  # mixed_precision scores each W4 linear on its input's rows
         w4_inputs = [p.linear.input.name or "" for p in plans if p.action == "w4" and not p.lm_head]
@@ -407,7 +404,7 @@ def quantize(conv: Conversion) -> None:
     if recipe.scheme == "smooth":
         cleanup(work)
         return
-    ranges, outputs = activation_ranges(recipe, calib.absmax, smoothed)
+    ranges = activation_ranges(recipe, calib.absmax, smoothed)
     importance = input_importance(calib.mean_square, smoothed.scales) if recipe.clip_search else None
     hessians = segments = None
     if recipe.uses_gptq:
@@ -426,7 +423,6 @@ def quantize(conv: Conversion) -> None:
         work,
         recipe,
         smoothed.plans,
-        output_ranges=outputs,
         static_ranges=ranges,
         show_progress=conv.show_progress,
         importance=importance,

@@ -1,5 +1,5 @@
 """`--format`: the same quantization written as ORT contrib ops, as standard QDQ ops for execution providers, or
-as QLinearMatMul. Every format runs on ORT's CPU provider; QDQ models pass the full onnx checker with standard
+as the QOperator form's MatMulInteger. Every format runs on ORT's CPU provider; QDQ models pass the full onnx checker with standard
 ops only and ORT's optimizer fuses them into its integer kernels; QDQ W4 computes what MatMulNBits W4 does."""
 
 from __future__ import annotations
@@ -65,16 +65,23 @@ def test_qdq_w8a8_is_standard_onnx_that_ort_fuses_into_integer_ops(llama_dir, ca
     assert rel_error(ref, out) < 0.3
 
 
-def test_qoperator_w8a8_writes_qlinearmatmul(llama_dir, calib_ids, tmp_path):
-    src, out = llama_dir / "model.onnx", tmp_path / "qop.onnx"
-    result = convert(
-        src, out, Recipe(scheme="w8a8", act="static", format="qoperator", samples=4), calibration=calib_ids
+def test_qoperator_w8a8_is_the_static_contrib_form_in_standard_ops(llama_dir, calib_ids, tmp_path):
+    """QuantizeLinear -> MatMulInteger -> Cast -> Mul: the same int8 activations and weights as the contrib
+    static form (MatMulIntegerToFloat), so the same outputs; no QLinearMatMul, whose int8 output (one scale
+    per tensor) LLMs' massive activations break (tests/unit/passes/test_quantize_qdq.py)."""
+    src, out, static = llama_dir / "model.onnx", tmp_path / "qop.onnx", tmp_path / "static.onnx"
+    recipe = Recipe(scheme="w8a8", act="static", format="qoperator", samples=4)
+    result = convert(src, out, recipe, calibration=calib_ids)
+    convert(
+        src, static, Recipe(scheme="w8a8", act="static", samples=4, embedding="fp"), calibration=calib_ids
     )
     _standard_only(out)
-    assert "QLinearMatMul" in _ops(out) and len(result.quantized_matmuls) > 0
+    ops = _ops(out)
+    assert "MatMulInteger" in ops and "QLinearMatMul" not in ops and len(result.quantized_matmuls) > 0
     feed = ids_feed()
     ref, got = _run(src, feed), _run(out, feed)
-    assert rel_error(ref, got) < 0.35 and result.verify["top1_agreement"] > 0.5
+    assert rel_error(_run(static, feed), got) < 1e-4 < rel_error(ref, got) < 0.35
+    assert result.verify["top1_agreement"] > 0.5
 
 
 def test_qdq_w4_computes_what_matmulnbits_does(llama_dir, calib_ids, tmp_path):
@@ -96,7 +103,7 @@ def test_qdq_w4_computes_what_matmulnbits_does(llama_dir, calib_ids, tmp_path):
     "flags,said",
     [
         (["--scheme", "w8a8", "--format", "qdq"], "--act static"),
-        (["--scheme", "w4", "--format", "qoperator"], "QLinearMatMul"),
+        (["--scheme", "w4", "--format", "qoperator"], "MatMulInteger"),
         (["--scheme", "w8a8", "--kernels", "sq_onnx", "--format", "qdq"], "--kernels ort"),
         (["--scheme", "w8a8", "--act", "static", "--act16", "down_proj"], "--format qdq"),
         (

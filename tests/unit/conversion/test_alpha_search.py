@@ -123,7 +123,7 @@ def test_layer_search_end_to_end(llama_dir, tmp_path, calib_ids):
 def test_model_search_scores_static_activations_with_their_calibrated_ranges(
     llama_dir, calib_ids, tmp_path, fmt
 ):
-    """Each candidate needs the per-tensor ranges (and QLinearMatMul's output ranges) after its own smoothing."""
+    """Each candidate needs the per-tensor ranges after its own smoothing."""
     recipe = Recipe(scheme="w8a8", act="static", format=fmt, alpha_search="model", alpha_step=0.5, samples=4)
     result = convert(llama_dir / "model.onnx", tmp_path / "m.onnx", recipe, calibration=calib_ids)
     curve = result.alpha_search["curve"]
