@@ -30,6 +30,14 @@ def _run(path, feed, optimize=True, optimized_to=None):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, feed)[0]
 
 
+def _has_vnni() -> bool:
+    """Whether ONNX Runtime's uint8 x int8 kernels can use AVX-512 VNNI (no int16 intermediate sums); numpy's
+    CPU features name no AVX-VNNI (256-bit), so those CPUs get the AVX2 bound."""
+    from numpy._core._multiarray_umath import __cpu_features__ as cpu
+
+    return bool(cpu.get("AVX512VNNI"))
+
+
 def _ops(path) -> set[str]:
     return {n.op_type for n in onnx.load(str(path)).graph.node}
 
@@ -60,8 +68,12 @@ def test_qdq_w8a8_is_standard_onnx_that_ort_fuses_into_integer_ops(llama_dir, ca
     # ORT's CPU optimizer turns the Q/DQ + MatMul units into its integer kernels
     assert _ops(fused) & {"QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger"}
     ref = _run(src, feed)
-    # same scales and codes as the contrib static form: the two agree far closer than either to float
-    assert rel_error(out, _run(static, feed)) < 0.1 * rel_error(ref, out) + 1e-4
+    # same scales and codes as the contrib static form: the two agree far closer than either to float. Without
+    # VNNI, ORT runs the fused form as uint8 x int8 (its QDQS8ToU8 transform), whose AVX2 kernel sums pairs of
+    # products in int16 with saturation (vpmaddubsw): on this outlier-injected model that moves the output by half
+    # the quantization error (SmolLM2's static QDQ: KL 0.078 -> 0.080, tools/RESULTS.md).
+    agree = 0.1 if _has_vnni() else 0.75
+    assert rel_error(out, _run(static, feed)) < agree * rel_error(ref, out) + 1e-4
     assert rel_error(ref, out) < 0.3
 
 
