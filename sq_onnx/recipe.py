@@ -102,10 +102,11 @@ CALIB_DOMAINS = CalibDomain.values()
 # Default α per scheme. w8a8: the SmoothQuant paper's 0.5. w4: 0.4, the best of a sweep on SmolLM2
 # (docs/EXPERIMENTS.md, "Choosing the W4 default α").
 DEFAULT_ALPHA = {"w8a8": 0.5, "w4": 0.4, "smooth": 0.5}
-# W8A8 with static per-tensor activations: one scale per tensor must cover every token, so more of the range
-# moves into the weights; 0.8 was the best of 0.5 / 0.8 / 0.9 with the linear folds on SmolLM2's validation
-# domains, and --alpha auto picks it too (tools/RESULTS.md)
-STATIC_ALPHA = 0.8
+# W8A8 with one activation scale per tensor (static, or per-tensor dynamic): one scale must cover every token,
+# so more of the range moves into the weights; 0.8 was the best of 0.5 / 0.8 / 0.9 with the linear folds on
+# SmolLM2's validation domains for both (static: --alpha auto picks it too; per-tensor: mean KL 0.198 / 0.135 /
+# 0.212; tools/RESULTS.md)
+PER_TENSOR_ALPHA = 0.8
 
 
 def option(default: Any, help: str, **meta: Any) -> Any:
@@ -122,7 +123,7 @@ class Recipe:
     scheme: Scheme = option(Scheme.W4, "w4 (SmoothQuant+), w8a8 (SmoothQuant), smooth (float only)")
     alpha: float | None = option(
         None,
-        "migration strength 0..1 (default 0.4 for w4, 0.5 for w8a8, 0.8 with --act static), or auto: search one α on the model's loss",
+        "migration strength 0..1 (default 0.4 for w4, 0.5 for w8a8, 0.8 with --act static or per-tensor), or auto: search one α on the model's loss",
     )
     alpha_search: AlphaSearch = option(
         AlphaSearch.NONE,
@@ -415,11 +416,11 @@ class Recipe:
 
     @property
     def effective_alpha(self) -> float:
-        """The α actually used: the given one or the scheme's default (static activations: 0.8)."""
+        """The α actually used: the given one or the scheme's default (per-tensor activations: 0.8)."""
         if self.alpha is not None:
             return float(self.alpha)
-        if self.scheme == "w8a8" and self.act == "static":
-            return STATIC_ALPHA
+        if self.scheme == "w8a8" and self.act in ("static", "per-tensor"):
+            return PER_TENSOR_ALPHA
         return DEFAULT_ALPHA[self.scheme]
 
     def to_dict(self) -> dict[str, Any]:

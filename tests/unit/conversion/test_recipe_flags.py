@@ -122,6 +122,7 @@ def test_the_json_output_round_trips_into_the_same_recipe(llama_dir, tmp_path, c
         ([], False, 0.4),
         (["--scheme", "w8a8"], True, 0.5),
         (["--scheme", "w8a8", "--act", "static"], True, 0.8),  # measured: static needs both
+        (["--scheme", "w8a8", "--act", "per-tensor"], True, 0.8),  # one scale per tensor, like static
         (["--scheme", "w8a8", "--act", "static", "--linear-folds", "off", "--alpha", "0.5"], False, 0.5),
         (["--linear-folds"], True, 0.4),  # the bare flag means on
         (["--scheme", "w4", "--linear-folds", "on"], True, 0.4),
