@@ -13,7 +13,7 @@ MatMul -> MatMulNBits; Q/DQ around a MatMul -> QLinearMatMul or MatMulIntegerToF
   int8 weight -> Cast -> Mul(x_scale · w_scale): the QOperator form's integer MatMul with a float output (what
   ORT's own dynamic quantization writes in that form; ORT fuses it into MatMulIntegerToFloat). Not
   QLinearMatMul: its output is requantized to int8 with one scale per tensor, which LLMs' outputs cannot carry
-  (massive activations up to 25,000 beside channels below 50; gated products): on SmolLM2 it dropped top-1
+  (massive activations up to 25,000 beside channels below 50; gate / up outputs): on SmolLM2 it dropped top-1
   agreement with the float model to 29% (tools/RESULTS.md), and every output here is read in float anyway.
 A bias is a separate Add. Scales are in the activations' type (float32 or float16).
 """
@@ -118,7 +118,7 @@ class QuantizeW8A8QDQPass(ir.passes.InPlacePass):
         quantized: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}  # X -> (Xq, scale, DQ(Xq))
         if not self.linears:
             return ir.passes.PassResult(model, modified=False)
-        # int8 activations around 0 (int8 x int8: no int16 saturation on AVX2 CPUs without VNNI)
+        # int8 activations around 0 (MatMulInteger multiplies int8 by int8: no int16 saturation on AVX2 CPUs)
         zero = add_initializer(graph, "sq_onnx.zero_int8", np.array(0, np.int8))
         self.replaced = []
         # a tensor read by any wide linear is quantized once, to int16, for all its readers
