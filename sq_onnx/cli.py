@@ -203,6 +203,7 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from sq_onnx.pipeline import convert
+    from sq_onnx.verify import degradation_warning
 
     recipe = recipe_from_args(args)
     result = convert(
@@ -220,6 +221,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     elif not args.quiet:
         _print_summary(result)
+    warning = degradation_warning(result.get("verify"))
+    if warning:  # with --json and --quiet too: never convert silently
+        print(f"sq-onnx: warning: {warning}", file=sys.stderr)
     return 0
 
 

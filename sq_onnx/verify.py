@@ -17,6 +17,23 @@ from sq_onnx.calibration.segment_runner import Spilled, SpillFolder
 from sq_onnx.runtime.ort_session import in_memory_session
 from sq_onnx.runtime.progress import track
 
+# Relative error of the converted model's outputs at which convert warns: more error than half the signal. On
+# SmolLM2 the defaults give 0.05-0.15; the QLinearMatMul form that broke it (tools/RESULTS.md) gave 0.99.
+DEGRADED_ERROR = 0.5
+
+
+def degradation_warning(verify: dict | None) -> str | None:
+    """One sentence when verification shows the conversion lost the float model's function, else None."""
+    if not verify or verify["relative_error"] < DEGRADED_ERROR:
+        return None
+    top1 = verify.get("top1_agreement")
+    agree = "" if top1 is None else f", top-1 agreement {100 * top1:.0f}%"
+    return (
+        f"the converted model is far from the float one on {verify['samples']} held-out sample(s) (relative "
+        f"error {verify['relative_error']:.2f}{agree}): check the recipe, or keep the layers that lose most "
+        "in float with --exclude (--report lists them)."
+    )
+
 
 @dataclass(frozen=True)
 class Agreement:
