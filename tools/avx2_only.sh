@@ -16,8 +16,8 @@ lib=$cache/avx2_only.so
 src=$here/avx2_only/avx2_only.c
 if [ ! -f "$lib" ] || [ "$src" -nt "$lib" ]; then
   mkdir -p "$cache"
-  "${CC:-cc}" -O2 -Wall -shared -fPIC -o "$lib.tmp" "$src" -ldl
-  mv "$lib.tmp" "$lib"
+  "${CC:-cc}" -O2 -Wall -shared -fPIC -o "$lib.$$.tmp" "$src" -ldl  # per process: parallel first runs
+  mv "$lib.$$.tmp" "$lib"
 fi
 if [ "${SQ_AVX2_ONLY_QUIET:-0}" != 1 ]; then
   LD_PRELOAD=$lib${LD_PRELOAD:+:$LD_PRELOAD} "${PYTHON:-python3}" - <<'PY' >&2 || true
