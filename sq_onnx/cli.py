@@ -351,6 +351,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         f"decode (context {result['decode_context']})", f"{result['decode_tokens_per_s']:.1f} tokens/s"
     )
     table.add_row("peak RSS", f"{result['peak_rss_mb']:.0f} MB")
+    table.add_row("CPU", result["cpu"])
     if result["cpu_kernels"]:
         table.add_row("sq_onnx CPU kernels", result["cpu_kernels"])
     Console().print(table)

@@ -17,6 +17,7 @@ import numpy as np
 from sq_onnx.errors import SqOnnxError
 from sq_onnx.lm.lm_runner import LMRunner
 from sq_onnx.runtime import custom_ops
+from sq_onnx.runtime.cpu_info import cpu_description
 from sq_onnx.runtime.model_inputs import input_specs, is_language_model
 from sq_onnx.runtime.model_io import load_model
 from sq_onnx.runtime.ort_session import session
@@ -37,6 +38,7 @@ class BenchResult:
     peak_rss_mb: float = 0.0
     size_mb: float = 0.0
     cpu_kernels: str | None = None  # the sq_onnx CPU kernels' instruction set, for models that use them
+    cpu: str = ""  # the CPU and the vector instructions its CPUID reports to this process
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,6 +95,7 @@ def bench(
         load_s=round(load_s, 3),
         size_mb=round((path.stat().st_size + (data.stat().st_size if data.exists() else 0)) / 1e6, 1),
         cpu_kernels=_cpu_kernels(model, provider),
+        cpu=cpu_description(),
     )
     for length in prompt_lengths:
         ids = rng.integers(0, hi, (1, length), dtype=np.int64)

@@ -63,6 +63,15 @@ def test_programs_keep_their_own_segv_handlers(tmp_path) -> None:
     assert done.returncode == 0, done.stderr
 
 
+def test_bench_readings_name_the_instructions_the_process_sees(tmp_path) -> None:
+    """``sq-onnx bench`` records ``cpu``: under the mask it must read AVX2, or a masked reading could pass for a
+    native one."""
+    code = "from sq_onnx.runtime.cpu_info import cpu_description; print(cpu_description())"
+    masked = run([sys.executable, "-c", code], tmp_path)
+    assert masked.returncode == 0, masked.stderr
+    assert masked.stdout.strip().endswith(", AVX2")
+
+
 def test_a_real_fault_still_ends_the_process(tmp_path) -> None:
     done = run([sys.executable, "-c", "import ctypes; ctypes.string_at(0)"], tmp_path, timeout=30)
     assert done.returncode in (-11, 139)
