@@ -261,5 +261,4 @@ def activation_ranges(
     recipe: Recipe, stats: dict[str, np.ndarray], smoothed: Smoothed
 ) -> dict[str, float] | None:
     """The calibrated per-tensor ranges the recipe's W8A8 form needs (--act static), else None."""
-    inputs = static_ranges(stats, smoothed.groups) if recipe.act == "static" else None
-    return inputs
+    return static_ranges(stats, smoothed.groups) if recipe.act == "static" else None

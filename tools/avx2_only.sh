@@ -23,9 +23,9 @@ if [ "${SQ_AVX2_ONLY_QUIET:-0}" != 1 ]; then
   LD_PRELOAD=$lib${LD_PRELOAD:+:$LD_PRELOAD} "${PYTHON:-python3}" - <<'PY' >&2 || true
 import importlib.util as u
 seen = []
-if u.find_spec("numpy"):
-    from numpy._core._multiarray_umath import __cpu_features__ as f
-    seen.append("numpy " + ("AVX-512" if f.get("AVX512F") else "AVX2" if f.get("AVX2") else "baseline"))
+if u.find_spec("sq_onnx"):
+    from sq_onnx.runtime.cpu_info import cpu_description
+    seen.append("numpy (sq_onnx's cpu_info) " + cpu_description().rsplit(", ", 1)[1])
 if u.find_spec("torch"):
     import torch
     seen.append("torch " + torch.backends.cpu.get_cpu_capability())

@@ -26,12 +26,17 @@ def _vector_isa(features: dict[str, bool]) -> str:
     return "no AVX2"
 
 
-def cpu_description() -> str:
-    """E.g. ``AMD EPYC, AVX-512 VNNI`` (x86-64) or ``aarch64`` elsewhere."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"{_model_name()}, {platform.machine()}"
+def cpu_features() -> dict[str, bool]:
+    """numpy's reading of CPUID at import (``AVX2``, ``AVX512F``, ``AVX512VNNI``, ...): what this process sees."""
     try:
         from numpy._core._multiarray_umath import __cpu_features__ as features
     except ImportError:  # numpy < 2
         from numpy.core._multiarray_umath import __cpu_features__ as features
-    return f"{_model_name()}, {_vector_isa(features)}"
+    return dict(features)
+
+
+def cpu_description() -> str:
+    """E.g. ``AMD EPYC, AVX-512 VNNI`` (x86-64) or ``aarch64`` elsewhere."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"{_model_name()}, {platform.machine()}"
+    return f"{_model_name()}, {_vector_isa(cpu_features())}"

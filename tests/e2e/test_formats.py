@@ -11,6 +11,7 @@ import pytest
 from sq_onnx import Recipe, convert
 from sq_onnx.cli import main
 from sq_onnx.errors import RecipeError
+from sq_onnx.runtime.cpu_info import cpu_features
 
 from conftest import ids_feed, rel_error
 
@@ -33,9 +34,7 @@ def _run(path, feed, optimize=True, optimized_to=None):
 def _has_vnni() -> bool:
     """Whether ONNX Runtime's uint8 x int8 kernels can use AVX-512 VNNI (no int16 intermediate sums); numpy's
     CPU features name no AVX-VNNI (256-bit), so those CPUs get the AVX2 bound."""
-    from numpy._core._multiarray_umath import __cpu_features__ as cpu
-
-    return bool(cpu.get("AVX512VNNI"))
+    return bool(cpu_features().get("AVX512VNNI"))
 
 
 def _ops(path) -> set[str]:
