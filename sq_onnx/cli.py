@@ -213,7 +213,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         calibration=args.calib,
         tokenizer=args.tokenizer,
         overwrite=args.overwrite,
-        show_progress=not (args.quiet or args.json) and sys.stderr.isatty(),
+        show_progress=not (args.quiet or args.json),
         report=args.report,
         device=args.device,
     ).to_dict()
@@ -265,7 +265,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         windows=args.windows,
         tokenizer=args.tokenizer,
         threads=args.threads,
-        show_progress=not args.json and sys.stderr.isatty(),
+        show_progress=not args.json,
         compare=args.compare,
     )
     if args.json:

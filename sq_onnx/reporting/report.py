@@ -21,6 +21,7 @@ from sq_onnx.errors import OutputError
 from sq_onnx.passes.analyze import SmoothGroup
 from sq_onnx.passes.smooth import weight_row_absmax
 from sq_onnx.reporting.layer_error import LayerError
+from sq_onnx.runtime.model_io import write_refused
 from sq_onnx.runtime.progress import track
 
 REPORT_FILES = ("report.html", "report.json")
@@ -42,8 +43,9 @@ def check_report_dir(path: str | os.PathLike, overwrite: bool) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create report folder {str(folder)!r}: {exc.strerror}.") from exc
-    if not os.access(folder, os.W_OK):
-        raise OutputError(f"report folder {str(folder)!r} is not writable.")
+    refused = write_refused(folder)
+    if refused:
+        raise OutputError(f"report folder {str(folder)!r} is not writable ({refused}).")
     clash = [name for name in REPORT_FILES if (folder / name).exists()]
     if clash and not overwrite:
         raise OutputError(f"{folder / clash[0]} already exists; pass --overwrite to replace the report.")

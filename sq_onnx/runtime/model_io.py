@@ -122,9 +122,22 @@ def check_output_path(
         existing = existing.parent
     if not existing.is_dir():
         raise OutputError(f"cannot create output folder {str(parent)!r}: {str(existing)!r} is a file.")
-    if not os.access(existing, os.W_OK):
-        raise OutputError(f"output folder {str(existing)!r} is not writable.")
+    refused = write_refused(existing)
+    if refused and existing == parent:
+        raise OutputError(f"output folder {str(existing)!r} is not writable ({refused}).")
+    if refused:
+        raise OutputError(f"cannot create output folder {str(parent)!r} ({refused}).")
     return out
+
+
+def write_refused(folder: Path) -> str | None:
+    """Why ``folder`` refuses a new entry (the OS's words), or None: found by making and removing one, as
+    permission bits say nothing to root, nor about read-only or virtual file systems."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".sq-onnx-probe-", dir=folder))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def _data_name(out: Path) -> str:

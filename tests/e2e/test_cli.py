@@ -81,8 +81,13 @@ def test_convert_summary_and_quiet(llama_dir, tmp_path, capsys):
         main(["convert", str(llama_dir / "model.onnx"), "-o", str(tmp_path / "a.onnx"), "--calib", calib])
         == 0
     )
-    out = capsys.readouterr().out
+    got = capsys.readouterr()
+    out = got.out
     assert "verify on" in out
+    # stderr is not a terminal here (a log, a CI job): progress comes as lines, each loop started and finished
+    progress = got.err.splitlines()
+    assert progress[0].startswith("sq-onnx: calibrating: 0/") and "sq-onnx: quantizing: 0/" in got.err
+    assert any(line.startswith("sq-onnx: quantizing: ") and " done in " in line for line in progress)
     # where the time went, every stage in order (the scale benchmark, tools/bench_scale.py, reads them too)
     stages = out.split("time: ")[1].splitlines()[0]
     names = [part.rsplit(" ", 1)[0] for part in stages.split(", ")]
@@ -111,7 +116,7 @@ def test_convert_summary_and_quiet(llama_dir, tmp_path, capsys):
         )
         == 0
     )
-    assert capsys.readouterr().out == ""
+    assert capsys.readouterr() == ("", "")  # --quiet: no progress either
 
 
 def test_inspect(llama_fused, capsys, monkeypatch):
