@@ -1,8 +1,8 @@
 """sq-onnx as one step of an Olive workflow (PyPI ``olive-ai``): the ``SqOnnxQuantization`` pass.
 
 Its options are the ``Recipe``'s fields (same names, defaults and help), plus ``calibration`` (a .txt / .jsonl /
-.npz file; default: the built-in text) and ``tokenizer`` (a folder with tokenizer.json; default: beside the
-model). Olive reads third-party passes from a package config given to ``olive run --package-config``; a custom
+.npz file; default: the built-in text), ``tokenizer`` (a folder with tokenizer.json; default: beside the
+model) and ``progress`` (progress lines on stderr, default on). Olive reads third-party passes from a package config given to ``olive run --package-config``; a custom
 one replaces Olive's own, so ``write_package_config`` writes Olive's passes plus this one:
 
     python -m sq_onnx.olive_pass sq_onnx_olive.json
@@ -32,6 +32,12 @@ PASS_NAME = "SqOnnxQuantization"
 EXTRA = {
     "calibration": (str, None, "calibration text or arrays (.txt, .jsonl, .npz); default: the built-in text"),
     "tokenizer": (str, None, "folder with tokenizer.json for text calibration; default: beside the model"),
+    # a W4 conversion of a 1B-class model runs over an hour on a small CPU: say how far it is in Olive's log
+    "progress": (
+        bool,
+        True,
+        "progress lines on stderr (each step's start and end, every 30 s the time left)",
+    ),
 }
 
 
@@ -81,6 +87,7 @@ class SqOnnxQuantization(Pass):
             values.get("calibration"),
             tokenizer=values.get("tokenizer"),
             overwrite=True,
+            show_progress=bool(values.get("progress", True)),
         )
         return ONNXModelHandler(model_path=str(out_dir), onnx_file_name=source.name)
 

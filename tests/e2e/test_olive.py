@@ -24,7 +24,7 @@ def test_the_pass_offers_every_recipe_option_with_its_default():
 
     params = SqOnnxQuantization._default_config(DEFAULT_CPU_ACCELERATOR)
     defaults = Recipe().to_dict()
-    assert set(defaults) <= set(params) and {"calibration", "tokenizer"} <= set(params)
+    assert set(defaults) <= set(params) and {"calibration", "tokenizer", "progress"} <= set(params)
     assert all(params[name].default_value == value for name, value in defaults.items())
     assert PASS_NAME in package_config()["passes"] and "OnnxQuantization" in package_config()["passes"]
 
@@ -58,6 +58,7 @@ def test_an_olive_workflow_runs_the_conversion(llama_dir, tmp_path):
         cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-2000:]
+    assert "sq-onnx: calibrating: 0/" in run.stderr  # a long conversion is not silent in Olive's log
     models = sorted((tmp_path / "out").rglob("*.onnx"))
     assert models, f"no model in {sorted(p.name for p in (tmp_path / 'out').rglob('*'))}"
     proto = onnx.load(str(models[0]))
