@@ -122,6 +122,53 @@ def build_family(family: str, seed: int = 0):
     return model
 
 
+# Families beyond issue 27's list, checked more lightly (groups, exact smoothing, W8A8 and W4 convert): parallel
+# attention + MLP blocks (Phi-2, GPT-NeoX, Falcon), LayerNorm with bias and partial rotary (StableLM), scaled
+# residuals (Granite), NoPE layers (SmolLM3) and norms after each block instead of before it (OLMo 2)
+MORE_FAMILIES = ("phi", "gpt_neox", "falcon", "stablelm", "granite", "smollm3", "olmo2")
+
+
+def build_more_family(family: str, seed: int = 0):
+    """A tiny random model of one of ``MORE_FAMILIES`` (2 layers), with outliers."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    dec = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    gqa = dict(dec, num_key_value_heads=2)
+    builders = {
+        "phi": lambda: tf.PhiForCausalLM(tf.PhiConfig(**dec, partial_rotary_factor=0.5)),
+        "gpt_neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**dec, rotary_pct=0.25)),
+        "falcon": lambda: tf.FalconForCausalLM(
+            tf.FalconConfig(
+                **{k: v for k, v in dec.items() if k not in ("intermediate_size", "max_position_embeddings")},
+                new_decoder_architecture=False,
+                multi_query=True,
+                parallel_attn=True,
+                bias=False,
+            )
+        ),
+        "stablelm": lambda: tf.StableLmForCausalLM(tf.StableLmConfig(**gqa)),
+        "granite": lambda: tf.GraniteForCausalLM(tf.GraniteConfig(**gqa)),
+        "smollm3": lambda: tf.SmolLM3ForCausalLM(tf.SmolLM3Config(**gqa)),
+        "olmo2": lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(**gqa)),
+    }
+    model = builders[family]().eval()
+    _inject_outliers(model)
+    _randomize_biases(model)
+    return model
+
+
 def export_torch(model, path: Path) -> Path:
     """torch.onnx (dynamo) export without KV cache, through sq-onnx's own exporter."""
     from sq_onnx.lm.export import export_model
