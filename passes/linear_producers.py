@@ -282,6 +282,19 @@ def attention_values(node: ir.Node, channels: int) -> Fold | None:
         if len(fresh) != 1 or len(cache.inputs) != 2:
             return None
         values, reader = fresh[0], cache
+    h, d = np.divmod(np.arange(channels), head_dim)
+    if heads % kv_heads == 0 and _sliced_for(values, reader):
+        per_head = _per_head_values(values, kv_heads, head_dim)
+        if per_head is None:
+            return None
+        found, width, lo = per_head
+        columns = (h // (heads // kv_heads)) * width + lo + d + found[2]
+        return (
+            f"attention values ({found[1].name}; per-head q, k, v; the KV cache holds V/s)",
+            found[0],
+            [found[1]],
+            columns,
+        )
     swap = _op(values, "Transpose", reader)
     split = _op(swap.inputs[0], "Reshape", swap) if _swaps_heads_and_sequence(swap) else None
     if split is None or heads % kv_heads or known_dims(split.outputs[0]) is None:
@@ -291,9 +304,43 @@ def attention_values(node: ir.Node, channels: int) -> Fold | None:
     found = _linear_columns(split.inputs[0], kv_heads * head_dim)
     if found is None:
         return None
-    h, d = np.divmod(np.arange(channels), head_dim)
     columns = (h // (heads // kv_heads)) * head_dim + d + found[2]
     return f"attention values ({found[1].name}; the KV cache holds V/s)", found[0], [found[1]], columns
+
+
+def _sliced_for(value: ir.Value | None, reader: ir.Node) -> bool:
+    """``value`` is a Slice's or Split's output that only ``reader`` reads (Shape nodes aside)."""
+    node = None if value is None else value.producer()
+    if node is None or node.domain != "" or node.op_type not in ("Slice", "Split") or value.is_graph_output():
+        return False
+    return all(user is reader or user.op_type == "Shape" for user, _ in value.uses())
+
+
+def _per_head_values(
+    values: ir.Value, kv_heads: int, head_dim: int
+) -> tuple[tuple[list[tuple[ir.Node, int]], Linear, int], int, int] | None:
+    """V as GPT-NeoX writes it: the fused projection's output reshaped to [B, S, kvH, W] (each head's q, k
+    and v side by side), transposed to [B, kvH, S, W] and split on the last axis, V being columns [lo, lo + D)
+    of it. So V's channel (g, d) is the linear's column g*W + lo + d, and the q and k parts read other columns
+    only (``_column_slice``). The linear (``_linear_columns``'s), W and lo, else None."""
+    sliced = _column_slice(values, head_dim)
+    if sliced is None:
+        return None
+    heads_first, lo = sliced
+    swap = heads_first.producer()
+    if (
+        swap is None
+        or swap.op_type != "Transpose"
+        or swap.domain != ""
+        or not _swaps_heads_and_sequence(swap)
+    ):
+        return None
+    split = _op(swap.inputs[0], "Reshape", swap)
+    dims = None if split is None else known_dims(split.outputs[0])
+    if dims is None or len(dims) != 4 or dims[2] != kv_heads or not isinstance(dims[3], int):
+        return None
+    found = _linear_columns(split.inputs[0], kv_heads * dims[3])
+    return None if found is None else (found, dims[3], lo)
 
 
 # GroupQueryAttention's attributes (onnxruntime 1.32) under which its output is linear in V, one query head

@@ -192,8 +192,8 @@ def test_masked_attention_keeps_each_family(family_model, tmp_path):
 
 # Beyond issue 27's list: per family the consumers of each norm group, the folds, and what stays unsmoothed per
 # layer with the words of its reason. Parallel blocks (Phi-2, GPT-NeoX, Falcon) give one norm group feeding
-# attention and MLP; GPT-NeoX and Falcon interleave q, k, v per head in query_key_value, which the analyzer does
-# not look through (the attention output projection stays unsmoothed); OLMo 2's q, k, v, gate and up read the
+# attention and MLP; GPT-NeoX keeps each head's q, k and v side by side in query_key_value (V's columns fold),
+# Falcon's multi-query layout slices heads instead, not looked through (its dense stays unsmoothed); OLMo 2's q, k, v, gate and up read the
 # residual stream itself (its norms come after each block), which also feeds the residual Add.
 MORE_EXPECTED = {
     "phi": {
@@ -201,10 +201,11 @@ MORE_EXPECTED = {
         "folds": {("v_proj", "dense")},
         "unsmoothed": {"fc2": "cannot absorb"},
     },
+    # V is columns [2D, 3D) of each head's slice of query_key_value: its columns h*3D + 2D + d fold into dense
     "gpt_neox": {
         "norms": {("query_key_value",), ("dense_h_to_4h",), ("lm_head",)},
-        "folds": set(),
-        "unsmoothed": {"dense": "Reshape", "dense_4h_to_h": "Gelu"},
+        "folds": {("query_key_value", "dense")},
+        "unsmoothed": {"dense_4h_to_h": "Gelu"},
     },
     "falcon": {
         "norms": {("query_key_value", "dense_h_to_4h"), ("lm_head",)},
