@@ -83,10 +83,15 @@ def build_torch_model(arch: str = "llama", seed: int = 0, layers: int = 2):
 
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "opt")
+# Families beyond issue 27's list, checked more lightly (groups, exact smoothing, W8A8 and W4 convert): parallel
+# attention + MLP blocks (Phi-2, GPT-NeoX, Falcon), LayerNorm with bias and partial rotary (StableLM), scaled
+# residuals (Granite), NoPE layers (SmolLM3) and norms after each block instead of before it (OLMo 2)
+MORE_FAMILIES = ("phi", "gpt_neox", "falcon", "stablelm", "granite", "smollm3", "olmo2")
 
 
 def build_family(family: str, seed: int = 0):
-    """A tiny random model of one of ``FAMILIES`` (2 layers, GQA where the family has it), with outliers."""
+    """A tiny random model of one of ``FAMILIES`` or ``MORE_FAMILIES`` (2 layers, GQA where the family has it),
+    with outliers."""
     import torch
     import transformers as tf
 
@@ -101,6 +106,7 @@ def build_family(family: str, seed: int = 0):
         max_position_embeddings=128,
     )
     ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    mha = {k: v for k, v in dec.items() if k != "num_key_value_heads"}  # families without grouped queries
     builders = {
         "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**dec, **ids)),
         "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**dec, **ids, head_dim=16)),
@@ -113,56 +119,18 @@ def build_family(family: str, seed: int = 0):
         "gpt2": lambda: tf.GPT2LMHeadModel(  # Conv1D, fused c_attn, LayerNorm with bias, GELU
             tf.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=128, **ids)
         ),
+        "phi": lambda: tf.PhiForCausalLM(tf.PhiConfig(**mha, **ids, partial_rotary_factor=0.5)),
+        "gpt_neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**mha, **ids, rotary_pct=0.25)),
+        "falcon": lambda: tf.FalconForCausalLM(  # multi-query, parallel attention and MLP
+            tf.FalconConfig(**mha, **ids, new_decoder_architecture=False, multi_query=True, bias=False)
+        ),
+        "stablelm": lambda: tf.StableLmForCausalLM(tf.StableLmConfig(**dec, **ids)),
+        "granite": lambda: tf.GraniteForCausalLM(tf.GraniteConfig(**dec, **ids)),
+        "smollm3": lambda: tf.SmolLM3ForCausalLM(tf.SmolLM3Config(**dec, **ids)),
+        "olmo2": lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(**dec, **ids)),
     }
     if family not in builders:
         return build_torch_model(family, seed=seed)
-    model = builders[family]().eval()
-    _inject_outliers(model)
-    _randomize_biases(model)
-    return model
-
-
-# Families beyond issue 27's list, checked more lightly (groups, exact smoothing, W8A8 and W4 convert): parallel
-# attention + MLP blocks (Phi-2, GPT-NeoX, Falcon), LayerNorm with bias and partial rotary (StableLM), scaled
-# residuals (Granite), NoPE layers (SmolLM3) and norms after each block instead of before it (OLMo 2)
-MORE_FAMILIES = ("phi", "gpt_neox", "falcon", "stablelm", "granite", "smollm3", "olmo2")
-
-
-def build_more_family(family: str, seed: int = 0):
-    """A tiny random model of one of ``MORE_FAMILIES`` (2 layers), with outliers."""
-    import torch
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    dec = dict(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    gqa = dict(dec, num_key_value_heads=2)
-    builders = {
-        "phi": lambda: tf.PhiForCausalLM(tf.PhiConfig(**dec, partial_rotary_factor=0.5)),
-        "gpt_neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**dec, rotary_pct=0.25)),
-        "falcon": lambda: tf.FalconForCausalLM(
-            tf.FalconConfig(
-                **{k: v for k, v in dec.items() if k not in ("intermediate_size", "max_position_embeddings")},
-                new_decoder_architecture=False,
-                multi_query=True,
-                parallel_attn=True,
-                bias=False,
-            )
-        ),
-        "stablelm": lambda: tf.StableLmForCausalLM(tf.StableLmConfig(**gqa)),
-        "granite": lambda: tf.GraniteForCausalLM(tf.GraniteConfig(**gqa)),
-        "smollm3": lambda: tf.SmolLM3ForCausalLM(tf.SmolLM3Config(**gqa)),
-        "olmo2": lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(**gqa)),
-    }
     model = builders[family]().eval()
     _inject_outliers(model)
     _randomize_biases(model)

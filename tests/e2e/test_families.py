@@ -228,7 +228,7 @@ def more_family_model(request, tmp_path_factory):
     from sq_onnx.lm.export import export_model
 
     folder = tmp_path_factory.mktemp(request.param)
-    model = tiny_models.build_more_family(request.param)
+    model = tiny_models.build_family(request.param)
     save_model(export_model(model, kv_cache=True), folder / "model.onnx")
     tiny_models.write_tokenizer(folder)
     return request.param, folder / "model.onnx"
