@@ -251,6 +251,7 @@ def gather_samples(conv: Conversion, calibration: Any) -> None:
         seq_len=recipe.seq_len,
         mix=recipe.calib_mix,
         seed=recipe.seed,
+        show_progress=conv.show_progress,
     )
     if calibration is None:  # verify on built-in text the calibration never reads, not on its own kind
         verify_feeds, verify_origin = held_out_feeds(recipe, conv.specs, conv.input_path, conv.tokenizer)

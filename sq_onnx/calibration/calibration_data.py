@@ -114,6 +114,7 @@ def builtin_feeds(
     tokenizer_file: Path,
     specs: list[InputSpec],
     seed: int = 0,
+    show_progress: bool = False,
 ) -> tuple[Feeds, str]:
     """``count`` windows drawn in turn from the built-in domains of ``mix``: the calibration parts of
     Python's docs and standard-library code (``builtin_text``), and text the model samples itself
@@ -137,7 +138,7 @@ def builtin_feeds(
     parts = []
     for domain in domains:
         if domain == "self":
-            parts.append(self_windows(model_path, tokenizer_file, specs, per, seq_len, seed))
+            parts.append(self_windows(model_path, tokenizer_file, specs, per, seq_len, seed, show_progress))
         else:
             parts.append(
                 windows_from_ids(tokenize(builtin_text("calibration", domain), tokenizer_file), per, seq_len)
@@ -152,12 +153,14 @@ def self_windows(
     count: int,
     seq_len: int,
     seed: int,
+    show_progress: bool = False,
 ) -> Feeds:
     """``count`` windows the float model samples from random word starts (``sq_onnx.calibration.self_text``)."""
     rng = np.random.default_rng(seed)
     first = word_tokens(tokenizer_file, rng, count)
     sess = session(model_path)
-    return [{"input_ids": w} for w in sample_windows(sess, specs, first, seq_len, seed=seed)]
+    windows = sample_windows(sess, specs, first, seq_len, seed=seed, show_progress=show_progress)
+    return [{"input_ids": w} for w in windows]
 
 
 def builtin_heldout_feeds(count: int, seq_len: int, tokenizer_file: Path) -> tuple[Feeds, str]:
@@ -214,6 +217,7 @@ def load_calibration(
     seq_len: int,
     mix: Sequence[str] = BUILTIN_MIX,
     seed: int = 0,
+    show_progress: bool = False,
 ) -> tuple[Feeds, str]:
     """Return up to ``count`` complete, checked feeds and a one-line description of their origin.
     ``mix``: the built-in domains the default calibration draws on (see ``builtin_feeds``)."""
@@ -223,8 +227,9 @@ def load_calibration(
                 raise CalibrationError(
                     "the model has no input_ids input, so the built-in text cannot calibrate it; give --calib FILE.npz."
                 )
+            tokenizer_file = find_tokenizer(model_path, tokenizer_dir)
             feeds, origin = builtin_feeds(
-                mix, count, seq_len, model_path, find_tokenizer(model_path, tokenizer_dir), specs, seed
+                mix, count, seq_len, model_path, tokenizer_file, specs, seed, show_progress
             )
         else:
             path = Path(source)

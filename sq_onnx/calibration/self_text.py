@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from sq_onnx.runtime.model_inputs import InputSpec, complete_feed
+from sq_onnx.runtime.progress import track
 
 TOP_K = 64  # the long tail of a small model's distribution is noise, not language
 
@@ -35,10 +36,12 @@ def sample_windows(
     seed: int = 0,
     temperature: float = 1.0,
     batch: int = 16,
+    show_progress: bool = False,
 ) -> list[np.ndarray]:
     """One [1, seq_len] int64 window per entry of ``first_tokens``, the rest sampled from the model.
 
-    ``sess`` must run the model with its KV cache (past_key_values.* in, present.* out)."""
+    ``sess`` must run the model with its KV cache (past_key_values.* in, present.* out). Progress per batch
+    when ``show_progress``: a 1B model takes minutes to write its share of a W4 calibration on 2 cores."""
     kv = [s.name for s in specs if s.is_past_kv]
     if not kv:
         raise ValueError("sampling needs a model with a KV cache")
@@ -46,7 +49,8 @@ def sample_windows(
     outputs = [sess.get_outputs()[0].name, *(n.replace("past_key_values", "present") for n in kv)]
     rng = np.random.default_rng(seed)
     windows: list[np.ndarray] = []
-    for start in range(0, len(first_tokens), batch):
+    starts = range(0, len(first_tokens), batch)
+    for start in track(starts, "sampling calibration text", total=len(starts), enabled=show_progress):
         ids = np.asarray(first_tokens[start : start + batch], dtype=np.int64)[:, None]
         out = sess.run(outputs, complete_feed({"input_ids": ids}, specs))
         for _ in range(seq_len - 1):

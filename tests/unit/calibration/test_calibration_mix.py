@@ -53,11 +53,15 @@ def test_sampled_windows_at_low_temperature_are_torchs_greedy_continuation(llama
         assert window[0].tolist() == ids[0].tolist()
 
 
-def test_mix_interleaves_domains_and_samples_from_the_model(llama_kv):
+def test_mix_interleaves_domains_and_samples_from_the_model(llama_kv, capsys):
     _, folder = llama_kv
     path, tok = folder / "model.onnx", folder / "tokenizer.json"
     specs = input_specs(load_model(path))
-    feeds, origin = builtin_feeds(("docs", "code", "self"), 7, 24, path, tok, specs, seed=3)
+    feeds, origin = builtin_feeds(
+        ("docs", "code", "self"), 7, 24, path, tok, specs, seed=3, show_progress=True
+    )
+    # the model's own samples take minutes on a large model: they report progress (stderr is not a terminal here)
+    assert "sq-onnx: sampling calibration text: 1/1 done in" in capsys.readouterr().err
     assert origin == (
         "built-in mix: Python docs (pydoc_data.topics), standard-library code, the model's own samples"
     )
