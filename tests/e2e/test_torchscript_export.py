@@ -134,6 +134,27 @@ def test_phi3_up_to_down_fold_through_torchscript_chunk(tmp_path, calib_ids):
     assert np.abs(ref - got).max() < 1e-5 * np.abs(ref).max()
 
 
+def test_gpt_neox_per_head_value_fold_in_both_exporters(tmp_path, calib_ids):
+    """GPT-NeoX keeps each head's q, k and v side by side in query_key_value ([B, S, H, 3D] after a Reshape):
+    V's columns h*3D + 2D + d fold into attention.dense, found through dynamo's Split and TorchScript's Slices
+    alike (as optimum exports it), and smoothing with the fold keeps the function."""
+    model = tiny_models.build_family("gpt_neox")
+    script = tiny_models.export_torchscript(model, tmp_path / "script" / "model.onnx")
+    dynamo = tiny_models.export_torch(model, tmp_path / "dynamo" / "model.onnx")
+    maps = []
+    for path in (script, dynamo):
+        groups = analyze(load_model(path).graph, through_linears=True).groups
+        maps.append([g.column_map.tolist() for g in groups if g.kind.startswith("attention values")])
+    heads, head_dim = 4, 16
+    expected = [h * 3 * head_dim + 2 * head_dim + d for h in range(heads) for d in range(head_dim)]
+    assert len(maps[0]) == 2 and maps[0] == maps[1] and maps[0][0] == expected
+    out = tmp_path / "smooth.onnx"
+    result = convert(
+        script, out, Recipe(scheme="smooth", samples=4, linear_folds="on"), calibration=calib_ids
+    )
+    assert result.smoothing_check["equivalent"]
+
+
 def test_linears_whose_bias_the_exporter_shares_through_identity(tmp_path, calib_ids):
     """A fresh model's zero biases are equal tensors, which torch.onnx's TorchScript exporter (and optimum, which
     uses it) shares behind ``Identity`` nodes: those Gemms are still linears (OPT's fc2 and the second layer's
