@@ -2,8 +2,9 @@
 
 Its options are the ``Recipe``'s fields (same names, defaults and help), plus ``calibration`` (a .txt / .jsonl /
 .npz file; default: the built-in text), ``tokenizer`` (a folder with tokenizer.json; default: beside the
-model) and ``progress`` (progress lines on stderr, default on). Olive reads third-party passes from a package config given to ``olive run --package-config``; a custom
-one replaces Olive's own, so ``write_package_config`` writes Olive's passes plus this one:
+model) and ``progress`` (progress lines on stderr, default on). Olive reads third-party passes from a package
+config given to ``olive run --package-config``; a custom one replaces Olive's own, so ``write_package_config``
+writes Olive's passes plus this one:
 
     python -m sq_onnx.olive_pass sq_onnx_olive.json
     olive run --config workflow.json --package-config sq_onnx_olive.json

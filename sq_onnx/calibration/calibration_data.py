@@ -227,9 +227,9 @@ def load_calibration(
                 raise CalibrationError(
                     "the model has no input_ids input, so the built-in text cannot calibrate it; give --calib FILE.npz."
                 )
-            tokenizer_file = find_tokenizer(model_path, tokenizer_dir)
+            tokenizer = find_tokenizer(model_path, tokenizer_dir)
             feeds, origin = builtin_feeds(
-                mix, count, seq_len, model_path, tokenizer_file, specs, seed, show_progress
+                mix, count, seq_len, model_path, tokenizer, specs, seed, show_progress
             )
         else:
             path = Path(source)

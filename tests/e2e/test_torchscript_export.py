@@ -27,6 +27,13 @@ def torchscript_llama(tmp_path_factory):
     )
 
 
+def _fold_columns(graph: ir.Graph, attention: bool = True) -> list[list[int]]:
+    """Each linear-producer fold's column map in ``graph``: the attention-value folds, or every fold."""
+    groups = analyze(graph, through_linears=True).groups
+    keep = [g for g in groups if (g.kind.startswith("attention values") if attention else g.through_linear)]
+    return [g.column_map.tolist() for g in keep]
+
+
 def test_a_norm_whose_output_also_feeds_shape_is_smoothed(torchscript_llama):
     graph = ir.load(torchscript_llama).graph
     groups = analyze(graph).groups
@@ -46,10 +53,7 @@ def test_value_to_output_folds_through_torchscript_attention(torchscript_llama, 
         tiny_models.build_torch_model("llama", seed=4), tmp_path / "dynamo.onnx"
     )
     model = load_model(torchscript_llama)
-    maps = []
-    for graph in (model.graph, load_model(dynamo).graph):
-        groups = analyze(graph, through_linears=True).groups
-        maps.append([g.column_map.tolist() for g in groups if g.kind.startswith("attention values")])
+    maps = [_fold_columns(graph) for graph in (model.graph, load_model(dynamo).graph)]
     assert len(maps[0]) == 2 and maps[0] == maps[1]
     assert len(set(maps[0][0])) == 32 and maps[0][0] != list(range(64))  # each KV column read by 2 heads
     merged = next(n.inputs[0] for n in model.graph if n.name.endswith("layers.0/self_attn/Reshape_8"))
@@ -60,10 +64,7 @@ def test_gpt2_value_fold_through_torchscript_attention(torchscript_gpt2, tmp_pat
     """GPT-2's attn c_proj reads attention through Conv1D's flatten, whose dims (like the heads') only ONNX
     Runtime's symbolic inference knows: v (c_attn's last third) -> c_proj folds with the dynamo export's columns."""
     dynamo = tiny_models.export_torch(tiny_models.build_family("gpt2"), tmp_path / "dynamo.onnx")
-    maps = []
-    for path in (torchscript_gpt2, dynamo):
-        groups = analyze(load_model(path).graph, through_linears=True).groups
-        maps.append([g.column_map.tolist() for g in groups if g.kind.startswith("attention values")])
+    maps = [_fold_columns(load_model(path).graph) for path in (torchscript_gpt2, dynamo)]
     assert len(maps[0]) == 2 and maps[0] == maps[1] and maps[0][0] == list(range(128, 192))
 
 
@@ -116,10 +117,7 @@ def test_phi3_up_to_down_fold_through_torchscript_chunk(tmp_path, calib_ids):
     model = tiny_models.build_family("phi3")
     script = tiny_models.export_torchscript(model, tmp_path / "script" / "model.onnx")
     dynamo = tiny_models.export_torch(model, tmp_path / "dynamo" / "model.onnx")
-    maps = []
-    for path in (script, dynamo):
-        groups = analyze(load_model(path).graph, through_linears=True).groups
-        maps.append([g.column_map.tolist() for g in groups if g.through_linear])
+    maps = [_fold_columns(load_model(path).graph, attention=False) for path in (script, dynamo)]
     assert len(maps[0]) == 4 and maps[0] == maps[1] and list(range(128, 256)) in maps[0]
     out = tmp_path / "smooth.onnx"
     result = convert(
@@ -141,10 +139,7 @@ def test_gpt_neox_per_head_value_fold_in_both_exporters(tmp_path, calib_ids):
     model = tiny_models.build_family("gpt_neox")
     script = tiny_models.export_torchscript(model, tmp_path / "script" / "model.onnx")
     dynamo = tiny_models.export_torch(model, tmp_path / "dynamo" / "model.onnx")
-    maps = []
-    for path in (script, dynamo):
-        groups = analyze(load_model(path).graph, through_linears=True).groups
-        maps.append([g.column_map.tolist() for g in groups if g.kind.startswith("attention values")])
+    maps = [_fold_columns(load_model(path).graph) for path in (script, dynamo)]
     heads, head_dim = 4, 16
     expected = [h * 3 * head_dim + 2 * head_dim + d for h in range(heads) for d in range(head_dim)]
     assert len(maps[0]) == 2 and maps[0] == maps[1] and maps[0][0] == expected
